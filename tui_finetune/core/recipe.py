@@ -1,0 +1,387 @@
+"""The recipe: everything needed to start (and restart) a fine-tune, as typed dataclasses.
+
+A recipe is a TOML file with one table per concern. Loading it checks every key and value and
+names the file and the key on any mistake, with a "did you mean" for typos, so that a bad recipe
+fails in a second instead of an hour into a run. ``resolve`` fills in the ``auto`` values for the
+machine at hand; the resolved recipe is what a run folder stores.
+This module is plain Python: it must not import torch.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from difflib import get_close_matches
+from pathlib import Path
+from typing import Any, get_type_hints
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+import tomli_w
+
+METHODS = ("qlora", "lora", "full")
+OPTIMIZERS = ("paged_adamw_8bit", "adamw_8bit", "adamw_torch")
+SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+QUANT_TYPES = ("nf4", "fp4")
+FULL_FINETUNE_MAX_PARAMS = 600e6
+"""Full fine-tuning keeps fp32 master weights and two Adam states: only tiny models fit a hobby card."""
+
+
+class RecipeError(ValueError):
+    """A recipe that can't be loaded or can't work; the message names the file, the key and the fix."""
+
+
+@dataclass
+class QuantSpec:
+    """4-bit quantization of the frozen base weights (QLoRA only)."""
+
+    quant_type: str = "nf4"
+    """nf4 (normal float, best for normally distributed weights) or fp4."""
+    double_quant: bool = True
+    """Quantize the quantization constants too: saves about 0.37 bits per parameter."""
+    compute_dtype: str = "auto"
+    """dtype of the matmuls: auto picks bf16 where the card has it, else fp16."""
+
+
+@dataclass
+class LoraSpec:
+    r: int = 16
+    """Rank of the adapter matrices. 8-64 is usual; memory grows linearly with it."""
+    alpha: int = 32
+    """Scaling numerator: the update is scaled by alpha / r."""
+    dropout: float = 0.0
+    target_modules: list[str] | str = "all-linear"
+    """Module names to adapt, or ``all-linear`` for every linear layer but the output head."""
+
+
+@dataclass
+class DataSpec:
+    seq_len: int = 1024
+    """Longest sequence in tokens; longer examples are truncated and counted."""
+    packing: bool = False
+    """Put several short examples in one sequence (padding-free, no attention across examples)."""
+    train_on_prompt: bool = False
+    """Also train on prompt tokens; by default only assistant/completion tokens carry loss."""
+    template: str = "auto"
+    """Chat template: ``auto`` uses the tokenizer's own, else a named default (chatml, alpaca)."""
+    eval_split: float = 0.05
+    """Fraction of rows held out for evaluation (0 disables evaluation)."""
+    format: str = "auto"
+    """Dataset format: auto, alpaca, sharegpt, messages, prompt_completion or text."""
+
+
+@dataclass
+class TrainSpec:
+    micro_batch: int = 1
+    """Sequences per forward pass: the main memory knob after sequence length."""
+    grad_accum: int = 8
+    """Micro-batches per optimizer step; effective batch = micro_batch x grad_accum."""
+    epochs: float = 1.0
+    max_steps: int = 0
+    """Stop after this many optimizer steps; 0 means train for ``epochs``."""
+    learning_rate: float = 2e-4
+    scheduler: str = "cosine"
+    warmup_ratio: float = 0.03
+    optimizer: str = "paged_adamw_8bit"
+    precision: str = "auto"
+    """Mixed precision: auto picks bf16 where the card has it, fp16 on older cards, fp32 on the CPU."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in the backward pass: much less memory for about 30% more time."""
+    logging_steps: int = 1
+    seed: int = 42
+
+
+@dataclass
+class CheckpointSpec:
+    every_steps: int = 100
+    every_minutes: float = 10.0
+    """Also save on wall-clock time: on a slow card a step interval alone can lose hours."""
+    keep_last: int = 3
+
+
+@dataclass
+class RecipeSpec:
+    """A complete fine-tuning recipe."""
+
+    model: str
+    """Catalog key (``phi-2``), Hub id (``org/name``) or a local model folder."""
+    method: str = "qlora"
+    trust_remote_code: bool = False
+    quant: QuantSpec = field(default_factory=QuantSpec)
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
+    description: str = ""
+
+    @property
+    def effective_batch(self) -> int:
+        return self.train.micro_batch * self.train.grad_accum
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _check_choice(where: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        close = get_close_matches(str(value), choices, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise RecipeError(f"{where}: '{value}' is not one of {', '.join(choices)}.{hint}")
+
+
+def _check_range(where: str, value: float, low: float, high: float | None = None) -> None:
+    if value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise RecipeError(f"{where}: {value} must be {bound}")
+
+
+def check_recipe_values(recipe: RecipeSpec, source: str = "recipe") -> None:
+    """Check each value on its own (types are checked on load). Raises RecipeError naming the key."""
+    _check_choice(f"{source}: method", recipe.method, METHODS)
+    _check_choice(f"{source}: train.optimizer", recipe.train.optimizer, OPTIMIZERS)
+    _check_choice(f"{source}: train.scheduler", recipe.train.scheduler, SCHEDULERS)
+    _check_choice(f"{source}: train.precision", recipe.train.precision, PRECISIONS)
+    _check_choice(f"{source}: quant.quant_type", recipe.quant.quant_type, QUANT_TYPES)
+    _check_choice(f"{source}: quant.compute_dtype", recipe.quant.compute_dtype, PRECISIONS)
+    _check_range(f"{source}: lora.r", recipe.lora.r, 1, 1024)
+    _check_range(f"{source}: lora.alpha", recipe.lora.alpha, 1)
+    _check_range(f"{source}: lora.dropout", recipe.lora.dropout, 0.0, 0.9)
+    _check_range(f"{source}: data.seq_len", recipe.data.seq_len, 16, 1_048_576)
+    _check_range(f"{source}: data.eval_split", recipe.data.eval_split, 0.0, 0.5)
+    _check_range(f"{source}: train.micro_batch", recipe.train.micro_batch, 1, 4096)
+    _check_range(f"{source}: train.grad_accum", recipe.train.grad_accum, 1, 65536)
+    _check_range(f"{source}: train.learning_rate", recipe.train.learning_rate, 1e-8, 1.0)
+    _check_range(f"{source}: train.warmup_ratio", recipe.train.warmup_ratio, 0.0, 0.5)
+    _check_range(f"{source}: train.max_steps", recipe.train.max_steps, 0)
+    _check_range(f"{source}: train.logging_steps", recipe.train.logging_steps, 1)
+    _check_range(f"{source}: checkpoint.every_steps", recipe.checkpoint.every_steps, 1)
+    _check_range(f"{source}: checkpoint.every_minutes", recipe.checkpoint.every_minutes, 0.0)
+    _check_range(f"{source}: checkpoint.keep_last", recipe.checkpoint.keep_last, 1)
+    if recipe.train.max_steps == 0 and recipe.train.epochs <= 0:
+        raise RecipeError(f"{source}: train.epochs must be above 0 when train.max_steps is 0")
+    if not str(recipe.model).strip():
+        raise RecipeError(f"{source}: model is empty: give a catalog key such as 'phi-2', a Hub id or a folder")
+
+
+@dataclass(frozen=True)
+class MachineFacts:
+    """What ``check_recipe_fits_machine`` needs to know about the device, without importing torch."""
+
+    has_cuda: bool
+    supports_bf16: bool
+    bitsandbytes_ok: bool = True
+    device_name: str = "CPU"
+
+
+def check_recipe_fits_machine(recipe: RecipeSpec, machine: MachineFacts, model_params: float | None) -> None:
+    """Refuse recipes that can't work on this machine, with the fix in the message."""
+    if recipe.method == "qlora" and not machine.has_cuda:
+        raise RecipeError("method = 'qlora' needs an NVIDIA GPU (bitsandbytes 4-bit runs on CUDA): "
+                          "use method = 'lora' on the CPU, or run on a machine with a GPU")
+    if recipe.method == "qlora" and not machine.bitsandbytes_ok:
+        raise RecipeError("method = 'qlora' needs bitsandbytes, which is not working here: "
+                          "run 'tui-finetune doctor' to see why, or use method = 'lora'")
+    for key, value in (("train.precision", recipe.train.precision), ("quant.compute_dtype", recipe.quant.compute_dtype)):
+        if value == "bf16" and not machine.supports_bf16:
+            raise RecipeError(f"{key} = 'bf16' but {machine.device_name} has no bf16 support: "
+                              "use 'fp16' or 'auto'")
+        if value == "fp16" and not machine.has_cuda:
+            raise RecipeError(f"{key} = 'fp16' on the CPU is slow and unstable: use 'fp32' or 'auto'")
+    if recipe.train.optimizer != "adamw_torch" and not machine.has_cuda:
+        raise RecipeError(f"train.optimizer = '{recipe.train.optimizer}' needs a CUDA GPU (bitsandbytes): "
+                          "use 'adamw_torch' on the CPU")
+    if recipe.method == "full" and model_params is not None and model_params > FULL_FINETUNE_MAX_PARAMS:
+        raise RecipeError(f"method = 'full' is only for tiny models (under {FULL_FINETUNE_MAX_PARAMS / 1e6:.0f}M "
+                          f"parameters); this one has {model_params / 1e9:.1f}B: use 'lora' or 'qlora'")
+
+
+def resolve_precision(recipe: RecipeSpec, machine: MachineFacts) -> RecipeSpec:
+    """Replace ``auto`` precisions with what this machine should use."""
+    best = "bf16" if machine.supports_bf16 else ("fp16" if machine.has_cuda else "fp32")
+    train = replace(recipe.train, precision=best if recipe.train.precision == "auto" else recipe.train.precision)
+    quant = replace(recipe.quant, compute_dtype=best if recipe.quant.compute_dtype == "auto" else recipe.quant.compute_dtype)
+    return replace(recipe, train=train, quant=quant)
+
+
+# ---------------------------------------------------------------- TOML in and out
+
+def _coerce(where: str, value: Any, hint: Any) -> Any:
+    """Check a TOML value against the dataclass field's type; ints are accepted for floats."""
+    text = str(hint)
+    if text == "bool":
+        if isinstance(value, bool):
+            return value
+        raise RecipeError(f"{where}: expected true or false, got {value!r}")
+    if text == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise RecipeError(f"{where}: expected a whole number, got {value!r}")
+    if text == "float":
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise RecipeError(f"{where}: expected a number, got {value!r}")
+    if text == "str":
+        if isinstance(value, str):
+            return value
+        raise RecipeError(f"{where}: expected a string in quotes, got {value!r}")
+    if "list" in text:  # list[str] | str
+        if isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            return value
+        raise RecipeError(f"{where}: expected a string or a list of strings, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], source: str, prefix: str = "") -> Any:
+    hints = get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        where = f"{source}: {prefix}{key}"
+        if key not in names:
+            close = get_close_matches(key, names, n=1)
+            hint = f" Did you mean '{prefix}{close[0]}'?" if close else f" Known keys: {', '.join(names)}."
+            raise RecipeError(f"{where}: unknown key.{hint}")
+        hint = hints[key]
+        if is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise RecipeError(f"{where}: expected a [{prefix}{key}] table")
+            kwargs[key] = _build(hint, value, source, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(where, value, hint)
+    try:
+        return cls(**kwargs)
+    except TypeError as err:  # a required key is missing
+        raise RecipeError(f"{source}: {prefix.rstrip('.') or 'top level'}: {err}") from None
+
+
+def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> RecipeSpec:
+    recipe = _build(RecipeSpec, data, source)
+    check_recipe_values(recipe, source)
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> RecipeSpec:
+    """Load and check a recipe TOML, then apply ``key=value`` overrides (``--set``)."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8-sig"))
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: no such recipe file: list the presets with 'tui-finetune plan'") from None
+    except tomllib.TOMLDecodeError as err:
+        raise RecipeError(f"{path}: invalid TOML ({err}): fix the line it names") from None
+    if "model" not in data:
+        raise RecipeError(f"{path}: model: missing: add a line such as model = \"phi-2\"")
+    for item in overrides or []:
+        apply_override(data, item, str(path))
+    return recipe_from_dict(data, str(path))
+
+
+def _parse_override_value(raw: str) -> Any:
+    """Read the right-hand side of ``--set`` as a TOML value, or as a bare string."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _find_field_path(key: str, source: str) -> list[str]:
+    """Resolve ``train.micro_batch`` or a unique bare name such as ``micro_batch`` to a path."""
+    parts = key.split(".")
+    cls: Any = RecipeSpec
+    for i, part in enumerate(parts):
+        hints = get_type_hints(cls)
+        if part not in hints:
+            break
+        if i == len(parts) - 1:
+            return parts
+        cls = hints[part]
+        if not is_dataclass(cls):
+            break
+    else:
+        return parts
+    if len(parts) == 1:
+        owners = [f.name for f in fields(RecipeSpec)
+                  if is_dataclass(get_type_hints(RecipeSpec)[f.name])
+                  and key in get_type_hints(get_type_hints(RecipeSpec)[f.name])]
+        if len(owners) == 1:
+            return [owners[0], key]
+    every = [f.name for f in fields(RecipeSpec) if not is_dataclass(get_type_hints(RecipeSpec)[f.name])]
+    for f in fields(RecipeSpec):
+        sub = get_type_hints(RecipeSpec)[f.name]
+        if is_dataclass(sub):
+            every += [f"{f.name}.{g.name}" for g in fields(sub)]
+    close = get_close_matches(key, every, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    raise RecipeError(f"{source}: --set {key}: unknown key.{hint}")
+
+
+def apply_override(data: dict[str, Any], item: str, source: str = "recipe") -> None:
+    """Apply one ``key=value`` override to a raw recipe dict in place."""
+    if "=" not in item:
+        raise RecipeError(f"{source}: --set {item}: expected key=value, e.g. --set train.micro_batch=2")
+    key, raw = item.split("=", 1)
+    path = _find_field_path(key.strip(), source)
+    node = data
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+    node[path[-1]] = _parse_override_value(raw.strip())
+
+
+def recipe_to_toml(recipe: RecipeSpec, header: str = "") -> str:
+    """TOML text of a recipe, with an optional leading comment block."""
+    body = tomli_w.dumps(_drop_none(recipe.to_dict()))
+    lines = [f"# {line}".rstrip() for line in header.splitlines()] if header else []
+    return ("\n".join(lines) + "\n\n" if lines else "") + body
+
+
+def save_recipe(recipe: RecipeSpec, path: str | Path, header: str = "") -> None:
+    Path(path).write_text(recipe_to_toml(recipe, header), encoding="utf-8")
+
+
+def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: (_drop_none(v) if isinstance(v, dict) else v) for k, v in d.items() if v is not None}
+
+
+def recipe_diff(old: RecipeSpec, new: RecipeSpec) -> list[str]:
+    """Human-readable differences ``key: old -> new``, for resume refusals."""
+    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+    a, b = flat(old.to_dict()), flat(new.to_dict())
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+# ---------------------------------------------------------------- shipped presets
+
+def presets_dir() -> Path:
+    """The folder of shipped presets: ``recipes/`` in a checkout, ``tui_finetune/presets`` when installed."""
+    from importlib.resources import files
+
+    try:
+        return Path(str(files("tui_finetune.presets")))
+    except ModuleNotFoundError:  # running from a source tree on PYTHONPATH, not installed
+        return Path(__file__).resolve().parents[2] / "recipes"
+
+
+def list_presets() -> list[Path]:
+    return sorted(presets_dir().glob("*.toml"))
+
+
+def find_recipe(name_or_path: str) -> Path:
+    """A recipe path, or the name of a shipped preset (with or without ``.toml``)."""
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    stem = path.name.removesuffix(".toml")
+    for preset in list_presets():
+        if preset.stem == stem:
+            return preset
+    close = get_close_matches(stem, [p.stem for p in list_presets()], n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise RecipeError(f"{name_or_path}: no such recipe file or preset.{hint}")
