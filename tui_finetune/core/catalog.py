@@ -182,3 +182,36 @@ def get_model(key: str) -> ModelSpec:
     raise UnknownModelError(
         f"unknown model '{key}'.{hint} Known models: {', '.join(CATALOG)}; "
         "or give a local model folder or a Hub id with a config.json")
+
+
+def model_spec_from_config(config: dict[str, Any], key: str, hub_id: str = "") -> ModelSpec:
+    """A ModelSpec read from a model's ``config.json``, for models that are not in the catalog.
+
+    Licence and gating are unknown this way, so they are reported as such rather than guessed.
+    """
+    def first(*names: str, default: Any = None) -> Any:
+        for name in names:
+            if config.get(name) is not None:
+                return config[name]
+        if default is None:
+            raise ValueError(f"{key}: config.json has none of {', '.join(names)}: "
+                             "is this a causal language model?")
+        return default
+
+    text = config.get("text_config") or {}
+    if text:  # multimodal wrappers keep the language model's numbers in text_config
+        config = {**config, **text}
+    hidden = int(first("hidden_size", "n_embd", "d_model"))
+    heads = int(first("num_attention_heads", "n_head"))
+    shape_keys = {k: config[k] for k in ("partial_rotary_factor", "hidden_act", "hidden_activation")
+                  if k in config}
+    return ModelSpec(
+        key=key, hub_id=hub_id or key, model_type=str(first("model_type", default="unknown")),
+        num_layers=int(first("num_hidden_layers", "n_layer")), hidden_size=hidden,
+        intermediate_size=int(first("intermediate_size", "n_inner", "ffn_dim", default=4 * hidden)),
+        num_heads=heads, num_kv_heads=int(first("num_key_value_heads", default=heads)),
+        head_dim=int(first("head_dim", default=hidden // heads)), vocab_size=int(first("vocab_size")),
+        tied_embeddings=bool(first("tie_word_embeddings", default=True)), published_params=0.0,
+        license="unknown (see the model page)", gated=False, has_chat_template=False,
+        max_position=int(first("max_position_embeddings", "n_positions", default=4096)),
+        extra_config=shape_keys)

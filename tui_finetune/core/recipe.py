@@ -27,6 +27,8 @@ OPTIMIZERS = ("paged_adamw_8bit", "adamw_8bit", "adamw_torch")
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 QUANT_TYPES = ("nf4", "fp4")
+ADAPTER_DTYPES = ("fp32", "compute")
+ATTENTIONS = ("sdpa", "eager", "flash_attention_2")
 FULL_FINETUNE_MAX_PARAMS = 600e6
 """Full fine-tuning keeps fp32 master weights and two Adam states: only tiny models fit a hobby card."""
 
@@ -104,6 +106,26 @@ class CheckpointSpec:
 
 
 @dataclass
+class MemorySpec:
+    """The engine's memory techniques, each switchable; the planner models exactly these."""
+
+    upcast_frozen_fp32: bool = False
+    """Cast embeddings, lm_head and norms to fp32, as peft's prepare_model_for_kbit_training does.
+    Off by default: on Gemma's 256k vocabulary it costs over 1 GB and turns activations fp32."""
+    adapter_dtype: str = "fp32"
+    """LoRA weights and gradients in fp32 (most stable) or ``compute`` (the compute dtype, half the memory)."""
+    chunked_loss: bool = True
+    """Compute the cross-entropy a chunk of tokens at a time, so full-vocabulary fp32 logits never exist."""
+    loss_chunk_tokens: int = 0
+    """Tokens per loss chunk; 0 sizes it to the vocabulary (about 32M logits a chunk: 1024 tokens for
+    Mistral's 32k vocabulary, 128 for Gemma's 256k)."""
+    offload_activations: bool = False
+    """Keep checkpointed activations in CPU RAM instead of VRAM (slower; for very long sequences)."""
+    attention: str = "sdpa"
+    """Attention kernel: sdpa (PyTorch's flash/memory-efficient kernels), eager, or flash_attention_2."""
+
+
+@dataclass
 class RecipeSpec:
     """A complete fine-tuning recipe."""
 
@@ -116,6 +138,7 @@ class RecipeSpec:
     data: DataSpec = field(default_factory=DataSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
     checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
+    memory: MemorySpec = field(default_factory=MemorySpec)
     description: str = ""
 
     @property
@@ -147,6 +170,9 @@ def check_recipe_values(recipe: RecipeSpec, source: str = "recipe") -> None:
     _check_choice(f"{source}: train.precision", recipe.train.precision, PRECISIONS)
     _check_choice(f"{source}: quant.quant_type", recipe.quant.quant_type, QUANT_TYPES)
     _check_choice(f"{source}: quant.compute_dtype", recipe.quant.compute_dtype, PRECISIONS)
+    _check_choice(f"{source}: memory.adapter_dtype", recipe.memory.adapter_dtype, ADAPTER_DTYPES)
+    _check_choice(f"{source}: memory.attention", recipe.memory.attention, ATTENTIONS)
+    _check_range(f"{source}: memory.loss_chunk_tokens", recipe.memory.loss_chunk_tokens, 0)
     _check_range(f"{source}: lora.r", recipe.lora.r, 1, 1024)
     _check_range(f"{source}: lora.alpha", recipe.lora.alpha, 1)
     _check_range(f"{source}: lora.dropout", recipe.lora.dropout, 0.0, 0.9)
@@ -369,8 +395,15 @@ def presets_dir() -> Path:
         return Path(__file__).resolve().parents[2] / "recipes"
 
 
+def preset_card_gb(path: Path) -> int | None:
+    """The card size a preset is for, from its name (``16gb-mistral-7b-qlora`` -> 16)."""
+    head = path.stem.split("gb-", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
 def list_presets() -> list[Path]:
-    return sorted(presets_dir().glob("*.toml"))
+    """Shipped presets, smallest card first (demo and other card-less presets last)."""
+    return sorted(presets_dir().glob("*.toml"), key=lambda p: (preset_card_gb(p) or 10**6, p.stem))
 
 
 def find_recipe(name_or_path: str) -> Path:

@@ -1,0 +1,256 @@
+"""The VRAM planner: estimate peak GPU memory of a (model, recipe, engine) before anything loads.
+
+The estimate is a sum of named parts, so the user sees *why* a run fits or not:
+
+  weights          quantized linear layers (NF4 at 4.127 bits with double quant) plus the
+                   16- or 32-bit parts (embeddings, lm_head, norms)
+  lora             adapter weights, their gradients and the optimizer states
+  activations      the checkpointed hidden state of every layer (or of none, when offloaded)
+  layer            one decoder layer's working set, recomputed during the backward pass
+  attention        the score matrix, when the attention kernel has to materialise it
+  logits           the output logits and the cross-entropy's copies of them
+  slack            what the caching allocator reserves beyond what tensors use
+  cuda_context     the CUDA context and kernels, outside torch's own accounting
+
+The shape of the model comes from the catalog; the techniques the engine uses come in as an
+``EngineProfile``, because the baseline stack and a lean engine differ by 2x or more in memory.
+The constants were fitted to peak ``max_memory_reserved`` measured on real GPUs (the calibration
+table lives in tests/test_core_planner.py) and the planner must stay within 15% of each.
+Plain Python: no torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from tui_finetune.core.catalog import ModelSpec
+from tui_finetune.core.recipe import MemorySpec, RecipeSpec
+
+GIB = 1024**3
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+NF4_BITS = {True: 4.127, False: 4.5}
+"""Bits per quantized weight: 4 bits + an fp32 absmax per 64 weights, or with double quant an
+8-bit absmax per 64 weights plus an fp32 constant per 256 of those."""
+OPTIMIZER_STATE_BYTES = {"paged_adamw_8bit": 2.0, "adamw_8bit": 2.0, "adamw_torch": 8.0}
+"""Bytes of optimizer state per trainable parameter (Adam's two moments)."""
+CUDA_CONTEXT_GIB = 0.45
+"""The CUDA context, cuBLAS workspace and loaded kernels: 0.3-0.5 GiB on a real card, invisible to torch."""
+SAFETY_MARGIN = 0.10
+"""A suggestion fits only with 10% of the card left over: the desktop and the driver need room too."""
+TIGHT_MARGIN = 0.03
+
+
+LOSS_CHUNK_LOGITS = 32 * 1024 * 1024
+"""Logits per loss chunk when the chunk is sized automatically: 128 MiB in fp32."""
+
+
+def loss_chunk_size(vocab_size: int) -> int:
+    """Tokens per loss chunk for this vocabulary: a power of two with about 32M logits, 64 to 4096.
+
+    The engine and the planner both call this, so they agree on what a chunk costs.
+    """
+    size = 64
+    while size * 2 * vocab_size <= LOSS_CHUNK_LOGITS and size < 4096:
+        size *= 2
+    return size
+
+
+@dataclass(frozen=True)
+class EngineProfile:
+    """The memory techniques the training engine actually uses; the planner follows them."""
+
+    name: str
+    upcast_frozen_to_fp32: bool
+    """peft's prepare_model_for_kbit_training casts embeddings, lm_head and norms to fp32."""
+    adapter_dtype: str
+    """dtype of LoRA weights and their gradients (peft keeps them fp32 by default)."""
+    activation_dtype_follows_upcast: bool
+    """With fp32 embeddings, bitsandbytes returns outputs in the input's dtype: activations turn fp32."""
+    attention_materialises_scores: bool
+    """The math SDPA backend (fp32 inputs with grouped-query attention) stores the s x s scores."""
+    ce_chunk_tokens: int = 0
+    """Tokens per cross-entropy chunk; 0 means full-vocabulary logits for the whole sequence, and -1
+    a chunk sized to the vocabulary (``loss_chunk_size``)."""
+    offload_checkpoints: bool = False
+    """Checkpointed activations wait in CPU RAM instead of on the GPU."""
+    logits_copies: float = 3.1
+    """fp32-equivalent copies of the logits alive at the loss's peak (logits, log-softmax, gradient)."""
+    chunked_logits_copies: float = 3.0
+    """The same for one chunk of a chunked loss: its bf16 logits, their fp32 copy and the gradient."""
+    layer_factor: float = 1.0
+    """Scales the one-layer working set; fitted per profile."""
+    attention_copies: float = 4.5
+    """Copies of the s x s score matrix the math backend keeps (scores, softmax, their gradients)."""
+    slack: float = 0.06
+    """Allocator slack as a fraction of the activation memory."""
+
+
+BASELINE = EngineProfile(
+    name="baseline", upcast_frozen_to_fp32=True, adapter_dtype="fp32",
+    activation_dtype_follows_upcast=True, attention_materialises_scores=True,
+    logits_copies=3.75, layer_factor=1.5, attention_copies=4.0, slack=0.22)
+"""Plain transformers + peft + bitsandbytes with prepare_model_for_kbit_training (the calibration stack)."""
+
+LEAN = EngineProfile(
+    name="lean", upcast_frozen_to_fp32=False, adapter_dtype="fp32",
+    activation_dtype_follows_upcast=False, attention_materialises_scores=False, ce_chunk_tokens=-1,
+    logits_copies=3.75, layer_factor=1.5, attention_copies=4.0, slack=0.22)
+"""Our engine's default: no fp32 upcast, bf16/fp16 activations, flash/efficient SDPA, chunked loss."""
+
+PROFILES: dict[str, EngineProfile] = {BASELINE.name: BASELINE, LEAN.name: LEAN}
+
+
+def profile_from_memory(memory: "MemorySpec", name: str = "recipe") -> EngineProfile:
+    """The profile of the techniques a recipe switches on (see ``MemorySpec``)."""
+    return replace(
+        LEAN, name=name,
+        upcast_frozen_to_fp32=memory.upcast_frozen_fp32,
+        activation_dtype_follows_upcast=memory.upcast_frozen_fp32,
+        attention_materialises_scores=memory.attention == "eager" or memory.upcast_frozen_fp32,
+        adapter_dtype="fp32" if memory.adapter_dtype == "fp32" else "bf16",
+        ce_chunk_tokens=(memory.loss_chunk_tokens or -1) if memory.chunked_loss else 0,
+        offload_checkpoints=memory.offload_activations)
+
+
+@dataclass(frozen=True)
+class PlanCase:
+    """What to plan: a model and the recipe values that drive memory."""
+
+    model: ModelSpec
+    method: str = "qlora"
+    seq_len: int = 1024
+    micro_batch: int = 1
+    lora_r: int = 16
+    lora_targets: str | tuple[str, ...] = "all-linear"
+    compute_dtype: str = "bf16"
+    double_quant: bool = True
+    optimizer: str = "paged_adamw_8bit"
+    gradient_checkpointing: bool = True
+
+    @classmethod
+    def from_recipe(cls, model: ModelSpec, recipe: RecipeSpec) -> "PlanCase":
+        precision = recipe.train.precision if recipe.train.precision in DTYPE_BYTES else "bf16"
+        compute = recipe.quant.compute_dtype if recipe.quant.compute_dtype in DTYPE_BYTES else precision
+        targets = recipe.lora.target_modules
+        return cls(model=model, method=recipe.method, seq_len=recipe.data.seq_len,
+                   micro_batch=recipe.train.micro_batch, lora_r=recipe.lora.r,
+                   lora_targets=targets if isinstance(targets, str) else tuple(targets),
+                   compute_dtype=compute if recipe.method == "qlora" else precision,
+                   double_quant=recipe.quant.double_quant, optimizer=recipe.train.optimizer,
+                   gradient_checkpointing=recipe.train.gradient_checkpointing)
+
+
+@dataclass(frozen=True)
+class VramEstimate:
+    """Peak VRAM in bytes, by part. ``torch_peak`` is what torch.cuda.max_memory_reserved reports."""
+
+    parts: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def total(self) -> float:
+        return sum(self.parts.values())
+
+    @property
+    def torch_peak(self) -> float:
+        return self.total - self.parts.get("cuda_context", 0.0)
+
+    @property
+    def total_gib(self) -> float:
+        return self.total / GIB
+
+    def describe(self) -> list[tuple[str, float]]:
+        """(part, GiB) largest first, for tables and the TUI's breakdown bar."""
+        return sorted(((k, v / GIB) for k, v in self.parts.items()), key=lambda kv: -kv[1])
+
+
+def _targeted_shapes(model: ModelSpec, targets: str | tuple[str, ...]) -> list[tuple[int, int]]:
+    shapes = model.linear_shapes()
+    if targets == "all-linear":
+        return list(shapes.values())
+    wanted = {targets} if isinstance(targets, str) else set(targets)
+    return [shape for name, shape in shapes.items() if name in wanted]
+
+
+def lora_params(model: ModelSpec, r: int, targets: str | tuple[str, ...] = "all-linear") -> int:
+    """Trainable LoRA parameters: r x (in + out) for each adapted linear layer in every block."""
+    return model.num_layers * sum(r * (i + o) for i, o in _targeted_shapes(model, targets))
+
+
+def _frozen_small_params(model: ModelSpec) -> int:
+    """Norm weights and biases: small, but they follow the embedding's dtype."""
+    norms = (2 * model.num_layers + 1) * model.hidden_size
+    biases = 0
+    if model.attention_bias:
+        biases = model.num_layers * (model.num_heads + 2 * model.num_kv_heads) * model.head_dim
+    return norms + biases
+
+
+def estimate_peak_vram(case: PlanCase, profile: EngineProfile = BASELINE) -> VramEstimate:
+    """Estimate the peak VRAM of one training step, as named parts in bytes."""
+    m = case.model
+    compute_bytes = DTYPE_BYTES[case.compute_dtype]
+    tokens = case.seq_len * case.micro_batch
+    linear = m.num_layers * m.block_linear_params()
+    frozen_other = m.embedding_params() + _frozen_small_params(m)
+    parts: dict[str, float] = {}
+
+    if case.method == "qlora":
+        other_bytes = 4 if profile.upcast_frozen_to_fp32 else compute_bytes
+        parts["weights"] = linear * NF4_BITS[case.double_quant] / 8 + frozen_other * other_bytes
+        act_bytes = 4 if (profile.upcast_frozen_to_fp32 and profile.activation_dtype_follows_upcast) else compute_bytes
+    else:
+        parts["weights"] = (linear + frozen_other) * compute_bytes
+        act_bytes = compute_bytes
+
+    optimizer_bytes = OPTIMIZER_STATE_BYTES[case.optimizer]
+    if case.method == "full":
+        trainable = linear + frozen_other
+        parts["trainable"] = trainable * (4 + 4 + optimizer_bytes)  # fp32 master copy, grads, states
+    else:
+        adapter_bytes = DTYPE_BYTES[profile.adapter_dtype]
+        parts["lora"] = lora_params(m, case.lora_r, case.lora_targets) * (2 * adapter_bytes + optimizer_bytes)
+
+    stored_layers = 0 if profile.offload_checkpoints else m.num_layers
+    if not case.gradient_checkpointing:
+        stored_layers = m.num_layers * 12  # every intermediate of every layer stays alive
+    parts["activations"] = stored_layers * tokens * m.hidden_size * act_bytes
+
+    q_width = m.num_heads * m.head_dim
+    kv_width = m.num_kv_heads * m.head_dim
+    mlp_width = m.intermediate_size * (3 if m.mlp_is_gated else 2)
+    layer_width = 2 * m.hidden_size + q_width + 2 * kv_width + q_width + mlp_width
+    layer = profile.layer_factor * tokens * layer_width * act_bytes
+
+    attention = 0.0
+    # The math SDPA backend is the fallback for fp32 inputs with grouped-query attention; eager always
+    # materialises the scores.
+    if profile.attention_materialises_scores and (m.num_kv_heads < m.num_heads or not profile.upcast_frozen_to_fp32):
+        attention = profile.attention_copies * case.micro_batch * m.num_heads * case.seq_len**2 * act_bytes
+
+    if profile.ce_chunk_tokens:
+        chunk = profile.ce_chunk_tokens if profile.ce_chunk_tokens > 0 else loss_chunk_size(m.vocab_size)
+        logits = profile.chunked_logits_copies * min(tokens, chunk) * m.vocab_size * 4
+    else:
+        logits = profile.logits_copies * tokens * m.vocab_size * 4
+    # The loss's peak (end of forward) and the last layer's recomputation (start of backward) don't
+    # overlap: only the larger of the two is part of the peak.
+    if logits >= layer + attention:
+        parts["logits"] = logits
+    else:
+        parts["layer"], parts["attention"] = layer, attention
+    peak_transient = max(logits, layer + attention)
+    parts["slack"] = profile.slack * (parts["activations"] + peak_transient + parts["weights"] * 0.1)
+    parts["cuda_context"] = CUDA_CONTEXT_GIB * GIB
+    return VramEstimate({k: v for k, v in parts.items() if v > 0})
+
+
+def profile_named(name: str) -> EngineProfile:
+    return PROFILES[name]
+
+
+def with_overrides(profile: EngineProfile, **changes: object) -> EngineProfile:
+    return replace(profile, **changes)  # type: ignore[arg-type]
+
+
+PROBE = replace(LEAN, name="probe", adapter_dtype="bf16", ce_chunk_tokens=1024)
+"""The issue #7 feasibility probe: the lean profile with bf16 adapters. Calibration only."""

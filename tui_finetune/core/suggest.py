@@ -1,0 +1,121 @@
+"""Which (model, method, sequence length) to suggest for a card, ranked, with the reason for each.
+
+The wizard's model list, the colour of each option and ``tui-finetune plan`` all come from here,
+and all of it from the planner's estimate. A suggestion that says "fits" keeps a safety margin of
+the card free, so that it must never OOM.
+Plain Python: no torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+from tui_finetune.core.catalog import CATALOG, ModelSpec
+from tui_finetune.core.planner import (
+    LEAN,
+    SAFETY_MARGIN,
+    TIGHT_MARGIN,
+    EngineProfile,
+    PlanCase,
+    VramEstimate,
+    estimate_peak_vram,
+)
+
+FITS, TIGHT, WONT_FIT = "fits", "tight", "won't fit"
+SEQ_CHOICES = (4096, 2048, 1024, 512)
+MIN_USEFUL_SEQ = 512
+"""Shorter sequences cut most instruction examples short: below this we don't suggest a model."""
+
+
+@dataclass(frozen=True)
+class CardSpec:
+    """The card to plan for: its memory, what others already hold on it, and bf16 support."""
+
+    total_gib: float
+    used_by_others_gib: float = 0.0
+    supports_bf16: bool = True
+    name: str = ""
+
+    @property
+    def label(self) -> str:
+        return self.name or f"{self.total_gib:g} GB card"
+
+    @property
+    def usable_gib(self) -> float:
+        return self.total_gib - self.used_by_others_gib
+
+
+def classify_fit(estimate: VramEstimate, card: CardSpec) -> str:
+    """fits: the safety margin stays free; tight: under the card but inside the margin; else won't fit."""
+    need = estimate.total_gib
+    if need <= card.usable_gib - SAFETY_MARGIN * card.total_gib:
+        return FITS
+    if need <= card.usable_gib - TIGHT_MARGIN * card.total_gib:
+        return TIGHT
+    return WONT_FIT
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    model: ModelSpec
+    case: PlanCase
+    estimate: VramEstimate
+    fit: str
+    reason: str
+
+    @property
+    def method(self) -> str:
+        return self.case.method
+
+    @property
+    def seq_len(self) -> int:
+        return self.case.seq_len
+
+
+def _reason(case: PlanCase, estimate: VramEstimate, card: CardSpec, fit: str) -> str:
+    biggest, size = estimate.describe()[0]
+    headroom = card.usable_gib - estimate.total_gib
+    what = {"qlora": "4-bit QLoRA", "lora": "16-bit LoRA", "full": "full fine-tune"}[case.method]
+    if fit == WONT_FIT:
+        return (f"{what} at {case.seq_len} tokens needs {estimate.total_gib:.1f} GiB, "
+                f"{-headroom:.1f} GiB more than {card.label} has free; largest part: {biggest} {size:.1f} GiB")
+    return (f"{what} at {case.seq_len} tokens: {estimate.total_gib:.1f} GiB of {card.usable_gib:.1f} GiB free, "
+            f"{headroom:.1f} GiB headroom; largest part: {biggest} {size:.1f} GiB")
+
+
+def plan_case(case: PlanCase, card: CardSpec, profile: EngineProfile = LEAN) -> Suggestion:
+    """Estimate one case on one card and explain it."""
+    estimate = estimate_peak_vram(case, profile)
+    fit = classify_fit(estimate, card)
+    return Suggestion(case.model, case, estimate, fit, _reason(case, estimate, card, fit))
+
+
+def best_option_for_model(model: ModelSpec, card: CardSpec, profile: EngineProfile = LEAN) -> Suggestion:
+    """The best way to train this model on this card: the longest sequence that fits, LoRA over QLoRA
+    when 16-bit weights fit at 2048 tokens or more (faster, no quantization error), else QLoRA."""
+    dtype = "bf16" if card.supports_bf16 else "fp16"
+    tried: list[Suggestion] = []
+    for method in ("lora", "qlora"):
+        for seq in SEQ_CHOICES:
+            if seq > model.max_position:
+                continue
+            option = plan_case(PlanCase(model, method=method, seq_len=seq, compute_dtype=dtype), card, profile)
+            tried.append(option)
+            if option.fit == FITS and (method == "qlora" or seq >= 2048):
+                return option
+    fitting = [t for t in tried if t.fit != WONT_FIT and t.seq_len >= MIN_USEFUL_SEQ]
+    if fitting:
+        return max(fitting, key=lambda t: (t.fit == FITS, t.seq_len))
+    return min(tried, key=lambda t: t.estimate.total)
+
+
+def suggest(card: CardSpec, models: Iterable[ModelSpec] | None = None, profile: EngineProfile = LEAN,
+            include_unfit: bool = False) -> list[Suggestion]:
+    """Rank models for a card: those that fit first, the largest (most capable) model first,
+    then longer sequences."""
+    options = [best_option_for_model(m, card, profile) for m in (models or CATALOG.values())]
+    if not include_unfit:
+        options = [o for o in options if o.fit != WONT_FIT]
+    order = {FITS: 0, TIGHT: 1, WONT_FIT: 2}
+    return sorted(options, key=lambda o: (order[o.fit], -o.model.published_params, -o.seq_len))

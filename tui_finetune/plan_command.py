@@ -1,0 +1,132 @@
+"""``tui-finetune plan``: which models and recipes fit a card, with the planner's breakdown.
+
+Plain core only (no torch), so it answers instantly, also for a card that isn't in this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+
+from rich.console import Console
+from rich.table import Table
+
+from tui_finetune.core.catalog import UnknownModelError
+from tui_finetune.core.hardware import best_gpu, detect_hardware
+from tui_finetune.core.model_source import resolve_model_spec
+from tui_finetune.core.planner import GIB, PlanCase, profile_from_memory
+from tui_finetune.core.recipe import RecipeError, RecipeSpec, find_recipe, list_presets, load_recipe
+from tui_finetune.core.suggest import FITS, SEQ_CHOICES, TIGHT, WONT_FIT, CardSpec, plan_case, suggest
+
+FIT_STYLE = {FITS: "green", TIGHT: "yellow", WONT_FIT: "red"}
+
+
+def card_for_plan(vram_gb: float | None) -> tuple[CardSpec | None, str]:
+    """The card to plan for: ``--vram`` if given, else the best GPU here. Returns (card, note)."""
+    if vram_gb is not None:
+        return CardSpec(total_gib=vram_gb), f"Planning for a {vram_gb:g} GB card (--vram)."
+    report = detect_hardware()
+    gpu = best_gpu(report)
+    if gpu is None:
+        return None, (f"{report.problem or 'No NVIDIA GPU found.'}\n"
+                      "Plan for the card you have with --vram GB, e.g. 'tui-finetune plan --vram 8'.")
+    card = CardSpec(total_gib=gpu.total_bytes / GIB, used_by_others_gib=gpu.other_process_bytes / GIB,
+                    supports_bf16=gpu.supports_bf16, name=gpu.name)
+    return card, f"Planning for {gpu.name} ({card.total_gib:.1f} GiB, {card.used_by_others_gib:.1f} GiB used by others)."
+
+
+def _breakdown_table(title: str, option) -> Table:
+    table = Table(title=title, show_header=True, header_style="bold")
+    table.add_column("part")
+    table.add_column("GiB", justify="right")
+    for part, gib in option.estimate.describe():
+        table.add_row(part, f"{gib:.2f}")
+    table.add_row("[bold]peak[/bold]", f"[bold]{option.estimate.total_gib:.2f}[/bold]")
+    return table
+
+
+def _fit_text(fit: str) -> str:
+    return f"[{FIT_STYLE[fit]}]{fit}[/{FIT_STYLE[fit]}]"
+
+
+def plan_recipe(console: Console, card: CardSpec, recipe: RecipeSpec, label: str) -> int:
+    model = resolve_model_spec(recipe.model)
+    case = PlanCase.from_recipe(model, recipe)
+    if not card.supports_bf16 and case.compute_dtype == "bf16":
+        case = replace(case, compute_dtype="fp16")
+    option = plan_case(case, card, profile_from_memory(recipe.memory))
+    console.print(f"[bold]{label}[/bold]: {model.key} {case.method}, sequence {case.seq_len} x micro-batch {case.micro_batch}")
+    console.print(_breakdown_table("Peak VRAM estimate", option))
+    console.print(f"{_fit_text(option.fit)}: {option.reason}")
+    if option.fit == WONT_FIT:
+        console.print("To fit: shorten data.seq_len, lower train.micro_batch (raise train.grad_accum to keep "
+                      "the batch), use method = \"qlora\", or pick a smaller model.")
+    return 0 if option.fit != WONT_FIT else 1
+
+
+def plan_model(console: Console, card: CardSpec, model_name: str) -> int:
+    model = resolve_model_spec(model_name)
+    table = Table(title=f"{model.key} on {card.label}", header_style="bold")
+    for column in ("method", "seq", "peak GiB", "fit", "largest part"):
+        table.add_column(column, justify="right" if column in ("seq", "peak GiB") else "left")
+    dtype = "bf16" if card.supports_bf16 else "fp16"
+    any_fit = False
+    for method in ("qlora", "lora"):
+        for seq in sorted(SEQ_CHOICES):
+            option = plan_case(PlanCase(model, method=method, seq_len=seq, compute_dtype=dtype), card)
+            part, gib = option.estimate.describe()[0]
+            table.add_row(method, str(seq), f"{option.estimate.total_gib:.2f}", _fit_text(option.fit), f"{part} {gib:.2f}")
+            any_fit |= option.fit == FITS
+    console.print(table)
+    return 0 if any_fit else 1
+
+
+def plan_overview(console: Console, card: CardSpec) -> int:
+    table = Table(title=f"Suggested models for {card.label}", header_style="bold")
+    for column in ("#", "model", "method", "seq", "peak GiB", "fit", "largest part", "licence"):
+        table.add_column(column, justify="right" if column in ("#", "seq", "peak GiB") else "left",
+                         no_wrap=column in ("model", "fit"))
+    for rank, option in enumerate(suggest(card, include_unfit=True), 1):
+        licence = option.model.license + (" (gated)" if option.model.gated else "")
+        part, gib = option.estimate.describe()[0]
+        table.add_row(str(rank), option.model.key, option.method, str(option.seq_len),
+                      f"{option.estimate.total_gib:.2f}", _fit_text(option.fit), f"{part} {gib:.1f}", licence)
+    console.print(table)
+
+    presets = Table(title=f"Presets on {card.label}", header_style="bold")
+    for column in ("preset", "model", "method", "seq x batch", "peak GiB", "fit"):
+        presets.add_column(column, no_wrap=column in ("preset", "fit"))
+    for path in list_presets():
+        recipe = load_recipe(path)
+        try:
+            model = resolve_model_spec(recipe.model)
+        except UnknownModelError:
+            continue
+        option = plan_case(PlanCase.from_recipe(model, recipe), card, profile_from_memory(recipe.memory))
+        presets.add_row(path.stem, model.key, recipe.method, f"{recipe.data.seq_len} x {recipe.train.micro_batch}",
+                        f"{option.estimate.total_gib:.2f}", _fit_text(option.fit))
+    console.print(presets)
+    console.print("Green fits with 10% of the card to spare; yellow is tight; red won't fit. "
+                  "Estimates include ~0.45 GiB of CUDA context.")
+    return 0
+
+
+def run_plan_command(args: argparse.Namespace, console: Console | None = None) -> int:
+    console = console or Console()
+    card, note = card_for_plan(args.vram)
+    console.print(note)
+    if card is None:
+        return 1
+    try:
+        if args.recipe:
+            path = find_recipe(args.recipe)
+            recipe = load_recipe(path, [f"data.seq_len={args.seq}"] if args.seq else None)
+            if args.model:
+                recipe = replace(recipe, model=args.model)
+            return plan_recipe(console, card, recipe, path.stem)
+        if args.model:
+            return plan_model(console, card, args.model)
+        return plan_overview(console, card)
+    except (RecipeError, UnknownModelError) as err:
+        console.print(f"[red]error:[/red] {err}")
+        return 2
