@@ -211,7 +211,7 @@ def _explain_init_failure(nvml: Any, exc: BaseException) -> str:
 # ---------------------------------------------------------------- plain-words warnings
 
 def _driver_warnings(driver: str | None, cuda: str | None) -> list[str]:
-    version = _version_tuple(cuda)
+    version = version_tuple(cuda)
     if version is None or version >= MIN_CUDA_DRIVER:
         return []
     return [f"The NVIDIA driver ({driver or 'unknown version'}) supports CUDA {cuda} at most; PyTorch needs "
@@ -260,7 +260,8 @@ def _cuda_version_text(value: Any) -> str | None:
     return f"{value // 1000}.{value % 1000 // 10}"
 
 
-def _version_tuple(text: str | None) -> tuple[int, int] | None:
+def version_tuple(text: str | None) -> tuple[int, int] | None:
+    """"12.8" -> (12, 8), for comparing CUDA versions; None when unknown."""
     try:
         major, minor = (text or "").split(".")[:2]
         return int(major), int(minor)

@@ -1,0 +1,248 @@
+"""``tui-finetune doctor``: everything that decides whether training will work here, on one screen.
+
+Most failed first runs are set-up problems: a CPU build of torch next to a good GPU, a driver too
+old for torch's CUDA, bitsandbytes that installs but can't load its library, a full disk. The
+doctor checks each one for real (it imports the libraries and quantizes a small tensor on the GPU)
+and ends with one verdict line that says what to do next. No check may raise: each failure
+becomes a line of the report. It lives in engine because it imports torch and bitsandbytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import importlib.metadata
+import io
+import platform
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from tui_finetune.core import paths
+from tui_finetune.core.hardware import (GpuInfo, HardwareReport, best_gpu, detect_hardware, format_gb,
+                                        version_tuple)
+
+PACKAGES = ("torch", "transformers", "peft", "datasets", "accelerate", "huggingface-hub", "textual",
+            "bitsandbytes", "nvidia-ml-py")
+LOW_DISK_BYTES = 20 * 2**30
+"""A 7B base model is about 15 GB in the Hub cache, and every checkpoint adds to the runs folder."""
+
+
+@dataclass(frozen=True)
+class TorchStatus:
+    version: str | None
+    """None when torch can't be imported; ``error`` then says why."""
+    cuda_build: str | None = None
+    """``torch.version.cuda``: the CUDA this torch was built for, None for a CPU build."""
+    cuda_available: bool = False
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class BitsandbytesStatus:
+    version: str | None
+    """The installed distribution's version, None when not installed."""
+    imports: bool = False
+    four_bit_ok: bool = False
+    """A small tensor was quantized to 4-bit on the GPU and back: QLoRA can run here."""
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class DoctorReport:
+    hardware: HardwareReport
+    python: str
+    os: str
+    torch: TorchStatus
+    packages: dict[str, str | None]
+    """Distribution name -> installed version, None when missing."""
+    bitsandbytes: BitsandbytesStatus
+    folders: dict[str, Path]
+    """What each app folder holds -> where it is."""
+    disk_free_bytes: dict[str, int | None]
+    """Free space on the drive of the runs folder and of the model cache."""
+    warnings: list[str] = field(default_factory=list)
+    verdict: str = ""
+
+
+def collect_doctor_report() -> DoctorReport:
+    """Run every check once. Takes a few seconds with a GPU (torch initialises CUDA)."""
+    hardware = detect_hardware()
+    torch_status = check_torch()
+    bnb = check_bitsandbytes(torch_status, hardware)
+    folders = {"data": paths.data_home(), "runs": paths.runs_dir(), "settings": paths.config_dir(),
+               "model cache": paths.hf_cache_dir()}
+    disk = {name: _free_bytes(folders[name]) for name in ("runs", "model cache")}
+    warnings = list(hardware.warnings) + _torch_warnings(hardware, torch_status) + _disk_warnings(disk)
+    return DoctorReport(
+        hardware=hardware, python=f"{platform.python_version()} ({sys.executable})",
+        os=f"{platform.system()} {platform.release()} ({platform.machine()})", torch=torch_status,
+        packages={name: _dist_version(name) for name in PACKAGES}, bitsandbytes=bnb, folders=folders,
+        disk_free_bytes=disk, warnings=warnings, verdict=decide_verdict(hardware, torch_status, bnb))
+
+
+def check_torch() -> TorchStatus:
+    try:
+        import torch
+
+        return TorchStatus(version=torch.__version__, cuda_build=torch.version.cuda,
+                           cuda_available=bool(torch.cuda.is_available()))
+    except Exception as exc:
+        return TorchStatus(version=None, error=_one_line(exc))
+
+
+def check_bitsandbytes(torch_status: TorchStatus, hardware: HardwareReport) -> BitsandbytesStatus:
+    """Installed? Imports? Then, on a usable GPU, a real 4-bit round trip: importing alone proves little."""
+    version = _dist_version("bitsandbytes")
+    if version is None:
+        return BitsandbytesStatus(None, message="not installed: QLoRA and 8-bit optimizers need it "
+                                                "(pip install bitsandbytes)")
+    try:
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            bnb = importlib.import_module("bitsandbytes")
+    except Exception as exc:
+        return BitsandbytesStatus(version, message=f"{version} is installed but fails to import: {_one_line(exc)}")
+    gpu = best_gpu(hardware)
+    if gpu is None or not torch_status.cuda_available:
+        return BitsandbytesStatus(version, imports=True, message=f"{version} is installed and imports, but QLoRA "
+                                  "needs an NVIDIA GPU that PyTorch can use")
+    if not gpu.supports_qlora:
+        return BitsandbytesStatus(version, imports=True, message=f"{version} imports, but {gpu.name} is too old "
+                                  f"for its 4-bit kernels (compute capability {gpu.capability_text})")
+    try:
+        import torch
+
+        weights = torch.randn(64, 64, device="cuda", dtype=torch.float16)
+        packed, state = bnb.functional.quantize_4bit(weights, quant_type="nf4")
+        error = (bnb.functional.dequantize_4bit(packed, state) - weights).abs().mean().item()
+        if not error < 0.1:
+            raise RuntimeError(f"4-bit round trip is off by {error:.3f} on average")
+    except Exception as exc:
+        return BitsandbytesStatus(version, imports=True, message=f"{version} imports, but 4-bit quantization on "
+                                  f"the GPU failed: {_one_line(exc)}")
+    return BitsandbytesStatus(version, imports=True, four_bit_ok=True,
+                              message=f"{version}: 4-bit quantization works on the GPU")
+
+
+def decide_verdict(hardware: HardwareReport, torch_status: TorchStatus, bnb: BitsandbytesStatus) -> str:
+    """The one line that says what to do next, most blocking problem first."""
+    gpu = best_gpu(hardware)
+    if gpu is None:
+        return "No GPU: run the CPU demo (LoRA on the demo model; QLoRA and real models need an NVIDIA GPU)"
+    driver_cuda = hardware.cuda_driver_version or "your driver's version"
+    if torch_status.version is None:
+        return (f"Install PyTorch to train on the {gpu.name}: pick the CUDA {driver_cuda} build (or older) "
+                "at pytorch.org")
+    if torch_status.cuda_build is None:
+        return (f"This PyTorch is a CPU build, so the {gpu.name} sits idle: install a CUDA build for CUDA "
+                f"{driver_cuda} or older from pytorch.org")
+    if not torch_status.cuda_available:
+        return (f"PyTorch (built for CUDA {torch_status.cuda_build}) can't reach the {gpu.name}: update the NVIDIA "
+                f"driver (it supports CUDA {driver_cuda}) and restart")
+    spec = f"{gpu.total_gb:.0f} GB, {'bf16' if gpu.supports_bf16 else 'fp16'}"
+    if not gpu.supports_qlora:
+        return f"LoRA only on {gpu.name} ({spec}): the card is too old for bitsandbytes' 4-bit QLoRA"
+    if not bnb.four_bit_ok:
+        return f"LoRA only on {gpu.name} ({spec}) until bitsandbytes works: {bnb.message}"
+    return f"Ready for QLoRA on {gpu.name} ({spec})"
+
+
+def run_doctor_command(args: argparse.Namespace | None = None) -> int:
+    """Print the report. Exits 0 even on a CPU machine: the doctor informs, the verdict says what to do."""
+    console = Console()
+    with console.status("Checking GPUs, PyTorch and bitsandbytes..."):
+        report = collect_doctor_report()
+    console.print(render_doctor_report(report))
+    return 0
+
+
+# ---------------------------------------------------------------- rendering
+
+def render_doctor_report(report: DoctorReport) -> Table:
+    """One grid, one titled section after another, plain enough to paste into a bug report."""
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column()
+
+    def section(title: str, rows: list[tuple[str, str]], style: str = "") -> None:
+        grid.add_row(Text(title, style="bold underline"), "")
+        for key, value in rows:
+            grid.add_row(Text(key), Text(value, style=style))
+        grid.add_row("", "")
+
+    hw = report.hardware
+    gpu_rows = [(f"GPU {g.index}", _describe_gpu(g)) for g in hw.gpus] or [("none", hw.problem or "")]
+    section("GPUs", gpu_rows)
+    section("Driver", [("NVIDIA driver", hw.driver_version or "not found"),
+                       ("CUDA (driver)", hw.cuda_driver_version or "unknown")])
+    torch = report.torch
+    torch_line = (f"{torch.version}, CUDA build {torch.cuda_build or 'none (CPU build)'}, "
+                  f"GPU usable: {'yes' if torch.cuda_available else 'no'}" if torch.version
+                  else f"not working: {torch.error}")
+    packages = [(name, version or "not installed") for name, version in report.packages.items()
+                if name not in ("torch", "bitsandbytes")]
+    section("Software", [("Python", report.python), ("OS", report.os), ("torch", torch_line), *packages])
+    section("bitsandbytes", [("status", report.bitsandbytes.message)])
+    folders = [(name, str(path)) for name, path in report.folders.items()]
+    disk = [(f"free ({name})", format_gb(free) if free is not None else "unknown")
+            for name, free in report.disk_free_bytes.items()]
+    section("Folders", folders + disk)
+    if report.warnings:
+        section("Warnings", [("!", w) for w in report.warnings], style="yellow")
+    grid.add_row(Text("Verdict", style="bold"), Text(report.verdict, style="bold green"))
+    return grid
+
+
+def _describe_gpu(gpu: GpuInfo) -> str:
+    text = (f"{gpu.name}: {format_gb(gpu.total_bytes)} total, {format_gb(gpu.free_bytes)} free; "
+            f"compute capability {gpu.capability_text}; bf16 {'yes' if gpu.supports_bf16 else 'no'}")
+    if gpu.processes:
+        held = format_gb(gpu.other_process_bytes) if gpu.other_process_bytes_known else "unknown memory"
+        text += f"; other programs: {len(gpu.processes)} holding {held}"
+    return text
+
+
+# ---------------------------------------------------------------- checks' helpers
+
+def _torch_warnings(hardware: HardwareReport, torch_status: TorchStatus) -> list[str]:
+    built, driver = version_tuple(torch_status.cuda_build), version_tuple(hardware.cuda_driver_version)
+    if built and driver and built > driver and (built[0] > driver[0] or not torch_status.cuda_available):
+        return [f"PyTorch was built for CUDA {torch_status.cuda_build} but the driver supports CUDA "
+                f"{hardware.cuda_driver_version} at most: update the driver, or install a torch build for "
+                f"CUDA {hardware.cuda_driver_version} or older."]
+    return []
+
+
+def _disk_warnings(disk: dict[str, int | None]) -> list[str]:
+    return [f"Only {format_gb(free)} free on the drive of the {name} folder: base models take 1-15 GB each "
+            "and checkpoints add more. Free some space or set TUI_FINETUNE_HOME / HF_HOME to a bigger drive."
+            for name, free in disk.items() if free is not None and free < LOW_DISK_BYTES]
+
+
+def _free_bytes(path: Path) -> int | None:
+    """Free space on the drive that holds ``path``, which may not exist yet (a first run creates it)."""
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            try:
+                return shutil.disk_usage(candidate).free
+            except OSError:
+                return None
+    return None
+
+
+def _dist_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
