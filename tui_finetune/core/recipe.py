@@ -237,28 +237,26 @@ def resolve_precision(recipe: RecipeSpec, machine: MachineFacts) -> RecipeSpec:
 
 def _coerce(where: str, value: Any, hint: Any) -> Any:
     """Check a TOML value against the dataclass field's type; ints are accepted for floats."""
-    text = str(hint)
-    if text == "bool":
+    if hint is bool:
         if isinstance(value, bool):
             return value
         raise RecipeError(f"{where}: expected true or false, got {value!r}")
-    if text == "int":
+    if hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         raise RecipeError(f"{where}: expected a whole number, got {value!r}")
-    if text == "float":
+    if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         raise RecipeError(f"{where}: expected a number, got {value!r}")
-    if text == "str":
+    if hint is str:
         if isinstance(value, str):
             return value
         raise RecipeError(f"{where}: expected a string in quotes, got {value!r}")
-    if "list" in text:  # list[str] | str
-        if isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
-            return value
-        raise RecipeError(f"{where}: expected a string or a list of strings, got {value!r}")
-    return value
+    # list[str] | str (LoRA target modules)
+    if isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        return value
+    raise RecipeError(f"{where}: expected a string or a list of strings, got {value!r}")
 
 
 def _build(cls: type, data: dict[str, Any], source: str, prefix: str = "") -> Any:

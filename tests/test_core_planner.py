@@ -1,0 +1,201 @@
+"""The VRAM planner against real measurements, and the suggestions and plan command built on it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from argparse import Namespace
+
+import pytest
+from rich.console import Console
+
+from tui_finetune.core.catalog import CATALOG, get_model
+from tui_finetune.core.planner import (
+    BASELINE,
+    PROBE,
+    GIB,
+    LEAN,
+    PlanCase,
+    estimate_peak_vram,
+    lora_params,
+    loss_chunk_size,
+    profile_from_memory,
+    profile_named,
+)
+from tui_finetune.core.recipe import MemorySpec, RecipeSpec
+from tui_finetune.core.suggest import FITS, WONT_FIT, CardSpec, classify_fit, suggest
+from tui_finetune.plan_command import run_plan_command
+
+# The calibration table: peak torch.cuda.max_memory_reserved measured on real GPUs.
+# Each row: (model key, method, seq_len, micro_batch, engine profile, measured GiB, where).
+# H200, transformers 5.17, peft 0.21.2, bitsandbytes 0.50.2: prepare_model_for_kbit_training,
+# non-reentrant gradient checkpointing, SDPA, paged AdamW 8-bit, LoRA r16 on all linear layers.
+BASELINE_H200 = "H200, transformers 5.17 + peft 0.21.2 + bitsandbytes 0.50.2 (issue #2)"
+PROBE_H200 = "H200, plain-PyTorch feasibility probe (issue #7)"
+CALIBRATION: list[tuple[str, str, int, int, str, float, str]] = [
+    ("mistral-7b", "qlora", 2048, 1, "baseline", 9.18, BASELINE_H200),
+    ("mistral-7b", "qlora", 4096, 1, "baseline", 18.37, BASELINE_H200),
+    ("mistral-7b", "qlora", 512, 4, "baseline", 7.48, BASELINE_H200),
+    ("llama-3.1-8b", "qlora", 2048, 1, "baseline", 13.52, BASELINE_H200),
+    ("gemma-2b", "qlora", 512, 1, "baseline", 5.58, BASELINE_H200),
+    ("gemma-2b", "qlora", 1024, 1, "baseline", 8.03, BASELINE_H200),
+    ("gemma-2b", "qlora", 2048, 1, "baseline", 11.93, BASELINE_H200),
+    ("phi-2", "qlora", 1024, 1, "baseline", 3.96, BASELINE_H200),
+    ("phi-2", "qlora", 2048, 1, "baseline", 5.25, BASELINE_H200),
+    ("mistral-7b", "lora", 2048, 1, "baseline", 15.89, BASELINE_H200),
+    ("gemma-2b", "lora", 2048, 1, "baseline", 14.31, BASELINE_H200),
+    ("phi-2", "lora", 2048, 1, "baseline", 7.78, BASELINE_H200),
+    # The feasibility probe of issue #7 on the same H200: plain PyTorch, no upcast, bf16 LoRA weights,
+    # non-reentrant checkpointing, SDPA, cross-entropy chunked over 1024 tokens.
+    ("mistral-7b", "qlora", 2048, 1, "probe", 5.37, PROBE_H200),
+    ("mistral-7b", "qlora", 8192, 1, "probe", 8.92, PROBE_H200),
+    ("phi-2", "qlora", 2048, 1, "probe", 3.13, PROBE_H200),
+    ("gemma-2b", "qlora", 1024, 1, "probe", 5.73, PROBE_H200),
+    ("llama-3.1-8b", "qlora", 2048, 1, "probe", 8.08, PROBE_H200),
+]
+
+
+def calibration_errors() -> list[tuple[str, float, float, float]]:
+    """(label, measured GiB, predicted torch-reserved GiB, relative error) for each row."""
+    rows = []
+    for key, method, seq, batch, profile, measured, _ in CALIBRATION:
+        case = PlanCase(get_model(key), method=method, seq_len=seq, micro_batch=batch)
+        predicted = estimate_peak_vram(case, PROBE if profile == "probe" else profile_named(profile)).torch_peak / GIB
+        rows.append((f"{key} {method} seq {seq} x{batch}", measured, predicted, predicted / measured - 1))
+    return rows
+
+
+
+@pytest.mark.parametrize("row", calibration_errors(), ids=lambda r: r[0])
+def test_estimate_within_15_percent_of_measured_peak(row):
+    label, measured, predicted, error = row
+    assert abs(error) <= 0.15, f"{label}: predicted {predicted:.2f} GiB, measured {measured:.2f} GiB"
+
+
+def test_calibration_table_covers_the_issue_figures():
+    baseline = {(k, m, s, b): gib for k, m, s, b, p, gib, _ in CALIBRATION if p == "baseline"}
+    assert baseline[("mistral-7b", "qlora", 2048, 1)] == 9.18
+    assert baseline[("gemma-2b", "qlora", 2048, 1)] == 11.93
+    assert baseline[("phi-2", "lora", 2048, 1)] == 7.78
+    assert len(baseline) == 12
+
+
+def test_breakdown_names_every_part_and_adds_up():
+    estimate = estimate_peak_vram(PlanCase(get_model("mistral-7b"), seq_len=2048), BASELINE)
+    assert {"weights", "lora", "activations", "slack", "cuda_context"} <= set(estimate.parts)
+    assert {"logits", "layer"} & set(estimate.parts)
+    assert estimate.total == pytest.approx(sum(estimate.parts.values()))
+    assert estimate.torch_peak < estimate.total  # the CUDA context is outside torch's accounting
+
+
+def test_nf4_weights_cost_4_127_bits_and_embeddings_stay_16_bit():
+    model = get_model("mistral-7b")
+    lean = estimate_peak_vram(PlanCase(model, seq_len=512), LEAN).parts["weights"]
+    linear = model.num_layers * model.block_linear_params()
+    assert lean == pytest.approx(linear * 4.127 / 8 + (model.embedding_params() + 2 * 32 * 4096 + 4096) * 2, rel=1e-3)
+
+
+def test_lora_parameter_count_matches_peft_convention():
+    # r * (in + out) per adapted linear: Mistral-7B at r=16 on all linear layers has 41.9M.
+    assert lora_params(get_model("mistral-7b"), 16) == 41_943_040
+    assert lora_params(get_model("mistral-7b"), 16, ("q_proj", "v_proj")) < lora_params(get_model("mistral-7b"), 16)
+
+
+def test_memory_techniques_move_the_estimate_the_right_way():
+    case = PlanCase(get_model("gemma-2b"), seq_len=2048)
+    lean = estimate_peak_vram(case, LEAN).total
+    assert estimate_peak_vram(case, BASELINE).total > 2 * lean  # fp32 upcast and full logits
+    no_chunk = profile_from_memory(MemorySpec(chunked_loss=False))
+    assert estimate_peak_vram(case, no_chunk).total > lean + 3 * GIB  # Gemma's 256k-vocab logits
+    offload = profile_from_memory(MemorySpec(offload_activations=True))
+    assert estimate_peak_vram(case, offload).parts.get("activations", 0) == 0
+    longer = estimate_peak_vram(PlanCase(get_model("gemma-2b"), seq_len=4096), LEAN).total
+    assert longer > lean
+
+
+def test_loss_chunk_is_sized_to_the_vocabulary():
+    assert loss_chunk_size(32768) == 1024
+    assert loss_chunk_size(256000) == 128
+    assert all(64 <= loss_chunk_size(v) <= 4096 for v in (1000, 10**6))
+
+
+def test_fit_colours_follow_the_safety_margin():
+    estimate = estimate_peak_vram(PlanCase(get_model("phi-2"), seq_len=1024), LEAN)
+    assert classify_fit(estimate, CardSpec(estimate.total_gib / 0.85)) == FITS
+    assert classify_fit(estimate, CardSpec(estimate.total_gib * 0.9)) == WONT_FIT
+    busy = CardSpec(estimate.total_gib / 0.85, used_by_others_gib=1.0)
+    assert classify_fit(estimate, busy) != FITS  # the desktop's VRAM counts against the card
+
+
+def test_suggestions_for_a_4gb_card_fit_and_explain_themselves():
+    options = suggest(CardSpec(4))
+    keys = [o.model.key for o in options]
+    assert "phi-2" in keys and "gemma-2b" in keys
+    assert "mistral-7b" not in keys
+    for option in options:
+        assert option.estimate.total_gib <= 4 * 0.9 or option.fit != FITS
+        assert "GiB" in option.reason and str(option.seq_len) in option.reason
+    big = suggest(CardSpec(16))
+    assert big[0].model.published_params > 7e9  # a 16 GB card gets a 7-8B model first
+
+
+def plan_output(**kwargs) -> tuple[int, str]:
+    console = Console(width=160, record=True, force_terminal=False)
+    args = Namespace(vram=None, model=None, recipe=None, seq=None)
+    args.__dict__.update(kwargs)
+    code = run_plan_command(args, console)
+    return code, console.export_text()
+
+
+def _preset_fit(text: str, preset: str) -> str:
+    line = next(line for line in text.splitlines() if line.strip("│ ").startswith(preset))
+    return "won't fit" if "won't fit" in line else ("fits" if "fits" in line else "tight")
+
+
+def test_plan_vram_4_lists_phi2_and_gemma_presets_as_fitting():
+    code, text = plan_output(vram=4)
+    assert code == 0
+    assert _preset_fit(text, "4gb-phi-2-qlora") == "fits"
+    assert _preset_fit(text, "4gb-gemma-2b-qlora") == "fits"
+    assert _preset_fit(text, "16gb-mistral-7b-qlora") == "won't fit"
+
+
+def test_plan_vram_16_lists_mistral_qlora():
+    code, text = plan_output(vram=16)
+    assert _preset_fit(text, "16gb-mistral-7b-qlora") == "fits"
+    assert any("mistral-7b" in line and "qlora" in line and "fits" in line for line in text.splitlines())
+
+
+def test_every_preset_fits_the_card_it_names():
+    from tui_finetune.core.recipe import list_presets, load_recipe, preset_card_gb
+    from tui_finetune.core.suggest import plan_case
+
+    for path in list_presets():
+        gb = preset_card_gb(path)
+        if gb is None:
+            continue
+        recipe = load_recipe(path)
+        option = plan_case(PlanCase.from_recipe(get_model(recipe.model), recipe), CardSpec(gb),
+                           profile_from_memory(recipe.memory))
+        assert option.fit == FITS, f"{path.name}: {option.reason}"
+
+
+def test_plan_recipe_shows_breakdown_and_advice_when_it_wont_fit():
+    code, text = plan_output(vram=6, recipe="16gb-mistral-7b-qlora")
+    assert code == 1
+    assert "weights" in text and "activations" in text and "won't fit" in text
+    assert "shorten data.seq_len" in text
+
+
+def test_plan_command_runs_headless_without_torch():
+    out = subprocess.run([sys.executable, "-c",
+                          "import sys; from tui_finetune.cli import main; rc = main(['plan', '--vram', '8']);"
+                          "print('TORCH' if 'torch' in sys.modules else 'NOTORCH')"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "NOTORCH" in out.stdout and "llama-3.1-8b" in out.stdout
+
+
+def test_catalog_models_all_have_an_option_on_a_24gb_card():
+    assert len(suggest(CardSpec(24))) == len(CATALOG)
+    assert RecipeSpec(model="x").memory.chunked_loss  # the lean path is the default the planner assumes
