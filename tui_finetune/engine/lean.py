@@ -1,0 +1,137 @@
+"""The lean memory path: what makes a 7B QLoRA fit a 16 GB card and Gemma-2B fit 4 GB.
+
+Three techniques, each switched by the recipe's ``[memory]`` table (``MemorySpec``) and each
+modelled by the planner (``core/planner.py``), which is why they live in one place:
+
+* ``prepare_for_training`` freezes the base and turns on non-reentrant gradient checkpointing
+  *without* the fp32 upcast of peft's ``prepare_model_for_kbit_training``. That upcast costs
+  4 bytes per embedding weight (2 GB for Gemma's 256k vocabulary) and, because bitsandbytes returns
+  outputs in the input's dtype, turns every activation fp32 and pushes SDPA to its math kernel.
+* ``set_adapter_dtype`` keeps LoRA weights fp32 (stable, peft's default) or in the compute dtype.
+* ``chunked_causal_lm_loss`` computes the cross-entropy a chunk of tokens at a time under
+  ``torch.utils.checkpoint``, so the full-vocabulary fp32 logits never exist, in the forward or the
+  backward pass. The result and its gradients equal transformers' ``ForCausalLMLoss``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from tui_finetune.core.planner import loss_chunk_size
+from tui_finetune.core.recipe import MemorySpec
+
+IGNORE_INDEX = -100
+
+
+def prepare_for_training(model: Any, memory: MemorySpec, gradient_checkpointing: bool) -> Any:
+    """Freeze the base model and set up checkpointing, with or without the fp32 upcast."""
+    if memory.upcast_frozen_fp32:
+        from peft import prepare_model_for_kbit_training
+
+        return prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if gradient_checkpointing:
+        # With a frozen embedding nothing upstream of the first block needs a gradient, and
+        # checkpointed blocks would then have none to recompute for: make the inputs require grad.
+        model.enable_input_require_grads()
+        enable_checkpointing(model)
+    model.config.use_cache = False
+    return model
+
+
+def enable_checkpointing(model: Any) -> None:
+    """Non-reentrant activation checkpointing on transformers 5.x, old name or new.
+
+    transformers renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable``
+    (5.2x); the GPU image has 5.17, users may have either.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def is_checkpointing(model: Any) -> bool:
+    return bool(getattr(model, "is_activation_checkpointing", None) or getattr(model, "is_gradient_checkpointing", False))
+
+
+def set_adapter_dtype(peft_model: Any, memory: MemorySpec, compute_dtype: torch.dtype) -> int:
+    """Cast the trainable (LoRA) parameters; returns how many were cast."""
+    dtype = torch.float32 if memory.adapter_dtype == "fp32" else compute_dtype
+    count = 0
+    for param in peft_model.parameters():
+        if param.requires_grad and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+            count += 1
+    return count
+
+
+def _chunk_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    labels: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    logits = F.linear(hidden, weight, bias).float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def chunked_causal_lm_loss(hidden_states: torch.Tensor, lm_head: torch.nn.Module, labels: torch.Tensor,
+                           *, chunk_tokens: int = 0, num_items_in_batch: int | torch.Tensor | None = None,
+                           final_logit_softcapping: float | None = None) -> torch.Tensor:
+    """Next-token cross-entropy without materialising the whole (tokens x vocab) logits.
+
+    Same semantics as transformers' ``ForCausalLMLoss``: labels shift left by one, -100 is
+    ignored, and the sum is divided by ``num_items_in_batch`` when the Trainer passes it (correct
+    gradient accumulation), else by the number of counted tokens. ``chunk_tokens`` 0 sizes the
+    chunk to the vocabulary (``loss_chunk_size``), as the planner assumes.
+    """
+    weight = lm_head.weight
+    bias = getattr(lm_head, "bias", None)
+    chunk = chunk_tokens or loss_chunk_size(weight.shape[0])
+    shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1).to(hidden_states.device)
+    flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+    total = hidden_states.new_zeros((), dtype=torch.float32)
+    for start in range(0, flat.shape[0], chunk):
+        piece_labels = shifted[start:start + chunk]
+        if not bool((piece_labels != IGNORE_INDEX).any()):
+            continue
+        piece = flat[start:start + chunk]
+        if torch.is_grad_enabled() and (piece.requires_grad or weight.requires_grad):
+            total = total + checkpoint(_chunk_loss_sum, piece, weight, bias, piece_labels,
+                                       final_logit_softcapping, use_reentrant=False)
+        else:
+            total = total + _chunk_loss_sum(piece, weight, bias, piece_labels, final_logit_softcapping)
+    if num_items_in_batch is None:
+        denominator: Any = (shifted != IGNORE_INDEX).sum().clamp(min=1)
+    else:
+        denominator = num_items_in_batch
+    if torch.is_tensor(denominator):
+        denominator = denominator.to(total.device)
+    return total / denominator
+
+
+def causal_lm_parts(model: Any) -> tuple[torch.nn.Module, torch.nn.Module, float | None]:
+    """(decoder, lm_head, final logit softcap) of a causal LM, through a peft wrapper if there is one."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = base.get_decoder()
+    lm_head = base.get_output_embeddings()
+    softcap = getattr(base.config, "final_logit_softcapping", None)
+    return decoder, lm_head, softcap
+
+
+def lean_causal_lm_loss(model: Any, inputs: dict[str, Any], memory: MemorySpec,
+                        num_items_in_batch: int | torch.Tensor | None = None) -> torch.Tensor:
+    """Run the decoder and the chunked loss; what the Trainer's ``compute_loss`` calls on the lean path."""
+    inputs = dict(inputs)
+    labels = inputs.pop("labels")
+    decoder, lm_head, softcap = causal_lm_parts(model)
+    hidden = decoder(**inputs, use_cache=False).last_hidden_state
+    return chunked_causal_lm_loss(hidden, lm_head, labels, chunk_tokens=memory.loss_chunk_tokens,
+                                  num_items_in_batch=num_items_in_batch, final_logit_softcapping=softcap)
