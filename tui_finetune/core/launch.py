@@ -1,0 +1,55 @@
+"""Create a run and start its worker detached: the one way the UI and ``train --detach`` launch.
+
+The worker is ``python -m tui_finetune.engine.worker RUN_DIR``; starting it as a command keeps this
+module (and so the UI) free of torch and of the engine package. POSIX: a new session
+(``start_new_session``), so the terminal's hangup and Ctrl+C never reach it. Windows: a new process
+group detached from the console. stdin is closed and stdout/stderr go to ``RUN_DIR/worker.log``.
+The pid goes into ``run.json`` at once, so a reader never sees a run without its pid.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tui_finetune.core.recipe import RecipeSpec
+from tui_finetune.core.runs import STOP_FILE, WORKER_LOG, create_run, update_run_info
+
+WORKER_MODULE = "tui_finetune.engine.worker"
+
+
+def worker_command(run_dir: Path, python: str | None = None) -> list[str]:
+    return [python or sys.executable, "-m", WORKER_MODULE, str(run_dir)]
+
+
+def start_worker_detached(run_dir: Path, env: dict[str, str] | None = None) -> int:
+    """Start the worker on ``run_dir`` in its own session; returns its pid (also written to run.json)."""
+    kwargs: dict = {}
+    if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
+        kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.DETACHED_PROCESS
+    else:
+        kwargs["start_new_session"] = True
+    child_env = dict(os.environ if env is None else env)
+    package_root = str(Path(__file__).resolve().parents[2])
+    child_env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, child_env.get("PYTHONPATH", "")) if p)
+    (run_dir / STOP_FILE).unlink(missing_ok=True)  # a stale STOP would end the resumed run at once
+    with (run_dir / WORKER_LOG).open("ab") as log:
+        proc = subprocess.Popen(worker_command(run_dir), stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, cwd=str(run_dir), env=child_env, close_fds=True, **kwargs)
+    update_run_info(run_dir, pid=proc.pid, state="running")
+    return proc.pid
+
+
+def launch_run(recipe: RecipeSpec, data_path: str | Path, base: Path | None = None,
+               env: dict[str, str] | None = None) -> Path:
+    """A new run folder for ``recipe`` on ``data_path``, with its worker already running."""
+    run_dir = create_run(recipe, data_path, base)
+    start_worker_detached(run_dir, env)
+    return run_dir
+
+
+def resume_run(run_dir: Path, env: dict[str, str] | None = None) -> int:
+    """Start the worker again on an interrupted run: it resumes from the newest valid checkpoint."""
+    return start_worker_detached(run_dir, env)
