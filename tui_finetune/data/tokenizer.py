@@ -1,0 +1,76 @@
+"""The tokenizer to measure and render with: a local folder, the Hugging Face cache, or a stand-in.
+
+Nothing here downloads. A catalog key or Hub id is looked up with ``local_files_only=True``;
+when it isn't cached, :class:`TokenizerNotFound` says how to fetch it. With no model at all,
+``byte_level_tokenizer`` builds a stand-in in memory: one token per UTF-8 byte (so lengths are
+bytes, about 3-4x a real tokenizer's count for English), ChatML special tokens, EOS
+``<|endoftext|>``. Reports name which tokenizer was used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+FALLBACK_NAME = "byte-level stand-in (1 token = 1 byte; pass --model for real token counts)"
+
+
+class TokenizerNotFound(LookupError):
+    """The tokenizer is not on this machine; the message says how to get it."""
+
+
+@dataclass
+class LoadedTokenizer:
+    tokenizer: Any
+    name: str
+    """What the report prints, e.g. ``Qwen/Qwen2.5-0.5B-Instruct (from the Hugging Face cache)``."""
+    is_fallback: bool = False
+
+
+def byte_level_tokenizer() -> Any:
+    """A tokenizer with one token per byte and ChatML special tokens, built locally in milliseconds."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|endoftext|>",
+                                        pad_token="<|endoftext|>", model_max_length=1 << 30)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    return tokenizer
+
+
+def load_tokenizer(model: str | None, *, trust_remote_code: bool = False) -> LoadedTokenizer:
+    """The tokenizer for ``model`` (local folder, catalog key or Hub id) from disk only, or the stand-in."""
+    if not model:
+        return LoadedTokenizer(byte_level_tokenizer(), FALLBACK_NAME, True)
+    from transformers import AutoTokenizer
+
+    if Path(model).is_dir():
+        try:
+            tok = AutoTokenizer.from_pretrained(model, local_files_only=True, trust_remote_code=trust_remote_code)
+        except Exception as err:
+            raise TokenizerNotFound(f"{model}: no usable tokenizer in this folder ({str(err)[:160]}): "
+                                    "it needs tokenizer.json or the model's tokenizer files") from None
+        return LoadedTokenizer(tok, f"{model} (local folder)")
+    hub_id = _hub_id(model)
+    try:
+        tok = AutoTokenizer.from_pretrained(hub_id, local_files_only=True, trust_remote_code=trust_remote_code)
+    except Exception:
+        raise TokenizerNotFound(
+            f"{model}: the tokenizer of {hub_id} is not in the Hugging Face cache: download it with "
+            f"'hf download {hub_id} --include \"tokenizer*\" \"*.json\"' (or give a local model folder)") from None
+    return LoadedTokenizer(tok, f"{hub_id} (from the Hugging Face cache)")
+
+
+def _hub_id(model: str) -> str:
+    from tui_finetune.core.catalog import UnknownModelError, get_model
+
+    try:
+        return get_model(model).hub_id
+    except UnknownModelError:
+        return model
