@@ -139,14 +139,14 @@ def detect_format(rows: list[dict[str, Any]], file_kind: str, forced: str = "aut
             spec = FORMATS["sharegpt" if shape == "from/value" else "messages"]
             return FormatDecision(spec, {**spec.columns, "messages": key},
                                   f'key "{key}" holds lists of {{{shape.replace("/", ", ")}}} turns '
-                                  f"(in {keys[key]} of {n} rows)")
+                                  f"in {keys[key]} of the first {n} rows")
     for name, need in (("alpaca", ("instruction", "output")), ("prompt_completion", ("prompt", "completion")),
                        ("text", ("text",))):
         if all(keys.get(k) for k in need):
             spec = FORMATS[name]
             seen = [c for c in spec.columns.values() if keys.get(c)]
             return FormatDecision(spec, dict(spec.columns),
-                                  f"keys {', '.join(repr(c) for c in seen)} (in {keys[need[0]]} of {n} rows)")
+                                  f"keys {', '.join(repr(c) for c in seen)} in {keys[need[0]]} of the first {n} rows")
     found = ", ".join(repr(k) for k, _ in keys.most_common(12)) or "none"
     suggestion = suggest_mapping(list(keys))
     fix = (f"map your columns with --columns {suggestion}" if suggestion else

@@ -48,23 +48,34 @@ def load_tokenizer(model: str | None, *, trust_remote_code: bool = False) -> Loa
     """The tokenizer for ``model`` (local folder, catalog key or Hub id) from disk only, or the stand-in."""
     if not model:
         return LoadedTokenizer(byte_level_tokenizer(), FALLBACK_NAME, True)
-    from transformers import AutoTokenizer
-
     if Path(model).is_dir():
         try:
-            tok = AutoTokenizer.from_pretrained(model, local_files_only=True, trust_remote_code=trust_remote_code)
+            tok = _from_pretrained(model, trust_remote_code)
         except Exception as err:
             raise TokenizerNotFound(f"{model}: no usable tokenizer in this folder ({str(err)[:160]}): "
                                     "it needs tokenizer.json or the model's tokenizer files") from None
         return LoadedTokenizer(tok, f"{model} (local folder)")
     hub_id = _hub_id(model)
     try:
-        tok = AutoTokenizer.from_pretrained(hub_id, local_files_only=True, trust_remote_code=trust_remote_code)
+        tok = _from_pretrained(hub_id, trust_remote_code)
     except Exception:
         raise TokenizerNotFound(
             f"{model}: the tokenizer of {hub_id} is not in the Hugging Face cache: download it with "
             f"'hf download {hub_id} --include \"tokenizer*\" \"*.json\"' (or give a local model folder)") from None
     return LoadedTokenizer(tok, f"{hub_id} (from the Hugging Face cache)")
+
+
+def _from_pretrained(name: str, trust_remote_code: bool) -> Any:
+    """A model's ``tokenizer.json`` loads as ``PreTrainedTokenizerFast`` (same tokens, and no torch import,
+    which keeps ``data check`` quick); anything else goes through ``AutoTokenizer``."""
+    from transformers import PreTrainedTokenizerFast
+
+    try:
+        return PreTrainedTokenizerFast.from_pretrained(name, local_files_only=True)
+    except Exception:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(name, local_files_only=True, trust_remote_code=trust_remote_code)
 
 
 def _hub_id(model: str) -> str:

@@ -42,6 +42,8 @@ class ValidationReport:
     problems: list[Problem] = field(default_factory=list)
     """The first problems found (``SHOW_PROBLEMS`` of them); ``problem_count`` counts them all."""
     problem_count: int = 0
+    columns_seen: list[str] = field(default_factory=list)
+    """Every column name met in the rows, in order of first appearance (at most 100)."""
     refused: bool = False
     refusal: str = ""
 
@@ -92,6 +94,9 @@ class _Scan:
                 self.add(item)
                 continue
             sample_id = self.report.rows
+            if len(self.report.columns_seen) < 100:
+                seen = self.report.columns_seen
+                seen.extend(k for k in item.record if isinstance(k, str) and k not in seen)
             example = self.normalize(item, sample_id) if self.decision else None
             if isinstance(example, Example):
                 self.report.rows += 1

@@ -1,0 +1,107 @@
+"""Batch tokenized rows for the Trainer: padding, or padding-free packing.
+
+* ``packing = false``: :class:`PaddingCollator` pads ``input_ids`` with the pad id (EOS when the
+  tokenizer has no pad token), ``labels`` with -100 and builds ``attention_mask``. Padding is
+  masked by position, never by token id, so pad = EOS is safe.
+* ``packing = true``: ``transformers.DataCollatorWithFlattening``. It concatenates the batch's
+  examples into ONE row with no padding and emits ``position_ids`` that restart at 0 for each
+  example (and -100 as the first label of each, so no example predicts across a boundary).
+  There is no ``attention_mask``: transformers' mask builder (``masking_utils``) detects the
+  restarting ``position_ids`` and makes a block-diagonal causal mask for SDPA and eager
+  attention; flash-attention uses the same boundaries. No token attends to another example.
+
+Grouping with packing: the Trainer's ``per_device_train_batch_size`` (the recipe's
+``train.micro_batch``) is the number of *examples* flattened into one row, so a packed row holds
+``micro_batch`` examples whatever their length. To cap rows by tokens instead, give the
+DataLoader ``TokenBudgetBatchSampler(dataset["length"], max_tokens=seq_len * micro_batch)``
+as its ``batch_sampler``: each batch is then as many examples as fit the budget.
+Extra columns (``length``, ``sample_id``) are ignored by both collators.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Iterator
+
+from tui_finetune.data.render import IGNORE_INDEX
+
+
+class PaddingCollator:
+    """Right-pad a list of rows to the longest: input_ids (pad id), labels (-100), attention_mask."""
+
+    def __init__(self, pad_id: int, pad_to_multiple_of: int | None = None) -> None:
+        self.pad_id = pad_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        longest = max(len(f["input_ids"]) for f in features)
+        if self.pad_to_multiple_of:
+            longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        ids = torch.full((len(features), longest), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(features), longest), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(features), longest), dtype=torch.long)
+        for row, f in enumerate(features):
+            n = len(f["input_ids"])
+            ids[row, :n] = torch.as_tensor(list(f["input_ids"]), dtype=torch.long)
+            labels[row, :n] = torch.as_tensor(list(f.get("labels", f["input_ids"])), dtype=torch.long)
+            mask[row, :n] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def make_collator(tokenizer: Any, packing: bool) -> Any:
+    """The collator for the Trainer or a DataLoader (see the module docstring for packing)."""
+    if packing:
+        from transformers import DataCollatorWithFlattening
+
+        return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad token nor an EOS token to pad with: "
+                         "set pad_token in its tokenizer_config.json")
+    return PaddingCollator(pad)
+
+
+class TokenBudgetBatchSampler:
+    """Batches of example indices whose lengths sum to at most ``max_tokens`` (one packed row each).
+
+    Order is a seeded shuffle per epoch (call ``set_epoch``); batches are filled greedily in that
+    order, so every example appears exactly once per epoch. An example longer than the budget gets
+    a batch of its own.
+    """
+
+    def __init__(self, lengths: list[int], max_tokens: int, *, shuffle: bool = True, seed: int = 0) -> None:
+        if max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
+        self.lengths = [int(n) for n in lengths]
+        self.max_tokens = max_tokens
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def batches(self) -> list[list[int]]:
+        order = list(range(len(self.lengths)))
+        if self.shuffle:
+            random.Random(self.seed + self.epoch).shuffle(order)
+        out: list[list[int]] = []
+        current: list[int] = []
+        used = 0
+        for i in order:
+            if current and used + self.lengths[i] > self.max_tokens:
+                out.append(current)
+                current, used = [], 0
+            current.append(i)
+            used += self.lengths[i]
+        if current:
+            out.append(current)
+        return out
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches())
+
+    def __len__(self) -> int:
+        return len(self.batches())

@@ -1,0 +1,153 @@
+"""``tui-finetune data check FILE``: print the dataset doctor's findings (check.py) with rich.
+
+This is the only module of the data package that prints. Exit status: 0 when the data is usable,
+1 when it is refused (or can't be read).
+"""
+
+from __future__ import annotations
+
+import sys
+from argparse import Namespace
+from typing import Any
+
+from rich.console import Console
+from rich.text import Text
+
+from tui_finetune.data.check import DataCheckResult, LengthStats, check_dataset
+from tui_finetune.data.errors import DataError, format_problems
+from tui_finetune.data.validate import ValidationReport
+
+TRAINED = "bold green"
+MASKED = "dim"
+BAR = 40
+
+
+def run_data_check_command(args: Namespace) -> int:
+    console = Console(file=sys.stdout, highlight=False, soft_wrap=True)
+    from tui_finetune.core.recipe import DataSpec
+    from tui_finetune.data.formats import parse_columns
+    from tui_finetune.data.tokenizer import TokenizerNotFound, byte_level_tokenizer, load_tokenizer, FALLBACK_NAME
+
+    try:
+        columns = parse_columns(getattr(args, "columns", None))
+        spec = DataSpec(seq_len=args.seq, format=getattr(args, "format", "auto") or "auto")
+        try:
+            loaded = load_tokenizer(getattr(args, "model", None))
+            tokenizer, name = loaded.tokenizer, loaded.name
+        except TokenizerNotFound as err:
+            console.print(Text(f"warning: {err}", style="yellow"))
+            tokenizer, name = byte_level_tokenizer(), FALLBACK_NAME
+        result = check_dataset(args.file, tokenizer, name, spec, columns=columns,
+                               validation_path=getattr(args, "validation", None),
+                               allow_drop=bool(getattr(args, "allow_drop", False)))
+    except DataError as err:
+        console.print(Text(str(err), style="red"))
+        console.print(Text("✗ refused", style="bold red"))
+        return 1
+    print_result(console, result)
+    return 0 if result.usable else 1
+
+
+def print_result(console: Console, result: DataCheckResult) -> None:
+    report = result.report
+    _field(console, "Dataset", f"{report.source} ({_files(report)})")
+    if report.format:
+        _field(console, "Format", f"{report.format} ({report.format_description}): {report.evidence}")
+        used = [f"{k}={v}" for k, v in report.mapping.items() if v in report.columns_seen]
+        ignored = [c for c in report.columns_seen if c not in report.mapping.values()]
+        _field(console, "Columns", ", ".join(used) + (f"; ignored: {', '.join(ignored)}" if ignored else ""))
+    _field(console, "Tokenizer", result.tokenizer_name)
+    if result.template is not None:
+        _field(console, "Template", f"{result.template.source}; assistant tokens found by {result.template.masking}")
+    console.print()
+    _print_rows(console, report, "Rows")
+    if result.eval_report is not None:
+        _print_rows(console, result.eval_report, "Validation rows")
+    if result.render_problems:
+        console.print(Text("Rendering problems:", style="bold"))
+        for line in format_problems(result.render_problems, sum(result.render_dropped.values())):
+            console.print(Text("  " + line, style="yellow"))
+    if result.lengths is not None:
+        console.print()
+        _print_histogram(console, result.lengths)
+    if result.example is not None:
+        console.print()
+        _print_example(console, result)
+    if result.eos is not None:
+        console.print()
+        mark, style = ("✓", "green") if result.eos.ok else ("!", "yellow")
+        console.print(Text.assemble(("EOS       ", "bold"), (f"{mark} {result.eos.message}", style)))
+    console.print()
+    if result.usable:
+        console.print(Text(f"✓ usable: {report.kept} rows ready for training", style="bold green"))
+    else:
+        console.print(Text(f"✗ refused: {result.refusal}", style="bold red"))
+
+
+def _field(console: Console, name: str, value: str) -> None:
+    console.print(Text.assemble((f"{name:<10}", "bold"), value))
+
+
+def _files(report: ValidationReport) -> str:
+    n = len(report.files)
+    return f"{report.file_kind}, {n} file{'s' if n != 1 else ''}"
+
+
+def _print_rows(console: Console, report: ValidationReport, title: str) -> None:
+    why = ", ".join(f"{k} {n}" for k, n in sorted(report.drop_reasons.items(), key=lambda kv: (-kv[1], kv[0])))
+    dropped = f"dropped {report.dropped} ({why})" if report.dropped else "dropped none"
+    console.print(Text.assemble((f"{title:<10}", "bold"), f"kept {report.kept} of {report.rows}; {dropped}"))
+    if report.problem_count:
+        console.print(Text(f"Problems ({report.problem_count}):", style="bold"))
+        for line in format_problems(report.problems, report.problem_count):
+            console.print(Text("  " + line, style="yellow"))
+
+
+def _print_histogram(console: Console, lengths: LengthStats) -> None:
+    sample = " (the first rows only)" if lengths.sampled else ""
+    console.print(Text.assemble(("Lengths   ", "bold"), f"tokens per row over {lengths.count} rows{sample}: "
+                                f"min {lengths.min}, median {lengths.median}, 95% {lengths.p95}, max {lengths.max}"))
+    peak = max(c for _, _, c in lengths.bins) or 1
+    label_width = len(f"{lengths.bins[-1][0]}-{lengths.bins[-1][1]}")
+    for low, high, count in lengths.bins:
+        bar = "█" * max(1 if count else 0, round(BAR * count / peak))
+        line = Text(f"  {f'{low}-{high}':>{label_width}} ")
+        line.append(f"{bar:<{BAR}}", style="red" if low > lengths.cutoff else "cyan")
+        line.append(f" {count}")
+        if low <= lengths.cutoff <= high and lengths.cutoff < lengths.max:
+            line.append(f"   ◀ cutoff {lengths.cutoff}: longer rows are truncated", style="bold yellow")
+        console.print(line)
+    if lengths.cutoff >= lengths.max:
+        console.print(Text(f"  cutoff {lengths.cutoff}: above the longest row", style="bold green"))
+    elif lengths.cutoff < lengths.min:
+        console.print(Text(f"  cutoff {lengths.cutoff}: below the shortest row", style="bold red"))
+    style = "yellow" if lengths.over else "green"
+    console.print(Text(f"  {lengths.over} row(s) over the {lengths.cutoff}-token cutoff "
+                       f"({'will be truncated' if lengths.over else 'none truncated'})", style=style))
+
+
+def _print_example(console: Console, result: DataCheckResult) -> None:
+    example = result.example
+    assert example is not None
+    console.print(Text.assemble(("First example", "bold"), f" ({example.where}), {example.tokens} tokens, "
+                                f"{example.trained_tokens} trained: ", ("trained", TRAINED), " / ",
+                                ("masked (-100)", MASKED)))
+    body = Text()
+    for text, trained in example.segments:
+        body.append(text, style=TRAINED if trained else MASKED)
+    console.print(body)
+
+
+def format_result_plain(result: DataCheckResult) -> str:
+    """The printed report without colours (for logs and tests)."""
+    console = Console(record=True, width=120, highlight=False, soft_wrap=True, file=_Null())
+    print_result(console, result)
+    return console.export_text()
+
+
+class _Null:
+    def write(self, _: Any) -> int:
+        return 0
+
+    def flush(self) -> None:
+        pass
