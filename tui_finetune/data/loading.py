@@ -231,7 +231,7 @@ def _iter_json(file: Path, name: str) -> Iterator[Row | Problem]:
     elif isinstance(value, list):
         start = _WS.match(text, 0).end()
     else:
-        found = (f"an object with keys {', '.join(map(str, list(value)[:8]))}" if isinstance(value, dict)
+        found = (f"an object with keys {', '.join(map(repr, list(value)[:8]))}" if isinstance(value, dict)
                  else _json_type(value))
         yield Problem(name, 1, f"expected a JSON array of rows or {{\"data\": [...]}}, found {found}",
                       "put the rows in a top-level array, or under a \"data\" key", "bad-structure", row=False)

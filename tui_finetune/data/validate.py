@@ -194,7 +194,7 @@ class _Scan:
             raise _RowProblem(f"turn {number} has no '{role_key}'",
                               f"give every turn a '{role_key}' (system, user or assistant)", "bad-turn")
         if role.lower() not in ROLES:
-            raise _RowProblem(f"turn {number} has an unknown role '{role}'",
+            raise _RowProblem(f"turn {number} has an unknown role {role!r}",
                               "use system, user or assistant (ShareGPT: system, human, gpt)", "unknown-role")
         role = ROLES[role.lower()]
         content = turn.get(content_key)
@@ -235,12 +235,13 @@ def open_source(data_path: str | Path, data_format: str = "auto", columns: dict[
                 *, max_line_bytes: int = MAX_LINE_BYTES) -> tuple[DataSource, FormatDecision | None]:
     """Find the files and decide the format from the first rows (None when there are no rows at all)."""
     source = find_data_files(data_path)
-    head = [item.record for item in islice((i for i in iter_rows(source, max_line_bytes) if isinstance(i, Row)),
-                                           DETECT_ROWS)]
+    head = list(islice((i for i in iter_rows(source, max_line_bytes) if isinstance(i, Row)), DETECT_ROWS))
     if not head and source.kind != "text":
         return source, None
     text_mode = "one document per file" if source.is_folder else "one document per blank-line-separated block"
-    decision = detect_format(head, source.kind, data_format, columns, where=source.given, text_mode=text_mode)
+    where = f"{head[0].path}:{head[0].line}" if head else source.given
+    decision = detect_format([r.record for r in head], source.kind, data_format, columns, where=where,
+                             text_mode=text_mode)
     return source, decision
 
 
