@@ -34,6 +34,10 @@ def _build_parser() -> argparse.ArgumentParser:
     check.add_argument("--columns", help="column mapping, e.g. prompt=instruction,reply=output")
     check.add_argument("--validation", help="a separate validation file")
     check.add_argument("--allow-drop", action="store_true", help="accept dropping more than 5%% of the rows")
+
+    from tui_finetune.run_commands import add_run_commands
+
+    add_run_commands(sub)
     return parser
 
 
@@ -53,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
         from tui_finetune.data.report import run_data_check_command
 
         return run_data_check_command(args)
+    if args.command in ("train", "runs", "logs", "stop", "resume"):
+        from tui_finetune.run_commands import run_command
+
+        return run_command(args)
     print("tui-finetune: the wizard is not built yet. It will: detect your GPU, suggest a model and a "
           "recipe that fit it, check your dataset, and train in the background with live VRAM, loss and "
           "speed panels. For now, try 'tui-finetune doctor', 'tui-finetune plan' or 'tui-finetune data check FILE'.")

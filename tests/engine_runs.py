@@ -1,0 +1,69 @@
+"""Helpers for tests that start the real worker: write a recipe, launch, wait, read the events."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tui_finetune.core.events import Event, read_events
+from tui_finetune.core.launch import launch_run
+from tui_finetune.core.recipe import recipe_from_dict
+from tui_finetune.core.runs import pid_alive, read_run_info
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_recipe(model: Path, **sections):
+    """A CPU LoRA recipe for the tiny model; ``sections`` override whole tables' keys."""
+    data = {"model": str(model), "method": "lora",
+            "lora": {"r": 8, "alpha": 16, "target_modules": "all-linear"},
+            "data": {"seq_len": 128, "eval_split": 0.2},
+            "train": {"micro_batch": 4, "grad_accum": 2, "max_steps": 20, "learning_rate": 2e-3,
+                      "optimizer": "adamw_torch", "precision": "fp32", "gradient_checkpointing": False,
+                      "warmup_ratio": 0.1, "logging_steps": 1, "seed": 7},
+            "checkpoint": {"every_steps": 1000, "every_minutes": 0.0, "keep_last": 2}}
+    for table, values in sections.items():
+        data[table] = {**data.get(table, {}), **values} if isinstance(values, dict) else values
+    return recipe_from_dict(data, "test recipe")
+
+
+def start(recipe, data: Path, home: Path) -> Path:
+    """Launch the real detached worker; the Hub is offline and its cache empty, so nothing downloads."""
+    env = {**os.environ, "TUI_FINETUNE_HOME": str(home), "HF_HUB_OFFLINE": "1", "HF_HOME": str(home / "hf")}
+    return launch_run(recipe, data, base=home / "runs", env=env)
+
+
+def wait_for_end(run_dir: Path, timeout: float = 120.0) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        info = read_run_info(run_dir)
+        if not pid_alive(info.pid):
+            return read_run_info(run_dir).state
+        time.sleep(0.1)
+    raise AssertionError(f"worker still running after {timeout}s: {(run_dir / 'worker.log').read_text()[-3000:]}")
+
+
+def wait_for(run_dir: Path, predicate, timeout: float = 60.0) -> Event:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for event in read_events(run_dir / "events.jsonl")[0]:
+            if predicate(event):
+                return event
+        if not pid_alive(read_run_info(run_dir).pid):
+            break
+        time.sleep(0.05)
+    raise AssertionError(f"event never came: {(run_dir / 'worker.log').read_text()[-3000:]}")
+
+
+def events_of(run_dir: Path, cls) -> list:
+    return [e for e in read_events(run_dir / "events.jsonl")[0] if isinstance(e, cls)]
+
+
+def cli(*args: str, home: Path, timeout: float = 120.0) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TUI_FINETUNE_HOME": str(home), "COLUMNS": "200", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+    return subprocess.run([sys.executable, "-m", "tui_finetune.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=timeout, cwd=str(REPO))

