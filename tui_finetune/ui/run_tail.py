@@ -1,0 +1,166 @@
+"""Follow a run folder: read new lines of ``events.jsonl`` from an offset and fold them into a snapshot.
+
+The monitor shows only what the folder says (DESIGN.md: the folder is the truth). A ``RunTail`` keeps
+the byte offset and a few bounded series; ``poll`` returns a new immutable ``MonitorSnapshot`` when
+anything changed. Because each snapshot is complete, the UI may drop all but the newest one (the
+message's ``can_replace``), so a flood of step events can never queue up behind the screen.
+Textual-free and torch-free: the tail thread, the benchmark and the tests use it directly.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from tui_finetune.core.events import (
+    CheckpointEvent, EndEvent, ErrorEvent, EvalEvent, Event, PhaseEvent, ProgressEvent, SampleEvent, StepEvent,
+    WarningEvent, read_events)
+from tui_finetune.core.runs import EVENTS_FILE, RunError, read_run_info, read_run_recipe, shown_state
+
+MAX_POINTS = 2000
+"""Loss and VRAM points kept; when full, every other point is dropped (a chart is only so wide)."""
+MAX_LOG_LINES = 500
+VramSampler = Callable[[], "tuple[float, float] | None"]
+"""Returns (used MB, total MB) of the card, or None where there is no NVML."""
+
+
+@dataclass(frozen=True)
+class MonitorSnapshot:
+    run_id: str
+    model: str = ""
+    state: str = "running"
+    phase: str = ""
+    step: int = 0
+    total_steps: int = 0
+    epoch: float = 0.0
+    total_epochs: float = 0.0
+    loss: float | None = None
+    lr: float | None = None
+    tokens_per_s: float | None = None
+    eta_s: float | None = None
+    train_points: tuple[tuple[float, float], ...] = ()
+    eval_points: tuple[tuple[float, float], ...] = ()
+    vram_used_mb: float | None = None
+    vram_total_mb: float | None = None
+    vram_peak_mb: float | None = None
+    vram_history: tuple[float, ...] = ()
+    checkpoint_step: int | None = None
+    checkpoint_time: float | None = None
+    log_lines: tuple[str, ...] = ()
+    log_count: int = 0
+    """Lines ever logged; the event log appends those past the count it has shown."""
+    events_read: int = 0
+
+
+def _thin(points: list, limit: int = MAX_POINTS) -> list:
+    return points[::2] if len(points) > limit else points
+
+
+def describe_event(event: Event) -> str | None:
+    """One event-log line (Rich markup), or None for events that only feed the panels."""
+    if isinstance(event, PhaseEvent):
+        return f"[b]{event.phase}[/b] {event.message}".rstrip()
+    if isinstance(event, ProgressEvent):
+        return None
+    if isinstance(event, EvalEvent):
+        loss = "-" if event.eval_loss is None else f"{event.eval_loss:.4f}"
+        return f"eval at step {event.step}: loss {loss}"
+    if isinstance(event, CheckpointEvent):
+        return f"[green]checkpoint[/green] step {event.step}: {Path(event.path).name}"
+    if isinstance(event, SampleEvent):
+        return f"sample ({event.label}): {event.text[:200]!r}"
+    if isinstance(event, WarningEvent):
+        return f"[yellow]warning[/yellow] {event.message}" + (f" ({event.advice})" if event.advice else "")
+    if isinstance(event, ErrorEvent):
+        return f"[red b]error[/red b] {event.message}" + (f"\n  [red]→ {event.advice}[/red]" if event.advice else "")
+    if isinstance(event, EndEvent):
+        return f"[b]end: {event.state}[/b] {event.message}".rstrip()
+    return None
+
+
+@dataclass
+class RunTail:
+    """The reader side of one run folder."""
+
+    run_dir: Path
+    vram_sampler: VramSampler | None = None
+    offset: int = 0
+    _snap: dict = field(default_factory=dict)
+    _train: list = field(default_factory=list)
+    _eval: list = field(default_factory=list)
+    _vram: list = field(default_factory=list)
+    _log: deque = field(default_factory=lambda: deque(maxlen=MAX_LOG_LINES))
+    _log_count: int = 0
+    _events: int = 0
+    _last: MonitorSnapshot | None = None
+
+    def __post_init__(self) -> None:
+        try:
+            recipe = read_run_recipe(self.run_dir)
+            epochs = 0.0 if recipe.train.max_steps else recipe.train.epochs
+        except Exception:  # an unreadable recipe must not hide the events
+            epochs = 0.0
+        self._snap = {"run_id": self.run_dir.name, "total_epochs": epochs}
+
+    def poll(self) -> MonitorSnapshot | None:
+        """Read what was appended since the last call; a new snapshot, or None when nothing changed."""
+        events, self.offset = read_events(self.run_dir / EVENTS_FILE, self.offset)
+        for event in events:
+            self._fold(event)
+        self._events += len(events)
+        try:
+            info = read_run_info(self.run_dir)
+            self._snap.update(model=info.model, state=shown_state(info),
+                              total_steps=self._snap.get("total_steps") or info.total_steps)
+        except RunError:
+            pass
+        if self.vram_sampler is not None:
+            sample = self.vram_sampler()
+            if sample is not None:
+                self._snap.update(vram_used_mb=sample[0], vram_total_mb=sample[1])
+                self._vram = _thin(self._vram + [sample[0]])
+        snap = MonitorSnapshot(**self._snap, train_points=tuple(self._train), eval_points=tuple(self._eval),
+                               vram_history=tuple(self._vram), log_lines=tuple(self._log),
+                               log_count=self._log_count, events_read=self._events)
+        if snap == self._last:
+            return None
+        self._last = snap
+        return snap
+
+    def _fold(self, event: Event) -> None:
+        s = self._snap
+        if isinstance(event, StepEvent):
+            s.update(step=event.step, total_steps=event.total_steps or s.get("total_steps", 0), epoch=event.epoch,
+                     loss=event.loss, lr=event.lr, tokens_per_s=event.tokens_per_s, eta_s=event.eta_s)
+            if event.loss is not None:
+                self._train = _thin(self._train + [(event.step, event.loss)])
+            if event.vram_peak_mb is not None:
+                s["vram_peak_mb"] = max(s.get("vram_peak_mb") or 0.0, event.vram_peak_mb)
+            used = event.nvml_used_mb if event.nvml_used_mb is not None else event.vram_reserved_mb
+            if used is not None and self.vram_sampler is None:
+                s.update(vram_used_mb=used, vram_total_mb=event.nvml_total_mb or s.get("vram_total_mb"))
+                self._vram = _thin(self._vram + [used])
+            return
+        if isinstance(event, EvalEvent) and event.eval_loss is not None:
+            self._eval.append((event.step, event.eval_loss))
+        elif isinstance(event, CheckpointEvent):
+            s.update(checkpoint_step=event.step, checkpoint_time=event.time)
+        elif isinstance(event, PhaseEvent):
+            s["phase"] = event.phase
+        line = describe_event(event)
+        if line is not None:
+            self._log.append(line)
+            self._log_count += 1
+
+
+def checkpoint_age(snapshot: MonitorSnapshot, now: float | None = None) -> str:
+    """``step 200, 3m 05s ago``; the clock is passed in so screenshots stay the same."""
+    from tui_finetune.ui.planning import format_duration
+
+    if snapshot.checkpoint_step is None:
+        return "none yet"
+    age = (time.time() if now is None else now) - (snapshot.checkpoint_time or 0.0)
+    return f"step {snapshot.checkpoint_step}, {format_duration(max(age, 0))} ago"

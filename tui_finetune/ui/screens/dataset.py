@@ -1,0 +1,144 @@
+"""Step 4: the dataset. A file picker that opens in the last folder used; the detected format and its
+evidence, file:line problems, the token-length histogram against the cutoff, and the first example
+with trained and masked tokens. The check runs ``python -m tui_finetune.data.check_json`` in a
+subprocess from a thread worker, so tokenizing never freezes the UI and never loads torch here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from textual import work
+from textual.app import ComposeResult
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.widgets import DirectoryTree, Input, Static
+
+from tui_finetune.core.preferences import save_preferences
+from tui_finetune.ui.messages import DataChecked
+from tui_finetune.ui.screens.base import WizardScreen
+from tui_finetune.ui.widgets.example_view import ExampleView
+from tui_finetune.ui.widgets.token_histogram import TokenHistogram
+
+CHECK_TIMEOUT_S = 600
+
+
+def data_check_command(path: str, seq_len: int, model: str) -> list[str]:
+    return [sys.executable, "-m", "tui_finetune.data.check_json", path, "--seq", str(seq_len), "--model", model]
+
+
+def run_data_check(path: str, seq_len: int, model: str) -> dict:
+    """Run the check subprocess and parse its one JSON line; failures come back as an ``error`` key."""
+    try:
+        proc = subprocess.run(data_check_command(path, seq_len, model), capture_output=True, text=True,
+                              timeout=CHECK_TIMEOUT_S, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return {"path": path, "error": f"the data check could not run: {err}", "refused": True, "problems": []}
+    try:
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"path": path, "error": "the data check failed: " + " | ".join(tail), "refused": True, "problems": []}
+
+
+def launch_blocker(result: dict | None) -> str:
+    """Why this data can't be launched, or '' when it can."""
+    if result is None:
+        return "pick a data file first"
+    if result.get("error"):
+        return result["error"]
+    if result.get("refused"):
+        return result.get("refusal") or "the data was refused"
+    return ""
+
+
+class DatasetScreen(WizardScreen):
+    STEP = 3
+
+    def compose_body(self) -> ComposeResult:
+        start = self.tui.preferences.last_data_dir or "."
+        if not Path(start).is_dir():
+            start = "."
+        with Horizontal(classes="wizard-body", id="dataset-body"):
+            with Vertical(id="dataset-left"):
+                yield Input(placeholder="path to a data file (Enter), or pick below", id="data-path")
+                yield DirectoryTree(start, id="data-tree")
+            with VerticalScroll(id="dataset-right"):
+                yield Static("Pick a data file: .jsonl, .json, .csv, .tsv, .parquet, .txt or .md", id="data-status")
+                yield Static("", id="data-problems")
+                yield TokenHistogram(id="data-histogram")
+                yield ExampleView(id="data-example")
+
+    def on_mount(self) -> None:
+        self.query_one("#data-example", ExampleView).display = False
+        if self.state.data_path and self.state.data_result is not None:
+            self.query_one("#data-path", Input).value = self.state.data_path
+            self.show_result(self.state.data_result)
+        self.query_one("#data-tree", DirectoryTree).focus()
+
+    def on_screen_resume(self) -> None:
+        """Back from launch with a new sequence length: the histogram's cutoff must follow it."""
+        result = self.state.data_result
+        if result and self.state.recipe and result.get("seq_len") != self.state.recipe.data.seq_len:
+            self.check(self.state.data_path)
+
+    def on_directory_tree_file_selected(self, event: DirectoryTree.FileSelected) -> None:
+        self.query_one("#data-path", Input).value = str(event.path)
+        self.check(str(event.path))
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        if event.value.strip():
+            self.check(event.value.strip())
+
+    def check(self, path: str) -> None:
+        recipe = self.state.recipe
+        assert recipe is not None
+        self.state.data_path, self.state.data_result = path, None
+        self.query_one("#data-status", Static).update(f"Checking {path}… (tokenizing in a separate process)")
+        self.query_one("#data-problems", Static).update("")
+        self.run_check(path, recipe.data.seq_len, recipe.model)
+
+    @work(thread=True, exclusive=True, group="data-check")
+    def run_check(self, path: str, seq_len: int, model: str) -> None:
+        self.post_message(DataChecked(path, self.context.data_checker(path, seq_len, model)))
+
+    def on_data_checked(self, message: DataChecked) -> None:
+        if message.path != self.state.data_path:
+            return  # an older check finished after a newer pick
+        self.state.data_result = message.result
+        folder = Path(message.path).parent
+        if folder.is_dir():
+            self.tui.preferences.last_data_dir = str(folder)
+            save_preferences(self.tui.preferences)
+        self.show_result(message.result)
+
+    def show_result(self, r: dict) -> None:
+        status = self.query_one("#data-status", Static)
+        problems = self.query_one("#data-problems", Static)
+        example = self.query_one("#data-example", ExampleView)
+        blocker = launch_blocker(r)
+        lines = []
+        if r.get("format"):
+            lines.append(f"[b]Format:[/b] {r['format']} ({r['format_description']})")
+            lines.append(f"[dim]evidence: {r['evidence']}[/dim]")
+        if r.get("summary"):
+            lines.append(r["summary"])
+        if r.get("tokenizer"):
+            lines.append(f"[dim]tokens: {r['tokenizer']}; template: {r.get('template', '-')}[/dim]")
+        lines.append(f"[red b]✗ Launch blocked: {blocker}[/]" if blocker else "[green b]✓ Ready to launch[/]")
+        status.update("\n".join(lines))
+        listed = r.get("problems") or []
+        problems.update("\n".join(f"[red]{p}[/]" for p in listed))
+        self.query_one("#data-histogram", TokenHistogram).show(r.get("lengths"), int(r.get("seq_len") or 0))
+        example.display = bool(r.get("example"))
+        example.show(r.get("example"))
+
+    def action_next(self) -> None:
+        from tui_finetune.ui.screens.launch import LaunchScreen
+
+        blocker = launch_blocker(self.state.data_result)
+        if blocker:
+            self.notify(f"Launch blocked: {blocker}", severity="error")
+            return
+        self.app.push_screen(LaunchScreen())

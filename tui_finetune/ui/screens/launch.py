@@ -1,0 +1,94 @@
+"""Step 5: everything on one page (model, recipe, data, estimated peak VRAM, rough time per epoch), then
+start. The run is created and its worker started detached by ``core.launch.launch_run``, the same code
+as ``tui-finetune train --detach``."""
+
+from __future__ import annotations
+
+from rich.table import Table
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import VerticalScroll
+from textual.widgets import Button, Static
+
+from tui_finetune.core.paths import runs_dir
+from tui_finetune.ui.planning import FIT_STYLE, format_duration, rough_epoch_seconds
+from tui_finetune.ui.screens.base import WizardScreen
+from tui_finetune.ui.screens.dataset import launch_blocker
+
+
+class LaunchScreen(WizardScreen):
+    STEP = 4
+    BINDINGS = [Binding("ctrl+n", "next", "Start training", priority=True)]
+
+    def compose_body(self) -> ComposeResult:
+        with VerticalScroll(classes="wizard-body", id="launch-body"):
+            yield Static(id="launch-summary")
+            yield Static(id="launch-blocker")
+            yield Button("Start training (Enter)", id="start", variant="success")
+
+    def on_mount(self) -> None:
+        self.query_one("#launch-summary", Static).update(self.summary())
+        blocker = self.blocker()
+        self.query_one("#launch-blocker", Static).update(f"[red b]✗ Can't start: {blocker}[/]" if blocker else "")
+        self.query_one("#start", Button).disabled = bool(blocker)
+        self.query_one("#start", Button).focus()
+
+    def blocker(self) -> str:
+        state = self.state
+        data = launch_blocker(state.data_result)
+        if data:
+            return f"data: {data}"
+        if state.recipe_problem:
+            return state.recipe_problem
+        if state.plan is not None and state.plan.fit == "won't fit":
+            return f"the recipe won't fit the card. {state.plan.advice}"
+        return ""
+
+    def summary(self) -> Table:
+        s = self.state
+        recipe, plan, data = s.recipe, s.plan, s.data_result or {}
+        assert recipe is not None
+        t = recipe.train
+        table = Table(show_header=False, box=None, padding=(0, 2))
+        table.add_column(style="bold", no_wrap=True)
+        table.add_column()
+        table.add_row("model", recipe.model)
+        table.add_row("method", f"{recipe.method} · r {recipe.lora.r} · alpha {recipe.lora.alpha}")
+        table.add_row("batch", f"seq {recipe.data.seq_len} × micro-batch {t.micro_batch} × accumulation "
+                               f"{t.grad_accum} = {recipe.effective_batch} sequences a step")
+        length = f"{t.max_steps} steps" if t.max_steps else f"{t.epochs:g} epochs"
+        table.add_row("schedule", f"{length} · lr {t.learning_rate:g} ({t.scheduler}) · {t.optimizer}")
+        table.add_row("memory", f"gradient checkpointing {'on' if t.gradient_checkpointing else 'off'} · "
+                                f"packing {'on' if recipe.data.packing else 'off'} · save every "
+                                f"{recipe.checkpoint.every_steps} steps")
+        table.add_row("data", f"{s.data_path} · {data.get('format', '?')} · {data.get('kept', 0)} rows")
+        if plan is not None:
+            card = s.card.label if s.card else "the CPU (no GPU)"
+            table.add_row("peak VRAM", Text(f"≈ {plan.estimate.total_gib:.2f} GiB on {card} ({plan.fit})",
+                                            style=FIT_STYLE[plan.fit]))
+        lengths = data.get("lengths") or {}
+        tokens = min(lengths.get("mean", 0), recipe.data.seq_len) * data.get("kept", 0) * (1 - recipe.data.eval_split)
+        if tokens:
+            seconds = rough_epoch_seconds(recipe, tokens, on_gpu=s.card is not None and not s.planned_gb)
+            table.add_row("time / epoch", f"roughly {format_duration(seconds)} ({tokens:,.0f} tokens; a rough "
+                                          "figure from the model size, refined live once training runs)")
+        table.add_row("run folder", str(runs_dir()))
+        return table
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        if event.button.id == "start":
+            self.action_next()
+
+    def action_next(self) -> None:
+        blocker = self.blocker()
+        if blocker:
+            self.notify(f"Can't start: {blocker}", severity="error")
+            return
+        assert self.state.recipe is not None
+        try:
+            run_dir = self.context.launcher(self.state.recipe, self.state.data_path)
+        except Exception as err:  # noqa: BLE001 - a failed start is a message, never a crash
+            self.notify(f"Could not start the run: {err}", severity="error", timeout=10)
+            return
+        self.tui.open_monitor(run_dir, from_wizard=True)

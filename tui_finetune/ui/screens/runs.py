@@ -1,0 +1,129 @@
+"""All runs with their state, from the run folders (``core.runs.list_runs``).
+
+Enter opens a run's monitor (live when it is running, history otherwise); ``r`` resumes an
+interrupted run, ``x`` deletes one after a yes/no dialog, ``l`` shows its logs.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Header, Static
+
+from tui_finetune.core.runs import RunSummary, list_runs
+from tui_finetune.ui.screens.monitor import STATE_STYLE
+
+
+class RunsScreen(Screen):
+    BINDINGS = [Binding("enter", "open", "Open", show=True), Binding("r", "resume", "Resume"),
+                Binding("x", "delete", "Delete"), Binding("l", "logs", "Logs"),
+                Binding("n", "new", "New fine-tune"), Binding("q", "quit_app", "Quit")]
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield Static("[b]Runs[/b]", id="runs-title")
+        yield DataTable(id="runs-table", cursor_type="row", zebra_stripes=True)
+        yield Static("", id="runs-detail")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        table = self.query_one(DataTable)
+        table.add_columns("run", "model", "state", "step", "loss")
+        self.runs: list[RunSummary] = []
+        self.refresh_runs()
+        self.set_interval(2.0, self.refresh_runs)
+
+    def on_screen_resume(self) -> None:
+        self.refresh_runs()
+
+    def refresh_runs(self) -> None:
+        table = self.query_one(DataTable)
+        runs = list(reversed(list_runs()))  # newest first
+        rows = [(r.run_id, r.model, r.state, r.step, r.total_steps, r.last_loss) for r in runs]
+        if rows == [(r.run_id, r.model, r.state, r.step, r.total_steps, r.last_loss) for r in self.runs]:
+            return
+        cursor = table.cursor_row
+        self.runs = runs
+        table.clear()
+        for r in runs:
+            step = f"{r.step}/{r.total_steps}" if r.total_steps else str(r.step)
+            loss = f"{r.last_loss:.4f}" if r.last_loss is not None else "-"
+            table.add_row(r.run_id, r.model, Text(r.state, style=STATE_STYLE.get(r.state, "")), step, loss,
+                          key=str(r.run_dir))
+        if runs:
+            table.move_cursor(row=min(cursor, len(runs) - 1))
+        title = f"[b]Runs[/b] ({len(runs)})" if runs else "[b]Runs[/b]: none yet. Press n to start a fine-tune."
+        self.query_one("#runs-title", Static).update(title)
+        self.show_detail()
+
+    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        self.show_detail()
+
+    def show_detail(self) -> None:
+        run = self.current()
+        detail = self.query_one("#runs-detail", Static)
+        if run is None:
+            detail.update("")
+            return
+        hint = {"running": "Enter: live view", "interrupted": "r: resume from the last checkpoint",
+                "completed": "Enter: history", "failed": "l: logs"}.get(run.state, "")
+        detail.update(f"{run.message or run.state} [dim]{hint}[/dim]")
+
+    def current(self) -> RunSummary | None:
+        table = self.query_one(DataTable)
+        if not self.runs or table.cursor_row < 0 or table.cursor_row >= len(self.runs):
+            return None
+        return self.runs[table.cursor_row]
+
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        self.action_open()
+
+    def action_open(self) -> None:
+        run = self.current()
+        if run is not None:
+            self.app.open_monitor(run.run_dir)  # type: ignore[attr-defined]
+
+    def action_resume(self) -> None:
+        run = self.current()
+        if run is None:
+            return
+        if run.state != "interrupted":
+            self.notify(f"Only an interrupted run can be resumed; this one is {run.state}.", severity="warning")
+            return
+        self.app.resume_and_open(run.run_dir)  # type: ignore[attr-defined]
+
+    def action_delete(self) -> None:
+        from tui_finetune.ui.screens.dialogs import ConfirmDialog
+
+        run = self.current()
+        if run is None:
+            return
+        if run.state in ("running", "stopping"):
+            self.notify("This run is still training: stop it first (open it, then s).", severity="warning")
+            return
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                shutil.rmtree(run.run_dir, ignore_errors=True)
+                self.notify(f"Deleted {run.run_id}")
+                self.refresh_runs()
+
+        self.app.push_screen(ConfirmDialog(f"Delete run [b]{run.run_id}[/b] and its checkpoints? "
+                                           "This can't be undone.", yes="Delete", no="Keep"), answered)
+
+    def action_logs(self) -> None:
+        from tui_finetune.ui.screens.logs import LogsScreen
+
+        run = self.current()
+        if run is not None:
+            self.app.push_screen(LogsScreen(run.run_dir))
+
+    def action_new(self) -> None:
+        self.app.new_finetune()  # type: ignore[attr-defined]
+
+    def action_quit_app(self) -> None:
+        self.app.action_quit()  # type: ignore[attr-defined]
