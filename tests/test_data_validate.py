@@ -195,3 +195,32 @@ def test_validation_streams_a_large_file_without_reading_it_whole(tmp_path: Path
     tracemalloc.stop()
     assert report.kept == 40_000
     assert size > 6_000_000 and peak < size / 10, (size, peak)
+
+
+@pytest.mark.parametrize("name,data,expected", [
+    ("big.jsonl", b'{"text": ' + b"1" * 5000 + b'}\n{"text": "ok"}\n',
+     "{p}:1: invalid JSON (a number with too many digits): fix the line or delete it"),
+    ("deep.jsonl", b'{"text": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n",
+     "{p}:1: invalid JSON (nested too deeply): fix the line or delete it"),
+    ("surrogate.jsonl", b'{"text": "\\ud800"}\n', "{p}:1: field 'text' has an unpaired surrogate escape (\\ud800): "
+                                                 "fix the escape, or remove the row"),
+    ("quote.csv", b'text\n"unterminated\nok\n',
+     "{p}:2: unreadable CSV row (unexpected end of data): fix the quoting on this row"),
+    ("blank.jsonl", b"\n\n  \n", "{p}: file has no rows: add rows or remove the file"),
+    ("header_only.csv", b"a,b\n", "{p}: file has no rows: add rows or remove the file"),
+])
+def test_tricky_inputs_give_exact_messages(tmp_path: Path, name: str, data: bytes, expected: str) -> None:
+    path = tmp_path / name
+    path.write_bytes(data)
+    report = validate_dataset(path)
+    assert str(report.problems[0]) == expected.format(p=path)
+    assert report.refused
+
+
+def test_repeated_data_keys_in_a_json_file_use_the_last_like_json_loads(tmp_path: Path) -> None:
+    path = tmp_path / "d.json"
+    path.write_text('{"data": 1, "x": [1],\n "data": [\n  {"text": "hi"},\n  {"text": 5}\n]}', encoding="utf-8")
+    report = validate_dataset(path, allow_drop=True)
+    assert (report.kept, report.dropped) == (1, 1)
+    assert str(report.problems[0]) == (f"{path}:4: field 'text' is a number here but text on line 3: "
+                                       "make 'text' a string in every row (put it in quotes)")

@@ -93,15 +93,21 @@ def iter_rows(source: DataSource, max_line_bytes: int = MAX_LINE_BYTES) -> Itera
                           "re-save it as UTF-8 (in Notepad: Save as, Encoding: UTF-8)", "not-utf8", row=False)
             continue
         if source.kind == "jsonl":
-            yield from _iter_jsonl(file, name, max_line_bytes)
+            items = _iter_jsonl(file, name, max_line_bytes)
         elif source.kind == "json":
-            yield from _iter_json(file, name)
+            items = _iter_json(file, name)
         elif source.kind in ("csv", "tsv"):
-            yield from _iter_csv(file, name, "\t" if source.kind == "tsv" else ",", max_line_bytes)
+            items = _iter_csv(file, name, "\t" if source.kind == "tsv" else ",", max_line_bytes)
         elif source.kind == "parquet":
-            yield from _iter_parquet(file, name)
+            items = _iter_parquet(file, name)
         else:
-            yield from _iter_text(file, name, max_line_bytes, whole_file=source.is_folder)
+            items = _iter_text(file, name, max_line_bytes, whole_file=source.is_folder)
+        anything = False
+        for item in items:
+            anything = True
+            yield item
+        if not anything:
+            yield Problem(name, None, "file has no rows", "add rows or remove the file", "empty-file", row=False)
 
 
 # ---------------------------------------------------------------- bytes to text
@@ -176,8 +182,9 @@ def _iter_jsonl(file: Path, name: str, max_bytes: int) -> Iterator[Row | Problem
             yield Problem(name, number, f"invalid JSON ({err.msg}) at column {err.colno}",
                           "fix the line or delete it", "invalid-json")
             continue
-        except RecursionError:
-            yield Problem(name, number, "JSON nested too deeply", "flatten the row or delete it", "invalid-json")
+        except (RecursionError, ValueError) as err:  # nesting, or an integer over Python's digit limit
+            what = "nested too deeply" if isinstance(err, RecursionError) else "a number with too many digits"
+            yield Problem(name, number, f"invalid JSON ({what})", "fix the line or delete it", "invalid-json")
             continue
         if isinstance(value, dict):
             yield Row(name, number, value)
@@ -223,8 +230,9 @@ def _iter_json(file: Path, name: str) -> Iterator[Row | Problem]:
                       "fix the file (a JSON checker such as 'python -m json.tool FILE' shows the spot)",
                       "invalid-json", row=False)
         return
-    except RecursionError:
-        yield Problem(name, 1, "JSON nested too deeply", "flatten the file", "invalid-json", row=False)
+    except (RecursionError, ValueError) as err:
+        what = "nested too deeply" if isinstance(err, RecursionError) else "a number with too many digits"
+        yield Problem(name, 1, f"invalid JSON ({what})", "fix the file", "invalid-json", row=False)
         return
     if isinstance(value, dict) and isinstance(value.get("data"), list):
         start = _find_data_array(text)
@@ -248,18 +256,24 @@ def _first_bad(raw: bytes) -> int:
 
 
 def _find_data_array(text: str) -> int:
-    """Offset of the ``[`` of the top-level ``"data"`` array (the text is known-good JSON)."""
+    """Offset of the ``[`` of the top-level ``"data"`` array (the text is known-good JSON; like
+    ``json.loads``, the last of repeated keys wins)."""
     decoder = json.JSONDecoder()
+    found = -1
     i = _WS.match(text, 0).end() + 1  # past '{'
     while True:
         i = _WS.match(text, i).end()
+        if text[i] == "}":
+            return found
         key, i = decoder.raw_decode(text, i)
         i = _WS.match(text, i).end() + 1  # past ':'
         i = _WS.match(text, i).end()
         if key == "data":
-            return i
+            found = i
         _, i = decoder.raw_decode(text, i)
-        i = _WS.match(text, i).end() + 1  # past ','
+        i = _WS.match(text, i).end()
+        if text[i] == ",":
+            i += 1
 
 
 def _scan_array(text: str, start: int, name: str) -> Iterator[Row | Problem]:
@@ -297,7 +311,7 @@ def _iter_csv(file: Path, name: str, delimiter: str, max_bytes: int) -> Iterator
             yield text + "\n"
 
     csv.field_size_limit(max(csv.field_size_limit(), max_bytes))
-    reader = csv.reader(lines(), delimiter=delimiter)
+    reader = csv.reader(lines(), delimiter=delimiter, strict=True)
     header: list[str] | None = None
     while True:
         try:
