@@ -59,8 +59,9 @@ def load_for_check(model: str | None) -> tuple[Any, str]:
 
 
 def histogram(lengths: list[int], cutoff: int, bins: int = BINS) -> list[list[int]]:
-    """[low, high, count] buckets from 0 to max(longest, cutoff), equal width."""
-    top = max([cutoff, *lengths]) if lengths else cutoff
+    """[low, high, count] buckets of equal width from 0 to the longest example (the cutoff where
+    there are no lengths), so the shape shows even when everything is far under the cutoff."""
+    top = max(lengths) + 1 if lengths else cutoff
     width = max(1, math.ceil(top / bins))
     counts = [0] * bins
     for n in lengths:

@@ -72,8 +72,13 @@ def fit_advice(recipe: RecipeSpec, card: CardSpec) -> str:
     """The planner's advice: the single changes that make this recipe fit, each checked by the planner."""
     t, d = recipe.train, recipe.data
     tries: list[tuple[str, RecipeSpec]] = []
-    if d.seq_len > 256:
-        tries.append((f"sequence length {d.seq_len // 2}", replace(recipe, data=replace(d, seq_len=d.seq_len // 2))))
+    seq = d.seq_len // 2
+    while seq >= 256:  # the longest halved sequence that fits, not just the first halving
+        shorter = replace(recipe, data=replace(d, seq_len=seq))
+        if plan_recipe(shorter, card).fit != WONT_FIT or seq // 2 < 256:
+            tries.append((f"sequence length {seq}", shorter))
+            break
+        seq //= 2
     if t.micro_batch > 1:
         tries.append((f"micro-batch 1 with accumulation {t.grad_accum * t.micro_batch}",
                       replace(recipe, train=replace(t, micro_batch=1, grad_accum=t.grad_accum * t.micro_batch))))

@@ -18,6 +18,7 @@ from textual.widgets import DirectoryTree, Input, Static
 from tui_finetune.core.preferences import save_preferences
 from tui_finetune.ui.messages import DataChecked
 from tui_finetune.ui.screens.base import WizardScreen
+from tui_finetune.ui.widgets.data_tree import DataFileTree
 from tui_finetune.ui.widgets.example_view import ExampleView
 from tui_finetune.ui.widgets.token_histogram import TokenHistogram
 
@@ -57,13 +58,13 @@ class DatasetScreen(WizardScreen):
     STEP = 3
 
     def compose_body(self) -> ComposeResult:
-        start = self.tui.preferences.last_data_dir or "."
-        if not Path(start).is_dir():
-            start = "."
+        start = self.tui.preferences.last_data_dir
+        if not start or not Path(start).is_dir():
+            start = str(Path.cwd())
         with Horizontal(classes="wizard-body", id="dataset-body"):
             with Vertical(id="dataset-left"):
-                yield Input(placeholder="path to a data file (Enter), or pick below", id="data-path")
-                yield DirectoryTree(start, id="data-tree")
+                yield Input(placeholder="path to a data file (Enter), or pick below", id="data-path", compact=True)
+                yield DataFileTree(start, id="data-tree")
             with VerticalScroll(id="dataset-right"):
                 yield Static("Pick a data file: .jsonl, .json, .csv, .tsv, .parquet, .txt or .md", id="data-status")
                 yield Static("", id="data-problems")
@@ -75,7 +76,7 @@ class DatasetScreen(WizardScreen):
         if self.state.data_path and self.state.data_result is not None:
             self.query_one("#data-path", Input).value = self.state.data_path
             self.show_result(self.state.data_result)
-        self.query_one("#data-tree", DirectoryTree).focus()
+        self.query_one("#data-tree", DataFileTree).focus()
 
     def on_screen_resume(self) -> None:
         """Back from launch with a new sequence length: the histogram's cutoff must follow it."""
@@ -125,7 +126,8 @@ class DatasetScreen(WizardScreen):
         if r.get("summary"):
             lines.append(r["summary"])
         if r.get("tokenizer"):
-            lines.append(f"[dim]tokens: {r['tokenizer']}; template: {r.get('template', '-')}[/dim]")
+            tokenizer = r["tokenizer"].split(": ", 1)[0]
+            lines.append(f"[dim]tokens: {tokenizer}; template: {r.get('template', '-')}[/dim]")
         lines.append(f"[red b]✗ Launch blocked: {blocker}[/]" if blocker else "[green b]✓ Ready to launch[/]")
         status.update("\n".join(lines))
         listed = r.get("problems") or []

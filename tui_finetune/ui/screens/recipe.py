@@ -37,22 +37,22 @@ class RecipeScreen(WizardScreen):
             with VerticalScroll(id="recipe-left"):
                 yield Static("", id="recipe-model")
                 yield Label("Presets (number keys):", classes="section")
-                yield OptionList(id="presets")
+                yield OptionList(id="presets", compact=True)
                 yield Label("Knobs:", classes="section")
-                yield from self.knob("method", Select([(m, m) for m in METHODS], allow_blank=False, id="knob-method"))
-                yield from self.knob("LoRA r / alpha", Input(id="knob-r", type="integer"),
-                                     Input(id="knob-alpha", type="integer"))
-                yield from self.knob("sequence length", Input(id="knob-seq", type="integer"))
-                yield from self.knob("micro-batch / accum", Input(id="knob-mb", type="integer"),
-                                     Input(id="knob-accum", type="integer"))
-                yield from self.knob("epochs / max steps", Input(id="knob-epochs", type="number"),
-                                     Input(id="knob-steps", type="integer"))
-                yield from self.knob("learning rate", Input(id="knob-lr"))
+                yield from self.knob("method", Select([(m, m) for m in METHODS], allow_blank=False, id="knob-method", compact=True))
+                yield from self.knob("LoRA r / alpha", Input(id="knob-r", type="integer", compact=True),
+                                     Input(id="knob-alpha", type="integer", compact=True))
+                yield from self.knob("sequence length", Input(id="knob-seq", type="integer", compact=True))
+                yield from self.knob("micro-batch / accum", Input(id="knob-mb", type="integer", compact=True),
+                                     Input(id="knob-accum", type="integer", compact=True))
+                yield from self.knob("epochs / max steps", Input(id="knob-epochs", type="number", compact=True),
+                                     Input(id="knob-steps", type="integer", compact=True))
+                yield from self.knob("learning rate", Input(id="knob-lr", compact=True))
                 yield from self.knob("optimizer", Select([(o, o) for o in OPTIMIZERS], allow_blank=False,
-                                                         id="knob-optimizer"))
+                                                         id="knob-optimizer", compact=True))
                 yield from self.knob("grad checkpointing", Switch(id="knob-gc"))
                 yield from self.knob("packing", Switch(id="knob-packing"))
-                yield from self.knob("save every (steps)", Input(id="knob-save", type="integer"))
+                yield from self.knob("save every (steps)", Input(id="knob-save", type="integer", compact=True))
             with VerticalScroll(id="recipe-right"):
                 yield Static("", id="fit-verdict")
                 yield VramBar(id="estimate-bar")
@@ -164,7 +164,7 @@ class RecipeScreen(WizardScreen):
             bar_total = card.usable_gib
         parts = [Segment(name, gib, PART_STYLES[i % len(PART_STYLES)])
                  for i, (name, gib) in enumerate(plan.estimate.describe())]
-        self.query_one("#estimate-bar", VramBar).show(parts, bar_total)
+        self.query_one("#estimate-bar", VramBar).show(parts, bar_total, legend=False)
         lines = Text()
         for seg in parts:
             lines.append("■ ", style=seg.style)
