@@ -9,6 +9,10 @@
   There is no ``attention_mask``: transformers' mask builder (``masking_utils``) detects the
   restarting ``position_ids`` and makes a block-diagonal causal mask for SDPA and eager
   attention; flash-attention uses the same boundaries. No token attends to another example.
+  Condition (transformers 5.x): the forward pass must run without a KV cache, i.e.
+  ``model.config.use_cache = False`` (the engine sets it for training; gradient checkpointing
+  forces it too). With a cache, the mask builder skips the packed-sequence check and examples
+  WOULD see each other; tests/test_data_collate.py shows the per-example logits match.
 
 Grouping with packing: the Trainer's ``per_device_train_batch_size`` (the recipe's
 ``train.micro_batch``) is the number of *examples* flattened into one row, so a packed row holds
