@@ -62,7 +62,7 @@ def print_result(console: Console, result: DataCheckResult) -> None:
     console.print()
     _print_rows(console, report, "Rows")
     if result.eval_report is not None:
-        _print_rows(console, result.eval_report, "Validation rows")
+        _print_rows(console, result.eval_report, "Eval rows")
     if result.render_problems:
         console.print(Text("Rendering problems:", style="bold"))
         for line in format_problems(result.render_problems, sum(result.render_dropped.values())):
