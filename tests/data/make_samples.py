@@ -144,7 +144,8 @@ def user_text(instruction: str, extra: str) -> str:
 
 # ---------------------------------------------------------------- the sample files
 
-def write_samples(tasks: list[tuple[str, str, str]]) -> None:
+def write_samples(tasks: list[tuple[str, str, str]], out: Path = SAMPLES) -> None:
+    SAMPLES = out  # noqa: N806 - the folder the files below are written to
     SAMPLES.mkdir(parents=True, exist_ok=True)
     alpaca = [{"instruction": i, "input": x, "output": o} for i, x, o in tasks]
     _write_jsonl(SAMPLES / "instructions.alpaca.jsonl", alpaca)
@@ -197,8 +198,9 @@ def _write_parquet(path: Path, rows: list[dict]) -> None:
 
 # ---------------------------------------------------------------- the broken files
 
-def write_broken() -> None:
+def write_broken(out: Path = BROKEN) -> None:
     """One file per error case; tests/test_data_validate.py asserts each message exactly."""
+    BROKEN = out  # noqa: N806
     BROKEN.mkdir(parents=True, exist_ok=True)
     good = [json.dumps({"instruction": f"What is {a} + {a}?", "input": "", "output": f"{a} + {a} = {2 * a}"})
             for a in range(2, 6)]
