@@ -84,5 +84,5 @@ def test_every_sample_answer_is_correct_and_the_tasks_are_varied() -> None:
     rows = [json.loads(line) for line in (DATA / "samples" / "instructions.alpaca.jsonl").read_text("utf-8").splitlines()]
     assert len(rows) >= 200
     categories = [_check(r["instruction"], r["input"], r["output"]) for r in rows]
-    assert len(set(categories)) == 9 and min(categories.count(c) for c in set(categories)) >= 20
+    assert len(set(categories)) == 9 and min(categories.count(c) for c in set(categories)) >= 10
     assert len({(r["instruction"], r["input"]) for r in rows}) == len(rows)
