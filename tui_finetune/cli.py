@@ -61,10 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         from tui_finetune.run_commands import run_command
 
         return run_command(args)
-    print("tui-finetune: the wizard is not built yet. It will: detect your GPU, suggest a model and a "
-          "recipe that fit it, check your dataset, and train in the background with live VRAM, loss and "
-          "speed panels. For now, try 'tui-finetune doctor', 'tui-finetune plan' or 'tui-finetune data check FILE'.")
-    return 0
+    from tui_finetune.ui.app import run_app
+
+    return run_app()
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ class TuiFinetuneApp(App):
     SUB_TITLE = "fine-tune an LLM on your own GPU"
     MODES = {"wizard": HardwareScreen, "runs": RunsScreen}
     BINDINGS = [Binding("f2", "show_runs", "Runs"), Binding("f3", "new_finetune", "New"),
-                Binding("ctrl+t", "toggle_theme", "Theme"), Binding("ctrl+q", "quit", "Quit", priority=True)]
+                Binding("ctrl+t", "toggle_theme", "Theme"), Binding("ctrl+q", "quit", "Quit", priority=True, show=False)]
 
     def __init__(self, context: AppContext | None = None, preferences: Preferences | None = None) -> None:
         super().__init__()

@@ -31,7 +31,7 @@ STATE_STYLE = {"running": "green", "stopping": "yellow", "completed": "blue", "f
 
 class MonitorScreen(Screen):
     BINDINGS = [Binding("s", "stop", "Stop & save"), Binding("d,escape", "detach", "Detach"),
-                Binding("q", "quit_app", "Quit (training continues)")]
+                Binding("q", "app.quit", "Quit (training continues)")]
 
     def __init__(self, run_dir: Path) -> None:
         super().__init__()
@@ -73,7 +73,7 @@ class MonitorScreen(Screen):
         style = STATE_STYLE.get(snap.state, "")
         phase = f" · phase {snap.phase}" if snap.phase else ""
         self.query_one("#run-title", Static).update(
-            f"[b]{snap.run_id}[/b] · {snap.model} · [{style} b]{snap.state}[/]{phase}")
+            f"[{style} b]{snap.state}[/]{phase} · [b]{snap.run_id}[/b] · {snap.model}")
         self.query_one(LossChart).update_points(snap.train_points, snap.eval_points)
         self.query_one(VramPanel).show(snap)
         self.query_one(RunStats).show(snap, self.app.context.clock())  # type: ignore[attr-defined]
@@ -89,6 +89,3 @@ class MonitorScreen(Screen):
 
     def action_detach(self) -> None:
         self.app.show_runs()  # type: ignore[attr-defined]
-
-    def action_quit_app(self) -> None:
-        self.app.action_quit()  # type: ignore[attr-defined]

@@ -21,7 +21,7 @@ from tui_finetune.ui.screens.monitor import STATE_STYLE
 class RunsScreen(Screen):
     BINDINGS = [Binding("enter", "open", "Open", show=True), Binding("r", "resume", "Resume"),
                 Binding("x", "delete", "Delete"), Binding("l", "logs", "Logs"),
-                Binding("n", "new", "New fine-tune"), Binding("q", "quit_app", "Quit")]
+                Binding("n", "new", "New fine-tune"), Binding("q", "app.quit", "Quit")]
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -124,6 +124,3 @@ class RunsScreen(Screen):
 
     def action_new(self) -> None:
         self.app.new_finetune()  # type: ignore[attr-defined]
-
-    def action_quit_app(self) -> None:
-        self.app.action_quit()  # type: ignore[attr-defined]

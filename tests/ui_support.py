@@ -1,0 +1,114 @@
+"""Fixed data for the UI tests: a fake GPU report, fixed run folders, an app built for tests.
+
+Everything here is deterministic (no clock, no GPU, no real user folders), so the snapshot tests
+render the same screen on every machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from tui_finetune.core.events import (
+    CheckpointEvent, EndEvent, EvalEvent, EventLog, PhaseEvent, StepEvent, WarningEvent)
+from tui_finetune.core.hardware import GpuInfo, GpuProcess, HardwareReport
+from tui_finetune.core.preferences import Preferences
+from tui_finetune.core.recipe import load_recipe
+from tui_finetune.core.runs import create_run, update_run_info
+from tui_finetune.ui.app import AppContext, make_app
+
+REPO = Path(__file__).resolve().parents[1]
+GIB = 2**30
+T0 = 1_790_000_000.0
+"""A fixed 'now' for run folders and the app's clock."""
+
+
+def fake_report() -> HardwareReport:
+    gpu = GpuInfo(0, "NVIDIA GeForce RTX 3060", 12 * GIB, 3 * GIB, 9 * GIB, (8, 6),
+                  processes=(GpuProcess(4242, int(2.5 * GIB), "game.exe"),))
+    return HardwareReport(gpus=[gpu], driver_version="550.54", cuda_driver_version="12.4",
+                          warnings=["Other programs hold 2.5 GB of GPU 0's memory (game.exe (pid 4242)): close "
+                                    "games, browsers or other AI tools to leave more room for training."])
+
+
+def no_gpu_report() -> HardwareReport:
+    return HardwareReport(problem="No NVIDIA GPU found: training will run on the CPU and only the demo model is "
+                                  "practical (the NVIDIA driver is not installed, or its NVML library is missing).")
+
+
+def in_process_checker(path: str, seq_len: int, model: str) -> dict:
+    """The data check without the subprocess, for snapshots (the flow tests use the real one)."""
+    from tui_finetune.data.check_json import check
+
+    return check(path, seq_len, model)
+
+
+def ui_context(**changes) -> AppContext:
+    ctx = AppContext(hardware=fake_report(), clock=lambda: T0 + 600, vram_sampler=None,
+                     data_checker=in_process_checker, poll_interval=0.05, offer_on_start=False)
+    for key, value in changes.items():
+        setattr(ctx, key, value)
+    return ctx
+
+
+def build_app(preferences: Preferences | None = None, **changes):
+    return make_app(ui_context(**changes), preferences or Preferences())
+
+
+def write_run(base: Path, minute: int, state: str, steps: int, total: int = 60, end: str | None = None,
+              alive: bool = False) -> Path:
+    """A run folder of the demo recipe with ``steps`` step events, fixed times and losses."""
+    recipe = load_recipe(REPO / "recipes" / "demo-cpu.toml")
+    run_dir = create_run(recipe, REPO / "recipes" / "demo-cpu.jsonl", base, now=datetime(2026, 11, 20, 9, minute))
+    with EventLog(run_dir / "events.jsonl") as log:
+        log.emit(PhaseEvent(phase="load", message="loading the demo model on CPU", time=T0))
+        log.emit(PhaseEvent(phase="train", message=f"{total} steps", time=T0 + 5))
+        for step in range(1, steps + 1):
+            loss = 3.0 * 0.97**step + 0.4 + 0.05 * ((step * 7) % 5) / 5
+            log.emit(StepEvent(step=step, total_steps=total, epoch=step / total, loss=loss, lr=5e-4 * (1 - step / total),
+                               grad_norm=1.0, tokens_per_s=850.0 + step, eta_s=(total - step) * 6.0,
+                               elapsed_s=step * 6.0, vram_reserved_mb=2000.0 + 10 * (step % 7),
+                               vram_peak_mb=2600.0 + step, nvml_used_mb=5200.0 + 15 * (step % 9),
+                               nvml_total_mb=12288.0, time=T0 + 5 + step * 6))
+            if step % 20 == 0:
+                log.emit(EvalEvent(step=step, eval_loss=loss + 0.1, time=T0 + 6 + step * 6))
+                log.emit(CheckpointEvent(step=step, path=str(run_dir / f"checkpoints/step-{step:06d}"),
+                                         time=T0 + 7 + step * 6))
+        if state == "failed":
+            log.emit(WarningEvent(message="loss spiked at step 12", advice="lower the learning rate", time=T0 + 80))
+        if end:
+            log.emit(EndEvent(state=end, message=f"run {end}", time=T0 + 400))
+    update_run_info(run_dir, state=state, pid=os.getpid() if alive else None, total_steps=total, created_at=T0,
+                    message={"completed": "adapter saved", "failed": "CUDA out of memory"}.get(state, ""))
+    return run_dir
+
+
+@pytest.fixture
+def ui_home(tmp_path, monkeypatch) -> Path:
+    """An empty TUI_FINETUNE_HOME, no demo or HF cache, and the repository as the working folder."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("TUI_FINETUNE_HOME", str(home))
+    monkeypatch.setenv("TUI_FINETUNE_CACHE", str(tmp_path / "no-cache"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "no-hf-cache"))
+    monkeypatch.chdir(REPO)
+    return home
+
+
+def read_json_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_async(fn):
+    """Run an ``async def`` test with asyncio.run (no pytest-asyncio needed); fixtures still apply."""
+    import asyncio
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return asyncio.run(fn(*args, **kwargs))
+
+    return wrapper
