@@ -15,6 +15,7 @@ modelled by the planner (``core/planner.py``), which is why they live in one pla
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -126,12 +127,21 @@ def causal_lm_parts(model: Any) -> tuple[torch.nn.Module, torch.nn.Module, float
     return decoder, lm_head, softcap
 
 
+def activation_offload(memory: MemorySpec) -> AbstractContextManager[Any]:
+    """Keep the tensors autograd saves in the forward pass (with checkpointing: each layer's input)
+    in pinned CPU RAM until the backward pass needs them. Only the forward needs to run inside it."""
+    if memory.offload_activations and torch.cuda.is_available():
+        return torch.autograd.graph.save_on_cpu(pin_memory=True)
+    return nullcontext()
+
+
 def lean_causal_lm_loss(model: Any, inputs: dict[str, Any], memory: MemorySpec,
                         num_items_in_batch: int | torch.Tensor | None = None) -> torch.Tensor:
     """Run the decoder and the chunked loss; what the Trainer's ``compute_loss`` calls on the lean path."""
     inputs = dict(inputs)
     labels = inputs.pop("labels")
     decoder, lm_head, softcap = causal_lm_parts(model)
-    hidden = decoder(**inputs, use_cache=False).last_hidden_state
-    return chunked_causal_lm_loss(hidden, lm_head, labels, chunk_tokens=memory.loss_chunk_tokens,
-                                  num_items_in_batch=num_items_in_batch, final_logit_softcapping=softcap)
+    with activation_offload(memory):
+        hidden = decoder(**inputs, use_cache=False).last_hidden_state
+        return chunked_causal_lm_loss(hidden, lm_head, labels, chunk_tokens=memory.loss_chunk_tokens,
+                                      num_items_in_batch=num_items_in_batch, final_logit_softcapping=softcap)
