@@ -55,7 +55,9 @@ class MonitorSnapshot:
     events_read: int = 0
 
 
-def _thin(points: list, limit: int = MAX_POINTS) -> list:
+def _append(points: list, point: object, limit: int = MAX_POINTS) -> list:
+    """Append in place; past ``limit``, keep every other point (the chart's x axis stays the whole run)."""
+    points.append(point)
     return points[::2] if len(points) > limit else points
 
 
@@ -121,7 +123,7 @@ class RunTail:
             sample = self.vram_sampler()
             if sample is not None:
                 self._snap.update(vram_used_mb=sample[0], vram_total_mb=sample[1])
-                self._vram = _thin(self._vram + [sample[0]])
+                self._vram = _append(self._vram, sample[0])
         snap = MonitorSnapshot(**self._snap, train_points=tuple(self._train), eval_points=tuple(self._eval),
                                vram_history=tuple(self._vram), log_lines=tuple(self._log),
                                log_count=self._log_count, events_read=self._events)
@@ -136,13 +138,13 @@ class RunTail:
             s.update(step=event.step, total_steps=event.total_steps or s.get("total_steps", 0), epoch=event.epoch,
                      loss=event.loss, lr=event.lr, tokens_per_s=event.tokens_per_s, eta_s=event.eta_s)
             if event.loss is not None:
-                self._train = _thin(self._train + [(event.step, event.loss)])
+                self._train = _append(self._train, (event.step, event.loss))
             if event.vram_peak_mb is not None:
                 s["vram_peak_mb"] = max(s.get("vram_peak_mb") or 0.0, event.vram_peak_mb)
             used = event.nvml_used_mb if event.nvml_used_mb is not None else event.vram_reserved_mb
             if used is not None and self.vram_sampler is None:
                 s.update(vram_used_mb=used, vram_total_mb=event.nvml_total_mb or s.get("vram_total_mb"))
-                self._vram = _thin(self._vram + [used])
+                self._vram = _append(self._vram, used)
             return
         if isinstance(event, EvalEvent) and event.eval_loss is not None:
             self._eval.append((event.step, event.eval_loss))
