@@ -89,8 +89,14 @@ def write_run(base: Path, minute: int, state: str, steps: int, total: int = 60, 
 
 @pytest.fixture
 def ui_home(tmp_path, monkeypatch) -> Path:
-    """An empty TUI_FINETUNE_HOME, no demo or HF cache, and the repository as the working folder."""
-    home = tmp_path / "home"
+    """An empty TUI_FINETUNE_HOME, no demo or HF cache, and the repository as the working folder.
+
+    The home is a fixed path (emptied for each test) because the launch screen shows the runs folder."""
+    import shutil
+    import tempfile
+
+    home = Path(tempfile.gettempdir()) / "tui-finetune-ui-test-home"
+    shutil.rmtree(home, ignore_errors=True)
     monkeypatch.setenv("TUI_FINETUNE_HOME", str(home))
     monkeypatch.setenv("TUI_FINETUNE_CACHE", str(tmp_path / "no-cache"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "no-hf-cache"))

@@ -12,7 +12,7 @@ from textual.containers import VerticalScroll
 from textual.widgets import Button, Static
 
 from tui_finetune.core.paths import runs_dir
-from tui_finetune.ui.planning import FIT_STYLE, format_duration, rough_epoch_seconds
+from tui_finetune.ui.planning import FIT_STYLE, format_duration, plan_recipe, rough_epoch_seconds
 from tui_finetune.ui.screens.base import WizardScreen
 from tui_finetune.ui.screens.dataset import launch_blocker
 
@@ -28,6 +28,8 @@ class LaunchScreen(WizardScreen):
             yield Button("Start training (Enter)", id="start", variant="success")
 
     def on_mount(self) -> None:
+        if self.state.recipe is not None:  # plan what is launched, never a stale estimate
+            self.state.plan = plan_recipe(self.state.recipe, self.state.card)
         self.query_one("#launch-summary", Static).update(self.summary())
         blocker = self.blocker()
         self.query_one("#launch-blocker", Static).update(f"[red b]✗ Can't start: {blocker}[/]" if blocker else "")

@@ -216,4 +216,5 @@ class RecipeScreen(WizardScreen):
         except RecipeError as err:
             self.notify(str(err), severity="error")
             return
+        self.recompute()  # the state must match the knobs now, whatever change events are still queued
         self.app.push_screen(DatasetScreen())
