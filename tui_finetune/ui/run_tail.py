@@ -23,6 +23,8 @@ from tui_finetune.core.runs import EVENTS_FILE, RunError, read_run_info, read_ru
 MAX_POINTS = 2000
 """Loss and VRAM points kept; when full, every other point is dropped (a chart is only so wide)."""
 MAX_LOG_LINES = 500
+SAMPLE_EVERY_S = 1.0
+"""NVML is asked at most once a second, however fast the tail polls."""
 VramSampler = Callable[[], "tuple[float, float] | None"]
 """Returns (used MB, total MB) of the card, or None where there is no NVML."""
 
@@ -98,6 +100,7 @@ class RunTail:
     _log_count: int = 0
     _events: int = 0
     _last: MonitorSnapshot | None = None
+    _sampled_at: float = 0.0
 
     def __post_init__(self) -> None:
         try:
@@ -119,7 +122,8 @@ class RunTail:
                               total_steps=self._snap.get("total_steps") or info.total_steps)
         except RunError:
             pass
-        if self.vram_sampler is not None:
+        if self.vram_sampler is not None and time.monotonic() - self._sampled_at >= SAMPLE_EVERY_S:
+            self._sampled_at = time.monotonic()
             sample = self.vram_sampler()
             if sample is not None:
                 self._snap.update(vram_used_mb=sample[0], vram_total_mb=sample[1])
