@@ -247,4 +247,20 @@ def follow_run(run_dir: Path, progress_bar: bool = True, from_end: bool = False,
                     return 0
                 request_stop(run_dir)
                 console.print("stopping: saving a checkpoint (Ctrl+C again to detach and leave it running)")
+    if final is not None and final.state == "completed":
+        print_before_after(run_dir)
     return {"completed": 0, "interrupted": 130}.get(final.state if final else "", 1)
+
+
+def print_before_after(run_dir: Path) -> None:
+    """End a completed run's output with the held-out prompt and the model's answer before and after."""
+    events, _ = read_events(run_dir / EVENTS_FILE)
+    samples = {e.label: e for e in events if isinstance(e, SampleEvent)}
+    if "before" not in samples or "after" not in samples:
+        return
+    table = Table(title="held-out prompt: " + " ".join(samples["after"].prompt.split()), title_justify="left",
+                  show_header=True, header_style="bold", expand=True)
+    table.add_column("before training")
+    table.add_column("after training")
+    table.add_row(samples["before"].text.strip(), samples["after"].text.strip())
+    console.print(table)
