@@ -124,6 +124,16 @@ def test_oom_advice_names_the_knobs_from_the_recipe():
     assert "method=qlora" in advice
 
 
+def test_cuda_out_of_memory_is_recognised_as_oom():
+    import torch
+
+    from tui_finetune.engine.worker import _is_oom
+
+    assert _is_oom(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert _is_oom(RuntimeError("CUDA error: out of memory"))
+    assert not _is_oom(RuntimeError("expected scalar type Float but found Half"))
+
+
 def test_sigterm_sets_the_stop_flag(tmp_path):
     from tui_finetune.engine.worker import StopSignal
 

@@ -44,6 +44,7 @@ def add_run_commands(sub: argparse._SubParsersAction) -> None:
     stop = sub.add_parser("stop", help="stop a run: it saves a checkpoint and exits (resume it later)")
     stop.add_argument("run")
     stop.add_argument("--no-wait", action="store_true", help="return without waiting for the checkpoint")
+    stop.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the checkpoint (default 600)")
     resume = sub.add_parser("resume", help="resume an interrupted run from its newest valid checkpoint")
     resume.add_argument("run")
     resume.add_argument("--detach", action="store_true")
@@ -152,7 +153,12 @@ def _stop(args: argparse.Namespace) -> int:
     console.print(f"asked {run_dir.name} to stop: it saves a checkpoint, then exits")
     if args.no_wait:
         return 0
+    deadline = time.time() + args.timeout
     while pid_alive(read_run_info(run_dir).pid):
+        if time.time() > deadline:
+            console.print(f"{run_dir.name} is still saving after {args.timeout:.0f}s; it goes on in the background. "
+                          f"Check with 'tui-finetune runs'")
+            return 1
         time.sleep(0.3)
     info = read_run_info(run_dir)
     console.print(f"{run_dir.name}: {shown_state(info)} ({info.message})")

@@ -198,8 +198,10 @@ class Worker:
         callbacks = [events_cb, stop_cb,
                      SealCheckpointCallback(checkpoints, recipe.checkpoint.keep_last, self.log)]
         args = build_training_args(recipe, run_dir, device, total_steps, has_eval=data.eval is not None and len(data.eval) > 0)
+        from tui_finetune.data.collate import make_collator
+
         trainer = build_trainer(model, tokenizer, args, data.train, data.eval,
-                                _collator(tokenizer, recipe.data.packing), callbacks, recipe.memory)
+                                make_collator(tokenizer, recipe.data.packing), callbacks, recipe.memory)
         resume = str(choice.path) if choice.path else None
         self.phase("train", f"{total_steps} steps" + (f", resuming from {choice.path.name}" if choice.path else ""))
         if choice.path:
@@ -233,18 +235,6 @@ class Worker:
 
         text = generate_sample(model, tokenizer, prompt)
         self.log.emit(SampleEvent(label=label, prompt=tokenizer.decode(prompt, skip_special_tokens=True), text=text))
-
-
-def _collator(tokenizer: Any, packing: bool) -> Any:
-    """The data layer's collator (padding or padding-free packing)."""
-    try:
-        from tui_finetune.data.collate import make_collator
-    except ImportError:  # TEMPORARY until data/collate.py lands: plain right padding
-        from transformers import DataCollatorForSeq2Seq
-
-        pad = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
-        return lambda rows: pad([{k: r[k] for k in ("input_ids", "labels")} for r in rows])
-    return make_collator(tokenizer, packing)
 
 
 def main(argv: list[str] | None = None) -> int:
