@@ -40,7 +40,7 @@ def stop_token_ids(tokenizer: Any, model: Any) -> list[int]:
 
 
 @torch.no_grad()
-def generate_sample(model: Any, tokenizer: Any, prompt_ids: list[int], max_new_tokens: int = 48) -> str:
+def generate_sample(model: Any, tokenizer: Any, prompt_ids: list[int], max_new_tokens: int = 40) -> str:
     """Greedy continuation of the prompt, special tokens kept so the stop token shows."""
     was_training = model.training
     model.eval()
