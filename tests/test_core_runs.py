@@ -88,3 +88,14 @@ def test_request_stop_writes_stop_file_and_marks_stopping(home, tmp_path):
         assert sleeper.wait(timeout=10) != 0  # SIGINT reached it
     finally:
         sleeper.kill()
+
+
+def test_a_finished_child_not_yet_reaped_is_not_alive():
+    import time
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.time() + 20
+    while runs.pid_alive(child.pid) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not runs.pid_alive(child.pid)
+    assert runs.pid_alive(os.getpid())

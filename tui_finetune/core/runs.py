@@ -142,6 +142,11 @@ def pid_alive(pid: int | None) -> bool:
         return False
     if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
         return _win_pid_alive(pid)
+    try:  # our own finished child (the CLI started it) must be reaped, or it looks alive as a zombie
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:
+        pass
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
