@@ -71,7 +71,9 @@ def test_detached_run_completes_and_leaves_the_documented_run_folder(tiny, tmp_p
 
 
 def test_stop_checkpoints_and_resume_continues_even_after_a_kill(tiny, tmp_path):
-    model, data = tiny
+    model, shared_data = tiny
+    data = tmp_path / "data.jsonl"
+    data.write_bytes(shared_data.read_bytes())
     home = tmp_path / "home"
     run_dir = start(tiny_recipe(model, train={"max_steps": 150}), data, home)
     wait_for(run_dir, lambda e: isinstance(e, StepEvent) and e.step >= 2)
@@ -93,6 +95,13 @@ def test_stop_checkpoints_and_resume_continues_even_after_a_kill(tiny, tmp_path)
     row = next(line for line in cli("runs", home=home).stdout.splitlines() if run_dir.name in line)
     assert "interrupted" in row
 
+    original = data.read_bytes()
+    data.write_bytes(original + b'{"instruction": "What is 1 + 1?", "input": "", "output": "1 + 1 = 2"}\n')
+    assert cli("resume", run_dir.name, "--detach", home=home).returncode == 0
+    assert wait_for_end(run_dir) == "failed", "resuming on different data must be refused"
+    assert "changed since this run started" in events_of(run_dir, ErrorEvent)[-1].message
+
+    data.write_bytes(original)
     assert cli("resume", run_dir.name, "--detach", home=home).returncode == 0
     assert wait_for_end(run_dir) == "completed"
     assert read_run_info(run_dir).resumed_from == ckpt.name
