@@ -101,8 +101,15 @@ def add_lora(model: Any, recipe: RecipeSpec, device: DeviceFacts) -> Any:
     config = LoraConfig(r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
                         target_modules=recipe.lora.target_modules, bias="none", task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, config)
-    set_adapter_dtype(peft_model, recipe.memory, compute_dtype(recipe, device))
+    set_adapter_dtype(peft_model, recipe.memory, adapter_compute_dtype(recipe, device))
     return peft_model
+
+
+def adapter_compute_dtype(recipe: RecipeSpec, device: DeviceFacts) -> torch.dtype:
+    """The dtype ``memory.adapter_dtype = "compute"`` means: fp16 training (cards without bf16, such as
+    the RTX 20 series) keeps adapters fp32, because the fp16 grad scaler refuses to unscale fp16 gradients."""
+    dtype = compute_dtype(recipe, device)
+    return torch.float32 if dtype == torch.float16 else dtype
 
 
 def count_parameters(model: Any) -> tuple[int, int]:
