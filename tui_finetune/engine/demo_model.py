@@ -11,9 +11,11 @@ template; Gemma's own is supplied. The Gemma licence ships inside the package: i
 from __future__ import annotations
 
 import importlib
+import multiprocessing
 import os
 import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import platformdirs
@@ -114,6 +116,13 @@ def ensure_demo_model(package: str = DEMO_PACKAGE, log: EventLog | None = None) 
     return folder
 
 
+def _convert_tokenizer(folder: str, gguf_name: str) -> None:
+    """Convert the GGUF's tokenizer and save it as a plain HF tokenizer in ``folder/tokenizer``."""
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(folder, gguf_file=gguf_name).save_pretrained(Path(folder) / "tokenizer")
+
+
 def _convert(module, folder: Path, log: EventLog | None) -> None:  # noqa: ANN001
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -125,8 +134,13 @@ def _convert(module, folder: Path, log: EventLog | None) -> None:  # noqa: ANN00
     gguf = module.assemble(tmp / module.MODEL_NAME)
     if log:
         log.emit(ProgressEvent(phase="download", done=1, total=3, unit="stage", message="assembled the GGUF"))
-    loaded = AutoModelForCausalLM.from_pretrained(str(tmp), gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(tmp), gguf_file=gguf.name)
+    # transformers parses the GGUF's 262k-entry vocabulary once per load, in pure Python: the
+    # tokenizer is converted in a second process while this one loads the weights (2 cores: ~20 s saved).
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        tokenizer_done = pool.submit(_convert_tokenizer, str(tmp), gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(str(tmp), gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer_done.result()
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp / "tokenizer"))
     if log:
         log.emit(ProgressEvent(phase="download", done=2, total=3, unit="stage", message="de-quantized the weights"))
     config = loaded.config
@@ -138,6 +152,7 @@ def _convert(module, folder: Path, log: EventLog | None) -> None:  # noqa: ANN00
     tokenizer.chat_template = GEMMA3_CHAT_TEMPLATE
     tokenizer.save_pretrained(tmp)
     gguf.unlink()
+    shutil.rmtree(tmp / "tokenizer")
     (tmp / "LICENSE-GEMMA.txt").write_text(
         f"These weights are Gemma, provided under the Gemma Terms of Use: {licence_path()}\n", encoding="utf-8")
     (tmp / DONE_MARKER).write_text(f"converted in {time.time() - start:.0f} s\n", encoding="utf-8")
