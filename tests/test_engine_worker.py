@@ -159,3 +159,31 @@ def test_sigterm_sets_the_stop_flag(tmp_path):
     fresh = StopSignal(tmp_path)
     (tmp_path / "STOP").touch()
     assert fresh()
+
+
+def test_ctrl_c_on_a_followed_train_stops_the_run_with_a_checkpoint(tiny, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from engine_runs import REPO
+
+    model, data = tiny
+    home = tmp_path / "home"
+    env = {**os.environ, "TUI_FINETUNE_HOME": str(home), "HF_HUB_OFFLINE": "1", "COLUMNS": "200",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+    follower = subprocess.Popen([sys.executable, "-m", "tui_finetune.cli", "train",
+                                 str(_recipe_file(tmp_path, tiny_recipe(model, train={"max_steps": 400}))),
+                                 "--data", str(data)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, cwd=str(REPO))
+    deadline = time.time() + 60
+    while not list((home / "runs").glob("*/events.jsonl")) and time.time() < deadline:
+        time.sleep(0.05)
+    [run_dir] = list((home / "runs").iterdir())
+    wait_for(run_dir, lambda e: isinstance(e, StepEvent) and e.step >= 2)
+    follower.send_signal(signal.SIGINT)  # what Ctrl+C in the terminal does to the CLI
+    out, _ = follower.communicate(timeout=60)
+    assert follower.returncode == 130, out
+    assert "stopping" in out and "run interrupted" in out
+    assert read_run_info(run_dir).state == "interrupted"
+    assert check_checkpoint(list_checkpoints(run_dir / "checkpoints")[-1]).ok
