@@ -75,7 +75,7 @@ def test_stop_checkpoints_and_resume_continues_even_after_a_kill(tiny, tmp_path)
     data = tmp_path / "data.jsonl"
     data.write_bytes(shared_data.read_bytes())
     home = tmp_path / "home"
-    run_dir = start(tiny_recipe(model, train={"max_steps": 150}), data, home)
+    run_dir = start(tiny_recipe(model, train={"max_steps": 100}), data, home)
     wait_for(run_dir, lambda e: isinstance(e, StepEvent) and e.step >= 2)
     stop = cli("stop", run_dir.name, home=home)
     assert stop.returncode == 0, stop.stdout + stop.stderr
@@ -84,7 +84,7 @@ def test_stop_checkpoints_and_resume_continues_even_after_a_kill(tiny, tmp_path)
     [ckpt] = list_checkpoints(run_dir / "checkpoints")
     assert check_checkpoint(ckpt).ok
     stopped_at = int(ckpt.name.split("-")[1])
-    assert 2 <= stopped_at < 150
+    assert 2 <= stopped_at < 100
     assert events_of(run_dir, CheckpointEvent)[-1].step == stopped_at
 
     assert cli("resume", run_dir.name, "--detach", home=home).returncode == 0
@@ -105,7 +105,7 @@ def test_stop_checkpoints_and_resume_continues_even_after_a_kill(tiny, tmp_path)
     assert cli("resume", run_dir.name, "--detach", home=home).returncode == 0
     assert wait_for_end(run_dir) == "completed"
     assert read_run_info(run_dir).resumed_from == ckpt.name
-    assert events_of(run_dir, StepEvent)[-1].step == 150
+    assert events_of(run_dir, StepEvent)[-1].step == 100
 
 
 def test_bad_data_and_an_unreachable_hub_model_fail_with_advice(tiny, tmp_path):
