@@ -32,6 +32,7 @@ from tui_finetune.plan_command import run_plan_command
 # non-reentrant gradient checkpointing, SDPA, paged AdamW 8-bit, LoRA r16 on all linear layers.
 BASELINE_H200 = "H200, transformers 5.17 + peft 0.21.2 + bitsandbytes 0.50.2 (issue #2)"
 PROBE_H200 = "H200, plain-PyTorch feasibility probe (issue #7)"
+LEAN_H200 = "H200 2026-11-26, torch 2.11, transformers 5.17, peft 0.21.2, bitsandbytes 0.50.2"
 CALIBRATION: list[tuple[str, str, int, int, str, float, str]] = [
     ("mistral-7b", "qlora", 2048, 1, "baseline", 9.18, BASELINE_H200),
     ("mistral-7b", "qlora", 4096, 1, "baseline", 18.37, BASELINE_H200),
@@ -52,6 +53,13 @@ CALIBRATION: list[tuple[str, str, int, int, str, float, str]] = [
     ("phi-2", "qlora", 2048, 1, "probe", 3.13, PROBE_H200),
     ("gemma-2b", "qlora", 1024, 1, "probe", 5.73, PROBE_H200),
     ("llama-3.1-8b", "qlora", 2048, 1, "probe", 8.08, PROBE_H200),
+    # Our engine's default lean path (fp32 adapters, auto-sized loss chunks), measured with
+    # benchmarks/memory_speed.py; see benchmarks/results/{compare,fit4gb,fit16gb}.md.
+    ("phi-2", "qlora", 2048, 1, "lean", 2.97, LEAN_H200),
+    ("phi-2", "qlora", 1024, 1, "lean", 2.59, LEAN_H200),
+    ("gemma-2b", "qlora", 1024, 1, "lean", 2.80, LEAN_H200),
+    ("mistral-7b", "qlora", 2048, 1, "lean", 5.82, LEAN_H200),
+    ("mistral-7b", "qlora", 4096, 2, "lean", 10.47, LEAN_H200),
 ]
 
 

@@ -79,6 +79,10 @@ class EngineProfile:
     """The same for one chunk of a chunked loss: its bf16 logits, their fp32 copy and the gradient."""
     layer_factor: float = 1.0
     """Scales the one-layer working set; fitted per profile."""
+    adapter_upcast_copies: float = 1.4
+    """fp32 copies of each adapted layer's input alive in one layer's backward: peft casts the
+    input of every LoRA branch to the adapter's dtype, so fp32 adapters on 16-bit activations
+    add a 4-byte copy per adapted linear."""
     attention_copies: float = 4.5
     """Copies of the s x s score matrix the math backend keeps (scores, softmax, their gradients)."""
     slack: float = 0.06
@@ -220,6 +224,9 @@ def estimate_peak_vram(case: PlanCase, profile: EngineProfile = BASELINE) -> Vra
     mlp_width = m.intermediate_size * (3 if m.mlp_is_gated else 2)
     layer_width = 2 * m.hidden_size + q_width + 2 * kv_width + q_width + mlp_width
     layer = profile.layer_factor * tokens * layer_width * act_bytes
+    if case.method != "full" and DTYPE_BYTES[profile.adapter_dtype] > act_bytes:
+        adapted_inputs = sum(i for i, _ in _targeted_shapes(m, case.lora_targets))
+        layer += profile.adapter_upcast_copies * tokens * adapted_inputs * DTYPE_BYTES[profile.adapter_dtype]
 
     attention = 0.0
     # The math SDPA backend is the fallback for fp32 inputs with grouped-query attention; eager always
