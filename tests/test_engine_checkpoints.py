@@ -24,7 +24,8 @@ def test_finalize_renames_into_step_folder_with_marker_listing_file_hashes(tmp_p
     marker = json.loads((final / MARKER).read_text())
     assert marker["step"] == 7
     assert sorted(marker["files"]) == ["adapter_model.safetensors", "trainer_state.json"]
-    assert all(len(h) == 64 for h in marker["files"].values())
+    assert all(len(f["sha256"]) == 64 and f["size"] > 0 for f in marker["files"].values())
+    assert marker["files"]["adapter_model.safetensors"]["size"] == 700
     assert check_checkpoint(final).ok
 
 
@@ -38,7 +39,7 @@ def test_resume_takes_newest_valid_and_reports_the_broken_newer_ones(tmp_path):
     assert choice.path == tmp_path / "step-000020"
     reasons = {c.path.name: c.reason for c in choice.skipped}
     assert set(reasons) == {"step-000050", "step-000040", "step-000030"}
-    assert "hash" in reasons["step-000040"] and "marker" in reasons["step-000030"]
+    assert "adapter_model.safetensors is 12 bytes" in reasons["step-000040"] and "marker" in reasons["step-000030"]
 
 
 def test_missing_file_invalidates_and_no_valid_checkpoint_means_fresh_start(tmp_path):
@@ -55,4 +56,4 @@ def test_rotation_keeps_the_newest_and_staging_is_cleared(tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000003", "step-000004"]
     _stage(tmp_path, 5)
     clear_staging(tmp_path)
-    assert not (tmp_path / STAGING).exists()
+    assert not any((tmp_path / STAGING).iterdir())

@@ -22,10 +22,10 @@ from tui_finetune.core.events import (
     WarningEvent, read_events)
 from tui_finetune.core.launch import launch_run, resume_run
 from tui_finetune.core.recipe import (
-    RecipeError, check_recipe_fits_machine, find_recipe, load_recipe, resolve_precision)
+    RecipeError, check_recipe_fits_machine, find_recipe, load_recipe, resolve_precision, save_recipe)
 from tui_finetune.core.runs import (
-    EVENTS_FILE, WORKER_LOG, RunError, find_run, list_runs, pid_alive, read_run_info, request_stop,
-    shown_state)
+    CHECKPOINTS_DIR, EVENTS_FILE, RECIPE_FILE, WORKER_LOG, RunError, find_run, list_runs, pid_alive,
+    read_run_info, request_stop, shown_state, update_run_info)
 
 console = Console(highlight=False)
 
@@ -48,6 +48,12 @@ def add_run_commands(sub: argparse._SubParsersAction) -> None:
     resume = sub.add_parser("resume", help="resume an interrupted run from its newest valid checkpoint")
     resume.add_argument("run")
     resume.add_argument("--detach", action="store_true")
+    resume.add_argument("--from", dest="from_step", type=int, metavar="STEP",
+                        help="resume from the checkpoint of this step (0: start again from the beginning)")
+    resume.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="change a recipe value for the rest of the run (needs --force unless it is a checkpoint.* key)")
+    resume.add_argument("--force", action="store_true",
+                        help="resume even though the recipe, model or data changed since the checkpoint")
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -92,12 +98,32 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _resume(args: argparse.Namespace) -> int:
+    from tui_finetune.engine.checkpoints import CheckpointError, find_resume_checkpoint
+    from tui_finetune.engine.resume import refusal_message, resume_differences
+
     run_dir = find_run(args.run)
     state = shown_state(read_run_info(run_dir))
     if state in ("running", "stopping"):
         raise RunError(f"{run_dir.name} is still {state}: follow it with 'tui-finetune logs -f {run_dir.name}'")
     if state == "completed":
         raise RunError(f"{run_dir.name} already completed: its adapter is in {run_dir / 'adapter'}")
+    recipe = load_recipe(run_dir / RECIPE_FILE, args.overrides)
+    try:
+        choice = find_resume_checkpoint(run_dir / CHECKPOINTS_DIR, args.from_step)
+    except CheckpointError as err:
+        raise RunError(f"{run_dir.name}: {err}") from None
+    for message in choice.messages():
+        console.print(f"[yellow]warning:[/] {message}")
+    diffs = resume_differences(choice.path, recipe) if choice.path else []
+    if diffs and not args.force:
+        raise RunError(f"{run_dir.name}: {refusal_message(choice.path, diffs, run_dir.name)}")
+    changes: dict = {"resume_from_step": args.from_step, "resume_force": bool(args.force)}
+    if args.overrides:
+        save_recipe(recipe, run_dir / RECIPE_FILE, f"Resolved recipe of run {run_dir.name}, changed on resume: "
+                    + " ".join(args.overrides))
+        if any(o.split("=", 1)[0].strip() in ("train.micro_batch", "train.grad_accum") for o in args.overrides):
+            changes.update(micro_batch=0, grad_accum=0)  # the new recipe's batch replaces an OOM-shrunk one
+    update_run_info(run_dir, **changes)
     resume_run(run_dir)
     if args.detach:
         console.print(run_dir.name)

@@ -70,6 +70,17 @@ class RunInfo:
     backend_reason: str = ""
     device: str = ""
     resumed_from: str = ""
+    """The checkpoint the worker last resumed from ('' for a fresh start)."""
+    micro_batch: int = 0
+    grad_accum: int = 0
+    """The micro-batch and accumulation in effect when an OOM changed them (0: the recipe's)."""
+    eval_batch: int = 0
+    """The eval batch after an OOM in evaluation halved it (0: the micro-batch)."""
+    oom_shrinks: list[dict[str, Any]] = field(default_factory=list)
+    """Each OOM recovery: time, micro_batch [old, new], grad_accum [old, new], the error's first line."""
+    resume_from_step: int | None = None
+    resume_force: bool = False
+    """Set by ``resume --from STEP`` / ``--force`` for the next worker, which clears them once read."""
 
 
 def make_run_id(model: str, now: datetime | None = None) -> str:

@@ -1,4 +1,4 @@
-"""Our TrainerCallbacks: live events, stop requests, wall-clock checkpoints and sealing checkpoints.
+"""Our TrainerCallbacks: live events, stop requests, wall-clock checkpoints, sealing checkpoints, the trace.
 
 Trainer keeps the loop (DESIGN.md); these hooks only observe it and set ``control`` flags, so the
 loop's behaviour (gradient accumulation, resume, evaluation) stays Trainer's own.
@@ -12,9 +12,13 @@ from typing import Callable
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from tui_finetune.core.events import CheckpointEvent, EvalEvent, EventLog, StepEvent
-from tui_finetune.engine.checkpoints import STAGING, finalize_checkpoint, rotate_checkpoints
+from tui_finetune.core.events import CheckpointEvent, EvalEvent, EventLog, StepEvent, WarningEvent
+from tui_finetune.core.recipe import RecipeSpec
+from tui_finetune.engine.checkpoints import (
+    RUN_STATE, STAGING, clear_staging, finalize_checkpoint, rotate_checkpoints, write_json_atomic)
+from tui_finetune.engine.faults import fault_point
 from tui_finetune.engine.memory import read_vram
+from tui_finetune.engine.resume import checkpoint_state
 
 
 def _float(value: object) -> float | None:
@@ -87,19 +91,47 @@ class StopCallback(TrainerCallback):
 
 
 class SealCheckpointCallback(TrainerCallback):
-    """After Trainer writes ``.staging/checkpoint-N``, seal it as ``step-NNNNNN`` and rotate old ones."""
+    """After Trainer writes ``.staging/checkpoint-N``, add ``run_state.json``, seal it as ``step-NNNNNN``,
+    clear leftovers of earlier crashed saves, and rotate old checkpoints."""
 
-    def __init__(self, checkpoints_dir: Path, keep_last: int, log: EventLog) -> None:
+    def __init__(self, checkpoints_dir: Path, keep_last: int, log: EventLog, recipe: RecipeSpec,
+                 data_hash: str) -> None:
         self.checkpoints_dir = checkpoints_dir
         self.keep_last = keep_last
         self.log = log
+        self.recipe = recipe
+        self.data_hash = data_hash
         self.last_sealed: Path | None = None
 
+    def _warn(self, message: str) -> None:
+        self.log.emit(WarningEvent(message=message, advice="close programs that may hold the folder open"))
+
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: object) -> None:
-        staged = self.checkpoints_dir / STAGING / f"checkpoint-{state.global_step}"
+        step = state.global_step
+        staged = self.checkpoints_dir / STAGING / f"checkpoint-{step}"
         if not staged.is_dir():
             return
-        final = finalize_checkpoint(staged, self.checkpoints_dir, state.global_step)
+        eval_loss = next((_float(e["eval_loss"]) for e in reversed(state.log_history)
+                          if "eval_loss" in e and e.get("step") == step), None)
+        write_json_atomic(staged / RUN_STATE, checkpoint_state(
+            self.recipe, self.data_hash, args.per_device_train_batch_size, args.gradient_accumulation_steps,
+            step, eval_loss))
+        final = finalize_checkpoint(staged, self.checkpoints_dir, step)
         self.last_sealed = final
-        rotate_checkpoints(self.checkpoints_dir, self.keep_last)
-        self.log.emit(CheckpointEvent(step=state.global_step, path=str(final)))
+        clear_staging(self.checkpoints_dir, warn=self._warn)
+        rotate_checkpoints(self.checkpoints_dir, self.keep_last, known_good=final, warn=self._warn)
+        self.log.emit(CheckpointEvent(step=step, path=str(final)))
+        fault_point("after-save", step)
+
+
+class StepHooksCallback(TrainerCallback):
+    """The per-step test hooks: the trace of what each step saw, and an injected death before the save."""
+
+    def __init__(self) -> None:
+        self.trainer: object | None = None
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: object) -> None:
+        write_trace = getattr(self.trainer, "write_trace", None)
+        if write_trace:
+            write_trace()
+        fault_point("step", state.global_step)

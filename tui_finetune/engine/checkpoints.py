@@ -1,16 +1,17 @@
-"""Checkpoints that are either complete or absent, and the choice of which one to resume from.
+"""Checkpoints that are either complete or absent, which ones to keep, and which one to resume from.
 
 Trainer writes a checkpoint into a staging folder (``checkpoints/.staging/checkpoint-N``). Once it is
-written, ``finalize_checkpoint`` fsyncs every file, records each file's sha256 in a marker written
-last, and renames the folder to ``checkpoints/step-NNNNNN`` in one step. A power cut therefore leaves
-either no ``step-`` folder or one whose marker vouches for every byte. Resume walks the
-``step-`` folders newest first and takes the first whose files still match their marker, saying
-why it skipped the others.
-Plain Python (no torch): the CLI and the UI can check checkpoints too.
+written, ``finalize_checkpoint`` fsyncs every file, writes a marker listing each file's size and
+sha256 (the last file written), and renames the folder to ``checkpoints/step-NNNNNN`` in one step.
+A kill or a power cut therefore leaves either no ``step-`` folder or one whose marker vouches for
+every byte; HF Trainer alone would resume from the highest ``checkpoint-N``, half-written or not.
+Resume walks the ``step-`` folders newest first and takes the first whose files still match their
+marker, saying why it skipped the others. Plain Python (no torch): the CLI checks checkpoints too.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -19,10 +20,20 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
+
+from tui_finetune.engine.faults import fault_point
 
 MARKER = "COMPLETE.json"
 STAGING = ".staging"
+RUN_STATE = "run_state.json"
+"""Our own file in each checkpoint: the recipe, data hash and effective batch it was trained with."""
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
+RMTREE_TRIES = 4
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint to resume from, or no room to write one; the message says what to do."""
 
 
 @dataclass
@@ -42,9 +53,19 @@ class ResumeChoice:
     path: Path | None
     skipped: list[CheckpointCheck] = field(default_factory=list)
 
+    def messages(self) -> list[str]:
+        """One line per skipped checkpoint: ``step-000400 is incomplete (...); resuming from step-000300``."""
+        target = f"resuming from {self.path.name}" if self.path else "no valid checkpoint before it"
+        return [f"{bad.path.name} is incomplete ({bad.reason}); {target}" for bad in self.skipped]
+
 
 def step_dir_name(step: int) -> str:
     return f"step-{step:06d}"
+
+
+def step_of(path: Path) -> int:
+    match = _STEP_DIR.match(path.name)
+    return int(match.group(1)) if match else -1
 
 
 def _sha256(path: Path) -> str:
@@ -69,49 +90,66 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def finalize_checkpoint(staged: Path, checkpoints_dir: Path, step: int) -> Path:
-    """Seal a fully written checkpoint: fsync, hash into the marker (written last), rename into place."""
-    files = sorted(p for p in staged.rglob("*") if p.is_file() and p.name != MARKER)
-    hashes = {}
-    for path in files:
-        _fsync_path(path)
-        hashes[path.relative_to(staged).as_posix()] = _sha256(path)
-    marker = {"step": step, "time": time.time(), "files": hashes}
-    tmp = staged / f".{MARKER}.tmp"
+def write_json_atomic(path: Path, data: object) -> None:
+    """Write JSON to a temporary name, fsync, rename: readers see the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.tmp")
     with tmp.open("w", encoding="utf-8") as handle:
-        json.dump(marker, handle, indent=1)
+        json.dump(data, handle, indent=1)
         handle.flush()
         os.fsync(handle.fileno())
-    os.replace(tmp, staged / MARKER)
+    os.replace(tmp, path)
+
+
+def finalize_checkpoint(staged: Path, checkpoints_dir: Path, step: int) -> Path:
+    """Seal a fully written checkpoint: fsync, size and hash into the marker (written last), rename.
+
+    The fault points (engine/faults.py) sit between the stages, so tests can kill the process at each.
+    """
+    files = sorted(p for p in staged.rglob("*") if p.is_file() and p.name != MARKER)
+    listed = {}
+    for count, path in enumerate(files, 1):
+        _fsync_path(path)
+        listed[path.relative_to(staged).as_posix()] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+        fault_point("save-after-file", step, count)
+    fault_point("save-before-marker", step)
+    fault_point("save", step)  # an injected ENOSPC fails the marker write, as a full disk would
+    write_json_atomic(staged / MARKER, {"step": step, "time": time.time(), "files": listed})
     _fsync_path(staged)
+    fault_point("save-before-rename", step)
     final = checkpoints_dir / step_dir_name(step)
-    if final.exists():  # the same step saved twice (a stop right after a scheduled save)
-        shutil.rmtree(final)
+    if final.exists():  # the same step saved again (a resume that stopped before its next step)
+        if check_checkpoint(final).ok:
+            remove_tree(staged)
+            return final
+        remove_tree(final)
     os.replace(staged, final)
     _fsync_path(checkpoints_dir)
+    fault_point("save-after-rename", step)
     return final
 
 
 def check_checkpoint(path: Path) -> CheckpointCheck:
-    """Verify the marker exists and every file it lists is present with the same sha256."""
-    match = _STEP_DIR.match(path.name)
-    step = int(match.group(1)) if match else -1
+    """Verify the marker exists and every file it lists is present with the same size and sha256."""
+    step = step_of(path)
     marker_path = path / MARKER
     if not marker_path.is_file():
-        return CheckpointCheck(path, step, False, "no completion marker (the save was cut short)")
+        return CheckpointCheck(path, step, False, "no completion marker: the save was cut short")
     try:
-        marker = json.loads(marker_path.read_text(encoding="utf-8"))
-        files: dict[str, str] = marker["files"]
-    except (ValueError, KeyError, TypeError) as err:
-        return CheckpointCheck(path, step, False, f"unreadable marker ({err})")
-    if not files:
+        files = json.loads(marker_path.read_text(encoding="utf-8"))["files"]
+        expected = {name: (v["size"], v["sha256"]) for name, v in files.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        return CheckpointCheck(path, step, False, f"unreadable marker: {err}")
+    if not expected:
         return CheckpointCheck(path, step, False, "the marker lists no files")
-    for name, expected in files.items():
+    for name, (size, digest) in expected.items():
         file = path / name
         if not file.is_file():
             return CheckpointCheck(path, step, False, f"{name} is missing")
-        if _sha256(file) != expected:
-            return CheckpointCheck(path, step, False, f"{name} does not match its hash (corrupted)")
+        actual = file.stat().st_size
+        if actual != size:
+            return CheckpointCheck(path, step, False, f"{name} is {actual} bytes, the marker says {size}")
+        if _sha256(file) != digest:
+            return CheckpointCheck(path, step, False, f"{name} hash mismatch")
     return CheckpointCheck(path, step, True)
 
 
@@ -120,13 +158,28 @@ def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
     if not checkpoints_dir.is_dir():
         return []
     found = [p for p in checkpoints_dir.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
-    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))  # type: ignore[union-attr]
+    return sorted(found, key=step_of)
 
 
-def find_resume_checkpoint(checkpoints_dir: Path) -> ResumeChoice:
-    """The newest complete and valid checkpoint, and the broken newer ones skipped on the way."""
+def find_resume_checkpoint(checkpoints_dir: Path, from_step: int | None = None) -> ResumeChoice:
+    """The newest complete and valid checkpoint (or exactly ``from_step``'s), and the broken ones skipped.
+
+    ``from_step`` 0 means start afresh. A named step that is missing or broken raises CheckpointError.
+    """
+    paths = list_checkpoints(checkpoints_dir)
+    if from_step is not None:
+        if from_step == 0:
+            return ResumeChoice(None)
+        named = checkpoints_dir / step_dir_name(from_step)
+        if named not in paths:
+            have = ", ".join(str(step_of(p)) for p in paths) or "none"
+            raise CheckpointError(f"there is no checkpoint at step {from_step} (checkpoints at steps: {have})")
+        check = check_checkpoint(named)
+        if not check.ok:
+            raise CheckpointError(f"{named.name} is incomplete ({check.reason}): pick another with --from STEP")
+        return ResumeChoice(named)
     skipped = []
-    for path in reversed(list_checkpoints(checkpoints_dir)):
+    for path in reversed(paths):
         check = check_checkpoint(path)
         if check.ok:
             return ResumeChoice(path, skipped)
@@ -134,17 +187,100 @@ def find_resume_checkpoint(checkpoints_dir: Path) -> ResumeChoice:
     return ResumeChoice(None, skipped)
 
 
-def rotate_checkpoints(checkpoints_dir: Path, keep_last: int) -> list[Path]:
-    """Delete all but the newest ``keep_last`` valid checkpoints; never delete the only good one."""
+def read_run_state(path: Path) -> dict:
+    """A checkpoint's ``run_state.json`` ({} for a checkpoint written before it existed)."""
+    try:
+        return json.loads((path / RUN_STATE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def remove_tree(path: Path, warn: Callable[[str], None] | None = None, tries: int = RMTREE_TRIES,
+                pause_s: float = 0.25) -> bool:
+    """Delete a folder; on Windows a file held open (an antivirus scan, Explorer) raises PermissionError,
+    so retry a few times, then leave it, warn, and let the next rotation try again."""
+    for attempt in range(tries):
+        try:
+            shutil.rmtree(path)
+            return True
+        except FileNotFoundError:
+            return True
+        except PermissionError as err:
+            if attempt == tries - 1:
+                if warn:
+                    warn(f"could not delete {path} ({err}); it will be retried at the next save")
+                return False
+            time.sleep(pause_s * (attempt + 1))
+    return False
+
+
+def rotate_checkpoints(checkpoints_dir: Path, keep_last: int, known_good: Path | None = None,
+                       warn: Callable[[str], None] | None = None) -> list[Path]:
+    """Keep the newest ``keep_last`` sealed checkpoints and the best by eval loss; delete the rest.
+
+    Nothing is deleted unless a kept checkpoint verifies (``known_good`` was just hashed while sealing),
+    so the only valid checkpoint is never lost. Unsealed ``step-`` folders older than the newest are
+    deleted too.
+    """
     paths = list_checkpoints(checkpoints_dir)
-    valid = [p for p in paths if (p / MARKER).is_file()]
-    removed = []
-    for path in valid[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(path, ignore_errors=True)
-        removed.append(path)
-    return removed
+    sealed = [p for p in paths if (p / MARKER).is_file()]
+    keep = set(sealed[-keep_last:]) if keep_last > 0 else set(sealed)
+    scored = [(read_run_state(p).get("eval_loss"), p) for p in sealed]
+    scored = [(loss, p) for loss, p in scored if isinstance(loss, (int, float))]
+    if scored:
+        keep.add(min(scored, key=lambda item: (item[0], -step_of(item[1])))[1])
+    if not any(p == known_good or check_checkpoint(p).ok for p in sorted(keep, key=step_of, reverse=True)):
+        return []
+    newest = max((step_of(p) for p in keep), default=-1)
+    doomed = [p for p in paths if p not in keep and ((p / MARKER).is_file() or step_of(p) < newest)]
+    return [p for p in doomed if remove_tree(p, warn)]
 
 
-def clear_staging(checkpoints_dir: Path) -> None:
-    """Remove half-written checkpoints left by a crash mid-save."""
-    shutil.rmtree(checkpoints_dir / STAGING, ignore_errors=True)
+def clear_staging(checkpoints_dir: Path, keep: Path | None = None, warn: Callable[[str], None] | None = None) -> None:
+    """Remove half-written checkpoints left by a crash mid-save (all of them but ``keep``)."""
+    staging = checkpoints_dir / STAGING
+    if not staging.is_dir():
+        return
+    for path in staging.iterdir():
+        if path != keep:
+            if path.is_dir():
+                remove_tree(path, warn)
+            else:
+                path.unlink(missing_ok=True)
+
+
+def folder_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def estimate_checkpoint_bytes(trainable_params: int, optimizer: str) -> int:
+    """Adapter weights (fp32) plus the optimizer's two moments: 8 bytes a parameter, 2 for 8-bit ones."""
+    moments = 2 if "8bit" in optimizer else 8
+    return trainable_params * (4 + moments) + (1 << 20)
+
+
+def check_free_disk(checkpoints_dir: Path, checkpoint_bytes: int) -> None:
+    """Refuse to train when the disk can't hold two checkpoints (the new one is written before the old goes)."""
+    needed = 2 * checkpoint_bytes
+    free = shutil.disk_usage(checkpoints_dir).free
+    if free < needed:
+        raise CheckpointError(f"not enough disk space for checkpoints in {checkpoints_dir}: "
+                              f"{_mb(needed)} needed (2 x {_mb(checkpoint_bytes)} a checkpoint), {_mb(free)} free. "
+                              "Free some space, or move the runs folder (TUI_FINETUNE_HOME) to a bigger disk")
+
+
+def disk_full_message(err: OSError, checkpoints_dir: Path, checkpoint_bytes: int) -> str | None:
+    """The message for ENOSPC during a save (None for any other error)."""
+    if err.errno != errno.ENOSPC:
+        return None
+    try:
+        free = _mb(shutil.disk_usage(checkpoints_dir).free)
+    except OSError:
+        free = "unknown"
+    return (f"the disk filled up while saving a checkpoint in {checkpoints_dir}: a checkpoint needs about "
+            f"{_mb(checkpoint_bytes)}, and {_mb(2 * checkpoint_bytes)} free keeps the previous one safe while "
+            f"the next is written ({free} free now)")
+
+
+def _mb(size: float) -> str:
+    return f"{size / 1e6:.1f} MB" if size < 1e9 else f"{size / 1e9:.2f} GB"

@@ -2,21 +2,29 @@
 
 Trainer owns the loop (DESIGN.md): gradient accumulation, mixed precision, optimizers by name
 (``paged_adamw_8bit``), schedulers with warmup, evaluation, and data skipping on resume. This module
-only translates the recipe, once, in one place.
+only translates the recipe, once, in one place, and adds what the recovery needs: the micro-batch
+and accumulation can differ from the recipe's after an OOM (the worker halves one and doubles the
+other), an OOM in evaluation halves only the eval batch, and the fault and trace hooks of
+engine/faults.py sit in Trainer's documented override points (``training_step``,
+``prediction_step``, ``get_batch_samples``).
 """
 
 from __future__ import annotations
 
+import gc
+import json
 import math
+import os
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from tui_finetune.core.recipe import MemorySpec, RecipeSpec
 from tui_finetune.engine.checkpoints import STAGING
+from tui_finetune.engine.faults import TRACE_ENV, oom_limit
 from tui_finetune.engine.loading import DeviceFacts, compute_dtype
 
 
@@ -30,16 +38,20 @@ def plan_total_steps(recipe: RecipeSpec, train_rows: int) -> int:
 
 
 def build_training_args(recipe: RecipeSpec, run_dir: Path, device: DeviceFacts, total_steps: int,
-                        has_eval: bool) -> TrainingArguments:
+                        has_eval: bool, micro_batch: int | None = None, grad_accum: int | None = None,
+                        eval_batch: int | None = None) -> TrainingArguments:
+    """Trainer's arguments; ``micro_batch``/``grad_accum``/``eval_batch`` override the recipe after an OOM."""
     train, ckpt = recipe.train, recipe.checkpoint
+    micro_batch = micro_batch or train.micro_batch
+    grad_accum = grad_accum or train.grad_accum
     dtype = compute_dtype(recipe, device)
     mixed = device.has_cuda and dtype != torch.float32
     every = ckpt.every_steps
     kwargs: dict[str, Any] = dict(
         output_dir=str(run_dir / "checkpoints" / STAGING),
-        per_device_train_batch_size=train.micro_batch,
-        per_device_eval_batch_size=train.micro_batch,
-        gradient_accumulation_steps=train.grad_accum,
+        per_device_train_batch_size=micro_batch,
+        per_device_eval_batch_size=eval_batch or micro_batch,
+        gradient_accumulation_steps=grad_accum,
         num_train_epochs=train.epochs,
         max_steps=train.max_steps if train.max_steps > 0 else -1,
         learning_rate=train.learning_rate,
@@ -79,9 +91,65 @@ class LeanTrainer(Trainer):
     so gradient accumulation stays correct.
     """
 
-    def __init__(self, *args: Any, memory: MemorySpec, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, memory: MemorySpec, on_eval_shrink: Callable[[int, int], None] | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.memory = memory
+        self.on_eval_shrink = on_eval_shrink
+        self.trace_path = os.environ.get(TRACE_ENV) or None
+        self.step_sample_ids: list[int] = []
+        self.step_loss = 0.0
+
+    # ------------------------------------------------ hooks: injected OOMs, the trace of each step
+
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> Any:
+        collator = self.data_collator
+        if isinstance(collator, TracingCollator):
+            collator.seen.clear()
+        batches = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if isinstance(collator, TracingCollator):
+            self.step_sample_ids = list(collator.seen)
+        self.step_loss = 0.0
+        return batches
+
+    def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        limit = oom_limit("train", self.state.global_step + 1)
+        if limit is not None and self.args.per_device_train_batch_size > limit:
+            raise torch.OutOfMemoryError(f"CUDA out of memory (injected by the test hook at micro-batch "
+                                         f"{self.args.per_device_train_batch_size})")
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.trace_path:
+            self.step_loss += loss.item()
+        return loss
+
+    def write_trace(self) -> None:
+        """Append what this optimizer step trained on (test hook, ``TUI_FINETUNE_TRACE``)."""
+        if self.trace_path:
+            with open(self.trace_path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps({"step": self.state.global_step, "ids": self.step_sample_ids,
+                                         "loss": float(self.step_loss).hex()}) + "\n")
+
+    def prediction_step(self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool,
+                        ignore_keys: list[str] | None = None) -> Any:
+        limit = oom_limit("eval", self.state.global_step)
+        if limit is not None and self.args.per_device_eval_batch_size > limit:
+            raise torch.OutOfMemoryError(f"CUDA out of memory (injected by the test hook at eval batch "
+                                         f"{self.args.per_device_eval_batch_size})")
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        """Trainer's evaluate; a CUDA OOM halves the eval batch and tries again (training is untouched)."""
+        while True:
+            try:
+                return super().evaluate(*args, **kwargs)
+            except Exception as err:
+                batch = self.args.per_device_eval_batch_size
+                if not is_oom(err) or batch <= 1:
+                    raise
+                free_cuda_memory()
+                self.args.per_device_eval_batch_size = batch // 2
+                if self.on_eval_shrink:
+                    self.on_eval_shrink(batch, batch // 2)
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
@@ -95,8 +163,38 @@ class LeanTrainer(Trainer):
             return lean.lean_causal_lm_loss(model, inputs, self.memory, num_items_in_batch)
 
 
+class TracingCollator:
+    """Wraps the data layer's collator and notes each row's ``sample_id`` (only with ``TUI_FINETUNE_TRACE``)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.seen: list[int] = []
+
+    def __call__(self, features: list[dict[str, Any]]) -> Any:
+        self.seen.extend(int(f["sample_id"]) for f in features if "sample_id" in f)
+        return self.inner(features)
+
+
+def is_oom(err: BaseException) -> bool:
+    """A CUDA out-of-memory, whether torch raised its own type or a RuntimeError with the message."""
+    oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
+                                  getattr(torch.cuda, "OutOfMemoryError", None)) if t is not None)
+    return isinstance(err, oom_types) or "out of memory" in str(err).lower() and "cuda" in str(err).lower()
+
+
+def free_cuda_memory() -> None:
+    """Drop what the failed step held, so the smaller retry starts from a clean allocator."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def build_trainer(model: Any, tokenizer: Any, args: TrainingArguments, train_dataset: Any, eval_dataset: Any,
-                  collator: Any, callbacks: Sequence[TrainerCallback], memory: MemorySpec) -> Trainer:
+                  collator: Any, callbacks: Sequence[TrainerCallback], memory: MemorySpec,
+                  on_eval_shrink: Callable[[int, int], None] | None = None) -> LeanTrainer:
+    if os.environ.get(TRACE_ENV):
+        collator = TracingCollator(collator)
     return LeanTrainer(model=model, args=args, train_dataset=train_dataset,
                        eval_dataset=eval_dataset if eval_dataset is not None and len(eval_dataset) else None,
-                       data_collator=collator, processing_class=tokenizer, callbacks=list(callbacks), memory=memory)
+                       data_collator=collator, processing_class=tokenizer, callbacks=list(callbacks), memory=memory,
+                       on_eval_shrink=on_eval_shrink)

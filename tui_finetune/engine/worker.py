@@ -4,8 +4,11 @@ It reads the run folder's resolved recipe, trains, and reports through ``events.
 ``run.json``; it never prints for a human (its stdout and stderr go to ``worker.log``). Started in its
 own session, it outlives the terminal and the UI. Every way out sets a final state: ``completed``
 with the adapter in ``adapter/``, ``interrupted`` with a sealed checkpoint after a STOP file or
-SIGINT/SIGTERM, or ``failed`` with an error event that says what to change. Starting it again on an
-interrupted run resumes from the newest valid checkpoint.
+SIGINT/SIGTERM/SIGHUP, or ``failed`` with an error event that says what to change. Starting it again
+on an interrupted run resumes from the newest valid checkpoint (or the one ``resume --from`` named,
+recorded in run.json), after checking that the recipe, model and data are those it was saved with.
+A CUDA OOM in training halves the micro-batch and doubles the accumulation (the effective batch stays
+the same) and continues from the last checkpoint, up to three times.
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ class StopSignal:
 
         signal.signal(signal.SIGINT, handler)
         signal.signal(signal.SIGTERM, handler)
+        if hasattr(signal, "SIGHUP"):  # a closed terminal, where the worker still has one
+            signal.signal(signal.SIGHUP, handler)
         if hasattr(signal, "SIGBREAK"):  # pragma: no cover - Windows console close / Ctrl+Break
             signal.signal(signal.SIGBREAK, handler)
 
@@ -82,12 +87,21 @@ def oom_advice(recipe: RecipeSpec) -> str:
     return "try " + "; or ".join(tips) + ". 'tui-finetune plan --recipe ...' shows what fits your card."
 
 
-def _is_oom(err: BaseException) -> bool:
-    import torch
+MAX_OOM_SHRINKS = 3
 
-    oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
-                                  getattr(torch.cuda, "OutOfMemoryError", None)) if t is not None)
-    return isinstance(err, oom_types) or "out of memory" in str(err).lower() and "cuda" in str(err).lower()
+
+class OomGiveUp(Exception):
+    """Out of memory even after shrinking the micro-batch: the message says what to change instead."""
+
+    def __init__(self, message: str, advice: str) -> None:
+        super().__init__(message)
+        self.advice = advice
+
+
+def _is_oom(err: BaseException) -> bool:
+    from tui_finetune.engine.training import is_oom
+
+    return is_oom(err)
 
 
 class Worker:
@@ -99,6 +113,7 @@ class Worker:
         self.stop = StopSignal(run_dir)
         self.recipe = read_run_recipe(run_dir)
         self.info = read_run_info(run_dir)
+        self.checkpoint_bytes = 0
 
     def phase(self, name: str, message: str = "") -> None:
         self.stop.check()
@@ -116,6 +131,8 @@ class Worker:
             return self._end("interrupted", "stopped before training began: nothing to save")
         except RecipeError as err:
             return self._fail(str(err), "fix the recipe or pass --set KEY=VALUE", "recipe")
+        except OomGiveUp as err:
+            return self._fail(str(err), err.advice, "oom")
         except Exception as err:  # noqa: BLE001 - every failure must end as a state with advice
             return self._fail_from(err)
         if stopped:
@@ -126,7 +143,16 @@ class Worker:
         from tui_finetune.engine.demo_model import DemoModelMissing
         from tui_finetune.engine.model_source import ModelAccessError
 
+        from tui_finetune.engine.checkpoints import CheckpointError, clear_staging, disk_full_message
+
         traceback.print_exc()
+        checkpoints = self.run_dir / CHECKPOINTS_DIR
+        if isinstance(err, CheckpointError):
+            return self._fail(str(err), f"see 'tui-finetune resume --help'; the run folder is {self.run_dir}", "checkpoint")
+        if isinstance(err, OSError) and disk_full_message(err, checkpoints, self.checkpoint_bytes):
+            clear_staging(checkpoints)  # give back what the failed save took; the previous checkpoint stays
+            return self._fail(disk_full_message(err, checkpoints, self.checkpoint_bytes) or "",
+                              f"free disk space, then 'tui-finetune resume {self.run_dir.name}'", "disk")
         if isinstance(err, ModelAccessError):
             return self._fail(str(err), err.advice, err.kind)
         if isinstance(err, DemoModelMissing):
@@ -157,10 +183,8 @@ class Worker:
         from transformers import set_seed
 
         from tui_finetune.engine import loading, samples
-        from tui_finetune.engine.callbacks import EventsCallback, SealCheckpointCallback, StopCallback
-        from tui_finetune.engine.checkpoints import clear_staging, find_resume_checkpoint
         from tui_finetune.engine.model_source import resolve_model
-        from tui_finetune.engine.training import build_trainer, build_training_args, plan_total_steps
+        from tui_finetune.engine.training import plan_total_steps
 
         recipe, run_dir = self.recipe, self.run_dir
         device = loading.detect_device()
@@ -183,34 +207,14 @@ class Worker:
         total_steps = plan_total_steps(recipe, len(data.train))
         update_run_info(run_dir, total_steps=total_steps, data_hash=data.data_hash)
 
-        checkpoints = run_dir / CHECKPOINTS_DIR
-        clear_staging(checkpoints)
-        choice = find_resume_checkpoint(checkpoints)
-        for bad in choice.skipped:
-            self.log.emit(WarningEvent(message=f"skipped checkpoint {bad.path.name}: {bad.reason}",
-                                       advice="resuming from the newest valid checkpoint before it"))
+        resume = self._choose_checkpoint(data.data_hash, trainable)
         prompt = samples.held_out_prompt(data.eval)
-        if prompt and choice.path is None:
+        if prompt and resume is None:
             self._sample(model, tokenizer, prompt, "before")
-
-        stop_cb = StopCallback(self.stop, recipe.checkpoint.every_minutes)
-        events_cb = EventsCallback(self.log)
-        callbacks = [events_cb, stop_cb,
-                     SealCheckpointCallback(checkpoints, recipe.checkpoint.keep_last, self.log)]
-        args = build_training_args(recipe, run_dir, device, total_steps, has_eval=data.eval is not None and len(data.eval) > 0)
-        from tui_finetune.data.collate import make_collator
-
-        trainer = build_trainer(model, tokenizer, args, data.train, data.eval,
-                                make_collator(tokenizer, recipe.data.packing), callbacks, recipe.memory)
-        resume = str(choice.path) if choice.path else None
-        self.phase("train", f"{total_steps} steps" + (f", resuming from {choice.path.name}" if choice.path else ""))
-        if choice.path:
-            update_run_info(run_dir, resumed_from=choice.path.name)
-        trainer.train(resume_from_checkpoint=resume)
-        if stop_cb.stopped_at is not None:
+        self.phase("train", f"{total_steps} steps" + (f", resuming from {resume.name}" if resume else ""))
+        stopped = self._train_with_oom_recovery(model, tokenizer, data, device, total_steps, resume)
+        if stopped:
             return True
-        if trainer.eval_dataset is not None and events_cb.last_eval_step != trainer.state.global_step:
-            trainer.evaluate()  # Trainer evaluates at the last step itself on most versions
         self.log.emit(PhaseEvent(phase="save", message=f"writing the adapter to {run_dir / ADAPTER_DIR}"))
         model.save_pretrained(run_dir / ADAPTER_DIR, safe_serialization=True)
         tokenizer.save_pretrained(run_dir / ADAPTER_DIR)
@@ -218,12 +222,114 @@ class Worker:
             self._sample(model, tokenizer, prompt, "after")
         return False
 
+    def _choose_checkpoint(self, data_hash: str, trainable: int) -> Path | None:
+        """The checkpoint to resume from, checked against the run as it is now; also the disk check."""
+        from tui_finetune.engine.checkpoints import (
+            CheckpointError, check_free_disk, clear_staging, estimate_checkpoint_bytes, find_resume_checkpoint,
+            folder_size)
+        from tui_finetune.engine.resume import refusal_message, resume_differences
+
+        checkpoints = self.run_dir / CHECKPOINTS_DIR
+        clear_staging(checkpoints)
+        from_step, force = self.info.resume_from_step, self.info.resume_force
+        choice = find_resume_checkpoint(checkpoints, from_step)
+        for message in choice.messages():
+            self.log.emit(WarningEvent(message=message, advice="the broken checkpoint is left for inspection"))
+        if choice.path is None and choice.skipped:
+            raise CheckpointError("no valid checkpoint to resume from: " + "; ".join(choice.messages()) +
+                                  f". Start again from the beginning with 'tui-finetune resume {self.run_dir.name} --from 0'")
+        if choice.path is not None:
+            diffs = resume_differences(choice.path, self.recipe, data_hash)
+            if diffs and not force:
+                raise RecipeError(refusal_message(choice.path, diffs, self.run_dir.name))
+            if diffs:
+                self.log.emit(WarningEvent(message="resuming with changes (--force): " + "; ".join(diffs)))
+        self.checkpoint_bytes = (folder_size(choice.path) if choice.path else
+                                 estimate_checkpoint_bytes(trainable, self.recipe.train.optimizer))
+        check_free_disk(checkpoints, self.checkpoint_bytes)
+        update_run_info(self.run_dir, resume_from_step=None, resume_force=False,
+                        resumed_from=choice.path.name if choice.path else "")
+        return choice.path
+
+    def _train_with_oom_recovery(self, model: Any, tokenizer: Any, data: Any, device: Any, total_steps: int,
+                                 resume: Path | None) -> bool:
+        """Trainer.train, and after a CUDA OOM the same again with half the micro-batch from the last checkpoint."""
+        from transformers import set_seed
+
+        from tui_finetune.data.collate import make_collator
+        from tui_finetune.engine.callbacks import EventsCallback, SealCheckpointCallback, StepHooksCallback, StopCallback
+        from tui_finetune.engine.checkpoints import clear_staging, find_resume_checkpoint
+        from tui_finetune.engine.training import build_trainer, build_training_args, free_cuda_memory, is_oom
+
+        recipe, run_dir = self.recipe, self.run_dir
+        checkpoints = run_dir / CHECKPOINTS_DIR
+        info = read_run_info(run_dir)
+        micro, accum = info.micro_batch or recipe.train.micro_batch, info.grad_accum or recipe.train.grad_accum
+        initial = {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if "lora_" in k}
+        stop_cb, events_cb, hooks_cb = StopCallback(self.stop, recipe.checkpoint.every_minutes), EventsCallback(self.log), StepHooksCallback()
+        seal_cb = SealCheckpointCallback(checkpoints, recipe.checkpoint.keep_last, self.log, recipe, data.data_hash)
+        has_eval = data.eval is not None and len(data.eval) > 0
+        while True:
+            args = build_training_args(recipe, run_dir, device, total_steps, has_eval, micro, accum,
+                                       read_run_info(run_dir).eval_batch or None)
+            trainer = build_trainer(model, tokenizer, args, data.train, data.eval,
+                                    make_collator(tokenizer, recipe.data.packing),
+                                    [events_cb, stop_cb, seal_cb, hooks_cb], recipe.memory, self._eval_shrunk)
+            hooks_cb.trainer = trainer
+            try:
+                trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+                break
+            except Exception as err:
+                if not is_oom(err):
+                    raise
+                del trainer
+                free_cuda_memory()
+                clear_staging(checkpoints)
+                micro, accum = self._shrink_after_oom(err, micro, accum)
+                resume = find_resume_checkpoint(checkpoints).path
+                if resume is None:  # no checkpoint yet: start over from the very same initial adapter
+                    model.load_state_dict(initial, strict=False)
+                    set_seed(recipe.train.seed)
+                self.log.emit(PhaseEvent(phase="train", message=f"continuing at micro-batch {micro} x "
+                                         f"accumulation {accum} from " + (resume.name if resume else "the start")))
+        if stop_cb.stopped_at is not None:
+            return True
+        if trainer.eval_dataset is not None and events_cb.last_eval_step != trainer.state.global_step:
+            trainer.evaluate()  # Trainer evaluates at the last step itself on most versions
+        return False
+
+    def _shrink_after_oom(self, err: BaseException, micro: int, accum: int) -> tuple[int, int]:
+        """Halve the micro-batch and double the accumulation, recorded in run.json and the events; or give up."""
+        shrinks = list(read_run_info(self.run_dir).oom_shrinks)
+        first_line = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        if micro <= 1:
+            raise OomGiveUp(f"CUDA out of memory at micro-batch 1: {first_line}",
+                            f"a shorter sequence length (--set data.seq_len={max(self.recipe.data.seq_len // 2, 16)}) "
+                            "or a smaller model; 'tui-finetune plan' shows what fits your card")
+        if len(shrinks) >= MAX_OOM_SHRINKS:
+            raise OomGiveUp(f"CUDA out of memory even after {len(shrinks)} halvings of the micro-batch "
+                            f"(now {micro}): {first_line}", oom_advice(self.recipe))
+        new_micro, new_accum = micro // 2, accum * 2
+        shrinks.append({"time": time.time(), "micro_batch": [micro, new_micro], "grad_accum": [accum, new_accum],
+                        "error": first_line})
+        update_run_info(self.run_dir, micro_batch=new_micro, grad_accum=new_accum, oom_shrinks=shrinks)
+        self.log.emit(WarningEvent(
+            message=f"CUDA out of memory: micro-batch {micro} -> {new_micro}, gradient accumulation {accum} -> "
+                    f"{new_accum} (effective batch {new_micro * new_accum} unchanged); nothing partial was saved",
+            advice=f"to skip this next time: --set train.micro_batch={new_micro} train.grad_accum={new_accum}"))
+        return new_micro, new_accum
+
+    def _eval_shrunk(self, old: int, new: int) -> None:
+        update_run_info(self.run_dir, eval_batch=new)
+        self.log.emit(WarningEvent(message=f"CUDA out of memory in evaluation: eval batch {old} -> {new} "
+                                           "(training batch unchanged)"))
+
     def _prepare_data(self, tokenizer: Any) -> Any:
         from tui_finetune.data.prepare import prepare_datasets
 
         info = read_run_info(self.run_dir)
         data = prepare_datasets(info.data_path, tokenizer, self.recipe.data, self.recipe.train.seed)
-        if self.info.data_hash and data.data_hash != self.info.data_hash:
+        if self.info.data_hash and data.data_hash != self.info.data_hash and not self.info.resume_force:
             raise RecipeError(f"{info.data_path} changed since this run started (hash {data.data_hash[:12]} "
                               f"vs {self.info.data_hash[:12]}): resume with the same data, or start a new run")
         for warning in getattr(data, "warnings", []) or []:
