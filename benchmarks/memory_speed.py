@@ -53,9 +53,22 @@ def build_random_model(key: str) -> Path:
     with torch.device("cuda"):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(folder)
+    save_stand_in_tokenizer(folder, spec.vocab_size)
     del model
     torch.cuda.empty_cache()
     return folder
+
+
+def save_stand_in_tokenizer(folder: Path, vocab_size: int) -> None:
+    """A word-level tokenizer with the model's vocabulary size: the batches are random token ids, but
+    Unsloth's loader insists on a tokenizer beside the weights (and can't convert a slow one here)."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(vocab_size)}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")),
+                                        bos_token="t1", eos_token="t2", pad_token="t0", unk_token="t0")
+    tokenizer.save_pretrained(folder)
 
 
 def random_batches(vocab: int, seq: int, batch: int, steps: int):
