@@ -14,9 +14,9 @@ from rich.table import Table
 from tui_finetune.core.catalog import UnknownModelError
 from tui_finetune.core.hardware import best_gpu, detect_hardware
 from tui_finetune.core.model_source import resolve_model_spec
-from tui_finetune.core.planner import GIB, PlanCase, profile_from_memory
-from tui_finetune.core.recipe import RecipeError, RecipeSpec, find_recipe, list_presets, load_recipe
-from tui_finetune.core.suggest import FITS, SEQ_CHOICES, TIGHT, WONT_FIT, CardSpec, plan_case, suggest
+from tui_finetune.core.planner import PlanCase, profile_from_memory
+from tui_finetune.core.recipe import RecipeError, RecipeSpec, find_recipe, list_presets, load_recipe, preset_card_gb
+from tui_finetune.core.suggest import FITS, SEQ_CHOICES, TIGHT, WONT_FIT, CardSpec, card_from_gpu, plan_case, suggest
 
 FIT_STYLE = {FITS: "green", TIGHT: "yellow", WONT_FIT: "red"}
 
@@ -30,8 +30,7 @@ def card_for_plan(vram_gb: float | None) -> tuple[CardSpec | None, str]:
     if gpu is None:
         return None, (f"{report.problem or 'No NVIDIA GPU found.'}\n"
                       "Plan for the card you have with --vram GB, e.g. 'tui-finetune plan --vram 8'.")
-    card = CardSpec(total_gib=gpu.total_bytes / GIB, used_by_others_gib=gpu.other_process_bytes / GIB,
-                    supports_bf16=gpu.supports_bf16, name=gpu.name)
+    card = card_from_gpu(gpu)
     return card, f"Planning for {gpu.name} ({card.total_gib:.1f} GiB, {card.used_by_others_gib:.1f} GiB used by others)."
 
 
@@ -97,6 +96,8 @@ def plan_overview(console: Console, card: CardSpec) -> int:
     for column in ("preset", "model", "method", "seq x batch", "peak GiB", "fit"):
         presets.add_column(column, no_wrap=column in ("preset", "fit"))
     for path in list_presets():
+        if preset_card_gb(path) is None:  # the CPU demo and other presets not made for a card
+            continue
         recipe = load_recipe(path)
         try:
             model = resolve_model_spec(recipe.model)

