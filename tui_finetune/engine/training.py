@@ -103,16 +103,13 @@ class LeanTrainer(Trainer):
     # ------------------------------------------------ hooks: injected OOMs, the trace of each step
 
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> Any:
-        collator = self.data_collator
-        if isinstance(collator, TracingCollator):
-            collator.seen.clear()
-        batches = super().get_batch_samples(epoch_iterator, num_batches, device)
-        if isinstance(collator, TracingCollator):
-            self.step_sample_ids = list(collator.seen)
-        self.step_loss = 0.0
-        return batches
+        self.step_sample_ids, self.step_loss = [], 0.0
+        return super().get_batch_samples(epoch_iterator, num_batches, device)
 
     def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        traced = inputs.pop(TracingCollator.KEY, None)
+        if traced is not None:
+            self.step_sample_ids.extend(int(i) for i in traced.tolist())
         limit = oom_limit("train", self.state.global_step + 1)
         if limit is not None and self.args.per_device_train_batch_size > limit:
             raise torch.OutOfMemoryError(f"CUDA out of memory (injected by the test hook at micro-batch "
@@ -131,6 +128,7 @@ class LeanTrainer(Trainer):
 
     def prediction_step(self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool,
                         ignore_keys: list[str] | None = None) -> Any:
+        inputs.pop(TracingCollator.KEY, None)
         limit = oom_limit("eval", self.state.global_step)
         if limit is not None and self.args.per_device_eval_batch_size > limit:
             raise torch.OutOfMemoryError(f"CUDA out of memory (injected by the test hook at eval batch "
@@ -164,15 +162,18 @@ class LeanTrainer(Trainer):
 
 
 class TracingCollator:
-    """Wraps the data layer's collator and notes each row's ``sample_id`` (only with ``TUI_FINETUNE_TRACE``)."""
+    """Wraps the data layer's collator and adds the rows' ``sample_id``s to the batch, for the trace only
+    (``TUI_FINETUNE_TRACE``); the trainer takes them out again before the forward pass."""
+
+    KEY = "trace_sample_ids"
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
-        self.seen: list[int] = []
 
     def __call__(self, features: list[dict[str, Any]]) -> Any:
-        self.seen.extend(int(f["sample_id"]) for f in features if "sample_id" in f)
-        return self.inner(features)
+        batch = self.inner(features)
+        batch[self.KEY] = torch.tensor([int(f.get("sample_id", -1)) for f in features], dtype=torch.long)
+        return batch
 
 
 def is_oom(err: BaseException) -> bool:
