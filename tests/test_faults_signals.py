@@ -1,0 +1,142 @@
+"""Signals, time-based saves, OOM recovery and changed configs, each on the real worker.
+
+SIGINT (Ctrl+C), SIGTERM (a shutdown) and SIGHUP (a closed terminal) must each end in a checkpoint
+and ``interrupted``. An injected CUDA OOM (the test hook raises torch.OutOfMemoryError, as the CUDA
+allocator would) must halve the micro-batch, keep the effective batch, and finish on the same rows
+as a run that never ran out of memory.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from engine_runs import cli, events_of, wait_for
+from engine_tiny import build_tiny_llama, write_alpaca
+from faults_support import fault_recipe, launch, read_trace, relaunch, wait_dead
+from tui_finetune.core.events import CheckpointEvent, ErrorEvent, PhaseEvent, StepEvent, WarningEvent
+from tui_finetune.core.runs import create_run, read_run_info
+from tui_finetune.engine.checkpoints import check_checkpoint, list_checkpoints, step_of
+
+pytestmark = pytest.mark.faults
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults-signals")
+    return build_tiny_llama(root / "model"), write_alpaca(root / "data.jsonl", rows=20)
+
+
+@pytest.fixture(scope="module")
+def interrupted_runs(tiny, tmp_path_factory):
+    """Three long runs with a save every 0.6 s of training, stopped by SIGINT, SIGTERM and SIGHUP."""
+    model, data = tiny
+    home = tmp_path_factory.mktemp("signals") / "home"
+    recipe = fault_recipe(model, 400, checkpoint={"every_steps": 1000, "every_minutes": 0.01})
+    runs = {sig: launch(recipe, data, home) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    for sig, run_dir in runs.items():
+        wait_for(run_dir, lambda e: isinstance(e, CheckpointEvent), timeout=120)  # a save on time, not steps
+        os.kill(read_run_info(run_dir).pid, sig)
+    for run_dir in runs.values():
+        wait_dead(run_dir)
+    return home, runs
+
+
+def test_sigint_sigterm_and_sighup_each_save_a_checkpoint_and_end_interrupted(interrupted_runs):
+    _, runs = interrupted_runs
+    for sig, run_dir in runs.items():
+        info = read_run_info(run_dir)
+        assert info.state == "interrupted", f"{sig.name}: {(run_dir / 'worker.log').read_text()[-2000:]}"
+        saves = [e.step for e in events_of(run_dir, CheckpointEvent)]
+        last_step = events_of(run_dir, StepEvent)[-1].step
+        assert len(saves) >= 2 and saves[0] % 1000 != 0, f"{sig.name}: a time-based save came first: {saves}"
+        assert saves[-1] == last_step < 400, f"{sig.name}: the stop saved the step it stopped at"
+        newest = list_checkpoints(run_dir / "checkpoints")[-1]
+        assert step_of(newest) == last_step and check_checkpoint(newest).ok
+
+
+def test_a_changed_config_is_refused_with_the_difference_and_accepted_with_force(interrupted_runs):
+    home, runs = interrupted_runs
+    run_dir = runs[signal.SIGINT]
+    stopped = step_of(list_checkpoints(run_dir / "checkpoints")[-1])
+    recipe_before = (run_dir / "recipe.toml").read_text()
+    changes = ["--set", "train.learning_rate=0.001", "--set", f"train.max_steps={stopped + 2}"]
+    out = cli("resume", run_dir.name, *changes, home=home)
+    assert out.returncode == 2
+    text = " ".join(out.stdout.split())
+    assert "train.learning_rate: 0.002 -> 0.001" in text and f"train.max_steps: 400 -> {stopped + 2}" in text
+    assert "--force" in text
+    assert (run_dir / "recipe.toml").read_text() == recipe_before and read_run_info(run_dir).state == "interrupted"
+
+    out = cli("resume", run_dir.name, *changes, "--force", home=home, timeout=180)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert read_run_info(run_dir).state == "completed"
+    assert events_of(run_dir, StepEvent)[-1].step == stopped + 2
+    assert any("resuming with changes (--force)" in e.message for e in events_of(run_dir, WarningEvent))
+
+    edited = runs[signal.SIGTERM]  # edited by hand and resumed without the CLI (as the app does)
+    (edited / "recipe.toml").write_text((edited / "recipe.toml").read_text().replace("r = 8", "r = 4"))
+    relaunch(edited, home)
+    assert wait_dead(edited) == "failed"
+    error = events_of(edited, ErrorEvent)[-1]
+    assert error.kind == "recipe" and "lora.r: 8 -> 4" in error.message and "--force" in error.message
+
+
+def _oom_recipe(model, **checkpoint):
+    return fault_recipe(model, 8, train={"micro_batch": 4, "grad_accum": 2},
+                        checkpoint={"every_steps": 2, **checkpoint})
+
+
+def test_an_oom_at_step_1_and_at_a_later_step_halves_the_micro_batch_and_completes(tiny, tmp_path):
+    model, data = tiny
+    home = tmp_path / "home"
+    traces = {name: tmp_path / f"{name}.jsonl" for name in ("plain", "oom1", "oom5")}
+    plain = launch(_oom_recipe(model), data, home, trace=traces["plain"])
+    assert wait_dead(plain) == "completed"
+    early = launch(_oom_recipe(model), data, home, fault="oom:train:2@1,oom:eval:1", trace=traces["oom1"])
+    assert wait_dead(early) == "completed", (early / "worker.log").read_text()[-2000:]
+    late = launch(_oom_recipe(model), data, home, fault="oom:train:2@5", trace=traces["oom5"])
+    assert wait_dead(late) == "completed", (late / "worker.log").read_text()[-2000:]
+
+    reference = read_trace(traces["plain"])
+    for run_dir, name, resumed_from in ((early, "oom1", "the start"), (late, "oom5", "step-000004")):
+        info = read_run_info(run_dir)
+        assert (info.micro_batch, info.grad_accum) == (2, 4), "micro-batch halved, accumulation doubled"
+        assert len(info.oom_shrinks) == 1 and info.oom_shrinks[0]["micro_batch"] == [4, 2]
+        warning = next(e for e in events_of(run_dir, WarningEvent) if "CUDA out of memory: micro-batch" in e.message)
+        assert "effective batch 8 unchanged" in warning.message
+        assert any(e.phase == "train" and e.message.endswith(f"from {resumed_from}") for e in events_of(run_dir, PhaseEvent))
+        trace = read_trace(traces[name])
+        assert sorted(trace) == list(range(1, 9))
+        for step in trace:  # the same rows in every step, and the same loss up to float summation order
+            assert trace[step]["ids"] == reference[step]["ids"], f"{name} step {step}"
+            assert float.fromhex(trace[step]["loss"]) == pytest.approx(float.fromhex(reference[step]["loss"]), rel=1e-4)
+    assert read_run_info(early).eval_batch == 1
+    assert [e.message for e in events_of(early, WarningEvent) if "in evaluation" in e.message] == [
+        "CUDA out of memory in evaluation: eval batch 2 -> 1 (training batch unchanged)"]
+
+
+def test_oom_gives_up_at_micro_batch_1_and_after_three_shrinks_with_advice(tiny, tmp_path, monkeypatch):
+    import torch
+
+    from tui_finetune.engine.worker import OomGiveUp, Worker
+
+    model, data = tiny
+    monkeypatch.setenv("TUI_FINETUNE_HOME", str(tmp_path))
+    run_dir = create_run(fault_recipe(model, 8, data={"seq_len": 512}), data, base=tmp_path / "runs")
+    worker = Worker(run_dir)
+    err = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    micro, accum = 16, 1
+    for _ in range(3):
+        micro, accum = worker._shrink_after_oom(err, micro, accum)
+    assert (micro, accum) == (2, 8) and len(read_run_info(run_dir).oom_shrinks) == 3
+    with pytest.raises(OomGiveUp, match="after 3 halvings") as after_three:
+        worker._shrink_after_oom(err, micro, accum)
+    assert "data.seq_len=256" in after_three.value.advice
+    with pytest.raises(OomGiveUp, match="micro-batch 1") as at_one:
+        worker._shrink_after_oom(err, 1, 16)
+    assert "data.seq_len=256" in at_one.value.advice and "smaller model" in at_one.value.advice
+    worker.log.close()
