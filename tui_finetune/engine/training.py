@@ -102,9 +102,10 @@ class LeanTrainer(Trainer):
 
     # ------------------------------------------------ hooks: injected OOMs, the trace of each step
 
-    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> Any:
+    def get_batch_samples(self, *args: Any, **kwargs: Any) -> Any:
+        """Fetches one optimizer step's micro-batches: a new step's trace starts here."""
         self.step_sample_ids, self.step_loss = [], 0.0
-        return super().get_batch_samples(epoch_iterator, num_batches, device)
+        return super().get_batch_samples(*args, **kwargs)
 
     def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         traced = inputs.pop(TracingCollator.KEY, None)
