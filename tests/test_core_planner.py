@@ -32,6 +32,7 @@ from tui_finetune.plan_command import run_plan_command
 # non-reentrant gradient checkpointing, SDPA, paged AdamW 8-bit, LoRA r16 on all linear layers.
 BASELINE_H200 = "H200, transformers 5.17 + peft 0.21.2 + bitsandbytes 0.50.2 (issue #2)"
 PROBE_H200 = "H200, plain-PyTorch feasibility probe (issue #7)"
+LEAN_H100 = "H100 2026-11-26, torch 2.11, transformers 5.17, peft 0.21.2, bitsandbytes 0.50.2"
 LEAN_H200 = "H200 2026-11-26, torch 2.11, transformers 5.17, peft 0.21.2, bitsandbytes 0.50.2"
 CALIBRATION: list[tuple[str, str, int, int, str, float, str]] = [
     ("mistral-7b", "qlora", 2048, 1, "baseline", 9.18, BASELINE_H200),
@@ -60,7 +61,21 @@ CALIBRATION: list[tuple[str, str, int, int, str, float, str]] = [
     ("gemma-2b", "qlora", 1024, 1, "lean", 2.80, LEAN_H200),
     ("mistral-7b", "qlora", 2048, 1, "lean", 5.82, LEAN_H200),
     ("mistral-7b", "qlora", 4096, 2, "lean", 10.47, LEAN_H200),
+    # The same engine on an H100 with bf16 adapters and CPU-offloaded checkpoints
+    # (benchmarks/results/h100-*.md); seq 32768 ran under a 15.5 GiB cap.
+    ("gemma-2b", "qlora", 1024, 1, "lean", 2.80, LEAN_H100),
+    ("mistral-7b", "qlora", 2048, 1, "lean+offload", 4.84, LEAN_H100),
+    ("llama-3.1-8b", "qlora", 2048, 1, "lean+offload", 6.29, LEAN_H100),
+    ("mistral-7b", "qlora", 32768, 1, "lean+offload", 15.07, LEAN_H100),
 ]
+
+
+def _calibration_profile(name: str):
+    if name == "probe":
+        return PROBE
+    if name == "lean+offload":
+        return profile_from_memory(MemorySpec(adapter_dtype="compute", offload_activations=True))
+    return profile_named(name)
 
 
 def calibration_errors() -> list[tuple[str, float, float, float]]:
@@ -68,7 +83,7 @@ def calibration_errors() -> list[tuple[str, float, float, float]]:
     rows = []
     for key, method, seq, batch, profile, measured, _ in CALIBRATION:
         case = PlanCase(get_model(key), method=method, seq_len=seq, micro_batch=batch)
-        predicted = estimate_peak_vram(case, PROBE if profile == "probe" else profile_named(profile)).torch_peak / GIB
+        predicted = estimate_peak_vram(case, _calibration_profile(profile)).torch_peak / GIB
         rows.append((f"{key} {method} seq {seq} x{batch}", measured, predicted, predicted / measured - 1))
     return rows
 

@@ -98,8 +98,9 @@ BASELINE = EngineProfile(
 LEAN = EngineProfile(
     name="lean", upcast_frozen_to_fp32=False, adapter_dtype="fp32",
     activation_dtype_follows_upcast=False, attention_materialises_scores=False, ce_chunk_tokens=-1,
-    logits_copies=3.75, layer_factor=1.5, attention_copies=4.0, slack=0.22)
-"""Our engine's default: no fp32 upcast, bf16/fp16 activations, flash/efficient SDPA, chunked loss."""
+    logits_copies=3.75, layer_factor=2.5, attention_copies=4.0, slack=0.22, adapter_upcast_copies=1.0)
+"""Our engine's default: no fp32 upcast, bf16/fp16 activations, flash/efficient SDPA, chunked loss.
+Fitted to our engine measured on H200 and H100 (seq 1024 to 32768): within 6%, leaning high."""
 
 PROFILES: dict[str, EngineProfile] = {BASELINE.name: BASELINE, LEAN.name: LEAN}
 
@@ -259,5 +260,5 @@ def with_overrides(profile: EngineProfile, **changes: object) -> EngineProfile:
     return replace(profile, **changes)  # type: ignore[arg-type]
 
 
-PROBE = replace(LEAN, name="probe", adapter_dtype="bf16", ce_chunk_tokens=1024)
+PROBE = replace(LEAN, name="probe", adapter_dtype="bf16", ce_chunk_tokens=1024, layer_factor=1.5)
 """The issue #7 feasibility probe: the lean profile with bf16 adapters. Calibration only."""
