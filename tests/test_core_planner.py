@@ -190,7 +190,8 @@ def test_plan_vram_16_lists_mistral_qlora():
 
 
 def test_every_preset_fits_the_card_it_names():
-    from tui_finetune.core.recipe import list_presets, load_recipe, preset_card_gb
+    from tui_finetune.core.presets import list_presets, preset_card_gb
+    from tui_finetune.core.recipe import load_recipe
     from tui_finetune.core.suggest import plan_case
 
     for path in list_presets():

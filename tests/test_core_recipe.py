@@ -6,14 +6,13 @@ from pathlib import Path
 
 import pytest
 
+from tui_finetune.core.presets import find_recipe, list_presets
 from tui_finetune.core.recipe import (
     MachineFacts,
     RecipeError,
     RecipeSpec,
     apply_override,
     check_recipe_fits_machine,
-    find_recipe,
-    list_presets,
     load_recipe,
     recipe_diff,
     resolve_precision,

@@ -6,10 +6,7 @@ at the report before committing them.
 
 from __future__ import annotations
 
-import asyncio
 import time
-
-import pytest
 
 from tui_finetune.core.preferences import Preferences
 from tui_finetune.core.runs import runs_dir

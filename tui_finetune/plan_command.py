@@ -15,7 +15,8 @@ from tui_finetune.core.catalog import UnknownModelError
 from tui_finetune.core.hardware import best_gpu, detect_hardware
 from tui_finetune.core.model_source import resolve_model_spec
 from tui_finetune.core.planner import PlanCase, profile_from_memory
-from tui_finetune.core.recipe import RecipeError, RecipeSpec, find_recipe, list_presets, load_recipe, preset_card_gb
+from tui_finetune.core.presets import find_recipe, list_presets, preset_card_gb
+from tui_finetune.core.recipe import RecipeError, RecipeSpec, load_recipe
 from tui_finetune.core.suggest import FITS, SEQ_CHOICES, TIGHT, WONT_FIT, CardSpec, card_from_gpu, plan_case, suggest
 
 FIT_STYLE = {FITS: "green", TIGHT: "yellow", WONT_FIT: "red"}

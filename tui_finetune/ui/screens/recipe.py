@@ -9,7 +9,7 @@ from pathlib import Path
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.containers import Horizontal, VerticalScroll
 from textual.widgets import Input, Label, OptionList, Select, Static, Switch
 
 from tui_finetune.core.catalog import UnknownModelError
