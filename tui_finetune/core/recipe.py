@@ -29,6 +29,7 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 QUANT_TYPES = ("nf4", "fp4")
 ADAPTER_DTYPES = ("fp32", "compute")
 ATTENTIONS = ("sdpa", "eager", "flash_attention_2")
+BACKENDS = ("auto", "universal", "liger", "unsloth")
 FULL_FINETUNE_MAX_PARAMS = 600e6
 """Full fine-tuning keeps fp32 master weights and two Adam states: only tiny models fit a hobby card."""
 
@@ -123,6 +124,10 @@ class MemorySpec:
     """Keep checkpointed activations in CPU RAM instead of VRAM (slower; for very long sequences)."""
     attention: str = "sdpa"
     """Attention kernel: sdpa (PyTorch's flash/memory-efficient kernels), eager, or flash_attention_2."""
+    backend: str = "auto"
+    """Kernels: ``universal`` (pure PyTorch, works everywhere), ``liger`` (Triton kernels), ``unsloth``
+    (when installed), or ``auto``: the fastest that is installed and supports the architecture, falling
+    back to universal (engine/backends.py; the choice and its reason go to run.json)."""
 
 
 @dataclass
@@ -172,6 +177,7 @@ def check_recipe_values(recipe: RecipeSpec, source: str = "recipe") -> None:
     _check_choice(f"{source}: quant.compute_dtype", recipe.quant.compute_dtype, PRECISIONS)
     _check_choice(f"{source}: memory.adapter_dtype", recipe.memory.adapter_dtype, ADAPTER_DTYPES)
     _check_choice(f"{source}: memory.attention", recipe.memory.attention, ATTENTIONS)
+    _check_choice(f"{source}: memory.backend", recipe.memory.backend, BACKENDS)
     _check_range(f"{source}: memory.loss_chunk_tokens", recipe.memory.loss_chunk_tokens, 0)
     _check_range(f"{source}: lora.r", recipe.lora.r, 1, 1024)
     _check_range(f"{source}: lora.alpha", recipe.lora.alpha, 1)

@@ -15,7 +15,6 @@ import gc
 import json
 import math
 import os
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -157,9 +156,8 @@ class LeanTrainer(Trainer):
                                         num_items_in_batch=num_items_in_batch)
         from tui_finetune.engine import lean
 
-        offload = getattr(lean, "activation_offload", None)
-        with offload(self.memory) if offload else nullcontext():
-            return lean.lean_causal_lm_loss(model, inputs, self.memory, num_items_in_batch)
+        # lean_causal_lm_loss offloads the decoder's saved activations itself, and only those
+        return lean.lean_causal_lm_loss(model, inputs, self.memory, num_items_in_batch)
 
 
 class TracingCollator:
