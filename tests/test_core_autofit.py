@@ -1,0 +1,126 @@
+"""Auto-fit against the planner, with real catalog models and the shipped presets."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from tui_finetune.core.autofit import MIN_SEQ_LEN, auto_fit, next_micro_batch
+from tui_finetune.core.catalog import get_model
+from tui_finetune.core.planner import GIB, PlanCase, estimate_peak_vram, profile_from_memory
+from tui_finetune.core.presets import find_recipe
+from tui_finetune.core.recipe import apply_override, load_recipe, recipe_from_dict
+
+
+def preset(name: str):
+    return load_recipe(find_recipe(name))
+
+
+def estimate_total(recipe, model) -> float:
+    return estimate_peak_vram(PlanCase.from_recipe(model, recipe), profile_from_memory(recipe.memory)).total
+
+
+def test_a_16gb_preset_on_8gb_free_is_adjusted_until_the_estimate_fits():
+    recipe, model = preset("16gb-mistral-7b-qlora"), get_model("mistral-7b")
+    decision = auto_fit(recipe, model, 8 * GIB)
+    assert decision.fits and decision.changed
+    assert decision.before.total > 8 * GIB
+    assert decision.after.total <= decision.budget_bytes < 8 * GIB
+    assert estimate_total(decision.recipe, model) == pytest.approx(decision.after.total)
+    # the savers that keep the maths come first: the offload and bf16 adapters are enough here
+    assert decision.recipe.memory.offload_activations and decision.recipe.memory.adapter_dtype == "compute"
+    assert decision.recipe.data.seq_len == recipe.data.seq_len
+    assert decision.settings == ["memory.offload_activations=true", "memory.adapter_dtype=compute"]
+
+
+def test_a_recipe_that_already_fits_is_returned_unchanged():
+    recipe, model = preset("4gb-phi-2-qlora"), get_model("phi-2")
+    decision = auto_fit(recipe, model, 8 * GIB)
+    assert decision.fits and not decision.changed
+    assert decision.changes == [] and decision.settings == []
+    assert decision.recipe == recipe and decision.before == decision.after
+
+
+def test_smaller_micro_batches_keep_the_effective_batch():
+    model = get_model("mistral-7b")
+    recipe = preset("16gb-mistral-7b-qlora")
+    recipe = replace(recipe, train=replace(recipe.train, micro_batch=8, grad_accum=2),
+                     memory=replace(recipe.memory, offload_activations=True, adapter_dtype="compute"))
+    decision = auto_fit(recipe, model, 8 * GIB)
+    assert decision.fits
+    assert decision.recipe.train.micro_batch < 8
+    assert decision.recipe.effective_batch == recipe.effective_batch == 16
+    sentence = next(c for c in decision.changes if c.startswith("train.micro_batch"))
+    assert "8 -> " in sentence and "2 -> " in sentence and "effective batch 16 unchanged" in sentence
+    assert f"--set train.micro_batch={decision.recipe.train.micro_batch}" in sentence
+    assert f"--set train.grad_accum={decision.recipe.train.grad_accum}" in sentence
+
+
+@pytest.mark.parametrize("micro, expected", [(8, 4), (6, 3), (3, 1), (5, 1), (2, 1)])
+def test_the_next_micro_batch_divides_the_old_one(micro, expected):
+    assert next_micro_batch(micro) == expected
+
+
+def test_sequence_length_is_cut_last_and_never_below_the_floor():
+    recipe, model = preset("16gb-mistral-7b-qlora"), get_model("mistral-7b")
+    decision = auto_fit(recipe, model, 5 * GIB)
+    assert decision.fits
+    assert decision.recipe.train.micro_batch == 1 and decision.recipe.memory.offload_activations
+    assert MIN_SEQ_LEN <= decision.recipe.data.seq_len < recipe.data.seq_len
+    assert decision.changes[-1].startswith(f"data.seq_len 4096 -> {decision.recipe.data.seq_len} (rows longer")
+
+
+def test_the_data_longest_row_is_a_free_cut_before_truncating():
+    recipe, model = preset("16gb-mistral-7b-qlora"), get_model("mistral-7b")
+    decision = auto_fit(recipe, model, 6 * GIB, data_longest=1500)
+    assert decision.fits and decision.recipe.data.seq_len == 1500
+    assert "nothing is cut" in decision.changes[-1] and decision.changes[-1].endswith("--set data.seq_len=1500")
+
+
+def test_nothing_fits_returns_fits_false_with_the_smallest_estimate_and_advice():
+    recipe, model = preset("24gb-llama-3.1-8b-lora"), get_model("llama-3.1-8b")
+    decision = auto_fit(recipe, model, 6 * GIB)
+    assert not decision.fits
+    smallest = decision.after.total / GIB
+    assert f"{smallest:.1f} GiB" in decision.advice
+    assert "--set method=qlora" in decision.advice and "smaller model" in decision.advice
+    # a shorter sequence that the planner says saves nothing is not taken
+    assert decision.recipe.data.seq_len >= MIN_SEQ_LEN
+    assert estimate_total(replace(decision.recipe, data=replace(decision.recipe.data, seq_len=MIN_SEQ_LEN)),
+                          model) >= decision.after.total
+
+
+def test_every_change_names_old_and_new_values_and_a_set():
+    recipe = recipe_from_dict({"model": "gemma-2b", "method": "qlora", "data": {"seq_len": 4096},
+                               "train": {"micro_batch": 4, "grad_accum": 4, "gradient_checkpointing": False},
+                               "memory": {"chunked_loss": False}})
+    decision = auto_fit(recipe, get_model("gemma-2b"), 3.5 * GIB)
+    assert decision.fits and len(decision.changes) >= 4
+    for sentence in decision.changes:
+        key = sentence.split(" ", 1)[0]
+        assert " -> " in sentence and f"--set {key}=" in sentence
+    assert {s.split("=")[0] for s in decision.settings} >= {"memory.chunked_loss", "train.gradient_checkpointing"}
+    # the settings, applied as --set overrides, give the adjusted recipe back
+    data = recipe.to_dict()
+    for item in decision.settings:
+        apply_override(data, item)
+    assert recipe_from_dict(data) == decision.recipe
+
+
+def test_a_free_figure_read_after_cuda_started_does_not_count_the_context_twice():
+    recipe, model = preset("8gb-llama-3.1-8b-qlora"), get_model("llama-3.1-8b")
+    need = estimate_total(recipe, model)
+    free = need - 0.2 * GIB  # the context (0.45 GiB) already left this much free
+    assert auto_fit(recipe, model, free, reserve_bytes=0).changed
+    kept = auto_fit(recipe, model, free, reserve_bytes=0, context_allocated=True)
+    assert kept.fits and not kept.changed
+
+
+def test_fp16_cards_do_not_get_compute_dtype_adapters():
+    recipe = preset("16gb-mistral-7b-qlora")
+    recipe = replace(recipe, quant=replace(recipe.quant, compute_dtype="fp16"),
+                     train=replace(recipe.train, precision="fp16"))
+    decision = auto_fit(recipe, get_model("mistral-7b"), 8 * GIB)
+    assert decision.recipe.memory.adapter_dtype == "fp32"
+    assert not any("adapter_dtype" in c for c in decision.changes)

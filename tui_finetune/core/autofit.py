@@ -1,0 +1,214 @@
+"""Auto-fit: change a recipe just enough that the planner's estimate fits the card's free VRAM.
+
+The worker calls this before it loads the model, with the free memory it measured. The levers come
+in the order of what they cost in quality, cheapest first, and each is taken only while the
+estimate is still over the budget:
+
+1. memory savers that leave the maths alone: the chunked loss, gradient checkpointing, activations
+   offloaded to CPU RAM (slower, same numbers), then adapters in the compute dtype (half their memory,
+   a little less precision);
+2. a smaller micro-batch with more accumulation: the effective batch stays exactly the same;
+3. a shorter sequence length: first down to the data's longest row when that is known (nothing is
+   cut), then halving, never below ``MIN_SEQ_LEN``: longer rows get truncated.
+
+Every change is a sentence that names the old and the new value and the ``--set`` that makes it
+permanent, so the user learns what happened and can pin it. When nothing fits, ``fits`` is False
+and ``advice`` says what the smallest estimate was and what to do instead.
+A pure function of plain values: no torch, no GPU, so the CLI, the UI and the tests can call it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Callable, Iterator
+
+from tui_finetune.core.catalog import ModelSpec
+from tui_finetune.core.planner import (
+    DTYPE_BYTES, GIB, TIGHT_MARGIN, EngineProfile, PlanCase, VramEstimate, estimate_peak_vram, profile_from_memory)
+from tui_finetune.core.recipe import MemorySpec, RecipeSpec
+
+MIN_SEQ_LEN = 256
+"""Auto-fit never shortens sequences below this: shorter cuts most instruction examples short."""
+RESERVE_FRACTION = TIGHT_MARGIN
+"""Free VRAM kept back by default: the planner's 'tight' margin. The estimate already counts the CUDA
+context and the allocator's slack, and leans high; the fit-check on the longest batch confirms it."""
+
+ProfileFor = Callable[[MemorySpec], EngineProfile]
+
+
+@dataclass(frozen=True)
+class FitDecision:
+    """What auto-fit decided: the recipe to train with and why."""
+
+    recipe: RecipeSpec
+    """The adjusted recipe (the original when nothing changed; the smallest tried when nothing fits)."""
+    changes: list[str] = field(default_factory=list)
+    """One sentence per change: old value, new value, and the ``--set`` that makes it permanent."""
+    settings: list[str] = field(default_factory=list)
+    """Every ``key=value`` auto-fit changed, for ``--set`` or a recipe file."""
+    before: VramEstimate = field(default_factory=VramEstimate)
+    after: VramEstimate = field(default_factory=VramEstimate)
+    budget_bytes: float = 0.0
+    """The memory the estimate had to fit in: free VRAM less the reserve."""
+    fits: bool = True
+    advice: str = ""
+    """When nothing fits: the smallest estimate and what to do instead."""
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.changes)
+
+
+def auto_fit(recipe: RecipeSpec, model: ModelSpec, free_bytes: float, *, reserve_bytes: float | None = None,
+             context_allocated: bool = False, data_longest: int | None = None,
+             profile_for: ProfileFor = profile_from_memory) -> FitDecision:
+    """Adjust ``recipe`` until the planner's peak estimate fits ``free_bytes`` less a reserve.
+
+    ``reserve_bytes`` defaults to ``RESERVE_FRACTION`` of the free memory. ``context_allocated``: the
+    free figure was read inside the training process after CUDA started (``torch.cuda.mem_get_info``
+    does that), so the CUDA context is already out of it and is not counted twice.
+    ``data_longest``: the longest tokenized row, when known. ``profile_for`` maps the recipe's memory
+    techniques to the planner's engine profile (a backend can model its own).
+    """
+    reserve = RESERVE_FRACTION * free_bytes if reserve_bytes is None else reserve_bytes
+    budget = free_bytes - reserve
+
+    def need(candidate: RecipeSpec) -> tuple[float, VramEstimate]:
+        estimate = estimate_peak_vram(PlanCase.from_recipe(model, candidate), profile_for(candidate.memory))
+        return (estimate.torch_peak if context_allocated else estimate.total), estimate
+
+    best_need, before = need(recipe)
+    best, after = recipe, before
+    for lever in (_memory_savers, _smaller_micro_batches, lambda r: _shorter_sequences(r, data_longest)):
+        for candidate in lever(best):
+            if best_need <= budget:
+                break
+            candidate_need, estimate = need(candidate)
+            if candidate_need < best_need:  # a lever the planner says doesn't help is not worth its cost
+                best, best_need, after = candidate, candidate_need, estimate
+    changes = describe_changes(recipe, best, data_longest)
+    fits = best_need <= budget
+    return FitDecision(recipe=best, changes=[sentence for sentence, _ in changes],
+                       settings=[item for _, items in changes for item in items], before=before, after=after,
+                       budget_bytes=budget, fits=fits, advice="" if fits else _advice(best, best_need, budget))
+
+
+# ------------------------------------------------------------ the levers: candidates, smallest step first
+
+def _memory_savers(recipe: RecipeSpec) -> Iterator[RecipeSpec]:
+    """Techniques that cost time or a little precision but leave the training maths alone."""
+    if not recipe.memory.chunked_loss:
+        recipe = replace(recipe, memory=replace(recipe.memory, chunked_loss=True))
+        yield recipe
+    if not recipe.train.gradient_checkpointing:
+        recipe = replace(recipe, train=replace(recipe.train, gradient_checkpointing=True))
+        yield recipe
+    if not recipe.memory.offload_activations:
+        recipe = replace(recipe, memory=replace(recipe.memory, offload_activations=True))
+        yield recipe
+    # On fp16 cards the engine keeps adapters fp32 whatever the recipe says (loading.adapter_compute_dtype).
+    if recipe.memory.adapter_dtype == "fp32" and recipe.method != "full" and compute_dtype_name(recipe) == "bf16":
+        yield replace(recipe, memory=replace(recipe.memory, adapter_dtype="compute"))
+
+
+def next_micro_batch(micro_batch: int) -> int:
+    """The next smaller micro-batch that divides this one (about half), so that more accumulation makes up
+    exactly the same effective batch: 8 -> 4, 6 -> 3, 3 -> 1."""
+    for candidate in range(micro_batch // 2, 0, -1):
+        if micro_batch % candidate == 0:
+            return candidate
+    return 1
+
+
+def _smaller_micro_batches(recipe: RecipeSpec) -> Iterator[RecipeSpec]:
+    while recipe.train.micro_batch > 1:
+        micro, accum = recipe.train.micro_batch, recipe.train.grad_accum
+        new_micro = next_micro_batch(micro)
+        train = replace(recipe.train, micro_batch=new_micro, grad_accum=accum * (micro // new_micro))
+        recipe = replace(recipe, train=train)
+        yield recipe
+
+
+def _shorter_sequences(recipe: RecipeSpec, data_longest: int | None) -> Iterator[RecipeSpec]:
+    """The data's longest row if that is shorter (nothing is cut), then halvings of the recipe's length."""
+    seq = recipe.data.seq_len
+    floor = min(MIN_SEQ_LEN, seq)
+    longest = data_longest if data_longest and data_longest < seq and not recipe.data.packing else None
+    if longest:
+        yield _with_seq(recipe, longest)
+    while seq // 2 >= floor:
+        seq //= 2
+        if longest is None or seq < longest:
+            yield _with_seq(recipe, seq)
+
+
+def _with_seq(recipe: RecipeSpec, seq_len: int) -> RecipeSpec:
+    return replace(recipe, data=replace(recipe.data, seq_len=seq_len))
+
+
+def compute_dtype_name(recipe: RecipeSpec) -> str:
+    """The dtype the planner assumes for the matmuls ('bf16' for 'auto'), as ``PlanCase.from_recipe`` does."""
+    precision = recipe.train.precision if recipe.train.precision in DTYPE_BYTES else "bf16"
+    if recipe.method != "qlora":
+        return precision
+    return recipe.quant.compute_dtype if recipe.quant.compute_dtype in DTYPE_BYTES else precision
+
+
+# ------------------------------------------------------------ the words
+
+SAVER_REASONS = {
+    "memory.chunked_loss": "the loss is computed a chunk of tokens at a time; same result",
+    "train.gradient_checkpointing": "activations are recomputed in the backward pass: about 30% slower, same result",
+    "memory.offload_activations": "checkpointed activations wait in CPU RAM: slower, same result",
+    "memory.adapter_dtype": "LoRA weights and gradients in the compute dtype: half their memory",
+}
+
+
+def micro_batch_sentence(old_micro: int, new_micro: int, old_accum: int, new_accum: int) -> str:
+    """A micro-batch change in words: old and new of both knobs, and the effective batch that stays."""
+    return (f"train.micro_batch {old_micro} -> {new_micro} and train.grad_accum {old_accum} -> {new_accum} "
+            f"(effective batch {new_micro * new_accum} unchanged)")
+
+
+def describe_changes(old: RecipeSpec, new: RecipeSpec, data_longest: int | None = None) -> list[tuple[str, list[str]]]:
+    """(sentence, ``key=value`` settings) for each difference auto-fit makes, in the order of the levers.
+    Each sentence ends with the ``--set`` options that make the change permanent."""
+    out: list[tuple[str, list[str]]] = []
+    for key, before, after in (
+            ("memory.chunked_loss", old.memory.chunked_loss, new.memory.chunked_loss),
+            ("train.gradient_checkpointing", old.train.gradient_checkpointing, new.train.gradient_checkpointing),
+            ("memory.offload_activations", old.memory.offload_activations, new.memory.offload_activations),
+            ("memory.adapter_dtype", old.memory.adapter_dtype, new.memory.adapter_dtype)):
+        if before != after:
+            out.append((f"{key} {_toml(before)} -> {_toml(after)} ({SAVER_REASONS[key]})",
+                        [f"{key}={_toml(after, bare=True)}"]))
+    if (old.train.micro_batch, old.train.grad_accum) != (new.train.micro_batch, new.train.grad_accum):
+        out.append((micro_batch_sentence(old.train.micro_batch, new.train.micro_batch, old.train.grad_accum,
+                                         new.train.grad_accum),
+                    [f"train.micro_batch={new.train.micro_batch}", f"train.grad_accum={new.train.grad_accum}"]))
+    if old.data.seq_len != new.data.seq_len:
+        cut = data_longest is None or new.data.seq_len < data_longest
+        why = (f"rows longer than {new.data.seq_len} tokens are truncated" if cut
+               else "the data's longest row: nothing is cut")
+        out.append((f"data.seq_len {old.data.seq_len} -> {new.data.seq_len} ({why})",
+                    [f"data.seq_len={new.data.seq_len}"]))
+    return [(f"{sentence}: --set " + " --set ".join(items), items) for sentence, items in out]
+
+
+def _toml(value: object, bare: bool = False) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value) if bare else f'"{value}"'
+
+
+def _advice(recipe: RecipeSpec, need: float, budget: float) -> str:
+    what = f"{recipe.method} at {recipe.data.seq_len} tokens x micro-batch {recipe.train.micro_batch}"
+    tips = []
+    if recipe.method != "qlora":
+        tips.append("QLoRA (--set method=qlora) to hold the base weights in 4 bits")
+    if recipe.lora.r > 8 and recipe.method != "full":
+        tips.append(f"a smaller LoRA rank (--set lora.r={recipe.lora.r // 2})")
+    tips.append("a smaller model ('tui-finetune plan' lists what fits this card)")
+    tips.append("closing other programs that use the GPU")
+    return (f"even {what} needs about {need / GIB:.1f} GiB and only {max(budget, 0.0) / GIB:.1f} GiB is free: "
+            "try " + "; or ".join(tips))
