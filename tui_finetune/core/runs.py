@@ -67,7 +67,10 @@ class RunInfo:
     """Why the run ended, in one line (the error, or where the adapter is)."""
     versions: dict[str, str] = field(default_factory=dict)
     backend: str = ""
+    """The kernels that train this run (engine/backends.py): universal, liger or unsloth."""
     backend_reason: str = ""
+    backend_skipped: list[str] = field(default_factory=list)
+    """Each backend tried before it and why it was passed over ("liger: not installed ...")."""
     device: str = ""
     resumed_from: str = ""
     """The checkpoint the worker last resumed from ('' for a fresh start)."""

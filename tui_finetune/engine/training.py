@@ -83,17 +83,23 @@ def build_training_args(recipe: RecipeSpec, run_dir: Path, device: DeviceFacts, 
 
 
 class LeanTrainer(Trainer):
-    """Trainer whose loss is the chunked cross-entropy of engine/lean.py (no full fp32 logits).
+    """Trainer whose loss is the backend's (engine/backends.py): the chunked cross-entropy of
+    engine/lean.py, Liger's fused one, or the model's own (no full fp32 logits in any of them).
 
     ``compute_loss`` is Trainer's documented override point; everything else is Trainer's own.
     The loss is normalised by ``num_items_in_batch`` exactly like transformers' ForCausalLMLoss,
     so gradient accumulation stays correct.
     """
 
-    def __init__(self, *args: Any, memory: MemorySpec, on_eval_shrink: Callable[[int, int], None] | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(self, *args: Any, memory: MemorySpec, backend: Any = None,
+                 on_eval_shrink: Callable[[int, int], None] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.memory = memory
+        if backend is None:
+            from tui_finetune.engine.backends import BACKENDS
+
+            backend = BACKENDS["universal"]
+        self.backend = backend
         self.on_eval_shrink = on_eval_shrink
         self.trace_path = os.environ.get(TRACE_ENV) or None
         self.step_sample_ids: list[int] = []
@@ -151,13 +157,10 @@ class LeanTrainer(Trainer):
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
-        if return_outputs or not self.memory.chunked_loss or "labels" not in inputs:
+        if return_outputs or "labels" not in inputs or self.backend.uses_model_loss(self.memory):
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
-        from tui_finetune.engine import lean
-
-        # lean_causal_lm_loss offloads the decoder's saved activations itself, and only those
-        return lean.lean_causal_lm_loss(model, inputs, self.memory, num_items_in_batch)
+        return self.backend.loss(model, inputs, self.memory, num_items_in_batch)
 
 
 class TracingCollator:
@@ -191,10 +194,10 @@ def free_cuda_memory() -> None:
 
 def build_trainer(model: Any, tokenizer: Any, args: TrainingArguments, train_dataset: Any, eval_dataset: Any,
                   collator: Any, callbacks: Sequence[TrainerCallback], memory: MemorySpec,
-                  on_eval_shrink: Callable[[int, int], None] | None = None) -> LeanTrainer:
+                  on_eval_shrink: Callable[[int, int], None] | None = None, backend: Any = None) -> LeanTrainer:
     if os.environ.get(TRACE_ENV):
         collator = TracingCollator(collator)
     return LeanTrainer(model=model, args=args, train_dataset=train_dataset,
                        eval_dataset=eval_dataset if eval_dataset is not None and len(eval_dataset) else None,
                        data_collator=collator, processing_class=tokenizer, callbacks=list(callbacks), memory=memory,
-                       on_eval_shrink=on_eval_shrink)
+                       backend=backend, on_eval_shrink=on_eval_shrink)

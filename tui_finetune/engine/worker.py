@@ -114,6 +114,7 @@ class Worker:
         self.recipe = read_run_recipe(run_dir)
         self.info = read_run_info(run_dir)
         self.checkpoint_bytes = 0
+        self.backend: Any = None
 
     def phase(self, name: str, message: str = "") -> None:
         self.stop.check()
@@ -123,8 +124,7 @@ class Worker:
         (self.run_dir / STOP_FILE).unlink(missing_ok=True)
         self.stop.install()
         update_run_info(self.run_dir, state="running", pid=os.getpid(), started_at=time.time(), ended_at=None,
-                        versions=_versions(), backend="transformers",
-                        backend_reason="the universal PyTorch path (Trainer + peft); no accelerated backend yet")
+                        versions=_versions())
         try:
             stopped = self._train()
         except StopRequested:
@@ -180,8 +180,9 @@ class Worker:
 
     def _train(self) -> bool:
         """Load, prepare, train and save; True when training stopped early on request."""
-        from transformers import set_seed
+        from tui_finetune.engine import backends
 
+        backends.prepare_process(self.recipe.memory.backend)  # Unsloth must come before transformers
         from tui_finetune.engine import loading, samples
         from tui_finetune.engine.model_source import resolve_model
         from tui_finetune.engine.training import plan_total_steps
@@ -197,12 +198,14 @@ class Worker:
         tokenizer = loading.load_tokenizer(source.folder, recipe)
         if recipe.method == "qlora":
             self.phase("quantize", f"quantizing to 4-bit {recipe.quant.quant_type} while loading")
-        model = loading.load_base_model(source.folder, recipe, device)
-        set_seed(recipe.train.seed)  # the LoRA init draws from the RNG: same seed, same adapter
-        model = loading.add_lora(model, recipe, device)
+        loaded = backends.load_for_training(source.folder, recipe, device, self._backend_failed)
+        model, self.backend = loaded.model, loaded.backend
+        update_run_info(run_dir, backend=loaded.choice.name, backend_reason=loaded.choice.reason,
+                        backend_skipped=loaded.choice.skipped)
         trainable, total = loading.count_parameters(model)
         self.phase("tokenize", f"{trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters train "
-                               f"({100 * trainable / max(total, 1):.2f}%); preparing data")
+                               f"({100 * trainable / max(total, 1):.2f}%) on the {loaded.choice.name} backend "
+                               f"({loaded.choice.reason}); preparing data")
         data = self._prepare_data(tokenizer)
         total_steps = plan_total_steps(recipe, len(data.train))
         update_run_info(run_dir, total_steps=total_steps, data_hash=data.data_hash)
@@ -274,7 +277,8 @@ class Worker:
                                        read_run_info(run_dir).eval_batch or None)
             trainer = build_trainer(model, tokenizer, args, data.train, data.eval,
                                     make_collator(tokenizer, recipe.data.packing),
-                                    [events_cb, stop_cb, seal_cb, hooks_cb], recipe.memory, self._eval_shrunk)
+                                    [events_cb, stop_cb, seal_cb, hooks_cb], recipe.memory, self._eval_shrunk,
+                                    self.backend)
             hooks_cb.trainer = trainer
             try:
                 trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -318,6 +322,9 @@ class Worker:
                     f"{new_accum} (effective batch {new_micro * new_accum} unchanged); nothing partial was saved",
             advice=f"to skip this next time: --set train.micro_batch={new_micro} train.grad_accum={new_accum}"))
         return new_micro, new_accum
+
+    def _backend_failed(self, message: str) -> None:
+        self.log.emit(WarningEvent(message=message, advice="set memory.backend = \"universal\" to skip the attempt"))
 
     def _eval_shrunk(self, old: int, new: int) -> None:
         update_run_info(self.run_dir, eval_batch=new)

@@ -1,0 +1,169 @@
+"""Backend choice and fallback (engine/backends.py), on the CPU with a tiny local Llama.
+
+On a CPU the accelerated backends are never available, so these tests show the other half of the
+contract: each is passed over with a reason, a backend that raises while loading or on its probe
+step gives way to the next on a freshly loaded model, an out-of-memory is not mistaken for a
+backend failure, and whatever is chosen trains. The accelerated backends themselves run in
+tests/test_engine_backends_gpu.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine_tiny import build_tiny_llama
+from tui_finetune.core.recipe import RecipeSpec
+from tui_finetune.engine import backends
+from tui_finetune.engine.backends import BACKENDS, UniversalBackend, candidates, load_for_training
+from tui_finetune.engine.loading import DeviceFacts
+
+CPU = DeviceFacts(has_cuda=False, supports_bf16=False, name="CPU")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build_tiny_llama(tmp_path_factory.mktemp("backends") / "model")
+
+
+def _recipe(model, backend="auto") -> RecipeSpec:
+    recipe = RecipeSpec(model=str(model), method="lora")
+    recipe.memory.backend = backend
+    return recipe
+
+
+def _train_one_step(loaded, recipe) -> float:
+    ids = torch.arange(3, 40).unsqueeze(0)
+    loss = loaded.backend.loss(loaded.model, {"input_ids": ids, "labels": ids}, recipe.memory)
+    loss.backward()
+    grads = [p.grad for p in loaded.model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    return float(loss.detach())
+
+
+def test_candidates_try_the_request_then_the_universal_path():
+    assert candidates("auto") == ["unsloth", "liger", "universal"]
+    assert candidates("liger") == ["liger", "universal"]
+    assert candidates("universal") == ["universal"]
+
+
+def test_auto_on_a_cpu_passes_over_each_accelerated_backend_with_its_reason(tiny):
+    recipe = _recipe(tiny)
+    loaded = load_for_training(tiny, recipe, CPU)
+    assert loaded.choice.name == loaded.backend.name == "universal"
+    assert [s.split(":")[0] for s in loaded.choice.skipped] == ["unsloth", "liger"]
+    for line in loaded.choice.skipped:  # not installed here, or installed but no GPU: either way, said
+        assert any(why in line for why in ("not installed", "needs an NVIDIA GPU")), line
+    assert loaded.choice.reason.startswith("pure PyTorch")
+    assert _train_one_step(loaded, recipe) > 0
+
+
+def test_a_requested_backend_that_is_missing_falls_back_and_says_so(tiny):
+    loaded = load_for_training(tiny, _recipe(tiny, "liger"), CPU)
+    assert (loaded.choice.requested, loaded.choice.name) == ("liger", "universal")
+    assert loaded.choice.skipped[0].startswith("liger: ") and "liger" in loaded.choice.reason
+
+
+def test_universal_on_request_has_nothing_to_skip(tiny):
+    loaded = load_for_training(tiny, _recipe(tiny, "universal"), CPU)
+    assert loaded.choice.skipped == [] and loaded.choice.reason.endswith("as the recipe asks")
+
+
+class _Usable(UniversalBackend):
+    """A real loader that reports itself available on this machine; subclasses break it on purpose."""
+
+    name = "liger"
+
+    def unavailable(self, model_type, recipe, device):
+        return None
+
+
+class _RaisesWhileLoading(_Usable):
+    def load(self, folder, recipe, device):
+        super().load(folder, recipe, device)  # a model really is built, then the patching fails
+        raise RuntimeError("triton: failed to compile kernel for sm_61\nmore detail")
+
+
+class _RaisesOnTheProbe(_Usable):
+    def loss(self, model, inputs, memory, num_items_in_batch=None):
+        raise ValueError("unsupported head dimension 80")
+
+
+class _NanOnTheProbe(_Usable):
+    def loss(self, model, inputs, memory, num_items_in_batch=None):
+        return super().loss(model, inputs, memory, num_items_in_batch) * float("nan")
+
+
+class _OutOfMemory(_Usable):
+    def load(self, folder, recipe, device):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+@pytest.mark.parametrize("broken, expected", [
+    (_RaisesWhileLoading, "liger: failed (RuntimeError: triton: failed to compile kernel for sm_61)"),
+    (_RaisesOnTheProbe, "liger: failed (ValueError: unsupported head dimension 80)"),
+    (_NanOnTheProbe, "liger: failed (RuntimeError: the probe step's loss is nan)"),
+])
+def test_a_backend_that_raises_gives_way_to_the_universal_path(tiny, monkeypatch, broken, expected):
+    monkeypatch.setitem(BACKENDS, "liger", broken())
+    warnings: list[str] = []
+    recipe = _recipe(tiny, "liger")
+    loaded = load_for_training(tiny, recipe, CPU, warnings.append)
+    assert loaded.choice.name == "universal" and loaded.choice.skipped == [expected]
+    assert len(warnings) == 1 and "the liger backend failed" in warnings[0]
+    assert expected.split("(", 1)[1].rstrip(")") in loaded.choice.reason
+    assert type(loaded.backend) is UniversalBackend
+    assert _train_one_step(loaded, recipe) > 0
+
+
+def test_the_fallback_model_gets_the_same_adapter_as_a_direct_universal_load(tiny, monkeypatch):
+    direct = load_for_training(tiny, _recipe(tiny, "universal"), CPU).model.state_dict()
+    monkeypatch.setitem(BACKENDS, "liger", _RaisesWhileLoading())
+    fallback = load_for_training(tiny, _recipe(tiny, "liger"), CPU).model.state_dict()
+    lora = [k for k in direct if "lora_" in k]
+    assert lora and all(torch.equal(direct[k], fallback[k]) for k in lora)
+
+
+def test_an_out_of_memory_is_not_a_backend_failure(tiny, monkeypatch):
+    monkeypatch.setitem(BACKENDS, "liger", _OutOfMemory())
+    with pytest.raises(torch.OutOfMemoryError):
+        load_for_training(tiny, _recipe(tiny, "liger"), CPU)
+
+
+def test_the_universal_path_failing_is_an_error_not_a_fallback(tiny, monkeypatch):
+    class Broken(UniversalBackend):
+        def load(self, folder, recipe, device):
+            raise RuntimeError("config.json is damaged")
+
+    monkeypatch.setitem(BACKENDS, "universal", Broken())
+    with pytest.raises(RuntimeError, match="damaged"):
+        load_for_training(tiny, _recipe(tiny, "universal"), CPU)
+
+
+def test_unsloth_is_passed_over_for_architectures_it_lacks_and_for_full_fine_tuning(monkeypatch):
+    monkeypatch.setattr(backends, "module_installed", lambda name: True)
+    monkeypatch.setattr(backends, "_needs_triton", lambda device: None)
+    unsloth = BACKENDS["unsloth"]
+    recipe = RecipeSpec(model="x")
+    assert unsloth.unavailable("mistral", recipe, CPU) is None
+    assert "'phi' architecture" in unsloth.unavailable("phi", recipe, CPU)
+    recipe.method = "full"
+    assert "full fine-tuning" in unsloth.unavailable("mistral", recipe, CPU)
+
+
+def test_triton_backends_need_a_volta_or_newer_card(monkeypatch):
+    monkeypatch.setattr(backends, "cuda_capability", lambda: (6, 1))
+    gpu = DeviceFacts(has_cuda=True, supports_bf16=False, name="GeForce GTX 1080")
+    assert "compute capability 7.0" in backends._needs_triton(gpu)
+    monkeypatch.setattr(backends, "cuda_capability", lambda: (8, 6))
+    monkeypatch.setattr(backends, "module_installed", lambda name: name != "triton")
+    assert "Triton is not installed" in backends._needs_triton(gpu)
+
+
+def test_model_loss_backends_let_the_trainer_scale_for_accumulation():
+    from tui_finetune.core.recipe import MemorySpec
+
+    assert BACKENDS["universal"].uses_model_loss(MemorySpec(chunked_loss=False))
+    assert not BACKENDS["universal"].uses_model_loss(MemorySpec())
+    assert not BACKENDS["liger"].uses_model_loss(MemorySpec(chunked_loss=False))
+    assert BACKENDS["unsloth"].uses_model_loss(MemorySpec())

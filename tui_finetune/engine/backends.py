@@ -1,0 +1,312 @@
+"""Kernel backends behind one interface: the engine picks the fastest that works and says why.
+
+* ``universal``: pure PyTorch (engine/lean.py): no Triton, so it runs everywhere, Windows included.
+* ``liger``: Liger's Triton kernels (RMSNorm, SwiGLU/GeGLU, RoPE, fused linear cross-entropy)
+  patched into the same transformers + peft model; everything else is the universal path.
+* ``unsloth``: Unsloth's ``FastLanguageModel`` where it is installed (an optional extra, as in
+  LLaMA-Factory), with its own kernels, loss and offloaded checkpointing.
+
+``memory.backend = "auto"`` tries them fastest first. A backend is skipped when it is missing, the
+card or architecture is unsupported, or it raises while loading or on a one-step probe (a Triton
+kernel that fails to compile on an old card fails there, not hours into the run); the next one is
+tried on a freshly loaded model. The worker records the choice, the reason and every skip in
+``run.json``. Whatever the backend, the model is a peft LoRA model trained by the same Trainer, so
+events, checkpoints, resume and stop are the same.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from tui_finetune.core.recipe import MemorySpec, RecipeSpec
+from tui_finetune.engine import lean
+from tui_finetune.engine.loading import DeviceFacts, add_lora, compute_dtype, load_base_model
+
+AUTO_ORDER = ("unsloth", "liger", "universal")
+TRITON_MIN_CAPABILITY = (7, 0)
+"""Triton (so Liger and Unsloth) needs a Volta or newer card; GTX 10xx cards are 6.1."""
+UNSLOTH_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+_unsloth_import_error: str | None = None
+
+
+def module_installed(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def cuda_capability() -> tuple[int, int] | None:
+    return torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+
+
+def prepare_process(setting: str) -> None:
+    """Import Unsloth now if this run may use it: it patches transformers and peft, so it must be
+    imported before them. Call first thing in the worker (or a benchmark child)."""
+    global _unsloth_import_error
+    if setting not in ("auto", "unsloth") or not module_installed("unsloth") or cuda_capability() is None:
+        return
+    try:
+        import unsloth  # noqa: F401
+    except Exception as err:  # noqa: BLE001 - any failure means: not this backend
+        _unsloth_import_error = f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
+
+
+def model_type_of(folder: Path) -> str:
+    try:
+        return str(json.loads((Path(folder) / "config.json").read_text(encoding="utf-8")).get("model_type", ""))
+    except (OSError, ValueError):
+        return ""
+
+
+class Backend:
+    """One way to build the LoRA model and compute the training loss."""
+
+    name = ""
+    architectures: frozenset[str] | None = None
+    """The ``model_type`` values it supports; None: all."""
+
+    def unavailable(self, model_type: str, recipe: RecipeSpec, device: DeviceFacts) -> str | None:
+        """Why it can't run here, or None."""
+        if self.architectures is not None and model_type not in self.architectures:
+            return f"no {self.name} kernels for the '{model_type or 'unknown'}' architecture"
+        return None
+
+    def load(self, folder: Path, recipe: RecipeSpec, device: DeviceFacts) -> Any:
+        """The base model with LoRA applied, ready to train."""
+        raise NotImplementedError
+
+    def uses_model_loss(self, memory: MemorySpec) -> bool:
+        """True when the Trainer should call the model's own loss (with its gradient-accumulation scaling)."""
+        return False
+
+    def loss(self, model: Any, inputs: dict[str, Any], memory: MemorySpec,
+             num_items_in_batch: int | torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def add_seeded_lora(model: Any, recipe: RecipeSpec, device: DeviceFacts) -> Any:
+    """LoRA's initialisation draws from the RNG: the same seed gives the same adapter on every backend."""
+    from transformers import set_seed
+
+    set_seed(recipe.train.seed)
+    return add_lora(model, recipe, device)
+
+
+class UniversalBackend(Backend):
+    name = "universal"
+
+    def load(self, folder: Path, recipe: RecipeSpec, device: DeviceFacts) -> Any:
+        return add_seeded_lora(load_base_model(folder, recipe, device), recipe, device)
+
+    def uses_model_loss(self, memory: MemorySpec) -> bool:
+        return not memory.chunked_loss
+
+    def loss(self, model: Any, inputs: dict[str, Any], memory: MemorySpec,
+             num_items_in_batch: int | torch.Tensor | None = None) -> torch.Tensor:
+        if memory.chunked_loss:
+            return lean.lean_causal_lm_loss(model, inputs, memory, num_items_in_batch)
+        return model(**inputs).loss
+
+
+def _needs_triton(device: DeviceFacts) -> str | None:
+    capability = cuda_capability()
+    if not device.has_cuda or capability is None:
+        return "needs an NVIDIA GPU"
+    if capability < TRITON_MIN_CAPABILITY:
+        return f"needs compute capability 7.0 or newer for Triton (this card is {capability[0]}.{capability[1]})"
+    if not module_installed("triton"):
+        return "Triton is not installed (it is not available on every platform, e.g. Windows)"
+    return None
+
+
+class LigerBackend(UniversalBackend):
+    name = "liger"
+
+    def unavailable(self, model_type: str, recipe: RecipeSpec, device: DeviceFacts) -> str | None:
+        if not module_installed("liger_kernel"):
+            return "not installed (pip install liger-kernel)"
+        reason = _needs_triton(device)
+        if reason:
+            return reason
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+        if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+            return f"no Liger kernels for the '{model_type or 'unknown'}' architecture"
+        return None
+
+    def load(self, folder: Path, recipe: RecipeSpec, device: DeviceFacts) -> Any:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+        model = load_base_model(folder, recipe, device)
+        # The norms, the gated MLP and RoPE become Triton kernels; our loss below replaces the model's.
+        _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, geglu=True,
+                                        cross_entropy=False, fused_linear_cross_entropy=False)
+        return add_seeded_lora(model, recipe, device)
+
+    def uses_model_loss(self, memory: MemorySpec) -> bool:
+        return False
+
+    def loss(self, model: Any, inputs: dict[str, Any], memory: MemorySpec,
+             num_items_in_batch: int | torch.Tensor | None = None) -> torch.Tensor:
+        """Liger's fused linear cross-entropy: the lm_head matmul and the loss in one kernel per chunk,
+        gradients computed in the forward; same normalisation as ``lean.chunked_causal_lm_loss``."""
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        decoder, lm_head, softcap = lean.causal_lm_parts(model)
+        with lean.activation_offload(memory):
+            hidden = decoder(**inputs, use_cache=False).last_hidden_state
+        shifted = F.pad(labels, (0, 1), value=lean.IGNORE_INDEX)[..., 1:].reshape(-1).to(hidden.device)
+        fused = LigerFusedLinearCrossEntropyLoss(ignore_index=lean.IGNORE_INDEX, reduction="sum", softcap=softcap)
+        total = fused(lm_head.weight, hidden.reshape(-1, hidden.shape[-1]), shifted, getattr(lm_head, "bias", None))
+        denominator: Any = (shifted != lean.IGNORE_INDEX).sum().clamp(min=1) if num_items_in_batch is None \
+            else num_items_in_batch
+        if torch.is_tensor(denominator):
+            denominator = denominator.to(total.device)
+        return total.float() / denominator
+
+
+class UnslothBackend(Backend):
+    name = "unsloth"
+    architectures = frozenset({"llama", "mistral", "gemma", "gemma2", "qwen2", "qwen3"})
+
+    def unavailable(self, model_type: str, recipe: RecipeSpec, device: DeviceFacts) -> str | None:
+        if not module_installed("unsloth"):
+            return "not installed (pip install 'tui-finetune[unsloth]')"
+        reason = _needs_triton(device)
+        if reason:
+            return reason
+        if _unsloth_import_error:
+            return f"failed to import: {_unsloth_import_error}"
+        if recipe.method == "full":
+            return "full fine-tuning runs on the PyTorch paths"
+        return super().unavailable(model_type, recipe, device)
+
+    def load(self, folder: Path, recipe: RecipeSpec, device: DeviceFacts) -> Any:
+        from unsloth import FastLanguageModel
+
+        model, _tokenizer = FastLanguageModel.from_pretrained(
+            model_name=str(folder), max_seq_length=recipe.data.seq_len, dtype=compute_dtype(recipe, device),
+            load_in_4bit=recipe.method == "qlora", trust_remote_code=recipe.trust_remote_code)
+        targets = recipe.lora.target_modules
+        return FastLanguageModel.get_peft_model(
+            model, r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout, bias="none",
+            target_modules=UNSLOTH_TARGETS if targets == "all-linear" else list(targets),
+            use_gradient_checkpointing="unsloth" if recipe.train.gradient_checkpointing else False,
+            random_state=recipe.train.seed)
+
+    def uses_model_loss(self, memory: MemorySpec) -> bool:
+        return True  # Unsloth's fused cross-entropy inside the model's forward
+
+    def loss(self, model: Any, inputs: dict[str, Any], memory: MemorySpec,
+             num_items_in_batch: int | torch.Tensor | None = None) -> torch.Tensor:
+        extra = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
+        return model(**inputs, **extra).loss
+
+
+BACKENDS: dict[str, Backend] = {b.name: b for b in (UniversalBackend(), LigerBackend(), UnslothBackend())}
+
+
+@dataclass
+class BackendChoice:
+    """What ran and why; written to run.json."""
+
+    requested: str
+    name: str = "universal"
+    reason: str = ""
+    skipped: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    backend: Backend
+    choice: BackendChoice
+
+
+def candidates(requested: str) -> list[str]:
+    """The backends to try, in order: the requested one, then the universal path."""
+    if requested == "auto":
+        return list(AUTO_ORDER)
+    return [requested] + ([] if requested == "universal" else ["universal"])
+
+
+def probe_step(model: Any, backend: Backend, memory: MemorySpec) -> None:
+    """One forward and backward on 16 tokens, no optimizer step: compiles the kernels now, so a backend
+    that can't run on this card fails here and the next one is tried. The LoRA weights are untouched."""
+    vocab = model.get_input_embeddings().weight.shape[0]
+    device = model.get_input_embeddings().weight.device
+    ids = torch.arange(16, device=device).unsqueeze(0) % vocab
+    model.train()
+    loss = backend.loss(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}, memory)
+    if not torch.isfinite(loss.detach()).item():
+        raise RuntimeError(f"the probe step's loss is {float(loss):.4g}")
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def load_for_training(folder: Path, recipe: RecipeSpec, device: DeviceFacts,
+                      warn: Callable[[str], None] | None = None) -> LoadedModel:
+    """Load with the first backend that is available and survives loading and a probe step.
+
+    A CUDA out-of-memory is not a backend failure: it propagates, so the caller's OOM advice applies.
+    """
+    from tui_finetune.engine.training import is_oom
+
+    requested = recipe.memory.backend
+    model_type = model_type_of(folder)
+    choice = BackendChoice(requested=requested)
+    for name in candidates(requested):
+        backend = BACKENDS[name]
+        why_not = backend.unavailable(model_type, recipe, device)
+        if why_not:
+            choice.skipped.append(f"{name}: {why_not}")
+            continue
+        try:
+            model = backend.load(folder, recipe, device)
+            if name != "universal":
+                probe_step(model, backend, recipe.memory)
+        except Exception as err:  # noqa: BLE001 - any failure of an accelerated backend means: fall back
+            if is_oom(err) or name == "universal":
+                raise
+            first = str(err).splitlines()[0][:200] if str(err) else ""
+            choice.skipped.append(f"{name}: failed ({type(err).__name__}: {first})")
+            if warn:
+                warn(f"the {name} backend failed on this model ({type(err).__name__}: {first}); trying the next")
+            model = None
+        if model is None:
+            free_memory()  # outside the except block, so the traceback's frames no longer hold the model
+            continue
+        choice.name = name
+        choice.reason = _reason(name, requested, model_type, choice.skipped)
+        return LoadedModel(model, backend, choice)
+    raise AssertionError("the universal backend is always a candidate")  # pragma: no cover
+
+
+def _reason(name: str, requested: str, model_type: str, skipped: list[str]) -> str:
+    arch = model_type or "this"
+    what = {"universal": "pure PyTorch (chunked loss, no Triton)",
+            "liger": f"Liger's Triton kernels for the {arch} architecture",
+            "unsloth": f"Unsloth's kernels for the {arch} architecture"}[name]
+    if requested == name:
+        return f"{what}, as the recipe asks"
+    if requested == "auto" and not skipped:
+        return f"{what}: the fastest backend available"
+    return f"{what}: " + "; ".join(skipped)
