@@ -6,11 +6,11 @@ from dataclasses import replace
 
 import pytest
 
-from tui_finetune.core.autofit import MIN_SEQ_LEN, auto_fit, next_micro_batch
+from tui_finetune.core.autofit import MIN_SEQ_LEN, MLP_CHUNK_TOKENS, auto_fit, next_micro_batch
 from tui_finetune.core.catalog import get_model
 from tui_finetune.core.planner import GIB, PlanCase, estimate_peak_vram, profile_from_memory
 from tui_finetune.core.presets import find_recipe
-from tui_finetune.core.recipe import apply_override, load_recipe, recipe_from_dict
+from tui_finetune.core.recipe import MemorySpec, apply_override, load_recipe, recipe_from_dict
 
 
 def preset(name: str):
@@ -28,10 +28,11 @@ def test_a_16gb_preset_on_8gb_free_is_adjusted_until_the_estimate_fits():
     assert decision.before.total > 8 * GIB
     assert decision.after.total <= decision.budget_bytes < 8 * GIB
     assert estimate_total(decision.recipe, model) == pytest.approx(decision.after.total)
-    # the savers that keep the maths come first: the offload and bf16 adapters are enough here
-    assert decision.recipe.memory.offload_activations and decision.recipe.memory.adapter_dtype == "compute"
-    assert decision.recipe.data.seq_len == recipe.data.seq_len
-    assert decision.settings == ["memory.offload_activations=true", "memory.adapter_dtype=compute"]
+    # the memory savers come first, and here they are enough: the batch and the sequence stay
+    assert decision.recipe.memory.offload_activations
+    assert decision.recipe.train == recipe.train and decision.recipe.data == recipe.data
+    assert decision.settings[0] == "memory.offload_activations=true"
+    assert all(item.startswith("memory.") for item in decision.settings)
 
 
 def test_a_recipe_that_already_fits_is_returned_unchanged():
@@ -124,3 +125,12 @@ def test_fp16_cards_do_not_get_compute_dtype_adapters():
     decision = auto_fit(recipe, get_model("mistral-7b"), 8 * GIB)
     assert decision.recipe.memory.adapter_dtype == "fp32"
     assert not any("adapter_dtype" in c for c in decision.changes)
+
+
+@pytest.mark.skipif(not hasattr(MemorySpec(), "mlp_chunk_tokens"), reason="this MemorySpec has no MLP chunking")
+def test_the_mlp_runs_in_chunks_before_adapters_change_precision():
+    recipe = preset("16gb-mistral-7b-qlora")  # 4096 x 2 = 8192 tokens: below the planner's auto threshold
+    decision = auto_fit(recipe, get_model("mistral-7b"), 8 * GIB)
+    assert decision.fits and decision.recipe.memory.mlp_chunk_tokens == MLP_CHUNK_TOKENS
+    assert decision.recipe.memory.adapter_dtype == "fp32"
+    assert any(c.startswith(f"memory.mlp_chunk_tokens 0 -> {MLP_CHUNK_TOKENS} (") for c in decision.changes)

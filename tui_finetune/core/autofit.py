@@ -27,6 +27,8 @@ from tui_finetune.core.planner import (
     DTYPE_BYTES, GIB, TIGHT_MARGIN, EngineProfile, PlanCase, VramEstimate, estimate_peak_vram, profile_from_memory)
 from tui_finetune.core.recipe import MemorySpec, RecipeSpec
 
+MLP_CHUNK_TOKENS = 4096
+"""Tokens per MLP chunk when auto-fit turns chunking on (the planner's auto size)."""
 MIN_SEQ_LEN = 256
 """Auto-fit never shortens sequences below this: shorter cuts most instruction examples short."""
 RESERVE_FRACTION = TIGHT_MARGIN
@@ -79,13 +81,22 @@ def auto_fit(recipe: RecipeSpec, model: ModelSpec, free_bytes: float, *, reserve
 
     best_need, before = need(recipe)
     best, after = recipe, before
-    for lever in (_memory_savers, _smaller_micro_batches, lambda r: _shorter_sequences(r, data_longest)):
-        for candidate in lever(best):
-            if best_need <= budget:
-                break
-            candidate_need, estimate = need(candidate)
-            if candidate_need < best_need:  # a lever the planner says doesn't help is not worth its cost
-                best, best_need, after = candidate, candidate_need, estimate
+
+    def levers() -> Iterator[RecipeSpec | None]:
+        """Candidates, each built on the best so far: the savers, then micro-batches, then lengths."""
+        for saver in SAVERS:
+            yield saver(best)
+        yield from _smaller_micro_batches(best)
+        yield from _shorter_sequences(best, data_longest)
+
+    for candidate in levers():
+        if best_need <= budget:
+            break
+        if candidate is None:
+            continue
+        candidate_need, estimate = need(candidate)
+        if candidate_need < best_need:  # a lever the planner says doesn't help is not worth its cost
+            best, best_need, after = candidate, candidate_need, estimate
     changes = describe_changes(recipe, best, data_longest)
     fits = best_need <= budget
     return FitDecision(recipe=best, changes=[sentence for sentence, _ in changes],
@@ -93,22 +104,46 @@ def auto_fit(recipe: RecipeSpec, model: ModelSpec, free_bytes: float, *, reserve
                        budget_bytes=budget, fits=fits, advice="" if fits else _advice(best, best_need, budget))
 
 
-# ------------------------------------------------------------ the levers: candidates, smallest step first
+# ------------------------------------------------------------ the levers, cheapest first
 
-def _memory_savers(recipe: RecipeSpec) -> Iterator[RecipeSpec]:
-    """Techniques that cost time or a little precision but leave the training maths alone."""
-    if not recipe.memory.chunked_loss:
-        recipe = replace(recipe, memory=replace(recipe.memory, chunked_loss=True))
-        yield recipe
-    if not recipe.train.gradient_checkpointing:
-        recipe = replace(recipe, train=replace(recipe.train, gradient_checkpointing=True))
-        yield recipe
-    if not recipe.memory.offload_activations:
-        recipe = replace(recipe, memory=replace(recipe.memory, offload_activations=True))
-        yield recipe
+def _chunked_loss(recipe: RecipeSpec) -> RecipeSpec | None:
+    if recipe.memory.chunked_loss:
+        return None
+    return replace(recipe, memory=replace(recipe.memory, chunked_loss=True))
+
+
+def _checkpointing(recipe: RecipeSpec) -> RecipeSpec | None:
+    if recipe.train.gradient_checkpointing:
+        return None
+    return replace(recipe, train=replace(recipe.train, gradient_checkpointing=True))
+
+
+def _offload(recipe: RecipeSpec) -> RecipeSpec | None:
+    if recipe.memory.offload_activations:
+        return None
+    return replace(recipe, memory=replace(recipe.memory, offload_activations=True))
+
+
+def _mlp_chunks(recipe: RecipeSpec) -> RecipeSpec | None:
+    """The MLP over chunks of tokens, where this version's MemorySpec has ``mlp_chunk_tokens``."""
+    setting = getattr(recipe.memory, "mlp_chunk_tokens", None)
+    tokens = recipe.data.seq_len * recipe.train.micro_batch
+    if setting is None or setting > 0 or tokens <= MLP_CHUNK_TOKENS:
+        return None
+    return replace(recipe, memory=replace(recipe.memory, mlp_chunk_tokens=MLP_CHUNK_TOKENS))
+
+
+def _compute_dtype_adapters(recipe: RecipeSpec) -> RecipeSpec | None:
     # On fp16 cards the engine keeps adapters fp32 whatever the recipe says (loading.adapter_compute_dtype).
-    if recipe.memory.adapter_dtype == "fp32" and recipe.method != "full" and compute_dtype_name(recipe) == "bf16":
-        yield replace(recipe, memory=replace(recipe.memory, adapter_dtype="compute"))
+    if recipe.memory.adapter_dtype != "fp32" or recipe.method == "full" or compute_dtype_name(recipe) != "bf16":
+        return None
+    return replace(recipe, memory=replace(recipe.memory, adapter_dtype="compute"))
+
+
+SAVERS: tuple[Callable[[RecipeSpec], RecipeSpec | None], ...] = (
+    _chunked_loss, _checkpointing, _offload, _mlp_chunks, _compute_dtype_adapters)
+"""Memory savers, in order: the first four leave the maths alone (they cost time), the last costs a little
+precision. Each returns the recipe with it switched on, or None where it is on already or can't apply."""
 
 
 def next_micro_batch(micro_batch: int) -> int:
@@ -160,6 +195,7 @@ SAVER_REASONS = {
     "memory.chunked_loss": "the loss is computed a chunk of tokens at a time; same result",
     "train.gradient_checkpointing": "activations are recomputed in the backward pass: about 30% slower, same result",
     "memory.offload_activations": "checkpointed activations wait in CPU RAM: slower, same result",
+    "memory.mlp_chunk_tokens": "each layer's MLP runs a chunk of tokens at a time: about 10% slower, same result",
     "memory.adapter_dtype": "LoRA weights and gradients in the compute dtype: half their memory",
 }
 
@@ -178,6 +214,8 @@ def describe_changes(old: RecipeSpec, new: RecipeSpec, data_longest: int | None 
             ("memory.chunked_loss", old.memory.chunked_loss, new.memory.chunked_loss),
             ("train.gradient_checkpointing", old.train.gradient_checkpointing, new.train.gradient_checkpointing),
             ("memory.offload_activations", old.memory.offload_activations, new.memory.offload_activations),
+            ("memory.mlp_chunk_tokens", getattr(old.memory, "mlp_chunk_tokens", None),
+             getattr(new.memory, "mlp_chunk_tokens", None)),
             ("memory.adapter_dtype", old.memory.adapter_dtype, new.memory.adapter_dtype)):
         if before != after:
             out.append((f"{key} {_toml(before)} -> {_toml(after)} ({SAVER_REASONS[key]})",
@@ -198,7 +236,7 @@ def describe_changes(old: RecipeSpec, new: RecipeSpec, data_longest: int | None 
 def _toml(value: object, bare: bool = False) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
-    return str(value) if bare else f'"{value}"'
+    return f'"{value}"' if isinstance(value, str) and not bare else str(value)
 
 
 def _advice(recipe: RecipeSpec, need: float, budget: float) -> str:
