@@ -15,12 +15,15 @@ from tui_finetune.core.planner import (
     PROBE,
     GIB,
     LEAN,
+    TIGHT_MARGIN,
     PlanCase,
     estimate_peak_vram,
     lora_params,
     loss_chunk_size,
+    mlp_chunk_size,
     profile_from_memory,
     profile_named,
+    with_overrides,
 )
 from tui_finetune.core.recipe import MemorySpec, RecipeSpec
 from tui_finetune.core.suggest import FITS, WONT_FIT, CardSpec, classify_fit, suggest
@@ -74,7 +77,8 @@ def _calibration_profile(name: str):
     if name == "probe":
         return PROBE
     if name == "lean+offload":
-        return profile_from_memory(MemorySpec(adapter_dtype="compute", offload_activations=True))
+        # Measured before the MLP ran in chunks: the engine then always ran it over the whole sequence.
+        return profile_from_memory(MemorySpec(adapter_dtype="compute", offload_activations=True, mlp_chunk_tokens=-1))
     return profile_named(name)
 
 
@@ -223,3 +227,26 @@ def test_plan_command_runs_headless_without_torch():
 def test_catalog_models_all_have_an_option_on_a_24gb_card():
     assert len(suggest(CardSpec(24))) == len(CATALOG)
     assert RecipeSpec(model="x").memory.chunked_loss  # the lean path is the default the planner assumes
+
+
+def test_chunked_mlp_lets_mistral_7b_train_40k_tokens_under_15_5_gib():
+    # Measured on an H100 without chunking: seq 32768 peaked at 15.07 GiB and 40960 ran out of a 15.5 GiB cap.
+    case = PlanCase(get_model("mistral-7b"), seq_len=40960)
+
+    def peak(mlp_chunk_tokens: int) -> float:
+        memory = MemorySpec(adapter_dtype="compute", offload_activations=True, mlp_chunk_tokens=mlp_chunk_tokens)
+        return estimate_peak_vram(case, profile_from_memory(memory)).torch_peak / GIB
+
+    whole, auto, small = peak(-1), peak(0), peak(2048)
+    assert whole > 15.5  # the OOM the planner must predict
+    assert auto < whole - 5 and small < auto  # the MLP term now scales with the chunk
+    assert auto < 15.5 * (1 - TIGHT_MARGIN)
+
+
+def test_mlp_chunking_follows_the_recipe_rule():
+    assert mlp_chunk_size(0, 8192) == 0 and mlp_chunk_size(0, 16385) == 4096
+    assert mlp_chunk_size(-1, 10**6) == 0 and mlp_chunk_size(512, 100) == 512
+    short = PlanCase(get_model("mistral-7b"), seq_len=2048)
+    never = with_overrides(LEAN, mlp_chunk_tokens=-1)
+    assert estimate_peak_vram(short, LEAN).total == estimate_peak_vram(short, never).total
+    assert BASELINE.mlp_chunk_tokens == PROBE.mlp_chunk_tokens == -1  # the calibration stacks never chunked

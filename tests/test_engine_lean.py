@@ -1,4 +1,4 @@
-"""The lean memory path: chunked loss equals the plain loss, and the no-upcast preparation."""
+"""The lean memory path: chunked loss and chunked MLP equal the plain ones, and the no-upcast preparation."""
 
 from __future__ import annotations
 
@@ -7,9 +7,14 @@ import torch
 from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
 from transformers.loss.loss_utils import ForCausalLMLoss
 
+from tui_finetune.core.planner import mlp_chunk_size
 from tui_finetune.core.recipe import MemorySpec
 from tui_finetune.engine.lean import (
+    chunk_mlps,
+    chunk_mlps_for,
     chunked_causal_lm_loss,
+    decoder_mlps,
+    enable_checkpointing,
     is_checkpointing,
     lean_causal_lm_loss,
     prepare_for_training,
@@ -17,10 +22,11 @@ from tui_finetune.engine.lean import (
 )
 
 
-def tiny_llama(dtype=torch.float32, seed=0) -> LlamaForCausalLM:
+def tiny_llama(dtype=torch.float32, seed=0, init_range=0.02) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=300, max_position_embeddings=128)
+                         num_key_value_heads=2, vocab_size=300, max_position_embeddings=128,
+                         initializer_range=init_range)
     return LlamaForCausalLM(config).to(dtype)
 
 
@@ -114,3 +120,146 @@ def test_adapter_dtype_follows_the_recipe():
     loss = lean_causal_lm_loss(peft_model, {"input_ids": input_ids, "labels": labels}, MemorySpec())
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in trainable)
+
+
+def _mlp_grads(model, embeds):
+    """Loss, input gradient and parameter gradients of one forward and backward."""
+    embeds = embeds.detach().clone().requires_grad_(True)
+    loss = model(inputs_embeds=embeds).logits.float().pow(2).mean()
+    loss.backward()
+    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), embeds.grad, grads
+
+
+def _assert_same(got, expected):
+    loss, input_grad, grads = got
+    assert torch.allclose(loss, expected[0], atol=1e-5, rtol=1e-5)
+    assert torch.allclose(input_grad, expected[1], atol=1e-5, rtol=1e-5)
+    assert grads.keys() == expected[2].keys() and grads
+    for name, grad in grads.items():
+        assert torch.allclose(grad, expected[2][name], atol=1e-5, rtol=1e-5), name
+
+
+@pytest.mark.parametrize("micro_batch", [1, 2])
+@pytest.mark.parametrize("layer_checkpointing", [False, True])
+def test_chunked_mlp_output_and_gradients_equal_the_whole_mlp(micro_batch, layer_checkpointing):
+    # Weights large enough that a misplaced chunk moves the loss and gradients far past the tolerance.
+    plain, chunked = tiny_llama(init_range=0.3), tiny_llama(init_range=0.3)
+    for model in (plain, chunked):
+        model.train()
+        if layer_checkpointing:  # the engine's setting: the chunk checkpoints nest in the layer's
+            enable_checkpointing(model)
+    assert chunk_mlps(chunked, 5) == 2  # 37 or 74 tokens: chunks of 5 and a shorter last one
+    embeds = torch.randn(micro_batch, 37, 32, generator=torch.Generator().manual_seed(3))
+    _assert_same(_mlp_grads(chunked, embeds), _mlp_grads(plain, embeds))
+
+
+def test_chunked_mlp_splits_batch_and_sequence_into_token_chunks():
+    model = tiny_llama()
+    chunk_mlps(model, 16)
+    seen = []
+    mlp = decoder_mlps(model)[0]
+    original = mlp._unchunked_forward
+    mlp._unchunked_forward = lambda x: seen.append(tuple(x.shape)) or original(x)
+    with torch.no_grad():  # chunked without checkpoints: evaluation at long lengths gains too
+        model(input_ids=batch()[0])
+    assert seen == [(16, 32)] * 4 + [(10, 32)]  # 2 x 37 = 74 tokens
+
+
+@pytest.mark.parametrize("patch_first", [True, False])
+def test_chunked_mlp_runs_the_lora_layers_peft_wraps_before_or_after(patch_first):
+    from peft import LoraConfig, get_peft_model
+
+    def lora_model(chunk: bool):
+        model = tiny_llama(init_range=0.3)
+        if chunk and patch_first:
+            prepare_for_training(model, MemorySpec(mlp_chunk_tokens=8), gradient_checkpointing=True)
+        else:
+            prepare_for_training(model, MemorySpec(mlp_chunk_tokens=-1), gradient_checkpointing=True)
+        torch.manual_seed(7)  # the same random A and B in both, B non-zero so the adapters matter
+        peft_model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+        if chunk and not patch_first:
+            chunk_mlps(peft_model, 8)
+        return peft_model.train()
+
+    plain, chunked = lora_model(False), lora_model(True)
+    assert type(decoder_mlps(chunked)[0].gate_proj).__module__.startswith("peft")
+    embeds = torch.randn(2, 37, 32, generator=torch.Generator().manual_seed(3))
+    expected, got = _mlp_grads(plain, embeds), _mlp_grads(chunked, embeds)
+    _assert_same(got, expected)
+    assert any("mlp" in name and "lora_A" in name for name in got[2])  # the MLP's adapters learn
+
+
+def test_chunked_mlp_saves_no_intermediate_activations():
+    def saved_intermediate_elements(model) -> int:
+        count = 0
+
+        def pack(tensor):
+            nonlocal count
+            count += tensor.numel() if tensor.dim() and tensor.shape[-1] == 64 else 0  # intermediate_size
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            model(input_ids=batch()[0]).logits.sum().backward()
+        return count
+
+    plain, chunked = tiny_llama(), tiny_llama()
+    chunk_mlps(chunked, 16)
+    assert saved_intermediate_elements(plain) >= 2 * 2 * 74 * 64  # gate and up outputs, at least, per layer
+    assert saved_intermediate_elements(chunked) == 0  # only the chunks' inputs wait for the backward
+
+
+def _cpu_peak_bytes(step) -> int:
+    """Peak bytes the CPU allocator held during ``step``, from the profiler's allocation records."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    live = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak
+
+
+def test_chunked_mlp_lowers_the_peak_of_a_checkpointed_layer():
+    # An MLP-heavy model, as a 7B's is: the backward's recomputed (tokens x 2048) intermediates are the peak.
+    config = LlamaConfig(hidden_size=64, intermediate_size=2048, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=100, max_position_embeddings=2048)
+    input_ids = torch.randint(0, 100, (1, 2048), generator=torch.Generator().manual_seed(0))
+    peaks = []
+    for chunk in (0, 256):
+        model = LlamaForCausalLM(config).train()
+        enable_checkpointing(model)
+        if chunk:
+            chunk_mlps(model, chunk)
+        peaks.append(_cpu_peak_bytes(lambda: model(input_ids=input_ids).logits.sum().backward()))
+    whole, chunked = peaks
+    if whole == 0:
+        pytest.skip("this torch's profiler records no CPU allocations")
+    # Measured 71 MiB whole, 17 MiB in chunks: the nested checkpoints recompute one chunk at a time.
+    assert chunked < 0.5 * whole
+
+
+def test_auto_rule_chunks_only_long_batches():
+    def patched(memory, seq_len):
+        model = tiny_llama()
+        prepare_for_training(model, memory, gradient_checkpointing=True, seq_len=seq_len)
+        return [mlp.__dict__.get("_mlp_chunk_tokens") for mlp in decoder_mlps(model)]
+
+    assert patched(MemorySpec(), 2048) == [None, None]  # short: the MLP is left alone
+    assert patched(MemorySpec(), 40960) == [4096, 4096]
+    assert patched(MemorySpec(mlp_chunk_tokens=-1), 40960) == [None, None]
+    assert patched(MemorySpec(mlp_chunk_tokens=512), 2048) == [512, 512]
+    assert mlp_chunk_size(0, 2048) == 0 and mlp_chunk_size(0, 40960) == 4096  # the planner agrees
+    # Length unknown: patched, but a batch at or under the threshold still runs whole.
+    model = tiny_llama()
+    assert chunk_mlps_for(model, MemorySpec(), seq_len=0) == 2
+    mlp = decoder_mlps(model)[0]
+    assert mlp._mlp_chunk_above == 16384
+    calls = []
+    original = mlp._unchunked_forward
+    mlp._unchunked_forward = lambda x: calls.append(x.shape) or original(x)
+    model(input_ids=batch()[0])
+    assert calls == [torch.Size([2, 37, 32])]

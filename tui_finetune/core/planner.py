@@ -6,7 +6,8 @@ The estimate is a sum of named parts, so the user sees *why* a run fits or not:
                    16- or 32-bit parts (embeddings, lm_head, norms)
   lora             adapter weights, their gradients and the optimizer states
   activations      the checkpointed hidden state of every layer (or of none, when offloaded)
-  layer            one decoder layer's working set, recomputed during the backward pass
+  layer            one decoder layer's working set, recomputed during the backward pass (its MLP
+                   part over one chunk of tokens when the MLP runs in chunks)
   attention        the score matrix, when the attention kernel has to materialise it
   logits           the output logits and the cross-entropy's copies of them
   slack            what the caching allocator reserves beyond what tensors use
@@ -55,6 +56,31 @@ def loss_chunk_size(vocab_size: int) -> int:
     return size
 
 
+MLP_CHUNK_TOKENS = 4096
+"""Tokens per MLP chunk when the recipe says auto: 0.8 GiB of working set for a 7B's 14336-wide MLP,
+while the matmuls stay large enough (4096 rows) that the NF4 dequantization each chunk repeats should
+cost a few percent (estimated from bandwidth and FLOPs, not measured), not a quarter as at 1024."""
+MLP_CHUNK_ABOVE_TOKENS = 16384
+"""Auto chunks the MLP only for batches longer than this. Chunking runs the MLP's forward a third time
+(an estimated 10-15% more step time at these lengths; attention's share grows with the sequence). Up
+to 16k tokens a 7-8B's one-layer MLP working set is under 3.3 GiB, less than its 4-bit weights; beyond
+that it becomes the largest part of the peak and keeps growing with the sequence."""
+MLP_LINEARS = frozenset({"gate_proj", "up_proj", "down_proj", "gate_up_proj", "fc1", "fc2"})
+"""The linear layers inside the MLP block (``ModelSpec.linear_shapes`` names): they run per chunk."""
+
+
+def mlp_chunk_size(setting: int, tokens: int) -> int:
+    """Tokens per MLP chunk for ``memory.mlp_chunk_tokens`` and a batch of ``tokens``; 0: not chunked.
+
+    The engine and the planner both call this, so they agree on when the MLP runs in chunks.
+    """
+    if setting > 0:
+        return setting
+    if setting < 0 or tokens <= MLP_CHUNK_ABOVE_TOKENS:
+        return 0
+    return MLP_CHUNK_TOKENS
+
+
 @dataclass(frozen=True)
 class EngineProfile:
     """The memory techniques the training engine actually uses; the planner follows them."""
@@ -73,6 +99,8 @@ class EngineProfile:
     a chunk sized to the vocabulary (``loss_chunk_size``)."""
     offload_checkpoints: bool = False
     """Checkpointed activations wait in CPU RAM instead of on the GPU."""
+    mlp_chunk_tokens: int = -1
+    """The MLP runs over chunks of tokens, as ``MemorySpec.mlp_chunk_tokens`` says (0 auto, -1 never, N)."""
     logits_copies: float = 3.1
     """fp32-equivalent copies of the logits alive at the loss's peak (logits, log-softmax, gradient)."""
     chunked_logits_copies: float = 3.0
@@ -98,8 +126,10 @@ BASELINE = EngineProfile(
 LEAN = EngineProfile(
     name="lean", upcast_frozen_to_fp32=False, adapter_dtype="fp32",
     activation_dtype_follows_upcast=False, attention_materialises_scores=False, ce_chunk_tokens=-1,
-    logits_copies=3.75, layer_factor=2.5, attention_copies=4.0, slack=0.22, adapter_upcast_copies=1.0)
-"""Our engine's default: no fp32 upcast, bf16/fp16 activations, flash/efficient SDPA, chunked loss.
+    logits_copies=3.75, layer_factor=2.5, attention_copies=4.0, slack=0.22, adapter_upcast_copies=1.0,
+    mlp_chunk_tokens=0)
+"""Our engine's default: no fp32 upcast, bf16/fp16 activations, flash/efficient SDPA, chunked loss,
+the MLP in chunks for long batches.
 Fitted to our engine measured on H200 and H100 (seq 1024 to 32768): within 6%, leaning high."""
 
 PROFILES: dict[str, EngineProfile] = {BASELINE.name: BASELINE, LEAN.name: LEAN}
@@ -114,7 +144,7 @@ def profile_from_memory(memory: "MemorySpec", name: str = "recipe") -> EnginePro
         attention_materialises_scores=memory.attention == "eager" or memory.upcast_frozen_fp32,
         adapter_dtype="fp32" if memory.adapter_dtype == "fp32" else "bf16",
         ce_chunk_tokens=(memory.loss_chunk_tokens or -1) if memory.chunked_loss else 0,
-        offload_checkpoints=memory.offload_activations)
+        offload_checkpoints=memory.offload_activations, mlp_chunk_tokens=memory.mlp_chunk_tokens)
 
 
 @dataclass(frozen=True)
@@ -168,17 +198,18 @@ class VramEstimate:
         return sorted(((k, v / GIB) for k, v in self.parts.items()), key=lambda kv: -kv[1])
 
 
-def _targeted_shapes(model: ModelSpec, targets: str | tuple[str, ...]) -> list[tuple[int, int]]:
+def _targeted_shapes(model: ModelSpec, targets: str | tuple[str, ...]) -> list[tuple[str, tuple[int, int]]]:
+    """(name, (in, out)) of each linear layer LoRA adapts in one block."""
     shapes = model.linear_shapes()
     if targets == "all-linear":
-        return list(shapes.values())
+        return list(shapes.items())
     wanted = {targets} if isinstance(targets, str) else set(targets)
-    return [shape for name, shape in shapes.items() if name in wanted]
+    return [(name, shape) for name, shape in shapes.items() if name in wanted]
 
 
 def lora_params(model: ModelSpec, r: int, targets: str | tuple[str, ...] = "all-linear") -> int:
     """Trainable LoRA parameters: r x (in + out) for each adapted linear layer in every block."""
-    return model.num_layers * sum(r * (i + o) for i, o in _targeted_shapes(model, targets))
+    return model.num_layers * sum(r * (i + o) for _, (i, o) in _targeted_shapes(model, targets))
 
 
 def _frozen_small_params(model: ModelSpec) -> int:
@@ -223,11 +254,16 @@ def estimate_peak_vram(case: PlanCase, profile: EngineProfile = BASELINE) -> Vra
     q_width = m.num_heads * m.head_dim
     kv_width = m.num_kv_heads * m.head_dim
     mlp_width = m.intermediate_size * (3 if m.mlp_is_gated else 2)
-    layer_width = 2 * m.hidden_size + q_width + 2 * kv_width + q_width + mlp_width
-    layer = profile.layer_factor * tokens * layer_width * act_bytes
+    rest_width = 2 * m.hidden_size + q_width + 2 * kv_width + q_width
+    # A chunked MLP keeps one chunk's intermediates (and their gradients) at a time; its input and
+    # output are the hidden-wide tensors the rest of the layer already counts.
+    mlp_tokens = min(tokens, mlp_chunk_size(profile.mlp_chunk_tokens, tokens) or tokens)
+    layer = profile.layer_factor * (tokens * rest_width + mlp_tokens * mlp_width) * act_bytes
     if case.method != "full" and DTYPE_BYTES[profile.adapter_dtype] > act_bytes:
-        adapted_inputs = sum(i for i, _ in _targeted_shapes(m, case.lora_targets))
-        layer += profile.adapter_upcast_copies * tokens * adapted_inputs * DTYPE_BYTES[profile.adapter_dtype]
+        adapted = _targeted_shapes(m, case.lora_targets)
+        upcast_elements = sum(i * (mlp_tokens if name in MLP_LINEARS else tokens)
+                              for name, (i, _) in adapted)
+        layer += profile.adapter_upcast_copies * upcast_elements * DTYPE_BYTES[profile.adapter_dtype]
 
     attention = 0.0
     # The math SDPA backend is the fallback for fp32 inputs with grouped-query attention; eager always
@@ -260,5 +296,6 @@ def with_overrides(profile: EngineProfile, **changes: object) -> EngineProfile:
     return replace(profile, **changes)  # type: ignore[arg-type]
 
 
-PROBE = replace(LEAN, name="probe", adapter_dtype="bf16", ce_chunk_tokens=1024, layer_factor=1.5)
+PROBE = replace(LEAN, name="probe", adapter_dtype="bf16", ce_chunk_tokens=1024, layer_factor=1.5,
+                mlp_chunk_tokens=-1)
 """The issue #7 feasibility probe: the lean profile with bf16 adapters. Calibration only."""

@@ -122,6 +122,13 @@ class MemorySpec:
     Mistral's 32k vocabulary, 128 for Gemma's 256k)."""
     offload_activations: bool = False
     """Keep checkpointed activations in CPU RAM instead of VRAM (slower; for very long sequences)."""
+    mlp_chunk_tokens: int = 0
+    """Run each decoder layer's MLP over chunks of this many tokens, each chunk checkpointed, so only one
+    chunk's (tokens x intermediate) working set exists at a time: the lever for very long sequences,
+    where that working set is the peak (planner: a 7B at 40k tokens, 8 GiB whole, 0.8 GiB per 4096 tokens).
+    Same result, but the MLP's forward runs once more. 0 = auto: chunks of 4096 tokens for batches of
+    more than 16384 tokens (seq_len x micro_batch), where the MLP outweighs that cost; -1 = never;
+    N > 0 = always chunks of N tokens."""
     attention: str = "sdpa"
     """Attention kernel: sdpa (PyTorch's flash/memory-efficient kernels), eager, or flash_attention_2."""
     backend: str = "auto"
@@ -179,6 +186,7 @@ def check_recipe_values(recipe: RecipeSpec, source: str = "recipe") -> None:
     _check_choice(f"{source}: memory.attention", recipe.memory.attention, ATTENTIONS)
     _check_choice(f"{source}: memory.backend", recipe.memory.backend, BACKENDS)
     _check_range(f"{source}: memory.loss_chunk_tokens", recipe.memory.loss_chunk_tokens, 0)
+    _check_range(f"{source}: memory.mlp_chunk_tokens", recipe.memory.mlp_chunk_tokens, -1)
     _check_range(f"{source}: lora.r", recipe.lora.r, 1, 1024)
     _check_range(f"{source}: lora.alpha", recipe.lora.alpha, 1)
     _check_range(f"{source}: lora.dropout", recipe.lora.dropout, 0.0, 0.9)

@@ -1,6 +1,6 @@
 """The lean memory path: what makes a 7B QLoRA fit a 16 GB card and Gemma-2B fit 4 GB.
 
-Three techniques, each switched by the recipe's ``[memory]`` table (``MemorySpec``) and each
+Five techniques, each switched by the recipe's ``[memory]`` table (``MemorySpec``) and each
 modelled by the planner (``core/planner.py``), which is why they live in one place:
 
 * ``prepare_for_training`` freezes the base and turns on non-reentrant gradient checkpointing
@@ -11,25 +11,36 @@ modelled by the planner (``core/planner.py``), which is why they live in one pla
 * ``chunked_causal_lm_loss`` computes the cross-entropy a chunk of tokens at a time under
   ``torch.utils.checkpoint``, so the full-vocabulary fp32 logits never exist, in the forward or the
   backward pass. The result and its gradients equal transformers' ``ForCausalLMLoss``.
+* ``chunk_mlps`` runs each decoder layer's MLP over chunks of tokens, each under its own checkpoint,
+  so the backward pass recomputes one chunk's (tokens x intermediate) working set at a time instead
+  of the whole sequence's: at 40k tokens that working set is the peak of a 7B.
+* ``activation_offload`` keeps the checkpointed layer inputs in CPU RAM.
 """
 
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
+from types import MethodType
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from tui_finetune.core.planner import loss_chunk_size
+from tui_finetune.core.planner import MLP_CHUNK_ABOVE_TOKENS, MLP_CHUNK_TOKENS, loss_chunk_size
 from tui_finetune.core.recipe import MemorySpec
 
 IGNORE_INDEX = -100
 
 
-def prepare_for_training(model: Any, memory: MemorySpec, gradient_checkpointing: bool) -> Any:
-    """Freeze the base model and set up checkpointing, with or without the fp32 upcast."""
+def prepare_for_training(model: Any, memory: MemorySpec, gradient_checkpointing: bool, *,
+                         seq_len: int = 0) -> Any:
+    """Freeze the base model and set up checkpointing, with or without the fp32 upcast, and chunk the MLPs.
+
+    ``seq_len``: tokens per micro-batch (sequence length x micro-batch), for the auto MLP-chunking rule;
+    0 when unknown, and each batch then decides for itself.
+    """
+    chunk_mlps_for(model, memory, seq_len)
     if memory.upcast_frozen_fp32:
         from peft import prepare_model_for_kbit_training
 
@@ -73,6 +84,69 @@ def set_adapter_dtype(peft_model: Any, memory: MemorySpec, compute_dtype: torch.
             param.data = param.data.to(dtype)
             count += 1
     return count
+
+
+def chunk_mlps_for(model: Any, memory: MemorySpec, seq_len: int = 0) -> int:
+    """Apply ``memory.mlp_chunk_tokens`` (0 auto, -1 never, N tokens) to ``model``; returns the MLPs patched.
+
+    Auto patches only when the batch may be long (``seq_len`` over ``MLP_CHUNK_ABOVE_TOKENS``, or
+    unknown) and then chunks only the batches that are: with dynamic padding most batches are shorter
+    than ``seq_len``, and those keep the one-pass MLP. The planner models the same rule (``mlp_chunk_size``).
+    """
+    setting = memory.mlp_chunk_tokens
+    if setting < 0 or (setting == 0 and 0 < seq_len <= MLP_CHUNK_ABOVE_TOKENS):
+        return 0
+    if setting > 0:
+        return chunk_mlps(model, setting)
+    return chunk_mlps(model, MLP_CHUNK_TOKENS, above_tokens=MLP_CHUNK_ABOVE_TOKENS)
+
+
+def decoder_mlps(model: Any) -> list[torch.nn.Module]:
+    """The MLP block of every decoder layer (``layers[i].mlp``: Llama, Mistral, Qwen, Gemma, Phi), through a
+    peft wrapper; none for other layouts. Mixture-of-experts blocks are left out: their routing may
+    balance load across the whole batch, so chunks of it are not the same computation."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else getattr(base, "model", None)
+    mlps = [getattr(layer, "mlp", None) for layer in getattr(decoder, "layers", None) or []]
+    return [mlp for mlp in mlps if isinstance(mlp, torch.nn.Module) and not hasattr(mlp, "experts")]
+
+
+def chunk_mlps(model: Any, chunk_tokens: int, *, above_tokens: int = 0) -> int:
+    """Make every decoder MLP run over chunks of ``chunk_tokens`` tokens for inputs of more than
+    ``max(chunk_tokens, above_tokens)`` tokens; returns how many MLPs it patched.
+
+    It replaces the *instance's* ``forward`` and keeps the original, which looks its projections up on
+    each call: peft's LoRA layers, wrapped before or after this, are the ones that run. Patching
+    again only changes the sizes. The MLP is position-wise, so the output and the gradients are those
+    of the whole-sequence MLP (with LoRA dropout on, the masks are drawn per chunk: the same law).
+    """
+    if chunk_tokens <= 0:
+        raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
+    mlps = decoder_mlps(model)
+    for mlp in mlps:
+        if "_unchunked_forward" not in mlp.__dict__:
+            mlp._unchunked_forward = mlp.forward
+            mlp.forward = MethodType(_chunked_mlp_forward, mlp)
+        mlp._mlp_chunk_tokens = chunk_tokens
+        mlp._mlp_chunk_above = max(chunk_tokens, above_tokens)
+    return len(mlps)
+
+
+def _chunked_mlp_forward(self: torch.nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    """The patched MLP forward: (batch, seq) flattened to tokens, split, each chunk checkpointed, joined."""
+    forward = self._unchunked_forward
+    width = hidden_states.shape[-1]
+    if args or kwargs or hidden_states.numel() // max(width, 1) <= self._mlp_chunk_above:
+        return forward(hidden_states, *args, **kwargs)
+    pieces = hidden_states.reshape(-1, width).split(self._mlp_chunk_tokens)
+    if torch.is_grad_enabled():
+        # Each checkpoint saves only its chunk (a view of the input, which is alive anyway); split's
+        # backward joins the chunks' input gradients in one copy.
+        outputs = [checkpoint(forward, piece, use_reentrant=False) for piece in pieces]
+    else:
+        outputs = [forward(piece) for piece in pieces]
+    joined = torch.cat(outputs)
+    return joined.reshape(*hidden_states.shape[:-1], joined.shape[-1])
 
 
 def _chunk_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
