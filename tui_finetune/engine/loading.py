@@ -97,7 +97,8 @@ def add_lora(model: Any, recipe: RecipeSpec, device: DeviceFacts) -> Any:
 
     if recipe.method == "full":
         return model
-    model = prepare_for_training(model, recipe.memory, recipe.train.gradient_checkpointing)
+    model = prepare_for_training(model, recipe.memory, recipe.train.gradient_checkpointing,
+                                 seq_len=recipe.data.seq_len * recipe.train.micro_batch)
     config = LoraConfig(r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
                         target_modules=recipe.lora.target_modules, bias="none", task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, config)
