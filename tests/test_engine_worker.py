@@ -57,6 +57,7 @@ def test_detached_run_completes_and_leaves_the_documented_run_folder(tiny, tmp_p
     assert info.backend == "universal" and "pure PyTorch" in info.backend_reason
     assert [s.split(":")[0] for s in info.backend_skipped] == ["unsloth", "liger"]
     assert all(len(s.split(": ", 1)[1]) > 5 for s in info.backend_skipped)
+    assert info.autofit == [] and (info.micro_batch, info.grad_accum) == (0, 0)  # auto-fit and fit-check: CUDA only
     phases = [e.phase for e in events_of(run_dir, PhaseEvent)]
     assert phases == ["download", "load", "tokenize", "train", "save", "done"]
     steps = events_of(run_dir, StepEvent)

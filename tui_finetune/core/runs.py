@@ -81,6 +81,9 @@ class RunInfo:
     """The eval batch after an OOM in evaluation halved it (0: the micro-batch)."""
     oom_shrinks: list[dict[str, Any]] = field(default_factory=list)
     """Each OOM recovery: time, micro_batch [old, new], grad_accum [old, new], the error's first line."""
+    autofit: list[str] = field(default_factory=list)
+    """What auto-fit and the fit-check changed before training, one sentence each with its ``--set``
+    (engine/fitting.py); the changed values are in recipe.toml."""
     resume_from_step: int | None = None
     resume_force: bool = False
     """Set by ``resume --from STEP`` / ``--force`` for the next worker, which clears them once read."""
@@ -115,8 +118,7 @@ def create_run(recipe: RecipeSpec, data_path: str | Path, base: Path | None = No
             suffix += 1
             run_dir = base / f"{run_id}-{suffix}"
     (run_dir / CHECKPOINTS_DIR).mkdir()
-    header = f"Resolved recipe of run {run_dir.name}. Start again with: tui-finetune train {run_dir / RECIPE_FILE} --data {data_path}"
-    (run_dir / RECIPE_FILE).write_text(recipe_to_toml(recipe, header), encoding="utf-8")
+    write_run_recipe(run_dir, recipe, data_path)
     (run_dir / EVENTS_FILE).touch()
     write_run_info(run_dir, RunInfo(run_id=run_dir.name, model=recipe.model, data_path=str(Path(data_path).resolve())))
     return run_dir
@@ -148,6 +150,17 @@ def update_run_info(run_dir: Path, **changes: Any) -> RunInfo:
 
 def read_run_recipe(run_dir: Path) -> RecipeSpec:
     return load_recipe(run_dir / RECIPE_FILE)
+
+
+def write_run_recipe(run_dir: Path, recipe: RecipeSpec, data_path: str | Path | None = None) -> None:
+    """Write the run's resolved recipe by atomic replace: the worker rewrites it when auto-fit changes
+    a value, so that a resume trains with the same values."""
+    data = data_path if data_path is not None else read_run_info(run_dir).data_path
+    header = (f"Resolved recipe of run {run_dir.name}. "
+              f"Start again with: tui-finetune train {run_dir / RECIPE_FILE} --data {data}")
+    tmp = run_dir / f".{RECIPE_FILE}.{os.getpid()}.tmp"
+    tmp.write_text(recipe_to_toml(recipe, header), encoding="utf-8")
+    os.replace(tmp, run_dir / RECIPE_FILE)
 
 
 def pid_alive(pid: int | None) -> bool:

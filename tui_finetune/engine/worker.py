@@ -7,6 +7,8 @@ with the adapter in ``adapter/``, ``interrupted`` with a sealed checkpoint after
 SIGINT/SIGTERM/SIGHUP, or ``failed`` with an error event that says what to change. Starting it again
 on an interrupted run resumes from the newest valid checkpoint (or the one ``resume --from`` named,
 recorded in run.json), after checking that the recipe, model and data are those it was saved with.
+On a GPU, a fresh run's recipe is first fitted to the free VRAM (auto-fit), and every run fit-checks
+the longest batch before training (engine/fitting.py).
 A CUDA OOM in training halves the micro-batch and doubles the accumulation (the effective batch stays
 the same) and continues from the last checkpoint, up to three times.
 """
@@ -27,6 +29,7 @@ from tui_finetune.core.events import EndEvent, ErrorEvent, EventLog, PhaseEvent,
 from tui_finetune.core.recipe import RecipeError, RecipeSpec, check_recipe_fits_machine
 from tui_finetune.core.runs import (
     ADAPTER_DIR, CHECKPOINTS_DIR, EVENTS_FILE, STOP_FILE, read_run_info, read_run_recipe, update_run_info)
+from tui_finetune.engine.fitting import FitRefused
 
 
 class StopRequested(Exception):
@@ -131,7 +134,7 @@ class Worker:
             return self._end("interrupted", "stopped before training began: nothing to save")
         except RecipeError as err:
             return self._fail(str(err), "fix the recipe or pass --set KEY=VALUE", "recipe")
-        except OomGiveUp as err:
+        except (OomGiveUp, FitRefused) as err:
             return self._fail(str(err), err.advice, "oom")
         except Exception as err:  # noqa: BLE001 - every failure must end as a state with advice
             return self._fail_from(err)
@@ -183,7 +186,8 @@ class Worker:
         from tui_finetune.engine import backends
 
         backends.prepare_process(self.recipe.memory.backend)  # Unsloth must come before transformers
-        from tui_finetune.engine import loading, samples
+        from tui_finetune.engine import fitting, loading, samples
+        from tui_finetune.engine.checkpoints import list_checkpoints
         from tui_finetune.engine.model_source import resolve_model
         from tui_finetune.engine.training import plan_total_steps
 
@@ -194,6 +198,9 @@ class Worker:
 
         self.phase("download", f"finding {recipe.model}")
         source = resolve_model(recipe.model, self.log)
+        if device.has_cuda and not list_checkpoints(run_dir / CHECKPOINTS_DIR):  # auto-fit a fresh run only
+            recipe = self.recipe = fitting.auto_fit_run(run_dir, recipe, str(source.folder),
+                                                        fitting.free_vram_bytes(), self.log)
         self.phase("load", f"loading {source.folder} on {device.name}")
         tokenizer = loading.load_tokenizer(source.folder, recipe)
         if recipe.method == "qlora":
@@ -211,6 +218,14 @@ class Worker:
         update_run_info(run_dir, total_steps=total_steps, data_hash=data.data_hash)
 
         resume = self._choose_checkpoint(data.data_hash, trainable)
+        if device.has_cuda:  # one forward+backward on the longest batch: an OOM costs seconds, not the run
+            fitted = fitting.fit_check_run(run_dir, model, self.backend, recipe, data.train, tokenizer, self.log,
+                                           fresh=resume is None)
+            if fitted.data.seq_len != recipe.data.seq_len:  # shorter sequences: tokenize again
+                recipe = self.recipe = fitted
+                data = self._prepare_data(tokenizer)
+                total_steps = plan_total_steps(recipe, len(data.train))
+                update_run_info(run_dir, total_steps=total_steps)
         prompt = samples.held_out_prompt(data.eval)
         if prompt and resume is None:
             self._sample(model, tokenizer, prompt, "before")
