@@ -80,6 +80,31 @@ def test_final_logit_softcapping_is_applied_like_gemma2():
     assert torch.allclose(got, expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_fused_loss_gradients_reach_hidden_weight_and_bias_like_autograd(softcap):
+    """Phi-2's lm_head has a bias; full fine-tuning trains the head: every gradient the fused
+    function computes in its forward pass must equal autograd's through the plain loss."""
+    torch.manual_seed(3)
+    head = torch.nn.Linear(32, 300, bias=True)
+    hidden = torch.randn(2, 37, 32)
+    _, labels = batch()
+    grads = []
+    for fused in (False, True):
+        head.zero_grad()
+        h = hidden.clone().requires_grad_(True)
+        if fused:
+            loss = chunked_causal_lm_loss(h, head, labels, chunk_tokens=9, final_logit_softcapping=softcap)
+        else:
+            logits = head(h)
+            if softcap:
+                logits = torch.tanh(logits / softcap) * softcap
+            loss = ForCausalLMLoss(logits, labels, vocab_size=300)
+        (loss * 3.0).backward()  # a scaled loss, as the fp16 grad scaler makes it
+        grads.append((loss.detach(), h.grad, head.weight.grad.clone(), head.bias.grad.clone()))
+    for plain, fused in zip(*grads):
+        assert torch.allclose(fused, plain, atol=1e-5, rtol=1e-5)
+
+
 def test_all_masked_labels_give_zero_loss_not_nan():
     model = tiny_llama()
     input_ids, _ = batch()

@@ -8,9 +8,10 @@ modelled by the planner (``core/planner.py``), which is why they live in one pla
   4 bytes per embedding weight (2 GB for Gemma's 256k vocabulary) and, because bitsandbytes returns
   outputs in the input's dtype, turns every activation fp32 and pushes SDPA to its math kernel.
 * ``set_adapter_dtype`` keeps LoRA weights fp32 (stable, peft's default) or in the compute dtype.
-* ``chunked_causal_lm_loss`` computes the cross-entropy a chunk of tokens at a time under
-  ``torch.utils.checkpoint``, so the full-vocabulary fp32 logits never exist, in the forward or the
-  backward pass. The result and its gradients equal transformers' ``ForCausalLMLoss``.
+* ``chunked_causal_lm_loss`` computes the cross-entropy a chunk of tokens at a time, with each
+  chunk's gradient taken in the forward pass (``FusedLinearCrossEntropy``), so the full-vocabulary
+  fp32 logits never exist and nothing of a chunk is recomputed. The result and its gradients equal
+  transformers' ``ForCausalLMLoss``.
 * ``chunk_mlps`` runs each decoder layer's MLP over chunks of tokens, each under its own checkpoint,
   so the backward pass recomputes one chunk's (tokens x intermediate) working set at a time instead
   of the whole sequence's: at 40k tokens that working set is the peak of a 7B.
@@ -149,6 +150,69 @@ def _chunked_mlp_forward(self: torch.nn.Module, hidden_states: torch.Tensor, *ar
     return joined.reshape(*hidden_states.shape[:-1], joined.shape[-1])
 
 
+class FusedLinearCrossEntropy(torch.autograd.Function):
+    """The lm_head matmul and the summed cross-entropy, a chunk of tokens at a time, with the gradients
+    computed in the forward pass (the technique of Liger's fused linear cross-entropy, in plain PyTorch).
+
+    Each chunk's fp32 logits become the softmax in place, then ``softmax - onehot`` (masked, through the
+    softcap's derivative) is multiplied straight into the gradient of the hidden states. So nothing of
+    the chunk is kept for the backward pass, and the lm_head matmul runs twice per chunk instead of the
+    three times a checkpointed chunk needs (forward, recompute, backward); on Gemma's 256k vocabulary
+    that matmul is about a quarter of the model's FLOPs. Only the (tokens x hidden) gradient is saved.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                labels: torch.Tensor, chunk: int, softcap: float | None) -> torch.Tensor:
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_bias = bias is not None and ctx.needs_input_grad[2]
+        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight) if need_weight else None
+        grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_bias else None
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, hidden.shape[0], chunk):
+            piece_labels = labels[start:start + chunk]
+            valid = piece_labels != IGNORE_INDEX
+            if not bool(valid.any()):
+                continue
+            piece = hidden[start:start + chunk]
+            logits = F.linear(piece, weight, bias).float()
+            capped = None
+            if softcap:
+                capped = torch.tanh(logits / softcap)
+                logits = capped * softcap
+            target = piece_labels.clamp(min=0)
+            log_norm = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, target[:, None]).squeeze(1)
+            total += torch.where(valid, log_norm - picked, 0.0).sum()
+            if not (need_hidden or need_weight or need_bias):
+                continue
+            grad = logits.sub_(log_norm[:, None]).exp_()  # the softmax, in the logits' memory
+            grad[torch.arange(grad.shape[0], device=grad.device), target] -= 1.0
+            grad.mul_(valid[:, None])
+            if capped is not None:
+                grad.mul_(1.0 - capped * capped)
+            if grad_bias is not None:
+                grad_bias += grad.sum(0)
+            grad = grad.to(hidden.dtype)
+            if grad_hidden is not None:
+                grad_hidden[start:start + chunk] = grad @ weight
+            if grad_weight is not None:
+                grad_weight.addmm_(grad.t().to(weight.dtype), piece.to(weight.dtype))
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        scale = grad_output.float()
+        out_hidden = None if grad_hidden is None else (grad_hidden.float() * scale).to(grad_hidden.dtype)
+        out_weight = None if grad_weight is None else (grad_weight.float() * scale).to(grad_weight.dtype)
+        out_bias = None if grad_bias is None else (grad_bias * scale).to(ctx.bias_dtype)
+        return out_hidden, out_weight, out_bias, None, None, None
+
+
 def _chunk_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                     labels: torch.Tensor, softcap: float | None) -> torch.Tensor:
     logits = F.linear(hidden, weight, bias).float()
@@ -165,24 +229,25 @@ def chunked_causal_lm_loss(hidden_states: torch.Tensor, lm_head: torch.nn.Module
     Same semantics as transformers' ``ForCausalLMLoss``: labels shift left by one, -100 is
     ignored, and the sum is divided by ``num_items_in_batch`` when the Trainer passes it (correct
     gradient accumulation), else by the number of counted tokens. ``chunk_tokens`` 0 sizes the
-    chunk to the vocabulary (``loss_chunk_size``), as the planner assumes.
+    chunk to the vocabulary (``loss_chunk_size``), as the planner assumes. Training goes through
+    ``FusedLinearCrossEntropy``; without gradients (evaluation) the chunks are plain.
     """
     weight = lm_head.weight
     bias = getattr(lm_head, "bias", None)
     chunk = chunk_tokens or loss_chunk_size(weight.shape[0])
     shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1).to(hidden_states.device)
     flat = hidden_states.reshape(-1, hidden_states.shape[-1])
-    total = hidden_states.new_zeros((), dtype=torch.float32)
-    for start in range(0, flat.shape[0], chunk):
-        piece_labels = shifted[start:start + chunk]
-        if not bool((piece_labels != IGNORE_INDEX).any()):
-            continue
-        piece = flat[start:start + chunk]
-        if torch.is_grad_enabled() and (piece.requires_grad or weight.requires_grad):
-            total = total + checkpoint(_chunk_loss_sum, piece, weight, bias, piece_labels,
-                                       final_logit_softcapping, use_reentrant=False)
-        else:
-            total = total + _chunk_loss_sum(piece, weight, bias, piece_labels, final_logit_softcapping)
+    needs_grad = torch.is_grad_enabled() and (flat.requires_grad or weight.requires_grad or
+                                             (bias is not None and bias.requires_grad))
+    if needs_grad:
+        total = FusedLinearCrossEntropy.apply(flat, weight, bias, shifted, chunk, final_logit_softcapping)
+    else:
+        total = flat.new_zeros((), dtype=torch.float32)
+        for start in range(0, flat.shape[0], chunk):
+            piece_labels = shifted[start:start + chunk]
+            if bool((piece_labels != IGNORE_INDEX).any()):
+                total = total + _chunk_loss_sum(flat[start:start + chunk], weight, bias, piece_labels,
+                                                final_logit_softcapping)
     if num_items_in_batch is None:
         denominator: Any = (shifted != IGNORE_INDEX).sum().clamp(min=1)
     else:
