@@ -1,261 +1,266 @@
-"""Peak VRAM, tokens/s and the first losses: our engine's paths against the baseline stack and Unsloth.
+"""Issue #7: peak VRAM, tokens/s and the first 50 losses of our engine's backends against the baseline
+stack and Unsloth, in the same run on the same card, with the planner's prediction checked.
 
-Each case is ``model:method:seq:batch`` (catalog key, qlora|lora). For each case the model is built
-once with random weights from the catalog's real architecture and saved to a scratch folder, then
-every stack trains it in its own process (so peaks don't mix), on the same random tokens with the
-same seed, optionally capped to a card size with ``torch.cuda.set_per_process_memory_fraction``:
+Each case is ``model:method:seq:batch[:capGB]``: a catalog key, qlora|lora, sequence length, micro-batch
+and optionally the cap in GiB that torch may reserve (``torch.cuda.set_per_process_memory_fraction``;
+for an N GB card, N - 0.45 leaves the CUDA context its room). ``--cap-gb`` is the default cap. Random
+weights of the real architecture are built once per model; then every stack trains the case in its
+own process (so peaks don't mix) on the same random tokens with the same seed:
 
-  ours      the engine's loading and LoRA set-up with the recipe's memory techniques and the
-            chunked loss (``tui_finetune.engine``), the default recipe unless --set changes it
-  baseline  transformers + peft + bitsandbytes: prepare_model_for_kbit_training, non-reentrant
-            checkpointing, SDPA, the model's own loss
-  unsloth   FastLanguageModel with use_gradient_checkpointing="unsloth", where it is installed
+  ours[:backend]  our engine through engine/backends.py; backend auto (the default), universal, liger
+                  or unsloth; --set changes its recipe (e.g. --set memory.offload_activations=true)
+  baseline        transformers + peft + bitsandbytes (prepare_model_for_kbit_training)
+  unsloth         Unsloth's own FastLanguageModel
 
-All stacks use LoRA r16 on all linear layers and paged AdamW 8-bit. The planner's prediction for
-"ours" is printed next to what was measured. Results go to benchmarks/results/ as JSON and markdown.
+Each row records peak max_memory_reserved, tokens/s (without the first 3 steps), every loss, and for
+ours the backend chosen and why, and the planner's torch peak against the measured one (goal: within
+10%). Parity is the worst relative difference of the first 50 losses from the baseline's (goal: 1%).
+Results go to ``--out`` as ``<tag>.json`` and ``<tag>.md``, rewritten after every row, with the card,
+the date, the package versions and the exact command. See benchmarks/README.md for a GPU machine.
 
-  python -m benchmarks.memory_speed --cases phi-2:qlora:2048:1 --stacks ours,baseline --steps 20
+  python -m benchmarks.memory_speed --cases phi-2:qlora:2048:1:3.55 --stacks ours,baseline,unsloth
+  python -m benchmarks.memory_speed --smoke --out /tmp/bench   # tests the script on the CPU
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
+import shlex
+import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-GIB = 1024**3
-SCRATCH = Path(os.environ.get("TUIFT_BENCH_SCRATCH", "/tmp/tuift-bench"))
+from benchmarks import report, stacks
+
+METHODS = ("qlora", "lora")
+OURS_BACKENDS = ("auto", "universal", "liger", "unsloth")
+OTHER_STACKS = ("baseline", "unsloth")
+SMOKE_CASE = f"{stacks.SMOKE_MODEL}:lora:64:2"
+SMOKE_STACKS = "ours:universal,baseline"
+SMOKE_STEPS = 6
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RECORDED_ENV = ("UNSLOTH_COMPILE_DISABLE", "PYTORCH_CUDA_ALLOC_CONF", "TUIFT_BENCH_SCRATCH", "CUDA_VISIBLE_DEVICES")
+"""Environment variables that change what is measured: the recorded command starts with them."""
 
 
-def parse_case(text: str) -> dict:
-    key, method, seq, batch = text.split(":")
-    return {"model": key, "method": method, "seq": int(seq), "batch": int(batch)}
+class CaseError(ValueError):
+    """A --cases or --stacks entry that can't be read; the message says what a good one looks like."""
 
 
-def build_random_model(key: str) -> Path:
-    """Random weights of the catalog architecture, saved once per model (bf16 safetensors)."""
-    import torch
-    import transformers
-
-    from tui_finetune.core.catalog import get_model
-
-    folder = SCRATCH / key
-    if (folder / "config.json").exists():
-        return folder
-    spec = get_model(key)
-    config = transformers.AutoConfig.for_model(**spec.to_config_dict())
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(folder)
-    save_stand_in_tokenizer(folder, spec.vocab_size)
-    del model
-    torch.cuda.empty_cache()
-    return folder
+def parse_case(text: str, default_cap: float | None = None) -> dict:
+    """``model:method:seq:batch[:capGB]`` -> {model, method, seq, batch, cap_gb}."""
+    parts = text.strip().split(":")
+    if len(parts) not in (4, 5):
+        raise CaseError(f"case '{text}': expected model:method:seq:batch[:capGB], e.g. gemma-2b:qlora:1024:1:3.55")
+    model, method, seq, batch = parts[:4]
+    if method not in METHODS:
+        raise CaseError(f"case '{text}': method '{method}' is not one of {', '.join(METHODS)}")
+    try:
+        seq_n, batch_n = int(seq), int(batch)
+        cap = float(parts[4]) if len(parts) == 5 and parts[4] else default_cap
+    except ValueError:
+        raise CaseError(f"case '{text}': seq and batch must be whole numbers and capGB a number, "
+                        "e.g. mistral-7b:qlora:2048:1:15.55") from None
+    if seq_n < 2 or batch_n < 1 or (cap is not None and cap <= 0):
+        raise CaseError(f"case '{text}': seq must be at least 2, batch at least 1 and capGB above 0")
+    return {"model": model, "method": method, "seq": seq_n, "batch": batch_n, "cap_gb": cap}
 
 
-def save_stand_in_tokenizer(folder: Path, vocab_size: int) -> None:
-    """A word-level tokenizer with the model's vocabulary size: the batches are random token ids, but
-    Unsloth's loader insists on a tokenizer beside the weights (and can't convert a slow one here)."""
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {f"t{i}": i for i in range(vocab_size)}
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")),
-                                        bos_token="t1", eos_token="t2", pad_token="t0", unk_token="t0")
-    tokenizer.save_pretrained(folder)
+def case_text(case: dict) -> str:
+    parts = [case["model"], case["method"], str(case["seq"]), str(case["batch"])]
+    return ":".join(parts + ([f"{case['cap_gb']:g}"] if case.get("cap_gb") else []))
 
 
-def random_batches(vocab: int, seq: int, batch: int, steps: int):
-    import torch
-
-    g = torch.Generator().manual_seed(1234)
-    for _ in range(steps):
-        ids = torch.randint(0, vocab, (batch, seq), generator=g)
-        yield {"input_ids": ids.cuda(), "labels": ids.cuda()}
-
-
-def setup_ours(folder: Path, case: dict, overrides: list[str]):
-    from tui_finetune.core.recipe import RecipeSpec, apply_override, recipe_from_dict
-    from tui_finetune.engine.lean import lean_causal_lm_loss
-    from tui_finetune.engine.loading import add_lora, detect_device, load_base_model
-
-    raw = RecipeSpec(model=str(folder), method=case["method"]).to_dict()
-    raw["data"]["seq_len"], raw["train"]["micro_batch"] = case["seq"], case["batch"]
-    for item in overrides:
-        apply_override(raw, item)
-    recipe = recipe_from_dict(raw)
-    device = detect_device()
-    model = add_lora(load_base_model(folder, recipe, device), recipe, device)
-    return model, lambda m, b: lean_causal_lm_loss(m, b, recipe.memory), recipe
+def parse_stack(text: str) -> str:
+    """``ours`` -> ``ours:auto``; ``ours:<backend>``, ``baseline`` and ``unsloth`` as they are."""
+    name = text.strip()
+    if name == "ours":
+        return "ours:auto"
+    kind, _, backend = name.partition(":")
+    if kind == "ours" and backend in OURS_BACKENDS:
+        return name
+    if name in OTHER_STACKS:
+        return name
+    choices = ", ".join([f"ours:{b}" for b in OURS_BACKENDS] + list(OTHER_STACKS))
+    raise CaseError(f"stack '{text}': expected ours (= ours:auto), {choices}")
 
 
-def setup_baseline(folder: Path, case: dict, overrides: list[str]):
-    import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    kwargs = {"dtype": torch.bfloat16, "device_map": {"": 0}, "attn_implementation": "sdpa"}
-    if case["method"] == "qlora":
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
-    if case["method"] == "qlora":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    model.config.use_cache = False
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
-    return model, lambda m, b: m(**b).loss, None
+def parse_stacks(text: str) -> list[str]:
+    names = [parse_stack(item) for item in text.split(",") if item.strip()]
+    return list(dict.fromkeys(names))  # each stack once, in the order given
 
 
-def setup_unsloth(folder: Path, case: dict, overrides: list[str]):
-    from unsloth import FastLanguageModel  # noqa: I001 - must come before transformers
+# ---------------------------------------------------------------- child processes
 
-    model, _ = FastLanguageModel.from_pretrained(str(folder), max_seq_length=case["seq"],
-                                                 load_in_4bit=case["method"] == "qlora", dtype=None)
-    model = FastLanguageModel.get_peft_model(
-        model, r=16, lora_alpha=32, lora_dropout=0, bias="none", use_gradient_checkpointing="unsloth",
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    return model, lambda m, b: m(**b).loss, None
-
-
-STACKS = {"ours": setup_ours, "baseline": setup_baseline, "unsloth": setup_unsloth}
+def child_env(smoke: bool) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH", ""), str(REPO_ROOT)) if p)
+    if smoke:  # the CPU, and no network
+        env.update(CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    return env
 
 
-def run_one(case: dict, stack: str, steps: int, cap_gb: float | None, overrides: list[str]) -> dict:
-    """Train one case on one stack in this process and measure it."""
-    if stack == "unsloth":
-        import unsloth  # noqa: F401 - patches transformers, so it must be imported first
-    import torch
-
-    from tui_finetune.core.catalog import get_model
-
-    if cap_gb:
-        total = torch.cuda.get_device_properties(0).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(cap_gb * GIB / total, 1.0))
-    folder = SCRATCH / case["model"]
-    model, loss_fn, recipe = STACKS[stack](folder, case, overrides)
-    import bitsandbytes as bnb
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = bnb.optim.PagedAdamW8bit(params, lr=2e-4)
-    model.train()
-    torch.cuda.reset_peak_memory_stats()
-    losses, times = [], []
-    vocab = get_model(case["model"]).vocab_size
-    for batch in random_batches(vocab, case["seq"], case["batch"], steps):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        loss = loss_fn(model, batch)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-        losses.append(float(loss.detach()))
-    timed = times[3:] or times
-    result = {
-        "stack": stack, **case, "cap_gb": cap_gb, "steps": steps,
-        "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB,
-        "peak_allocated_gib": torch.cuda.max_memory_allocated() / GIB,
-        "tokens_per_s": case["seq"] * case["batch"] * len(timed) / sum(timed),
-        "losses": losses,
-    }
-    if recipe is not None:
-        from tui_finetune.core.planner import GIB as PGIB, PlanCase, estimate_peak_vram, profile_from_memory
-
-        plan = PlanCase.from_recipe(get_model(case["model"]), recipe)
-        estimate = estimate_peak_vram(plan, profile_from_memory(recipe.memory))
-        result["planner_torch_gib"] = estimate.torch_peak / PGIB
-        result["planner_total_gib"] = estimate.total / PGIB
-    return result
+def run_child(args: list[str], smoke: bool, timeout: float | None) -> tuple[dict | None, str]:
+    """Run ``python -m benchmarks.memory_speed <args>``; (the RESULT row or None, the output for logs)."""
+    cmd = [sys.executable, "-m", "benchmarks.memory_speed", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(smoke),
+                            cwd=REPO_ROOT)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc.pid)
+        stdout, stderr = proc.communicate()
+        return None, f"TIMEOUT after {timeout:g} s\n{stdout}\n{stderr}"
+    found = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+    return (json.loads(found[-1][7:]) if found else None), stdout + "\n" + stderr
 
 
-def versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
+def kill_tree(pid: int) -> None:
+    """The timed-out child and what it started (torch.compile workers), so none keeps GPU memory."""
+    try:
+        import psutil
 
-    out = {}
-    for name in ("torch", "transformers", "peft", "bitsandbytes", "unsloth", "liger-kernel"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return out
+        for child in psutil.Process(pid).children(recursive=True):
+            child.kill()
+    except Exception:  # noqa: BLE001 - no psutil, or they are gone already
+        pass
+    os.kill(pid, signal.SIGKILL)
 
 
-def write_results(rows: list[dict], command: str, out_dir: Path, tag: str) -> Path:
-    import torch
+def error_of(output: str) -> str:
+    """A one-line cause for the table: OOM, timeout, or the last error line of the traceback."""
+    if output.startswith("TIMEOUT"):
+        return output.splitlines()[0].lower()
+    lines = [line.strip() for line in output.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if "Error" in line or "error:" in line or line.startswith("no CUDA")]
+    last = (errors or lines or ["no output"])[-1]
+    kind = "OOM" if "OutOfMemory" in output or "out of memory" in output.lower() else "failed"
+    return f"{kind}: {last[:200]}".replace("|", "/")
 
-    card = torch.cuda.get_device_name(0)
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    payload = {"date": stamp, "card": card, "versions": versions(), "command": command, "rows": rows}
+
+def save_log(out_dir: Path, tag: str, name: str, output: str) -> Path:
+    """Append a failed child's output to ``<out>/<tag>.log`` (one file, so a device's $OUT stays small) and
+    echo its last lines, so they show in the command's own output too."""
+    lines = output.splitlines()
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{tag}.json").write_text(json.dumps(payload, indent=1))
-    lines = [f"# Memory and speed: {tag}", "", f"- date: {stamp}", f"- card: {card}",
-             f"- versions: {', '.join(f'{k} {v}' for k, v in payload['versions'].items())}",
-             f"- command: `{command}`", "",
-             "| case | stack | cap GiB | peak reserved GiB | tokens/s | planner GiB (torch) | loss 1 | loss last |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['model']} {r['method']} seq {r['seq']} x{r['batch']} | {r['stack']} | "
-                         f"{r.get('cap_gb') or '-'} | {r['error']} | | | | |")
-            continue
-        plan = f"{r['planner_torch_gib']:.2f}" if "planner_torch_gib" in r else "-"
-        lines.append(f"| {r['model']} {r['method']} seq {r['seq']} x{r['batch']} | {r['stack']} | "
-                     f"{r.get('cap_gb') or '-'} | {r['peak_reserved_gib']:.2f} | {r['tokens_per_s']:.0f} | {plan} | "
-                     f"{r['losses'][0]:.4f} | {r['losses'][-1]:.4f} |")
-    path = out_dir / f"{tag}.md"
-    path.write_text("\n".join(lines) + "\n")
+    path = out_dir / f"{tag}.log"
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(f"===== {name}\n" + "\n".join(lines[-400:]) + "\n")
+    print("\n".join(f"  | {line}" for line in lines[-15:]), flush=True)
     return path
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", required=True, help="comma-separated model:method:seq:batch")
-    parser.add_argument("--stacks", default="ours,baseline")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--cap-gb", type=float, default=None, help="cap the process to a card of this size")
-    parser.add_argument("--set", action="append", default=[], help="recipe override for 'ours' (key=value)")
-    parser.add_argument("--tag", default="latest")
-    parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--one", help=argparse.SUPPRESS)  # child mode: 'stack'
-    args = parser.parse_args()
-    cases = [parse_case(c) for c in args.cases.split(",")]
-    if args.one:
-        print("RESULT " + json.dumps(run_one(cases[0], args.one, args.steps, args.cap_gb, args.set)), flush=True)
-        return 0
-    rows = []
+def recorded_command() -> str:
+    env = [f"{k}={shlex.quote(os.environ[k])}" for k in RECORDED_ENV if k in os.environ]
+    return " ".join([*env, "python -m benchmarks.memory_speed", *map(shlex.quote, sys.argv[1:])])
+
+
+def ensure_model(case: dict, args: argparse.Namespace, common: list[str]) -> str | None:
+    """Build the case's random model in a child of its own (so no stack sees its memory); the error or None."""
+    print(f"building random {case['model']} in {stacks.model_folder(case['model'])}", flush=True)
+    row, output = run_child(["--cases", case_text(case), "--build"] + common, args.smoke, None)
+    if row is not None:
+        return None
+    print(f"  log: {save_log(Path(args.out), args.tag, 'build-' + case['model'], output)}", flush=True)
+    return "build " + error_of(output)
+
+
+def measure(case: dict, stack: str, args: argparse.Namespace, common: list[str]) -> dict:
+    """One (case, stack) in its own process. With --baseline-uncapped the baseline ignores the cap, so its
+    losses and speed are there to compare even where it can't fit the card."""
+    capped = bool(case.get("cap_gb")) and not (stack == "baseline" and args.baseline_uncapped)
+    child_case = case_text(case if capped else {**case, "cap_gb": None})
+    started = time.perf_counter()
+    row, output = run_child(["--cases", child_case, "--one", stack] + common, args.smoke, args.stack_timeout or None)
+    if row is None:
+        row = {"stack": stack, **case, "error": error_of(output)}
+        print(f"  log: {save_log(Path(args.out), args.tag, f'{case_text(case)}-{stack}', output)}", flush=True)
+    row.update(cap_gb=case.get("cap_gb"), cap_applied=capped, wall_s=time.perf_counter() - started)
+    return row
+
+
+def run_all(cases: list[dict], stack_names: list[str], args: argparse.Namespace) -> list[dict]:
+    rows: list[dict] = []
+    command = recorded_command()
+    common = ["--steps", str(args.steps)] + (["--smoke"] if args.smoke else [])
+    for item in args.set:
+        common += ["--set", item]
+    built: set[str] = set()
     for case in cases:
-        build_random_model(case["model"])
-        for stack in args.stacks.split(","):
-            cmd = [sys.executable, "-m", "benchmarks.memory_speed", "--cases", ":".join(
-                str(case[k]) for k in ("model", "method", "seq", "batch")), "--one", stack,
-                "--steps", str(args.steps)] + (["--cap-gb", str(args.cap_gb)] if args.cap_gb else [])
-            for item in args.set:
-                cmd += ["--set", item]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-            if found:
-                row = json.loads(found[-1][7:])
-            else:
-                tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-                row = {"stack": stack, **case, "cap_gb": args.cap_gb,
-                       "error": ("OOM" if "OutOfMemory" in proc.stderr else "failed") + ": " + tail[0][:160]}
-            rows.append(row)
-            print(json.dumps({k: v for k, v in row.items() if k != "losses"}), flush=True)
-    command = "python -m benchmarks.memory_speed " + " ".join(sys.argv[1:])
-    print(write_results(rows, command, Path(args.out), args.tag).read_text())
-    return 0
+        if case["model"] not in built and not args.smoke:  # --smoke: the first child builds the tiny model
+            error = ensure_model(case, args, common)
+            if error:
+                rows += [{"stack": s, **case, "error": error} for s in stack_names]
+                report.write_results(rows, command, args.steps, Path(args.out), args.tag)
+                continue
+            built.add(case["model"])
+        for stack in stack_names:
+            rows.append(measure(case, stack, args, common))
+            print(json.dumps({k: v for k, v in rows[-1].items() if k != "losses"}), flush=True)
+            report.write_results(rows, command, args.steps, Path(args.out), args.tag)  # a killed run keeps its rows
+    if args.drop_models:
+        for key in built:
+            shutil.rmtree(stacks.model_folder(key), ignore_errors=True)
+    return rows
+
+
+# ---------------------------------------------------------------- command line
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.memory_speed", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", help="comma-separated model:method:seq:batch[:capGB]")
+    parser.add_argument("--stacks", help="comma-separated: ours (= ours:auto), ours:universal, ours:liger, "
+                                         "ours:unsloth, baseline, unsloth (default: ours,baseline)")
+    parser.add_argument("--steps", type=int, help=f"optimizer steps per stack (default {report.PARITY_STEPS})")
+    parser.add_argument("--cap-gb", type=float, default=None, help="default cap in GiB for cases without one")
+    parser.add_argument("--set", action="append", default=[], help="recipe override for ours (key=value)")
+    parser.add_argument("--tag", default="latest", help="result file name: <out>/<tag>.json and .md")
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--stack-timeout", type=float, default=0, help="seconds per (case, stack); 0: none")
+    parser.add_argument("--baseline-uncapped", action="store_true",
+                        help="run the baseline without the card cap, so parity and speed have a reference")
+    parser.add_argument("--drop-models", action="store_true", help="delete the random models built by this run")
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"test the script on the CPU: {SMOKE_CASE}, {SMOKE_STACKS}, {SMOKE_STEPS} steps, "
+                             "torch AdamW, no cap")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # child: train the one case on this stack
+    parser.add_argument("--build", action="store_true", help=argparse.SUPPRESS)  # child: build the model
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.cases, args.stacks = args.cases or SMOKE_CASE, args.stacks or SMOKE_STACKS
+        args.steps = args.steps or SMOKE_STEPS
+    args.stacks, args.steps = args.stacks or "ours,baseline", args.steps or report.PARITY_STEPS
+    if not args.cases:
+        parser.error("--cases is required (or --smoke)")
+    try:
+        cases = [parse_case(c, args.cap_gb) for c in args.cases.split(",") if c.strip()]
+        stack_names = parse_stacks(args.stacks)
+        for case in cases:  # a bad --set fails here, not in every child
+            stacks.ours_recipe(stacks.model_folder(case["model"]), case, "auto", args.set, args.smoke)
+    except (CaseError, ValueError) as err:  # RecipeError is a ValueError
+        parser.error(str(err))
+    if args.build:
+        print(f"RESULT {json.dumps({'folder': str(stacks.build_model(cases[0]['model']))})}", flush=True)
+        return 0
+    if args.one:
+        row = stacks.run_one(cases[0], parse_stack(args.one), args.steps, args.set, args.smoke)
+        print("RESULT " + json.dumps(row), flush=True)
+        return 0
+    rows = run_all(cases, stack_names, args)
+    path = Path(args.out) / f"{args.tag}.md"
+    print(path.read_text() if path.exists() else "no results")
+    return 0 if any("error" not in r for r in rows) else 1  # an OOM row is a result, not a failure
 
 
 if __name__ == "__main__":

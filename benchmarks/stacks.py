@@ -1,0 +1,277 @@
+"""What one benchmark child process does: build the random model, set up one stack, train and measure.
+
+Every function here runs inside a child started by ``memory_speed.py`` (one process per case and
+stack, so peaks don't mix). Imports of torch, transformers and peft stay inside the functions: our
+engine's backends and Unsloth must be imported before transformers.
+
+  ours:<backend>  our engine through ``tui_finetune.engine.backends`` (universal, liger, unsloth or
+                  auto), the default recipe plus --set overrides, the backend's own loss
+  baseline        transformers + peft + bitsandbytes: prepare_model_for_kbit_training (QLoRA),
+                  non-reentrant checkpointing, SDPA, the model's own loss
+  unsloth         Unsloth's FastLanguageModel with use_gradient_checkpointing="unsloth"
+
+All stacks use LoRA r16 / alpha 32 on all linear layers, seeded with ``SEED`` just before the
+adapters are made (so the first 50 losses can be compared), and the same random tokens. On a GPU
+the optimizer is bitsandbytes' paged AdamW 8-bit; in --smoke mode (CPU) it is torch's AdamW.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+GIB = 1024**3
+SEED = 42
+"""The recipe's default ``train.seed``: our backends seed LoRA with it, so the other stacks do too."""
+LEARNING_RATE = 2e-4
+WARMUP_STEPS = 3
+"""Steps left out of tokens/s: kernel compilation, the allocator's first growth, paged-optimizer set-up."""
+SMOKE_MODEL = "smoke-llama"
+"""The --smoke model: a 2-layer Llama (hidden 64, vocabulary 512) built locally with random weights."""
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def scratch_dir() -> Path:
+    return Path(os.environ.get("TUIFT_BENCH_SCRATCH", "/tmp/tuift-bench"))
+
+
+def model_folder(key: str) -> Path:
+    return scratch_dir() / key
+
+
+def model_spec(key: str) -> Any:
+    """The catalog's ModelSpec, or one read from the saved config.json (the smoke model)."""
+    from tui_finetune.core.catalog import CATALOG, model_spec_from_config
+
+    if key in CATALOG:
+        return CATALOG[key]
+    config = json.loads((model_folder(key) / "config.json").read_text(encoding="utf-8"))
+    return model_spec_from_config(config, key)
+
+
+# ---------------------------------------------------------------- random models
+
+def build_model(key: str) -> Path:
+    """Random weights of the catalog architecture (bf16 on the GPU), saved once per model with a stand-in
+    tokenizer; or the tiny smoke Llama (fp32, CPU)."""
+    import torch
+    import transformers
+
+    folder = model_folder(key)
+    if (folder / "config.json").exists():
+        return folder
+    torch.manual_seed(0)
+    if key == SMOKE_MODEL:
+        config = transformers.LlamaConfig(
+            vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
+            bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        model = transformers.LlamaForCausalLM(config)
+    else:
+        from tui_finetune.core.catalog import get_model
+
+        spec = get_model(key)
+        if not torch.cuda.is_available():
+            raise SystemExit(f"no CUDA GPU here to build {key}: use --smoke to test the script on the CPU")
+        config = transformers.AutoConfig.for_model(**spec.to_config_dict())
+        with torch.device("cuda"):
+            model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    partial = folder.with_name(folder.name + ".partial")  # a killed build never looks finished
+    model.save_pretrained(partial)
+    save_stand_in_tokenizer(partial, config.vocab_size)
+    partial.rename(folder)
+    return folder
+
+
+def save_stand_in_tokenizer(folder: Path, vocab_size: int) -> None:
+    """A word-level tokenizer with the model's vocabulary size: the batches are random token ids, but
+    Unsloth's loader insists on a tokenizer beside the weights (and can't convert a slow one here)."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(vocab_size)}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")),
+                                        bos_token="t1", eos_token="t2", pad_token="t0", unk_token="t0")
+    tokenizer.save_pretrained(folder)
+
+
+def random_batches(vocab: int, seq: int, batch: int, steps: int, device: Any):
+    """The same token ids for every stack: a fixed generator on the CPU, then moved."""
+    import torch
+
+    g = torch.Generator().manual_seed(1234)
+    for _ in range(steps):
+        ids = torch.randint(0, vocab, (batch, seq), generator=g).to(device)
+        yield {"input_ids": ids, "labels": ids}
+
+
+# ---------------------------------------------------------------- the stacks
+
+LossFn = Callable[[Any, dict], Any]
+
+
+def ours_recipe(folder: Path, case: dict, backend: str, overrides: list[str], smoke: bool) -> Any:
+    """The default recipe for the case, --set overrides applied, then the stack's backend."""
+    from tui_finetune.core.recipe import RecipeSpec, apply_override, recipe_from_dict
+
+    raw = RecipeSpec(model=str(folder), method=case["method"]).to_dict()
+    raw["data"]["seq_len"], raw["train"]["micro_batch"] = case["seq"], case["batch"]
+    raw["train"]["seed"] = SEED
+    if smoke:
+        raw["train"]["optimizer"] = "adamw_torch"  # what the smoke loop uses; the planner reads it
+    for item in overrides:
+        apply_override(raw, item, "benchmark recipe")
+    raw["memory"]["backend"] = backend
+    return recipe_from_dict(raw, "benchmark recipe")
+
+
+def setup_ours(folder: Path, recipe: Any) -> tuple[Any, LossFn, dict]:
+    """Load through the engine's backend interface; ``backends.prepare_process`` has run already."""
+    from tui_finetune.engine import backends
+    from tui_finetune.engine.loading import detect_device
+
+    loaded = backends.load_for_training(folder, recipe, detect_device())
+    backend, memory = loaded.backend, recipe.memory
+    info = {"backend": loaded.backend.name, "backend_requested": loaded.choice.requested,
+            "backend_reason": loaded.choice.reason, "backend_skipped": list(loaded.choice.skipped)}
+    return loaded.model, lambda m, b: backend.loss(m, b, memory, None), info
+
+
+def setup_baseline(folder: Path, case: dict, gpu: bool) -> tuple[Any, LossFn, dict]:
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, set_seed
+
+    kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if gpu else torch.float32, "attn_implementation": "sdpa"}
+    if gpu:
+        kwargs["device_map"] = {"": 0}
+    if case["method"] == "qlora":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    if case["method"] == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        for param in model.parameters():
+            param.requires_grad_(False)
+        if hasattr(model, "activation_checkpointing_enable"):  # the new name (transformers 5.2x)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.config.use_cache = False
+    set_seed(SEED)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
+                                             task_type="CAUSAL_LM"))
+    return model, lambda m, b: m(**b).loss, {}
+
+
+def setup_unsloth(folder: Path, case: dict) -> tuple[Any, LossFn, dict]:
+    from unsloth import FastLanguageModel  # noqa: I001 - imported before transformers by run_one
+
+    model, _ = FastLanguageModel.from_pretrained(str(folder), max_seq_length=case["seq"],
+                                                 load_in_4bit=case["method"] == "qlora", dtype=None)
+    model = FastLanguageModel.get_peft_model(
+        model, r=16, lora_alpha=32, lora_dropout=0, bias="none", use_gradient_checkpointing="unsloth",
+        target_modules=LORA_TARGETS, random_state=SEED)
+    return model, lambda m, b: m(**b).loss, {}
+
+
+# ---------------------------------------------------------------- one measured run
+
+def run_one(case: dict, stack: str, steps: int, overrides: list[str], smoke: bool) -> dict:
+    """Train one case on one stack in this process; returns the row (losses, peak, tokens/s, planner)."""
+    kind, _, backend = stack.partition(":")
+    folder = model_folder(case["model"])
+    recipe = None
+    if kind == "ours":
+        recipe = ours_recipe(folder, case, backend, overrides, smoke)  # plain Python: no transformers yet
+        from tui_finetune.engine import backends
+
+        backends.prepare_process(recipe.memory.backend)  # imports Unsloth first when it may be used
+    elif kind == "unsloth":
+        import unsloth  # noqa: F401 - patches transformers and peft, so it must come first
+    import torch
+
+    gpu = torch.cuda.is_available()
+    if not gpu and not smoke:
+        raise SystemExit("no CUDA GPU here: memory_speed measures GPU memory; "
+                         "use --smoke to test the script on the CPU")
+    if gpu and case.get("cap_gb"):
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(case["cap_gb"] * GIB / total, 1.0))
+    if smoke:
+        build_model(case["model"])  # a second process just for the tiny model would double the test's time
+    torch.manual_seed(SEED)
+    started = time.perf_counter()
+    if kind == "ours":
+        model, loss_fn, info = setup_ours(folder, recipe)
+    elif kind == "baseline":
+        model, loss_fn, info = setup_baseline(folder, case, gpu)
+    else:
+        model, loss_fn, info = setup_unsloth(folder, case)
+    load_s = time.perf_counter() - started
+    measured = train_and_measure(model, loss_fn, case, steps, gpu)
+    row = {"stack": stack, **case, "steps": steps, "device": torch.cuda.get_device_name(0) if gpu else "CPU",
+           "cuda": torch.version.cuda if gpu else None, "load_s": load_s, **info, **measured}
+    if recipe is not None:
+        row.update(plan_peak(case["model"], recipe))
+    return row
+
+
+def make_optimizer(params: list, gpu: bool) -> Any:
+    import torch
+
+    if gpu:
+        import bitsandbytes as bnb
+
+        return bnb.optim.PagedAdamW8bit(params, lr=LEARNING_RATE)
+    return torch.optim.AdamW(params, lr=LEARNING_RATE)
+
+
+def train_and_measure(model: Any, loss_fn: LossFn, case: dict, steps: int, gpu: bool) -> dict:
+    """``steps`` optimizer steps of one micro-batch each; the peak counts from the first step on
+    (weights included, loading transients not)."""
+    import torch
+
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], gpu)
+    device = model.get_input_embeddings().weight.device
+    vocab = model_spec(case["model"]).vocab_size
+    model.train()
+    if gpu:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    losses, times = [], []
+    for batch in random_batches(vocab, case["seq"], case["batch"], steps, device):
+        if gpu:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        loss = loss_fn(model, batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if gpu:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+        losses.append(float(loss.detach()))
+    timed = times[WARMUP_STEPS:] or times
+    return {
+        "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB if gpu else None,
+        "peak_allocated_gib": torch.cuda.max_memory_allocated() / GIB if gpu else None,
+        "tokens_per_s": case["seq"] * case["batch"] * len(timed) / sum(timed),
+        "losses": losses,
+    }
+
+
+def plan_peak(key: str, recipe: Any) -> dict:
+    """The planner's prediction for our recipe: ``torch_peak`` predicts max_memory_reserved (the CUDA
+    context, which torch doesn't see, is only in ``total``)."""
+    from tui_finetune.core.planner import PlanCase, estimate_peak_vram, profile_from_memory
+
+    estimate = estimate_peak_vram(PlanCase.from_recipe(model_spec(key), recipe), profile_from_memory(recipe.memory))
+    return {"planner_torch_gib": estimate.torch_peak / GIB, "planner_total_gib": estimate.total / GIB}
