@@ -167,3 +167,10 @@ def test_model_loss_backends_let_the_trainer_scale_for_accumulation():
     assert not BACKENDS["universal"].uses_model_loss(MemorySpec())
     assert not BACKENDS["liger"].uses_model_loss(MemorySpec(chunked_loss=False))
     assert BACKENDS["unsloth"].uses_model_loss(MemorySpec())
+
+
+def test_expected_backend_names_what_will_load_so_the_planner_can_model_it(tiny, monkeypatch):
+    assert backends.expected_backend(tiny, _recipe(tiny), CPU) == "universal"
+    monkeypatch.setitem(BACKENDS, "liger", _Usable())
+    assert backends.expected_backend(tiny, _recipe(tiny), CPU) == "liger"
+    assert backends.expected_backend(tiny, _recipe(tiny, "universal"), CPU) == "universal"

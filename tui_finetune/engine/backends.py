@@ -1,8 +1,8 @@
 """Kernel backends behind one interface: the engine picks the fastest that works and says why.
 
 * ``universal``: pure PyTorch (engine/lean.py): no Triton, so it runs everywhere, Windows included.
-* ``liger``: Liger's Triton kernels (RMSNorm, SwiGLU/GeGLU, RoPE, fused linear cross-entropy)
-  patched into the same transformers + peft model; everything else is the universal path.
+* ``liger``: Liger's Triton kernels (RMSNorm, SwiGLU/GeGLU, RoPE) patched into the same
+  transformers + peft model; the loss and everything else is the universal path.
 * ``unsloth``: Unsloth's ``FastLanguageModel`` where it is installed (an optional extra, as in
   LLaMA-Factory), with its own kernels, loss and offloaded checkpointing.
 
@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 
 from tui_finetune.core.recipe import MemorySpec, RecipeSpec
 from tui_finetune.engine import lean
@@ -148,7 +147,7 @@ class LigerBackend(UniversalBackend):
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
         model = load_base_model(folder, recipe, device)
-        # The norms, the gated MLP and RoPE become Triton kernels; our loss below replaces the model's.
+        # The norms, the gated MLP and RoPE become Triton kernels; the loss stays the lean path's.
         _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, geglu=True,
                                         cross_entropy=False, fused_linear_cross_entropy=False)
         return add_seeded_lora(model, recipe, device)
@@ -158,23 +157,11 @@ class LigerBackend(UniversalBackend):
 
     def loss(self, model: Any, inputs: dict[str, Any], memory: MemorySpec,
              num_items_in_batch: int | torch.Tensor | None = None) -> torch.Tensor:
-        """Liger's fused linear cross-entropy: the lm_head matmul and the loss in one kernel per chunk,
-        gradients computed in the forward; same normalisation as ``lean.chunked_causal_lm_loss``."""
-        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-
-        inputs = dict(inputs)
-        labels = inputs.pop("labels")
-        decoder, lm_head, softcap = lean.causal_lm_parts(model)
-        with lean.activation_offload(memory):
-            hidden = decoder(**inputs, use_cache=False).last_hidden_state
-        shifted = F.pad(labels, (0, 1), value=lean.IGNORE_INDEX)[..., 1:].reshape(-1).to(hidden.device)
-        fused = LigerFusedLinearCrossEntropyLoss(ignore_index=lean.IGNORE_INDEX, reduction="sum", softcap=softcap)
-        total = fused(lm_head.weight, hidden.reshape(-1, hidden.shape[-1]), shifted, getattr(lm_head, "bias", None))
-        denominator: Any = (shifted != lean.IGNORE_INDEX).sum().clamp(min=1) if num_items_in_batch is None \
-            else num_items_in_batch
-        if torch.is_tensor(denominator):
-            denominator = denominator.to(total.device)
-        return total.float() / denominator
+        """The lean path's fused cross-entropy, not Liger's: Liger sizes its chunks to about
+        tokens x hidden / vocab (8 tokens a chunk for Gemma's 256k vocabulary at seq 1024), which made
+        the whole Gemma-2B step 8% slower than the universal path on an H100 (benchmarks/results/
+        h100-gemma-backends.md); ours sizes them to a fixed 128 MiB of logits."""
+        return lean.lean_causal_lm_loss(model, inputs, memory, num_items_in_batch)
 
 
 class UnslothBackend(Backend):
@@ -240,6 +227,16 @@ def candidates(requested: str) -> list[str]:
     if requested == "auto":
         return list(AUTO_ORDER)
     return [requested] + ([] if requested == "universal" else ["universal"])
+
+
+def expected_backend(folder: Path, recipe: RecipeSpec, device: DeviceFacts) -> str:
+    """The backend ``load_for_training`` will try first: available here and for this architecture.
+    (It can still fall back if that one fails to load.) For planning before the model loads."""
+    model_type = model_type_of(folder)
+    for name in candidates(recipe.memory.backend):
+        if BACKENDS[name].unavailable(model_type, recipe, device) is None:
+            return name
+    return "universal"
 
 
 def probe_step(model: Any, backend: Backend, memory: MemorySpec) -> None:
