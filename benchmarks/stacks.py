@@ -220,7 +220,7 @@ def run_one(case: dict, stack: str, steps: int, overrides: list[str], smoke: boo
     row = {"stack": stack, **case, "steps": steps, "device": torch.cuda.get_device_name(0) if gpu else "CPU",
            "cuda": torch.version.cuda if gpu else None, "load_s": load_s, **info, **measured}
     if recipe is not None:
-        row.update(plan_peak(case["model"], recipe))
+        row.update(plan_peak(case["model"], recipe, info.get("backend", "")))
     return row
 
 
@@ -268,10 +268,13 @@ def train_and_measure(model: Any, loss_fn: LossFn, case: dict, steps: int, gpu: 
     }
 
 
-def plan_peak(key: str, recipe: Any) -> dict:
-    """The planner's prediction for our recipe: ``torch_peak`` predicts max_memory_reserved (the CUDA
-    context, which torch doesn't see, is only in ``total``)."""
+def plan_peak(key: str, recipe: Any, backend: str = "") -> dict:
+    """The planner's prediction for our recipe on the backend that ran: ``torch_peak`` predicts
+    max_memory_reserved (the CUDA context, which torch doesn't see, is only in ``total``)."""
+    from dataclasses import replace
+
     from tui_finetune.core.planner import PlanCase, estimate_peak_vram, profile_from_memory
 
-    estimate = estimate_peak_vram(PlanCase.from_recipe(model_spec(key), recipe), profile_from_memory(recipe.memory))
+    memory = replace(recipe.memory, backend=backend or recipe.memory.backend)
+    estimate = estimate_peak_vram(PlanCase.from_recipe(model_spec(key), recipe), profile_from_memory(memory))
     return {"planner_torch_gib": estimate.torch_peak / GIB, "planner_total_gib": estimate.total / GIB}

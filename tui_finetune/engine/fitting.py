@@ -24,7 +24,7 @@ from tui_finetune.core.autofit import auto_fit
 from tui_finetune.core.catalog import UnknownModelError
 from tui_finetune.core.events import EventLog, PhaseEvent, WarningEvent
 from tui_finetune.core.model_source import resolve_model_spec
-from tui_finetune.core.planner import GIB
+from tui_finetune.core.planner import GIB, profile_from_memory
 from tui_finetune.core.recipe import RecipeSpec
 from tui_finetune.core.runs import read_run_info, update_run_info, write_run_recipe
 
@@ -57,12 +57,14 @@ def free_vram_bytes() -> int:
     return int(torch.cuda.mem_get_info()[0])
 
 
-def auto_fit_run(run_dir: Path, recipe: RecipeSpec, model: str, free_bytes: float, log: EventLog) -> RecipeSpec:
+def auto_fit_run(run_dir: Path, recipe: RecipeSpec, model: str, free_bytes: float, log: EventLog,
+                 backend: str = "") -> RecipeSpec:
     """Fit a fresh run's recipe to ``free_bytes`` of VRAM; returns the recipe to train with.
 
     ``model`` is what ``resolve_model_spec`` reads: the downloaded folder, or a catalog key. The whole
     CUDA context is counted against the free figure although ours has started: the cuBLAS workspace
-    and kernels still come, and erring toward fitting is the promise. Raises FitRefused.
+    and kernels still come, and erring toward fitting is the promise. ``backend``: the one
+    ``backends.expected_backend`` says will load, so the planner models it. Raises FitRefused.
     """
     try:
         spec = resolve_model_spec(model)
@@ -70,7 +72,10 @@ def auto_fit_run(run_dir: Path, recipe: RecipeSpec, model: str, free_bytes: floa
         log.emit(WarningEvent(message=f"auto-fit skipped: the model's shape is unknown ({err})",
                               advice="the fit-check on the longest batch still runs before training"))
         return recipe
-    decision = auto_fit(recipe, spec, free_bytes)
+    def profile_for(memory: Any) -> Any:  # the planner models the backend that will load (engine/backends.py)
+        return profile_from_memory(replace(memory, backend=backend or memory.backend))
+
+    decision = auto_fit(recipe, spec, free_bytes, profile_for=profile_for)
     if not decision.fits:
         update_run_info(run_dir, autofit=decision.changes)
         raise FitRefused(f"this recipe can't fit the {free_bytes / GIB:.1f} GiB of free VRAM: the planner "
