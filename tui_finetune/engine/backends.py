@@ -133,7 +133,7 @@ class LigerBackend(UniversalBackend):
 
     def unavailable(self, model_type: str, recipe: RecipeSpec, device: DeviceFacts) -> str | None:
         if not module_installed("liger_kernel"):
-            return "not installed (pip install liger-kernel)"
+            return "not installed (pip install 'tui-finetune[liger]')"
         reason = _needs_triton(device)
         if reason:
             return reason
