@@ -79,7 +79,7 @@ CALIBRATION: list[tuple[str, str, int, int, str, float, str]] = [
     ("mistral-7b", "qlora", 2048, 1, "lean+offload+chunks", 4.93, LEAN_H100),
     ("llama-3.1-8b", "qlora", 2048, 1, "lean+offload+chunks", 6.39, LEAN_H100),
     ("mistral-7b", "qlora", 40960, 1, "lean+offload+chunks", 12.96, LEAN_H100),
-    ("gemma-2b", "qlora", 1024, 1, "liger", 2.66, LEAN_H100),
+    ("gemma-2b", "qlora", 1024, 1, "liger", 2.91, LEAN_H200),  # gpu-gemma-liger-lean-ce.md
     ("mistral-7b", "qlora", 2048, 1, "liger", 5.69, LEAN_H200),
     ("gemma-2b", "qlora", 1024, 1, "unsloth", 2.85, LEAN_H100),
     ("gemma-2b", "qlora", 2048, 1, "unsloth", 3.01, LEAN_H100),

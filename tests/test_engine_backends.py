@@ -42,16 +42,16 @@ def _train_one_step(loaded, recipe) -> float:
 
 
 def test_candidates_try_the_request_then_the_universal_path():
-    assert candidates("auto") == ["unsloth", "liger", "universal"]
+    assert candidates("auto") == ["unsloth", "universal"]
     assert candidates("liger") == ["liger", "universal"]
     assert candidates("universal") == ["universal"]
 
 
-def test_auto_on_a_cpu_passes_over_each_accelerated_backend_with_its_reason(tiny):
+def test_auto_on_a_cpu_passes_over_unsloth_with_its_reason(tiny):
     recipe = _recipe(tiny)
     loaded = load_for_training(tiny, recipe, CPU)
     assert loaded.choice.name == loaded.backend.name == "universal"
-    assert [s.split(":")[0] for s in loaded.choice.skipped] == ["unsloth", "liger"]
+    assert [s.split(":")[0] for s in loaded.choice.skipped] == ["unsloth"]
     for line in loaded.choice.skipped:  # not installed here, or installed but no GPU: either way, said
         assert any(why in line for why in ("not installed", "needs an NVIDIA GPU")), line
     assert loaded.choice.reason.startswith("pure PyTorch")
@@ -171,6 +171,8 @@ def test_model_loss_backends_let_the_trainer_scale_for_accumulation():
 
 def test_expected_backend_names_what_will_load_so_the_planner_can_model_it(tiny, monkeypatch):
     assert backends.expected_backend(tiny, _recipe(tiny), CPU) == "universal"
-    monkeypatch.setitem(BACKENDS, "liger", _Usable())
-    assert backends.expected_backend(tiny, _recipe(tiny), CPU) == "liger"
+    monkeypatch.setitem(BACKENDS, "unsloth", _Usable())
+    assert backends.expected_backend(tiny, _recipe(tiny), CPU) == "unsloth"
     assert backends.expected_backend(tiny, _recipe(tiny, "universal"), CPU) == "universal"
+    monkeypatch.setitem(BACKENDS, "liger", _Usable())
+    assert backends.expected_backend(tiny, _recipe(tiny, "liger"), CPU) == "liger"

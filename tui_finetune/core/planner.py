@@ -147,8 +147,8 @@ PROFILES: dict[str, EngineProfile] = {BASELINE.name: BASELINE, LEAN.name: LEAN, 
 def profile_from_memory(memory: "MemorySpec", name: str = "recipe") -> EngineProfile:
     """The profile of the techniques a recipe switches on (see ``MemorySpec``) on its backend.
 
-    Liger's kernels measured within the lean path's error (their memory is 2-5% lower), so ``liger``,
-    ``universal`` and ``auto`` share it; for ``auto`` that is the universal path the engine falls back
+    Liger's kernels measured within 8% of the lean profile (Gemma-2B 2.91 GiB against 2.80 for the
+    universal path, Mistral-7B 5.69 against 5.81), so ``liger``, ``universal`` and ``auto`` share it; for ``auto`` that is the universal path the engine falls back
     to. The worker resolves ``auto`` to the backend it will load before it auto-fits."""
     if memory.backend == "unsloth":
         return UNSLOTH

@@ -133,8 +133,8 @@ class MemorySpec:
     """Attention kernel: sdpa (PyTorch's flash/memory-efficient kernels), eager, or flash_attention_2."""
     backend: str = "auto"
     """Kernels: ``universal`` (pure PyTorch, works everywhere), ``liger`` (Triton kernels), ``unsloth``
-    (when installed), or ``auto``: the fastest that is installed and supports the architecture, falling
-    back to universal (engine/backends.py; the choice and its reason go to run.json)."""
+    (when installed), or ``auto``: Unsloth where it is installed and supports the card and architecture,
+    else universal (engine/backends.py; the choice and its reason go to run.json)."""
 
 
 @dataclass

@@ -6,7 +6,7 @@
 * ``unsloth``: Unsloth's ``FastLanguageModel`` where it is installed (an optional extra, as in
   LLaMA-Factory), with its own kernels, loss and offloaded checkpointing.
 
-``memory.backend = "auto"`` tries them fastest first. A backend is skipped when it is missing, the
+``memory.backend = "auto"`` tries Unsloth, then the universal path (``AUTO_ORDER``). A backend is skipped when it is missing, the
 card or architecture is unsupported, or it raises while loading or on a one-step probe (a Triton
 kernel that fails to compile on an old card fails there, not hours into the run); the next one is
 tried on a freshly loaded model. The worker records the choice, the reason and every skip in
@@ -29,7 +29,10 @@ from tui_finetune.core.recipe import MemorySpec, RecipeSpec
 from tui_finetune.engine import lean
 from tui_finetune.engine.loading import DeviceFacts, add_lora, compute_dtype, load_base_model
 
-AUTO_ORDER = ("unsloth", "liger", "universal")
+AUTO_ORDER = ("unsloth", "universal")
+"""What ``auto`` tries. Liger is left to an explicit ``memory.backend = "liger"``: on an H100 and an H200
+it ran within 2% of the universal path's speed, with memory between 4% less and 4% more (benchmarks/
+results/goals.md), so it added a patched model for no measured gain. Unsloth ran 1.5-2.2x the baseline."""
 TRITON_MIN_CAPABILITY = (7, 0)
 """Triton (so Liger and Unsloth) needs a Volta or newer card; GTX 10xx cards are 6.1."""
 UNSLOTH_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
