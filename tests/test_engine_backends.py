@@ -2,8 +2,8 @@
 
 On a CPU the accelerated backends are never available, so these tests show the other half of the
 contract: each is passed over with a reason, a backend that raises while loading or on its probe
-step gives way to the next on a freshly loaded model, an out-of-memory is not mistaken for a
-backend failure, and whatever is chosen trains. The accelerated backends themselves run in
+step ends the process with its reason and the worker restarts without it, an out-of-memory is not
+mistaken for a backend failure, and whatever is chosen trains. The accelerated backends themselves run in
 tests/test_engine_backends_gpu.py.
 """
 
@@ -100,28 +100,45 @@ class _OutOfMemory(_Usable):
 
 
 @pytest.mark.parametrize("broken, expected", [
-    (_RaisesWhileLoading, "liger: failed (RuntimeError: triton: failed to compile kernel for sm_61)"),
-    (_RaisesOnTheProbe, "liger: failed (ValueError: unsupported head dimension 80)"),
-    (_NanOnTheProbe, "liger: failed (RuntimeError: the probe step's loss is nan)"),
+    (_RaisesWhileLoading, "RuntimeError: triton: failed to compile kernel for sm_61"),
+    (_RaisesOnTheProbe, "ValueError: unsupported head dimension 80"),
+    (_NanOnTheProbe, "RuntimeError: the probe step's loss is nan"),
 ])
-def test_a_backend_that_raises_gives_way_to_the_universal_path(tiny, monkeypatch, broken, expected):
+def test_a_backend_that_raises_ends_the_process_with_its_reason(tiny, monkeypatch, broken, expected):
+    """Liger and Unsloth patch transformers' classes process-wide: the fallback needs a fresh process."""
     monkeypatch.setitem(BACKENDS, "liger", broken())
-    warnings: list[str] = []
+    with pytest.raises(backends.BackendFailed) as failed:
+        load_for_training(tiny, _recipe(tiny, "liger"), CPU)
+    assert (failed.value.name, failed.value.reason) == ("liger", expected)
+    assert "the liger backend failed on this model" in str(failed.value)
+
+
+def test_the_fresh_process_skips_the_failed_backend_and_trains_on_the_universal_path(tiny, monkeypatch):
+    monkeypatch.setitem(BACKENDS, "liger", _RaisesWhileLoading())
     recipe = _recipe(tiny, "liger")
-    loaded = load_for_training(tiny, recipe, CPU, warnings.append)
-    assert loaded.choice.name == "universal" and loaded.choice.skipped == [expected]
-    assert len(warnings) == 1 and "the liger backend failed" in warnings[0]
-    assert expected.split("(", 1)[1].rstrip(")") in loaded.choice.reason
-    assert type(loaded.backend) is UniversalBackend
+    loaded = load_for_training(tiny, recipe, CPU, {"liger": "RuntimeError: triton: failed to compile"})
+    assert loaded.choice.name == "universal" and type(loaded.backend) is UniversalBackend
+    assert loaded.choice.skipped == ["liger: failed in an earlier attempt (RuntimeError: triton: failed to compile)"]
+    assert "failed in an earlier attempt" in loaded.choice.reason
+    direct = load_for_training(tiny, _recipe(tiny, "universal"), CPU).model.state_dict()
+    lora = [k for k in direct if "lora_" in k]
+    assert lora and all(torch.equal(direct[k], loaded.model.state_dict()[k]) for k in lora)
     assert _train_one_step(loaded, recipe) > 0
 
 
-def test_the_fallback_model_gets_the_same_adapter_as_a_direct_universal_load(tiny, monkeypatch):
-    direct = load_for_training(tiny, _recipe(tiny, "universal"), CPU).model.state_dict()
-    monkeypatch.setitem(BACKENDS, "liger", _RaisesWhileLoading())
-    fallback = load_for_training(tiny, _recipe(tiny, "liger"), CPU).model.state_dict()
-    lora = [k for k in direct if "lora_" in k]
-    assert lora and all(torch.equal(direct[k], fallback[k]) for k in lora)
+def test_the_worker_records_the_failure_and_re_executes_itself(tiny, tmp_path, monkeypatch):
+    from tui_finetune.core.events import WarningEvent, read_events
+    from tui_finetune.core.runs import create_run, read_run_info
+    from tui_finetune.engine import worker
+
+    run_dir = create_run(_recipe(tiny, "liger"), tiny / "data.jsonl", base=tmp_path)
+    execs = []
+    monkeypatch.setattr(worker.os, "execv", lambda path, argv: execs.append(argv))
+    worker.Worker(run_dir)._restart_without(backends.BackendFailed("liger", "RuntimeError: no kernel"))
+    assert read_run_info(run_dir).backend_failures == {"liger": "RuntimeError: no kernel"}
+    assert execs and execs[0][1:] == ["-m", "tui_finetune.engine.worker", str(run_dir)]
+    warnings = [e for e in read_events(run_dir / "events.jsonl")[0] if isinstance(e, WarningEvent)]
+    assert "restarting the worker without it" in warnings[-1].message
 
 
 def test_an_out_of_memory_is_not_a_backend_failure(tiny, monkeypatch):
@@ -140,13 +157,15 @@ def test_the_universal_path_failing_is_an_error_not_a_fallback(tiny, monkeypatch
         load_for_training(tiny, _recipe(tiny, "universal"), CPU)
 
 
-def test_unsloth_is_passed_over_for_architectures_it_lacks_and_for_full_fine_tuning(monkeypatch):
+def test_unsloth_is_passed_over_for_architectures_it_lacks_full_fine_tuning_and_packing(monkeypatch):
     monkeypatch.setattr(backends, "module_installed", lambda name: True)
     monkeypatch.setattr(backends, "_needs_triton", lambda device: None)
     unsloth = BACKENDS["unsloth"]
     recipe = RecipeSpec(model="x")
     assert unsloth.unavailable("mistral", recipe, CPU) is None
     assert "'phi' architecture" in unsloth.unavailable("phi", recipe, CPU)
+    recipe.data.packing = True
+    assert "packing" in unsloth.unavailable("mistral", recipe, CPU)
     recipe.method = "full"
     assert "full fine-tuning" in unsloth.unavailable("mistral", recipe, CPU)
 
@@ -176,3 +195,20 @@ def test_expected_backend_names_what_will_load_so_the_planner_can_model_it(tiny,
     assert backends.expected_backend(tiny, _recipe(tiny, "universal"), CPU) == "universal"
     monkeypatch.setitem(BACKENDS, "liger", _Usable())
     assert backends.expected_backend(tiny, _recipe(tiny, "liger"), CPU) == "liger"
+
+
+def test_a_resume_may_change_the_backend_and_maths_preserving_memory_switches_but_not_precision(tmp_path):
+    import json
+
+    from tui_finetune.engine.checkpoints import RUN_STATE
+    from tui_finetune.engine.resume import checkpoint_state, resume_differences
+
+    then = _recipe(tmp_path, "unsloth")
+    checkpoint = tmp_path / "checkpoint-4"
+    checkpoint.mkdir()
+    (checkpoint / RUN_STATE).write_text(json.dumps(checkpoint_state(then, "abc", 1, 16, 4, None)))
+    now = _recipe(tmp_path, "universal")  # the advice after a backend failure
+    now.memory.offload_activations, now.memory.mlp_chunk_tokens = True, 4096
+    assert resume_differences(checkpoint, now, "abc") == []
+    now.memory.adapter_dtype = "compute"
+    assert resume_differences(checkpoint, now, "abc") == ["memory.adapter_dtype: 'fp32' -> 'compute'"]

@@ -71,6 +71,9 @@ class RunInfo:
     backend_reason: str = ""
     backend_skipped: list[str] = field(default_factory=list)
     """Each backend tried before it and why it was passed over ("liger: not installed ...")."""
+    backend_failures: dict[str, str] = field(default_factory=dict)
+    """Backends that raised while loading or on their probe step (name: error); the worker restarted
+    without them, and later starts of this run skip them too."""
     device: str = ""
     resumed_from: str = ""
     """The checkpoint the worker last resumed from ('' for a fresh start)."""

@@ -6,10 +6,12 @@
 * ``unsloth``: Unsloth's ``FastLanguageModel`` where it is installed (an optional extra, as in
   LLaMA-Factory), with its own kernels, loss and offloaded checkpointing.
 
-``memory.backend = "auto"`` tries Unsloth, then the universal path (``AUTO_ORDER``). A backend is skipped when it is missing, the
-card or architecture is unsupported, or it raises while loading or on a one-step probe (a Triton
-kernel that fails to compile on an old card fails there, not hours into the run); the next one is
-tried on a freshly loaded model. The worker records the choice, the reason and every skip in
+``memory.backend = "auto"`` tries Unsloth, then the universal path (``AUTO_ORDER``). A backend is
+skipped when it is missing or the card, architecture or recipe is unsupported. One that raises while
+loading or on a one-step probe (a Triton kernel that fails to compile on an old card fails there, not
+hours into the run) ends the process with ``BackendFailed``: Liger and Unsloth patch transformers'
+classes process-wide, so the worker re-executes itself and the fresh process skips that backend.
+The worker records the choice, the reason, every skip and every failure in
 ``run.json``. Whatever the backend, the model is a peft LoRA model trained by the same Trainer, so
 events, checkpoints, resume and stop are the same.
 """
@@ -51,11 +53,13 @@ def cuda_capability() -> tuple[int, int] | None:
     return torch.cuda.get_device_capability() if torch.cuda.is_available() else None
 
 
-def prepare_process(setting: str) -> None:
+def prepare_process(setting: str, excluded: dict[str, str] | None = None) -> None:
     """Import Unsloth now if this run may use it: it patches transformers and peft, so it must be
     imported before them. Call first thing in the worker (or a benchmark child)."""
     global _unsloth_import_error
     if setting not in ("auto", "unsloth") or not module_installed("unsloth") or cuda_capability() is None:
+        return
+    if "unsloth" in (excluded or {}):
         return
     try:
         import unsloth  # noqa: F401
@@ -140,8 +144,10 @@ class LigerBackend(UniversalBackend):
         reason = _needs_triton(device)
         if reason:
             return reason
-        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
-
+        try:
+            from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+        except Exception as err:  # noqa: BLE001 - a Liger that doesn't import with this transformers
+            return f"failed to import ({type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''})"
         if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
             return f"no Liger kernels for the '{model_type or 'unknown'}' architecture"
         return None
@@ -181,6 +187,10 @@ class UnslothBackend(Backend):
             return f"failed to import: {_unsloth_import_error}"
         if recipe.method == "full":
             return "full fine-tuning runs on the PyTorch paths"
+        if recipe.data.packing:
+            # Packed examples are kept apart by the mask transformers builds from restarting
+            # position_ids (data/collate.py); Unsloth replaces that attention code, unverified here.
+            return "packing (data.packing) is not verified with Unsloth's attention"
         return super().unavailable(model_type, recipe, device)
 
     def load(self, folder: Path, recipe: RecipeSpec, device: DeviceFacts) -> Any:
@@ -262,23 +272,37 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def load_for_training(folder: Path, recipe: RecipeSpec, device: DeviceFacts,
-                      warn: Callable[[str], None] | None = None) -> LoadedModel:
-    """Load with the first backend that is available and survives loading and a probe step.
+class BackendFailed(Exception):
+    """An accelerated backend failed while loading or on its probe step. Liger and Unsloth patch
+    transformers' classes for the whole process, so the fallback can't be loaded in this process: the
+    caller starts a fresh one that excludes this backend (the worker re-executes itself)."""
 
-    A CUDA out-of-memory is not a backend failure: it propagates, so the caller's OOM advice applies.
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"the {name} backend failed on this model ({reason})")
+        self.name, self.reason = name, reason
+
+
+def load_for_training(folder: Path, recipe: RecipeSpec, device: DeviceFacts,
+                      excluded: dict[str, str] | None = None) -> LoadedModel:
+    """Load with the first backend that is available, not ``excluded`` (name: why it failed in an
+    earlier process), and survives loading and a probe step.
+
+    An accelerated backend that raises ends in ``BackendFailed``; a CUDA out-of-memory is not a backend
+    failure and propagates as it is, so the caller's OOM advice applies.
     """
     from tui_finetune.engine.training import is_oom
 
-    requested = recipe.memory.backend
+    requested, excluded = recipe.memory.backend, excluded or {}
     model_type = model_type_of(folder)
     choice = BackendChoice(requested=requested)
     for name in candidates(requested):
         backend = BACKENDS[name]
-        why_not = backend.unavailable(model_type, recipe, device)
+        why_not = (f"failed in an earlier attempt ({excluded[name]})" if name in excluded
+                   else backend.unavailable(model_type, recipe, device))
         if why_not:
             choice.skipped.append(f"{name}: {why_not}")
             continue
+        failure = ""
         try:
             model = backend.load(folder, recipe, device)
             if name != "universal":
@@ -286,14 +310,10 @@ def load_for_training(folder: Path, recipe: RecipeSpec, device: DeviceFacts,
         except Exception as err:  # noqa: BLE001 - any failure of an accelerated backend means: fall back
             if is_oom(err) or name == "universal":
                 raise
-            first = str(err).splitlines()[0][:200] if str(err) else ""
-            choice.skipped.append(f"{name}: failed ({type(err).__name__}: {first})")
-            if warn:
-                warn(f"the {name} backend failed on this model ({type(err).__name__}: {first}); trying the next")
-            model = None
-        if model is None:
+            failure = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+        if failure:
             free_memory()  # outside the except block, so the traceback's frames no longer hold the model
-            continue
+            raise BackendFailed(name, failure)
         choice.name = name
         choice.reason = _reason(name, requested, model_type, choice.skipped)
         return LoadedModel(model, backend, choice)

@@ -206,10 +206,11 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-        scale = grad_output.float()
-        out_hidden = None if grad_hidden is None else (grad_hidden.float() * scale).to(grad_hidden.dtype)
-        out_weight = None if grad_weight is None else (grad_weight.float() * scale).to(grad_weight.dtype)
-        out_bias = None if grad_bias is None else (grad_bias * scale).to(ctx.bias_dtype)
+        # In place: the saved gradients are used once, and an fp32 copy of a (tokens x hidden) or, in full
+        # fine-tuning, of an lm_head-sized tensor is memory the planner does not count.
+        out_hidden = None if grad_hidden is None else grad_hidden.mul_(grad_output.to(grad_hidden.dtype))
+        out_weight = None if grad_weight is None else grad_weight.mul_(grad_output.to(grad_weight.dtype))
+        out_bias = None if grad_bias is None else (grad_bias * grad_output.float()).to(ctx.bias_dtype)
         return out_hidden, out_weight, out_bias, None, None, None
 
 

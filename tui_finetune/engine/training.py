@@ -83,8 +83,8 @@ def build_training_args(recipe: RecipeSpec, run_dir: Path, device: DeviceFacts, 
 
 
 class LeanTrainer(Trainer):
-    """Trainer whose loss is the backend's (engine/backends.py): the chunked cross-entropy of
-    engine/lean.py, Liger's fused one, or the model's own (no full fp32 logits in any of them).
+    """Trainer whose loss is the backend's (engine/backends.py): the fused chunked cross-entropy of
+    engine/lean.py (universal and Liger), or the model's own (Unsloth's); no full fp32 logits in any.
 
     ``compute_loss`` is Trainer's documented override point; everything else is Trainer's own.
     The loss is normalised by ``num_items_in_batch`` exactly like transformers' ForCausalLMLoss,

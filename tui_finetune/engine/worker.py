@@ -185,7 +185,8 @@ class Worker:
         """Load, prepare, train and save; True when training stopped early on request."""
         from tui_finetune.engine import backends
 
-        backends.prepare_process(self.recipe.memory.backend)  # Unsloth must come before transformers
+        failures = dict(self.info.backend_failures)
+        backends.prepare_process(self.recipe.memory.backend, failures)  # Unsloth must come before transformers
         from tui_finetune.engine import fitting, loading, samples
         from tui_finetune.engine.checkpoints import list_checkpoints
         from tui_finetune.engine.model_source import resolve_model
@@ -206,7 +207,10 @@ class Worker:
         tokenizer = loading.load_tokenizer(source.folder, recipe)
         if recipe.method == "qlora":
             self.phase("quantize", f"quantizing to 4-bit {recipe.quant.quant_type} while loading")
-        loaded = backends.load_for_training(source.folder, recipe, device, self._backend_failed)
+        try:
+            loaded = backends.load_for_training(source.folder, recipe, device, failures)
+        except backends.BackendFailed as err:
+            self._restart_without(err)
         model, self.backend = loaded.model, loaded.backend
         update_run_info(run_dir, backend=loaded.choice.name, backend_reason=loaded.choice.reason,
                         backend_skipped=loaded.choice.skipped)
@@ -339,8 +343,17 @@ class Worker:
             advice=f"to skip this next time: --set train.micro_batch={new_micro} train.grad_accum={new_accum}"))
         return new_micro, new_accum
 
-    def _backend_failed(self, message: str) -> None:
-        self.log.emit(WarningEvent(message=message, advice="set memory.backend = \"universal\" to skip the attempt"))
+    def _restart_without(self, err: Any) -> None:
+        """A backend failed after patching this process: record it and start afresh in this process's
+        place (same pid on POSIX), where ``load_for_training`` skips it."""
+        failures = {**read_run_info(self.run_dir).backend_failures, err.name: err.reason}
+        update_run_info(self.run_dir, backend_failures=failures)
+        self.log.emit(WarningEvent(message=f"{err}; restarting the worker without it",
+                                   advice='set memory.backend = "universal" to skip the attempt'))
+        self.log.close()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, [sys.executable, "-m", "tui_finetune.engine.worker", str(self.run_dir)])
 
     def _eval_shrunk(self, old: int, new: int) -> None:
         update_run_info(self.run_dir, eval_batch=new)
