@@ -144,3 +144,14 @@ def test_fit_check_that_never_fits_is_refused_as_oom(tiny, tmp_path):
     with EventLog(run_dir / EVENTS_FILE) as log, pytest.raises(FitRefused, match="even at micro-batch 1") as refused:
         fit_check_run(run_dir, model, OomAbove(10), recipe, data, tokenizer, log, fresh=True)
     assert "tui-finetune plan" in refused.value.advice
+
+
+def test_auto_fit_leaves_sequence_cuts_to_the_measuring_fit_check(mistral_run):
+    """Where only a shorter sequence would fit the estimate, the data is not truncated on an estimate:
+    the savers apply, a warning names the --set, and the fit-check decides by measuring."""
+    run_dir, recipe, log = mistral_run
+    fitted = auto_fit_run(run_dir, recipe, "mistral-7b", 5.5 * GIB, log)
+    assert fitted.data.seq_len == recipe.data.seq_len and fitted.memory.offload_activations
+    warning = [w for w in events(run_dir, WarningEvent) if "fit-check will measure" in w.message]
+    assert len(warning) == 1 and "data.seq_len=" in warning[0].advice
+    assert all("seq_len" not in change for change in read_run_info(run_dir).autofit)

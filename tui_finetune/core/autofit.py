@@ -63,14 +63,16 @@ class FitDecision:
 
 def auto_fit(recipe: RecipeSpec, model: ModelSpec, free_bytes: float, *, reserve_bytes: float | None = None,
              context_allocated: bool = False, data_longest: int | None = None,
-             profile_for: ProfileFor = profile_from_memory) -> FitDecision:
+             profile_for: ProfileFor = profile_from_memory, shorten_sequences: bool = True) -> FitDecision:
     """Adjust ``recipe`` until the planner's peak estimate fits ``free_bytes`` less a reserve.
 
     ``reserve_bytes`` defaults to ``RESERVE_FRACTION`` of the free memory. ``context_allocated``: the
     free figure was read inside the training process after CUDA started (``torch.cuda.mem_get_info``
     does that), so the CUDA context is already out of it and is not counted twice.
     ``data_longest``: the longest tokenized row, when known. ``profile_for`` maps the recipe's memory
-    techniques to the planner's engine profile (a backend can model its own).
+    techniques to the planner's engine profile (a backend can model its own). ``shorten_sequences``
+    False stops before the last lever, the one that truncates data: the worker leaves that to the
+    fit-check, which measures instead of estimating.
     """
     reserve = RESERVE_FRACTION * free_bytes if reserve_bytes is None else reserve_bytes
     budget = free_bytes - reserve
@@ -87,7 +89,8 @@ def auto_fit(recipe: RecipeSpec, model: ModelSpec, free_bytes: float, *, reserve
         for saver in SAVERS:
             yield saver(best)
         yield from _smaller_micro_batches(best)
-        yield from _shorter_sequences(best, data_longest)
+        if shorten_sequences:
+            yield from _shorter_sequences(best, data_longest)
 
     for candidate in levers():
         if best_need <= budget:

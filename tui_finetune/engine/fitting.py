@@ -75,12 +75,23 @@ def auto_fit_run(run_dir: Path, recipe: RecipeSpec, model: str, free_bytes: floa
     def profile_for(memory: Any) -> Any:  # the planner models the backend that will load (engine/backends.py)
         return profile_from_memory(replace(memory, backend=backend or memory.backend))
 
-    decision = auto_fit(recipe, spec, free_bytes, profile_for=profile_for)
+    decision = auto_fit(recipe, spec, free_bytes, profile_for=profile_for, shorten_sequences=False)
     if not decision.fits:
-        update_run_info(run_dir, autofit=decision.changes)
-        raise FitRefused(f"this recipe can't fit the {free_bytes / GIB:.1f} GiB of free VRAM: the planner "
-                         f"estimates {decision.before.total_gib:.1f} GiB as it is, {decision.after.total_gib:.1f} GiB "
-                         "at the smallest settings auto-fit may choose", decision.advice)
+        # Only a shorter sequence would fit the estimate. The planner leans high and a shorter sequence
+        # truncates data, so the fit-check measures first and shortens only on a real OOM. A run that
+        # doesn't fit even at the shortest sequence is refused now, before minutes of loading.
+        shortest = auto_fit(recipe, spec, free_bytes, profile_for=profile_for)
+        if not shortest.fits:
+            update_run_info(run_dir, autofit=shortest.changes)
+            raise FitRefused(f"this recipe can't fit the {free_bytes / GIB:.1f} GiB of free VRAM: the planner "
+                             f"estimates {shortest.before.total_gib:.1f} GiB as it is, "
+                             f"{shortest.after.total_gib:.1f} GiB at the smallest settings auto-fit may choose",
+                             shortest.advice)
+        log.emit(WarningEvent(
+            message=f"auto-fit: the planner expects {decision.after.total_gib:.1f} GiB against {free_bytes / GIB:.1f} "
+                    "GiB free even after the changes below; the fit-check will measure the longest batch and "
+                    "shorten the sequences only if it runs out of memory",
+            advice=f"or start with shorter sequences: --set {' '.join(shortest.settings)}"))
     if decision.changed:
         write_run_recipe(run_dir, decision.recipe)
         _record(run_dir, log, decision.changes)
