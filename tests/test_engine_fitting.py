@@ -155,3 +155,13 @@ def test_auto_fit_leaves_sequence_cuts_to_the_measuring_fit_check(mistral_run):
     warning = [w for w in events(run_dir, WarningEvent) if "fit-check will measure" in w.message]
     assert len(warning) == 1 and "data.seq_len=" in warning[0].advice
     assert all("seq_len" not in change for change in read_run_info(run_dir).autofit)
+
+
+def test_the_fit_check_holds_what_the_optimizer_states_will_take(tiny):
+    from tui_finetune.engine.fitting import optimizer_state_bytes
+
+    model = tiny[0]
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable > 0
+    assert optimizer_state_bytes(model, "paged_adamw_8bit") == 2 * trainable  # two 8-bit moments
+    assert optimizer_state_bytes(model, "adamw_torch") == 8 * trainable  # two fp32 moments

@@ -106,9 +106,11 @@ def truncate_rows(rows: list[dict[str, Any]], seq_len: int) -> list[dict[str, An
 
 # ------------------------------------------------------------ one check
 
-def fit_check(model: Any, loss_fn: LossFn, batch: dict[str, Any]) -> FitCheckResult:
+def fit_check(model: Any, loss_fn: LossFn, batch: dict[str, Any], *, hold_bytes: int = 0) -> FitCheckResult:
     """One forward and backward pass of ``loss_fn`` on ``batch``, then everything put back.
 
+    ``hold_bytes`` of VRAM stay allocated through the pass: the optimizer states the first real
+    optimizer step will add (the check never steps, so they would otherwise be missing from its peak).
     Raises what the pass raises (a CUDA OOM included), after the same clean-up.
     """
     cuda = torch.cuda.is_available() and _model_device(model).type == "cuda"
@@ -119,6 +121,7 @@ def fit_check(model: Any, loss_fn: LossFn, batch: dict[str, Any]) -> FitCheckRes
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+        held = torch.empty(hold_bytes, dtype=torch.uint8, device=_model_device(model)) if cuda and hold_bytes else None
         start = time.perf_counter()
         loss = loss_fn(model, inputs)
         loss.backward()
@@ -129,6 +132,7 @@ def fit_check(model: Any, loss_fn: LossFn, batch: dict[str, Any]) -> FitCheckRes
         seconds = time.perf_counter() - start
         allocated = torch.cuda.max_memory_allocated() if cuda else None
         reserved = torch.cuda.max_memory_reserved() if cuda else None
+        del held
     return FitCheckResult(loss=value, seconds=seconds, rows=rows, tokens=tokens,
                           peak_allocated_bytes=allocated, peak_reserved_bytes=reserved)
 
@@ -171,7 +175,7 @@ def release_memory() -> None:
 
 def fit_check_until_it_fits(model: Any, loss_fn: LossFn, rows: list[dict[str, Any]], collator: Callable[..., Any],
                             *, micro_batch: int, grad_accum: int, seq_len: int,
-                            min_seq_len: int = MIN_FIT_SEQ_LEN) -> FitOutcome:
+                            min_seq_len: int = MIN_FIT_SEQ_LEN, hold_bytes: int = 0) -> FitOutcome:
     """Fit-check ``rows`` (the longest first, at least ``micro_batch`` of them when the data has them).
 
     On a CUDA OOM: halve the micro-batch and double the accumulation (``next_micro_batch``, the
@@ -183,7 +187,7 @@ def fit_check_until_it_fits(model: Any, loss_fn: LossFn, rows: list[dict[str, An
     while True:
         batch_rows = truncate_rows(rows[:micro], seq)
         try:
-            result = fit_check(model, loss_fn, collator(batch_rows))
+            result = fit_check(model, loss_fn, collator(batch_rows), hold_bytes=hold_bytes)
             return FitOutcome(True, micro, accum, seq, result, changes)
         except Exception as err:  # noqa: BLE001 - only an OOM is handled; the rest is re-raised
             if not is_oom(err):

@@ -5,10 +5,11 @@
   same ones; each change is a warning event with the ``--set`` that pins it, and the list is kept in
   run.json (``autofit``). When nothing fits the run fails at once, as an OOM, with the advice.
 * ``fit_check_run``, once the model and the data are ready: one forward and backward pass on the
-  longest batch with the backend's loss (engine/fitcheck.py) and a ``fit`` phase event with the
-  measured peak. An OOM there shrinks the micro-batch through run.json, as the OOM recovery does
-  (the effective batch stays); at micro-batch 1 a fresh run's sequence length is halved in
-  recipe.toml and the worker tokenizes again.
+  longest batch with the backend's loss (engine/fitcheck.py), holding as much VRAM as the optimizer
+  states will take, and a ``fit`` phase event with the measured peak. An OOM there shrinks the
+  micro-batch through run.json, as the OOM recovery does (the effective batch stays); at
+  micro-batch 1 a fresh run's sequence length is halved in recipe.toml and the worker tokenizes
+  again. Auto-fit never shortens sequences itself: it warns, and this check measures.
 
 The orchestration lives here so that worker.py stays a readable setup / train / save.
 No torch at import time: the worker imports this module before it knows the device.
@@ -24,7 +25,7 @@ from tui_finetune.core.autofit import auto_fit
 from tui_finetune.core.catalog import UnknownModelError
 from tui_finetune.core.events import EventLog, PhaseEvent, WarningEvent
 from tui_finetune.core.model_source import resolve_model_spec
-from tui_finetune.core.planner import GIB, profile_from_memory
+from tui_finetune.core.planner import GIB, OPTIMIZER_STATE_BYTES, profile_from_memory
 from tui_finetune.core.recipe import RecipeSpec
 from tui_finetune.core.runs import read_run_info, update_run_info, write_run_recipe
 
@@ -111,7 +112,7 @@ def fit_check_run(run_dir: Path, model: Any, backend: Any, recipe: RecipeSpec, t
     outcome = fit_check_until_it_fits(
         model, lambda m, batch: backend.loss(m, batch, recipe.memory), longest_rows(train_data, micro),
         make_collator(tokenizer, recipe.data.packing), micro_batch=micro, grad_accum=accum,
-        seq_len=recipe.data.seq_len)
+        seq_len=recipe.data.seq_len, hold_bytes=optimizer_state_bytes(model, recipe.train.optimizer))
     if not outcome.fits:
         raise FitRefused(f"CUDA out of memory in the fit-check even at micro-batch 1 x {outcome.seq_len} tokens: "
                          f"{outcome.error}", "a smaller model, QLoRA (--set method=qlora) or closing other programs "
@@ -129,6 +130,13 @@ def fit_check_run(run_dir: Path, model: Any, backend: Any, recipe: RecipeSpec, t
         write_run_recipe(run_dir, recipe)
     log.emit(PhaseEvent(phase="fit", message=fit_message(outcome)))
     return recipe
+
+
+def optimizer_state_bytes(model: Any, optimizer: str) -> int:
+    """What the optimizer's states will take once it first steps (the planner's bytes per trainable
+    parameter); the fit-check holds this much while it runs, since it never steps."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return int(trainable * OPTIMIZER_STATE_BYTES.get(optimizer, 8.0))
 
 
 def fit_message(outcome: Any) -> str:
