@@ -165,3 +165,16 @@ def test_the_fit_check_holds_what_the_optimizer_states_will_take(tiny):
     assert trainable > 0
     assert optimizer_state_bytes(model, "paged_adamw_8bit") == 2 * trainable  # two 8-bit moments
     assert optimizer_state_bytes(model, "adamw_torch") == 8 * trainable  # two fp32 moments
+
+
+def test_on_a_card_without_bf16_auto_fit_does_not_count_on_compute_dtype_adapters(mistral_run):
+    """The engine keeps LoRA weights fp32 under fp16 (the grad scaler refuses fp16 gradients), so on an
+    RTX 20xx that saver would be a change on paper only."""
+    from tui_finetune.core.recipe import MachineFacts
+
+    run_dir, recipe, log = mistral_run
+    turing = MachineFacts(has_cuda=True, supports_bf16=False, bitsandbytes_ok=True, device_name="GeForce RTX 2060")
+    fitted = auto_fit_run(run_dir, recipe, "mistral-7b", 8 * GIB, log, machine=turing)
+    assert fitted.memory.adapter_dtype == "fp32" and fitted.memory.offload_activations
+    assert fitted.train.precision == "fp16" and read_run_recipe(run_dir) == fitted
+    assert not any("adapter_dtype" in change for change in read_run_info(run_dir).autofit)

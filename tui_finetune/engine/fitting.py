@@ -26,7 +26,7 @@ from tui_finetune.core.catalog import UnknownModelError
 from tui_finetune.core.events import EventLog, PhaseEvent, WarningEvent
 from tui_finetune.core.model_source import resolve_model_spec
 from tui_finetune.core.planner import GIB, OPTIMIZER_STATE_BYTES, profile_from_memory
-from tui_finetune.core.recipe import RecipeSpec
+from tui_finetune.core.recipe import MachineFacts, RecipeSpec, resolve_precision
 from tui_finetune.core.runs import read_run_info, update_run_info, write_run_recipe
 
 
@@ -59,13 +59,15 @@ def free_vram_bytes() -> int:
 
 
 def auto_fit_run(run_dir: Path, recipe: RecipeSpec, model: str, free_bytes: float, log: EventLog,
-                 backend: str = "") -> RecipeSpec:
+                 backend: str = "", machine: MachineFacts | None = None) -> RecipeSpec:
     """Fit a fresh run's recipe to ``free_bytes`` of VRAM; returns the recipe to train with.
 
     ``model`` is what ``resolve_model_spec`` reads: the downloaded folder, or a catalog key. The whole
     CUDA context is counted against the free figure although ours has started: the cuBLAS workspace
     and kernels still come, and erring toward fitting is the promise. ``backend``: the one
-    ``backends.expected_backend`` says will load, so the planner models it. Raises FitRefused.
+    ``backends.expected_backend`` says will load, so the planner models it. ``machine``: where
+    ``auto`` precisions resolve (on a card without bf16 the engine keeps adapters fp32, so that saver
+    can't help there). An unchanged recipe is returned as it was. Raises FitRefused.
     """
     try:
         spec = resolve_model_spec(model)
@@ -76,6 +78,7 @@ def auto_fit_run(run_dir: Path, recipe: RecipeSpec, model: str, free_bytes: floa
     def profile_for(memory: Any) -> Any:  # the planner models the backend that will load (engine/backends.py)
         return profile_from_memory(replace(memory, backend=backend or memory.backend))
 
+    original, recipe = recipe, resolve_precision(recipe, machine) if machine else recipe
     decision = auto_fit(recipe, spec, free_bytes, profile_for=profile_for, shorten_sequences=False)
     if not decision.fits:
         # Only a shorter sequence would fit the estimate. The planner leans high and a shorter sequence
@@ -93,9 +96,10 @@ def auto_fit_run(run_dir: Path, recipe: RecipeSpec, model: str, free_bytes: floa
                     "GiB free even after the changes below; the fit-check will measure the longest batch and "
                     "shorten the sequences only if it runs out of memory",
             advice=f"or start with shorter sequences: --set {' '.join(shortest.settings)}"))
-    if decision.changed:
-        write_run_recipe(run_dir, decision.recipe)
-        _record(run_dir, log, decision.changes)
+    if not decision.changed:
+        return original
+    write_run_recipe(run_dir, decision.recipe)
+    _record(run_dir, log, decision.changes)
     return decision.recipe
 
 
