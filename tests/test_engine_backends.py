@@ -192,6 +192,7 @@ def test_expected_backend_names_what_will_load_so_the_planner_can_model_it(tiny,
     assert backends.expected_backend(tiny, _recipe(tiny), CPU) == "universal"
     monkeypatch.setitem(BACKENDS, "unsloth", _Usable())
     assert backends.expected_backend(tiny, _recipe(tiny), CPU) == "unsloth"
+    assert backends.expected_backend(tiny, _recipe(tiny), CPU, {"unsloth": "RuntimeError"}) == "universal"
     assert backends.expected_backend(tiny, _recipe(tiny, "universal"), CPU) == "universal"
     monkeypatch.setitem(BACKENDS, "liger", _Usable())
     assert backends.expected_backend(tiny, _recipe(tiny, "liger"), CPU) == "liger"

@@ -242,12 +242,13 @@ def candidates(requested: str) -> list[str]:
     return [requested] + ([] if requested == "universal" else ["universal"])
 
 
-def expected_backend(folder: Path, recipe: RecipeSpec, device: DeviceFacts) -> str:
-    """The backend ``load_for_training`` will try first: available here and for this architecture.
-    (It can still fall back if that one fails to load.) For planning before the model loads."""
+def expected_backend(folder: Path, recipe: RecipeSpec, device: DeviceFacts,
+                     excluded: dict[str, str] | None = None) -> str:
+    """The backend ``load_for_training`` will try first: available here and for this architecture,
+    and not ``excluded``. (It can still fail to load.) For planning before the model loads."""
     model_type = model_type_of(folder)
     for name in candidates(recipe.memory.backend):
-        if BACKENDS[name].unavailable(model_type, recipe, device) is None:
+        if name not in (excluded or {}) and BACKENDS[name].unavailable(model_type, recipe, device) is None:
             return name
     return "universal"
 

@@ -202,7 +202,7 @@ class Worker:
         if device.has_cuda and not list_checkpoints(run_dir / CHECKPOINTS_DIR):  # auto-fit a fresh run only
             recipe = self.recipe = fitting.auto_fit_run(run_dir, recipe, str(source.folder),
                                                         fitting.free_vram_bytes(), self.log,
-                                                        backends.expected_backend(source.folder, recipe, device),
+                                                        backends.expected_backend(source.folder, recipe, device, failures),
                                                         device.machine())
         self.phase("load", f"loading {source.folder} on {device.name}")
         tokenizer = loading.load_tokenizer(source.folder, recipe)
