@@ -67,3 +67,51 @@ def cli(*args: str, home: Path, timeout: float = 120.0) -> subprocess.CompletedP
            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
     return subprocess.run([sys.executable, "-m", "tui_finetune.cli", *args], capture_output=True, text=True,
                           env=env, timeout=timeout, cwd=str(REPO))
+
+
+def plain_loop_losses(model_dir: Path, data_path: Path, recipe, steps: int, *, gpu: bool = False) -> list[float]:
+    """What the engine is compared with: transformers + peft and a hand-written loop on the same rows
+    (all 8 training rows in every step), seed, LoRA init, AdamW, schedule and clipping. On the GPU the
+    weights are bf16 under autocast; on the CPU, fp32."""
+    import math
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler, set_seed
+
+    from tui_finetune.data.prepare import prepare_datasets
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    train = prepare_datasets(data_path, tokenizer, recipe.data, recipe.train.seed).train
+    assert len(train) == 8
+    device = "cuda" if gpu else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if gpu else torch.float32,
+                                                 device_map={"": 0} if gpu else None)
+    model.requires_grad_(False)
+    set_seed(recipe.train.seed)
+    model = get_peft_model(model, LoraConfig(r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=0.0,
+                                             target_modules="all-linear", task_type="CAUSAL_LM"))
+    width = max(len(r) for r in train["input_ids"])
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in train["input_ids"]], device=device)
+    labels = torch.tensor([r + [-100] * (width - len(r)) for r in train["labels"]], device=device)
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in train["input_ids"]], device=device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=recipe.train.learning_rate, weight_decay=0.0)
+    scheduler = get_scheduler(recipe.train.scheduler, optimizer,
+                              num_warmup_steps=math.ceil(recipe.train.warmup_ratio * steps), num_training_steps=steps)
+    losses = []
+    model.train()
+    for _ in range(steps):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=gpu):
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    if gpu:
+        del model, optimizer
+        torch.cuda.empty_cache()
+    return losses

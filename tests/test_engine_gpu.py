@@ -15,7 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-from engine_runs import REPO, events_of, start, tiny_recipe, wait_for_end  # noqa: E402
+from engine_runs import REPO, events_of, plain_loop_losses, start, tiny_recipe, wait_for_end  # noqa: E402
 from engine_tiny import build_tokenizer  # noqa: E402
 from tui_finetune.core.events import StepEvent  # noqa: E402
 
@@ -69,11 +69,6 @@ def test_qlora_and_lora_runs_complete_with_vram_figures(phi2, tmp_path):
 
 
 def test_engine_matches_a_plain_bf16_loop_on_the_gpu(phi2, tmp_path):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler, set_seed
-
-    from tui_finetune.data.prepare import prepare_datasets
-
     data = tmp_path / "ten.jsonl"
     data.write_text("".join(SAMPLES.read_text(encoding="utf-8").splitlines(keepends=True)[:10]), encoding="utf-8")
     steps = 20
@@ -81,36 +76,7 @@ def test_engine_matches_a_plain_bf16_loop_on_the_gpu(phi2, tmp_path):
                          learning_rate=1e-3)
     recipe.data.eval_split = 0.2
     run_dir = start(recipe, data, tmp_path / "home")
-
-    tokenizer = AutoTokenizer.from_pretrained(phi2)
-    train = prepare_datasets(data, tokenizer, recipe.data, recipe.train.seed).train
-    assert len(train) == 8
-    model = AutoModelForCausalLM.from_pretrained(phi2, dtype=torch.bfloat16, device_map={"": 0})
-    model.requires_grad_(False)
-    set_seed(recipe.train.seed)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
-    width = max(len(r) for r in train["input_ids"])
-    pad = tokenizer.pad_token_id
-    ids = torch.tensor([r + [pad] * (width - len(r)) for r in train["input_ids"]], device="cuda")
-    labels = torch.tensor([r + [-100] * (width - len(r)) for r in train["labels"]], device="cuda")
-    mask = (torch.arange(width, device="cuda")[None, :] < torch.tensor([len(r) for r in train["input_ids"]],
-                                                                        device="cuda")[:, None]).long()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=recipe.train.learning_rate, weight_decay=0.0)
-    scheduler = get_scheduler(recipe.train.scheduler, optimizer,
-                              num_warmup_steps=math.ceil(recipe.train.warmup_ratio * steps), num_training_steps=steps)
-    expected = []
-    for _ in range(steps):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad()
-        expected.append(loss.item())
-    del model, optimizer
-    torch.cuda.empty_cache()
+    expected = plain_loop_losses(phi2, data, recipe, steps, gpu=True)
 
     assert wait_for_end(run_dir, timeout=240) == "completed", (run_dir / "worker.log").read_text()[-3000:]
     got = [e.loss for e in events_of(run_dir, StepEvent)]
