@@ -213,3 +213,19 @@ def test_a_resume_may_change_the_backend_and_maths_preserving_memory_switches_bu
     assert resume_differences(checkpoint, now, "abc") == []
     now.memory.adapter_dtype = "compute"
     assert resume_differences(checkpoint, now, "abc") == ["memory.adapter_dtype: 'fp32' -> 'compute'"]
+
+
+def test_unsloths_compiled_cache_goes_to_our_cache_folder_not_the_run_folder(tmp_path, monkeypatch):
+    """Unsloth writes ./unsloth_compiled_cache unless told otherwise before it imports; the worker's
+    working directory is the run folder."""
+    monkeypatch.setenv("TUI_FINETUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("UNSLOTH_COMPILE_LOCATION", raising=False)
+    monkeypatch.setattr(backends, "_unsloth_import_error", None)
+    monkeypatch.setattr(backends, "module_installed", lambda name: True)  # as on a GPU box with the extra
+    monkeypatch.setattr(backends, "cuda_capability", lambda: (8, 9))
+    monkeypatch.setitem(__import__("sys").modules, "unsloth", None)  # its import fails here: recorded, not raised
+    backends.prepare_process("auto")
+    import os
+
+    assert os.environ["UNSLOTH_COMPILE_LOCATION"] == str(tmp_path / "cache" / "unsloth_compiled_cache")
+    assert backends._unsloth_import_error is not None

@@ -57,9 +57,14 @@ def test_detached_run_completes_and_leaves_the_documented_run_folder(tiny, tmp_p
     assert info.backend == "universal" and "pure PyTorch" in info.backend_reason
     assert [s.split(":")[0] for s in info.backend_skipped] == ["unsloth"]
     assert all(len(s.split(": ", 1)[1]) > 5 for s in info.backend_skipped)
-    assert info.autofit == [] and (info.micro_batch, info.grad_accum) == (0, 0)  # auto-fit and fit-check: CUDA only
+    assert info.autofit == [] and (info.micro_batch, info.grad_accum) == (0, 0)  # auto-fit: CUDA only
     phases = [e.phase for e in events_of(run_dir, PhaseEvent)]
-    assert phases == ["download", "load", "tokenize", "train", "save", "done"]
+    # the fit-check runs inside Trainer.train, before the first step; the adapter is saved before the
+    # after-sample, and the final evaluation already ran at step 12 (every_steps divides 12)
+    assert phases == ["download", "load", "tokenize", "sample", "fit", "train", "save", "sample", "done"]
+    fit = next(e for e in events_of(run_dir, PhaseEvent) if e.phase == "fit")
+    assert fit.message.startswith("the longest batch fits") and "GiB" not in fit.message  # CPU: no VRAM figures
+    assert info.phase_peaks_gib == {} and info.failed_phases == {} and info.phase_running == ""
     steps = events_of(run_dir, StepEvent)
     assert [s.step for s in steps] == list(range(1, 13)) and all(s.total_steps == 12 for s in steps)
     assert all(s.lr is not None and s.grad_norm is not None and s.tokens_per_s for s in steps)
@@ -129,7 +134,7 @@ def test_bad_data_and_an_unreachable_hub_model_fail_with_advice(tiny, tmp_path):
 
 
 def test_oom_advice_names_the_knobs_from_the_recipe():
-    from tui_finetune.engine.worker import oom_advice
+    from tui_finetune.engine.fitting import oom_advice
 
     recipe = tiny_recipe("m", data={"seq_len": 2048}, train={"micro_batch": 4, "grad_accum": 2})
     advice = oom_advice(recipe)

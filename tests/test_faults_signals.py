@@ -102,11 +102,15 @@ def test_an_oom_at_step_1_and_at_a_later_step_halves_the_micro_batch_and_complet
     assert wait_dead(late) == "completed", (late / "worker.log").read_text()[-2000:]
 
     reference = read_trace(traces["plain"])
-    for run_dir, name, resumed_from in ((early, "oom1", "the start"), (late, "oom5", "step-000004")):
+    # at step 1 the OOM strikes in the fit-check, the run's own first step on its longest batch
+    for run_dir, name, resumed_from, where in ((early, "oom1", "the start", "fit-check"),
+                                               (late, "oom5", "step-000004", "training")):
         info = read_run_info(run_dir)
         assert (info.micro_batch, info.grad_accum) == (2, 4), "micro-batch halved, accumulation doubled"
         assert len(info.oom_shrinks) == 1 and info.oom_shrinks[0]["micro_batch"] == [4, 2]
-        warning = next(e for e in events_of(run_dir, WarningEvent) if "CUDA out of memory: micro-batch" in e.message)
+        assert info.oom_shrinks[0]["where"] == where
+        warning = next(e for e in events_of(run_dir, WarningEvent) if "micro-batch 4 -> 2" in e.message)
+        assert warning.message.startswith("CUDA out of memory" + (" in the fit-check" if where == "fit-check" else ":"))
         assert "effective batch 8 unchanged" in warning.message
         assert any(e.phase == "train" and e.message.endswith(f"from {resumed_from}") for e in events_of(run_dir, PhaseEvent))
         trace = read_trace(traces[name])
@@ -122,21 +126,48 @@ def test_an_oom_at_step_1_and_at_a_later_step_halves_the_micro_batch_and_complet
 def test_oom_gives_up_at_micro_batch_1_and_after_three_shrinks_with_advice(tiny, tmp_path, monkeypatch):
     import torch
 
-    from tui_finetune.engine.worker import OomGiveUp, Worker
+    from tui_finetune.core.events import EventLog
+    from tui_finetune.engine.fitting import OomGiveUp
+    from tui_finetune.engine.training_loop import TrainingLoop
 
     model, data = tiny
     monkeypatch.setenv("TUI_FINETUNE_HOME", str(tmp_path))
-    run_dir = create_run(fault_recipe(model, 8, data={"seq_len": 512}), data, base=tmp_path / "runs")
-    worker = Worker(run_dir)
+    recipe = fault_recipe(model, 8, data={"seq_len": 512})
+    run_dir = create_run(recipe, data, base=tmp_path / "runs")
+    log = EventLog(run_dir / "events.jsonl")
+    loop = TrainingLoop(run_dir, log, recipe, None, lambda: False, lambda err: None)
     err = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    micro, accum = 16, 1
+    micro, accum = loop.shrink_after_oom(err, 16, 1, in_check=True)  # the fit-check's shrinks don't count
+    assert (micro, accum) == (8, 2)
     for _ in range(3):
-        micro, accum = worker._shrink_after_oom(err, micro, accum)
-    assert (micro, accum) == (2, 8) and len(read_run_info(run_dir).oom_shrinks) == 3
-    with pytest.raises(OomGiveUp, match="after 3 halvings") as after_three:
-        worker._shrink_after_oom(err, micro, accum)
-    assert "data.seq_len=256" in after_three.value.advice
+        micro, accum = loop.shrink_after_oom(err, micro, accum)
+    assert (micro, accum) == (1, 16) and len(read_run_info(run_dir).oom_shrinks) == 4
     with pytest.raises(OomGiveUp, match="micro-batch 1") as at_one:
-        worker._shrink_after_oom(err, 1, 16)
+        loop.shrink_after_oom(err, 1, 16)
     assert "data.seq_len=256" in at_one.value.advice and "smaller model" in at_one.value.advice
-    worker.log.close()
+    with pytest.raises(OomGiveUp, match="after 3 halvings") as after_three:
+        loop.shrink_after_oom(err, 4, 4)
+    assert "data.seq_len=256" in after_three.value.advice
+    log.close()
+
+
+def test_an_odd_micro_batch_shrinks_to_a_divisor_so_the_effective_batch_really_stays(tiny, tmp_path):
+    """3 x 8 used to become 1 x 16 while the warning said "unchanged"; now 3 x 8 -> 1 x 24."""
+    import torch
+
+    from tui_finetune.core.events import EventLog
+    from tui_finetune.engine.training_loop import TrainingLoop
+
+    model, data = tiny
+    recipe = fault_recipe(model, 8)
+    run_dir = create_run(recipe, data, base=tmp_path / "runs")
+    with EventLog(run_dir / "events.jsonl") as log:
+        loop = TrainingLoop(run_dir, log, recipe, None, lambda: False, lambda err: None)
+        err = torch.OutOfMemoryError("CUDA out of memory")
+        assert loop.shrink_after_oom(err, 3, 8) == (1, 24)
+        assert loop.shrink_after_oom(err, 6, 2) == (3, 4)
+    info = read_run_info(run_dir)
+    assert (info.micro_batch, info.grad_accum) == (3, 4)
+    assert [s["micro_batch"] for s in info.oom_shrinks] == [[3, 1], [6, 3]]
+    warnings = [e.message for e in events_of(run_dir, WarningEvent)]
+    assert "effective batch 24 unchanged" in warnings[0] and "effective batch 12 unchanged" in warnings[1]

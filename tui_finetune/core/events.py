@@ -7,8 +7,10 @@ reader ignores keys it does not know, and keeps unknown event types as ``Unknown
 
 Every line has ``type`` (one of the names below) and ``time`` (Unix seconds). The types:
 
-- ``phase``: the worker entered a phase (``PHASES``): download, load, quantize, tokenize, fit (the fit-check
-  on the longest batch, with its measured peak), train, save, done.
+- ``phase``: the worker entered a phase (``PHASES``): download, load, quantize, tokenize, sample (a
+  generation before training), fit (the run's own training step on its longest batch, with its measured
+  peak), train, save (the adapter, first of all after training), eval (the final evaluation, when the
+  last step had none), sample (after training), done. A failed sample or evaluation is a warning.
 - ``progress``: progress within a phase (bytes downloaded, rows tokenized); ``total`` may be 0 if unknown.
 - ``step``: one logged optimizer step: loss, lr, grad-norm, tokens/s, epoch, step of total, ETA and VRAM
   (torch reserved and peak on this process, NVML used and total for the whole card; None on the CPU).
@@ -28,7 +30,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Iterator
 
-PHASES = ("download", "load", "quantize", "tokenize", "fit", "train", "save", "done")
+PHASES = ("download", "load", "quantize", "tokenize", "sample", "fit", "train", "save", "eval", "done")
 
 
 @dataclass

@@ -43,6 +43,16 @@ def config_dir() -> Path:
     return home / "config" if home else Path(platformdirs.user_config_dir(APP_NAME, appauthor=False))
 
 
+CACHE_ENV = "TUI_FINETUNE_CACHE"
+
+
+def cache_dir() -> Path:
+    """What we can rebuild: the demo model converted from its GGUF, Unsloth's compiled kernels.
+    ``TUI_FINETUNE_CACHE`` moves it (tests use it); else the platform's user cache folder, never a run
+    folder or the current directory."""
+    return _env_path(CACHE_ENV) or Path(platformdirs.user_cache_dir(APP_NAME, appauthor=False))
+
+
 def hf_cache_dir() -> Path:
     """Where downloaded base models go, resolved the way huggingface_hub resolves it.
 

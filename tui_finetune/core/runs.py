@@ -87,6 +87,14 @@ class RunInfo:
     autofit: list[str] = field(default_factory=list)
     """What auto-fit and the fit-check changed before training, one sentence each with its ``--set``
     (engine/fitting.py); the changed values are in recipe.toml."""
+    phase_peaks_gib: dict[str, float] = field(default_factory=dict)
+    """Peak VRAM torch reserved in each phase that touches the GPU (fit, train, save, eval, sample-before,
+    sample-after), in GiB, as the worker last measured it: the evidence that every phase fits the card."""
+    phase_running: str = ""
+    """The optional phase under way (eval, sample-before, sample-after): one still set when a worker
+    starts was under way when its predecessor died, and counts as failed."""
+    failed_phases: dict[str, str] = field(default_factory=dict)
+    """Optional phases that failed (name: why); a resume skips them rather than fail the same way again."""
     resume_from_step: int | None = None
     resume_force: bool = False
     """Set by ``resume --from STEP`` / ``--force`` for the next worker, which clears them once read."""
@@ -290,3 +298,16 @@ def final_state(run_dir: Path) -> str | None:
     events, _ = read_events(run_dir / EVENTS_FILE)
     end = next((e for e in reversed(events) if isinstance(e, EndEvent)), None)
     return end.state if end else None
+
+
+def mark_interrupted_phase_failed(run_dir: Path) -> None:
+    """A starting worker's first step: an optional phase still marked as under way was under way when the
+    previous worker died (killed, or a crash inside CUDA), so it counts as failed and will be skipped."""
+    running = read_run_info(run_dir).phase_running
+    if running:
+        update_run_info(run_dir, phase_running="")
+        mark_phase_failed(run_dir, running, "the worker stopped during it (killed or crashed)")
+
+
+def mark_phase_failed(run_dir: Path, key: str, why: str) -> None:
+    update_run_info(run_dir, failed_phases={**read_run_info(run_dir).failed_phases, key: why})

@@ -21,6 +21,7 @@ from __future__ import annotations
 import gc
 import importlib.util
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,11 @@ def prepare_process(setting: str, excluded: dict[str, str] | None = None) -> Non
         return
     if "unsloth" in (excluded or {}):
         return
+    # Unsloth writes its compiled kernels to ./unsloth_compiled_cache (the worker's working directory, a
+    # run folder) unless told otherwise before it imports; they belong with our other rebuildable files.
+    from tui_finetune.core.paths import cache_dir
+
+    os.environ.setdefault("UNSLOTH_COMPILE_LOCATION", str(cache_dir() / "unsloth_compiled_cache"))
     try:
         import unsloth  # noqa: F401
     except Exception as err:  # noqa: BLE001 - any failure means: not this backend

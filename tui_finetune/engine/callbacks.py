@@ -37,7 +37,8 @@ class EventsCallback(TrainerCallback):
         self._start_step = 0
         self._last_time = 0.0
         self._last_tokens = 0
-        self.last_eval_step: int | None = None
+        self.eval_steps: list[int] = []
+        """The steps evaluated so far, in this process."""
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: object) -> None:
         self._start_time = self._last_time = time.time()
@@ -50,7 +51,7 @@ class EventsCallback(TrainerCallback):
         if "eval_loss" in logs:
             metrics = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float)) and k != "eval_loss"}
             self.log.emit(EvalEvent(step=state.global_step, eval_loss=_float(logs["eval_loss"]), metrics=metrics))
-            self.last_eval_step = state.global_step
+            self.eval_steps.append(state.global_step)
         if "loss" not in logs:
             return
         now = time.time()

@@ -15,6 +15,7 @@ environment, whether to die. Unset (every real run), it costs one dict lookup.
 - ``oom:train:MB@S``             from step S on, a training micro-step raises
                                  ``torch.cuda.OutOfMemoryError`` while the micro-batch exceeds MB
 - ``oom:eval:MB``                evaluation raises it while the eval batch exceeds MB
+- ``oom:sample`` / ``oom:save``  the before/after generation, or the final adapter save, raises it
 
 Without ``@S`` a fault fires at every step. ``TUI_FINETUNE_TRACE=FILE`` is the other hook: each
 optimizer step appends ``{"step", "ids", "loss"}`` (the sample ids it trained on, the exact loss
@@ -82,6 +83,14 @@ def fault_point(point: str, step: int, arg: int | None = None) -> None:
         os._exit(KILLED_EXIT)
     if find_fault("enospc", point, step) is not None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC) + f" (injected by {FAULT_ENV})")
+
+
+def raise_injected_oom(point: str) -> None:
+    """Raise a CUDA out-of-memory here when a test asked for one (``oom:POINT``)."""
+    if active_faults() and find_fault("oom", point) is not None:
+        import torch
+
+        raise torch.OutOfMemoryError(f"CUDA out of memory (injected by {FAULT_ENV} at {point})")
 
 
 def oom_limit(point: str, step: int) -> int | None:

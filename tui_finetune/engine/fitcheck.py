@@ -1,41 +1,41 @@
-"""The fit-check: one forward and backward pass on the longest batch before the real run starts.
+"""The fit-check: the run's own training step on its longest batch, before the first real step.
 
-The planner's estimate is a model; this is the measurement. The worker builds the batch the run will
-find hardest (the ``micro_batch`` longest rows, collated as training collates them: padded, or
-flattened into one row when packing), runs the trainer's own loss function on it and backward,
-and reads the peak. A CUDA out-of-memory here costs seconds instead of an hour: the micro-batch
-is halved (accumulation doubled, so the effective batch stays) or, at micro-batch 1, the sequence
-length is halved, and the check runs again.
+The planner's estimate is a model; this is the measurement. It runs inside ``Trainer.train``, from a
+callback's ``on_train_begin``, once the model is prepared (autocast, device) and the optimizer is
+built, so it takes the path every step takes: ``trainer.training_step`` (the backend's loss and its
+backward) on the ``micro_batch`` longest rows, collated as training collates them (padded, or
+flattened into one row when packing), then the optimizer's step, so its states exist as they will
+after the first real step. Nothing is estimated or held on the side. An out-of-memory propagates out
+of ``train()`` like one in a real step, and the worker's one recovery rule handles both
+(engine/worker.py): an accelerated backend is dropped, then the micro-batch shrinks, then a fresh
+run's sequence is halved.
 
-It leaves no trace: the optimizer never steps, so the LoRA weights are unchanged; the gradients are
-set to None, the RNG states and train/eval mode are put back, and the allocator's cache and peak
-statistics are reset, so the real run starts from the state it would have had without the check.
-On the CPU it runs too (that is how it is tested), without memory figures.
+It leaves no trace: the LoRA weights and the optimizer's state are put back as they were (a resumed
+run's moments included), the gradients set to None, the RNG states and train/eval mode restored, and
+the allocator's cache emptied, so the run's numbers are those it would have had without the check
+and a backend's compile caches see the same step they will see in training. On the CPU it runs too
+(that is how it is tested), without memory figures.
 """
 
 from __future__ import annotations
 
+import copy
 import gc
 import heapq
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
+from transformers import TrainerCallback
 
-from tui_finetune.core.autofit import micro_batch_sentence, next_micro_batch
-from tui_finetune.engine.training import is_oom
-
-LossFn = Callable[[Any, dict[str, Any]], torch.Tensor]
-"""What the trainer computes: ``loss_fn(model, inputs) -> scalar loss``."""
-MIN_FIT_SEQ_LEN = 256
-"""The fit-check gives up rather than shorten sequences below this (as auto-fit does)."""
+from tui_finetune.core.planner import GIB
 
 
 @dataclass(frozen=True)
 class FitCheckResult:
-    """One forward+backward: the loss, the time, and on CUDA the peak memory it took."""
+    """One real training step on the longest batch: the loss, the time, and on CUDA the peak it took."""
 
     loss: float
     seconds: float
@@ -47,20 +47,15 @@ class FitCheckResult:
     peak_reserved_bytes: int | None = None
     """``torch.cuda.max_memory_reserved`` during the check: the number the planner predicts."""
 
-
-@dataclass
-class FitOutcome:
-    """The fit-check loop's answer: the settings that passed (or the last tried) and what changed."""
-
-    fits: bool
-    micro_batch: int
-    grad_accum: int
-    seq_len: int
-    result: FitCheckResult | None = None
-    changes: list[str] = field(default_factory=list)
-    """One sentence per shrink, with the OOM that caused it and the ``--set`` that makes it permanent."""
-    error: str = ""
-    """The last out-of-memory message, when nothing fitted."""
+    def message(self, micro_batch: int) -> str:
+        """The ``fit`` phase's line: the batch checked, its measured peak and its time."""
+        peak = ""
+        if self.peak_reserved_bytes is not None and self.peak_allocated_bytes is not None:
+            peak = (f": peak {self.peak_reserved_bytes / GIB:.2f} GiB reserved "
+                    f"({self.peak_allocated_bytes / GIB:.2f} GiB allocated)")
+        return (f"the longest batch fits ({micro_batch} example(s) in {self.rows} x "
+                f"{self.tokens // max(self.rows, 1)} tokens){peak}; training step and optimizer step in "
+                f"{self.seconds:.1f}s")
 
 
 # ------------------------------------------------------------ the longest batch
@@ -90,41 +85,29 @@ def longest_batch(dataset: Any, collator: Callable[[list[dict[str, Any]]], dict[
     return collator(longest_rows(dataset, micro_batch))
 
 
-def truncate_rows(rows: list[dict[str, Any]], seq_len: int) -> list[dict[str, Any]]:
-    """The same rows cut to ``seq_len`` tokens, as a shorter ``data.seq_len`` would tokenize them."""
-    out = []
-    for row in rows:
-        row = dict(row)
-        for key in ("input_ids", "labels", "attention_mask"):
-            if key in row:
-                row[key] = list(row[key])[:seq_len]
-        if "length" in row:
-            row["length"] = min(int(row["length"]), seq_len)
-        out.append(row)
-    return out
+# ------------------------------------------------------------ the check
 
+def fit_check_step(trainer: Any, batch: dict[str, Any]) -> FitCheckResult:
+    """``trainer.training_step`` on ``batch`` and one optimizer step, then everything put back.
 
-# ------------------------------------------------------------ one check
-
-def fit_check(model: Any, loss_fn: LossFn, batch: dict[str, Any], *, hold_bytes: int = 0) -> FitCheckResult:
-    """One forward and backward pass of ``loss_fn`` on ``batch``, then everything put back.
-
-    ``hold_bytes`` of VRAM stay allocated through the pass: the optimizer states the first real
-    optimizer step will add (the check never steps, so they would otherwise be missing from its peak).
-    Raises what the pass raises (a CUDA OOM included), after the same clean-up.
+    Call it where ``Trainer.train`` has prepared the model and built the optimizer (``FitCheckCallback``).
+    Raises what the step raises (a CUDA OOM included), after the same clean-up.
     """
+    model, optimizer = trainer.model_wrapped, trainer.optimizer
     cuda = torch.cuda.is_available() and _model_device(model).type == "cuda"
-    inputs = {k: v.to(_model_device(model)) if torch.is_tensor(v) else v for k, v in batch.items()}
-    ids = inputs.get("input_ids")
+    ids = batch.get("input_ids")
     rows, tokens = (int(ids.shape[0]), int(ids.numel())) if torch.is_tensor(ids) else (0, 0)
-    with _leaves_no_trace(model):
+    labels = batch.get("labels")
+    counted = int((labels[..., 1:] != -100).sum()) if torch.is_tensor(labels) else None
+    if not hasattr(trainer, "current_gradient_accumulation_steps"):  # set by the loop from its first step on
+        trainer.current_gradient_accumulation_steps = trainer.args.gradient_accumulation_steps
+    with _leaves_no_trace(model, optimizer):
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        held = torch.empty(hold_bytes, dtype=torch.uint8, device=_model_device(model)) if cuda and hold_bytes else None
         start = time.perf_counter()
-        loss = loss_fn(model, inputs)
-        loss.backward()
+        loss = trainer.training_step(model, dict(batch), counted)
+        _inner(optimizer).step()  # past accelerate's wrapper: a grad scaler must not learn from this step
         value = float(loss.detach().float().item())
         del loss
         if cuda:
@@ -132,9 +115,12 @@ def fit_check(model: Any, loss_fn: LossFn, batch: dict[str, Any], *, hold_bytes:
         seconds = time.perf_counter() - start
         allocated = torch.cuda.max_memory_allocated() if cuda else None
         reserved = torch.cuda.max_memory_reserved() if cuda else None
-        del held
     return FitCheckResult(loss=value, seconds=seconds, rows=rows, tokens=tokens,
                           peak_allocated_bytes=allocated, peak_reserved_bytes=reserved)
+
+
+def _inner(optimizer: Any) -> Any:
+    return getattr(optimizer, "optimizer", optimizer)
 
 
 def _model_device(model: Any) -> torch.device:
@@ -144,17 +130,37 @@ def _model_device(model: Any) -> torch.device:
         return torch.device("cpu")
 
 
+def _to_cpu(value: Any) -> Any:
+    if torch.is_tensor(value):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return copy.deepcopy(value)
+
+
 @contextmanager
-def _leaves_no_trace(model: Any) -> Iterator[None]:
-    """Train mode inside; afterwards no gradients, the old mode and RNG states, and an empty cache."""
+def _leaves_no_trace(model: Any, optimizer: Any) -> Iterator[None]:
+    """Inside: train mode. Afterwards: the trainable weights and the optimizer's state as they were (kept
+    in CPU RAM meanwhile, so the check needs no VRAM the run won't), no gradients, the old mode and RNG
+    states, and an empty cache."""
     was_training = model.training
     cpu_rng = torch.random.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    weights = {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters() if p.requires_grad}
+    optimizer_state = _to_cpu(_inner(optimizer).state_dict()) if optimizer is not None else None
     model.train()
     try:
         yield
     finally:
         model.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name in weights:
+                    p.copy_(weights[name])
+        if optimizer_state is not None:
+            _inner(optimizer).load_state_dict(optimizer_state)
         model.train(was_training)
         torch.random.set_rng_state(cpu_rng)
         if cuda_rng is not None:
@@ -171,41 +177,24 @@ def release_memory() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-# ------------------------------------------------------------ check, shrink on OOM, check again
+class FitCheckCallback(TrainerCallback):
+    """Runs the fit-check when ``Trainer.train`` begins, on the ``micro_batch`` longest of ``rows``.
 
-def fit_check_until_it_fits(model: Any, loss_fn: LossFn, rows: list[dict[str, Any]], collator: Callable[..., Any],
-                            *, micro_batch: int, grad_accum: int, seq_len: int,
-                            min_seq_len: int = MIN_FIT_SEQ_LEN, hold_bytes: int = 0) -> FitOutcome:
-    """Fit-check ``rows`` (the longest first, at least ``micro_batch`` of them when the data has them).
-
-    On a CUDA OOM: halve the micro-batch and double the accumulation (``next_micro_batch``, the
-    effective batch unchanged); at micro-batch 1, halve the sequence length (the rows truncated)
-    down to ``min_seq_len``. Anything but an OOM propagates.
+    ``on_checked(result)`` gets the measurement (the worker writes the ``fit`` phase and its peak).
+    ``passed`` tells an out-of-memory in the check from one in a later step.
     """
-    changes: list[str] = []
-    micro, accum, seq = micro_batch, grad_accum, seq_len
-    while True:
-        batch_rows = truncate_rows(rows[:micro], seq)
-        try:
-            result = fit_check(model, loss_fn, collator(batch_rows), hold_bytes=hold_bytes)
-            return FitOutcome(True, micro, accum, seq, result, changes)
-        except Exception as err:  # noqa: BLE001 - only an OOM is handled; the rest is re-raised
-            if not is_oom(err):
-                raise
-            error = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
-        release_memory()
-        longest = max((len(r["input_ids"]) for r in batch_rows), default=0)
-        where = f"CUDA out of memory in the fit-check at micro-batch {micro} x {longest} tokens"
-        if micro > 1:
-            new_micro = next_micro_batch(micro)
-            new_accum = accum * (micro // new_micro)
-            changes.append(f"{where}: {micro_batch_sentence(micro, new_micro, accum, new_accum)}: "
-                           f"--set train.micro_batch={new_micro} --set train.grad_accum={new_accum}")
-            micro, accum = new_micro, new_accum
-            continue
-        new_seq = min(seq, longest) // 2
-        if new_seq < min_seq_len:
-            return FitOutcome(False, micro, accum, seq, None, changes, error)
-        changes.append(f"{where}: data.seq_len {seq} -> {new_seq} (rows longer than {new_seq} tokens are "
-                       f"truncated): --set data.seq_len={new_seq}")
-        seq = new_seq
+
+    def __init__(self, trainer: Any, rows: list[dict[str, Any]], collator: Callable[[list[dict[str, Any]]], Any],
+                 on_checked: Callable[[FitCheckResult], None]) -> None:
+        self.trainer = trainer
+        self.rows = rows
+        self.collator = collator
+        self.on_checked = on_checked
+        self.passed = False
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.passed or not self.rows:
+            return
+        result = fit_check_step(self.trainer, self.collator(self.rows[:args.per_device_train_batch_size]))
+        self.passed = True
+        self.on_checked(result)

@@ -1,17 +1,16 @@
-"""The worker's two memory checks before training, on CUDA only: auto-fit, then the fit-check.
+"""The worker's memory decisions around the fit-check, on a real run folder.
 
-* ``auto_fit_run``, before the model loads on a fresh run: the planner's estimate against the free
-  VRAM (core/autofit.py). Changed values go into the run's recipe.toml, so a resume trains with the
-  same ones; each change is a warning event with the ``--set`` that pins it, and the list is kept in
-  run.json (``autofit``). When nothing fits the run fails at once, as an OOM, with the advice.
-* ``fit_check_run``, once the model and the data are ready: one forward and backward pass on the
-  longest batch with the backend's loss (engine/fitcheck.py), holding as much VRAM as the optimizer
-  states will take, and a ``fit`` phase event with the measured peak. An OOM there shrinks the
-  micro-batch through run.json, as the OOM recovery does (the effective batch stays); at
-  micro-batch 1 a fresh run's sequence length is halved in recipe.toml and the worker tokenizes
-  again. Auto-fit never shortens sequences itself: it warns, and this check measures.
+* ``auto_fit_run``, before the model loads on a fresh CUDA run: the planner's estimate against the
+  free VRAM (core/autofit.py). Changed values go into the run's recipe.toml, so a resume trains with
+  the same ones; each change is a warning event with the ``--set`` that pins it, and the list is kept
+  in run.json (``autofit``). Auto-fit never shortens sequences on an estimate: the planner leans high
+  and a shorter sequence truncates data. It refuses a run only when even the smallest settings are
+  over the budget by more than the planner's own error (``PLANNER_TOLERANCE``); nearer than that,
+  the measured fit-check decides.
+* ``shorten_sequence``, when the fit-check (engine/fitcheck.py, inside ``Trainer.train``) ran out of
+  memory at micro-batch 1 on a fresh run: the sequence length is halved in recipe.toml and the worker
+  tokenizes again; below the floor the run is refused on that measurement.
 
-The orchestration lives here so that worker.py stays a readable setup / train / save.
 No torch at import time: the worker imports this module before it knows the device.
 """
 
@@ -21,13 +20,17 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from tui_finetune.core.autofit import auto_fit
+from tui_finetune.core.autofit import MIN_SEQ_LEN, auto_fit
 from tui_finetune.core.catalog import UnknownModelError
-from tui_finetune.core.events import EventLog, PhaseEvent, WarningEvent
+from tui_finetune.core.events import EventLog, WarningEvent
 from tui_finetune.core.model_source import resolve_model_spec
-from tui_finetune.core.planner import GIB, OPTIMIZER_STATE_BYTES, profile_from_memory
+from tui_finetune.core.planner import GIB, PLANNER_TOLERANCE, profile_from_memory
 from tui_finetune.core.recipe import MachineFacts, RecipeSpec, resolve_precision
 from tui_finetune.core.runs import read_run_info, update_run_info, write_run_recipe
+
+
+MAX_OOM_SHRINKS = 3
+"""OOMs in training (not in the fit-check) that shrink the micro-batch before the run gives up."""
 
 
 class FitRefused(Exception):
@@ -38,13 +41,42 @@ class FitRefused(Exception):
         self.advice = advice
 
 
+class OomGiveUp(FitRefused):
+    """Out of memory even after shrinking the micro-batch: the message says what to change instead."""
+
+
+class SequenceTooLong(Exception):
+    """The fit-check ran out of memory at micro-batch 1 on a fresh run: only shorter rows can fit."""
+
+    def __init__(self, longest: int, error: str) -> None:
+        super().__init__(error)
+        self.longest, self.error = longest, error
+
+
+def oom_advice(recipe: RecipeSpec) -> str:
+    """What to change after a CUDA out-of-memory, from the recipe's own numbers."""
+    data, train = recipe.data, recipe.train
+    tips = [f"shorter sequences (--set data.seq_len={max(data.seq_len // 2, 16)})"]
+    if train.micro_batch > 1:
+        tips.append(f"a smaller micro-batch (--set train.micro_batch={max(train.micro_batch // 2, 1)} "
+                    f"train.grad_accum={train.grad_accum * 2} keeps the effective batch)")
+    if not train.gradient_checkpointing:
+        tips.append("gradient checkpointing (--set train.gradient_checkpointing=true)")
+    if recipe.method != "qlora":
+        tips.append("QLoRA (--set method=qlora) to hold the base weights in 4 bits")
+    if recipe.lora.r > 8:
+        tips.append(f"a smaller LoRA rank (--set lora.r={recipe.lora.r // 2})")
+    return "try " + "; or ".join(tips) + ". 'tui-finetune plan --recipe ...' shows what fits your card."
+
+
 def split_change(change: str) -> tuple[str, str]:
     """(what changed, the ``--set`` options) of one auto-fit sentence."""
     what, _, options = change.rpartition(": --set ")
     return (what, f"to keep this value: --set {options}") if what else (change, "")
 
 
-def _record(run_dir: Path, log: EventLog, changes: list[str]) -> None:
+def record_changes(run_dir: Path, log: EventLog, changes: list[str]) -> None:
+    """One warning per change and the list in run.json's ``autofit``."""
     for change in changes:
         message, advice = split_change(change)
         log.emit(WarningEvent(message=f"auto-fit: {message}", advice=advice))
@@ -75,21 +107,20 @@ def auto_fit_run(run_dir: Path, recipe: RecipeSpec, model: str, free_bytes: floa
         log.emit(WarningEvent(message=f"auto-fit skipped: the model's shape is unknown ({err})",
                               advice="the fit-check on the longest batch still runs before training"))
         return recipe
+
     def profile_for(memory: Any) -> Any:  # the planner models the backend that will load (engine/backends.py)
         return profile_from_memory(replace(memory, backend=backend or memory.backend))
 
     original, recipe = recipe, resolve_precision(recipe, machine) if machine else recipe
     decision = auto_fit(recipe, spec, free_bytes, profile_for=profile_for, shorten_sequences=False)
     if not decision.fits:
-        # Only a shorter sequence would fit the estimate. The planner leans high and a shorter sequence
-        # truncates data, so the fit-check measures first and shortens only on a real OOM. A run that
-        # doesn't fit even at the shortest sequence is refused now, before minutes of loading.
         shortest = auto_fit(recipe, spec, free_bytes, profile_for=profile_for)
-        if not shortest.fits:
+        if not shortest.fits and shortest.after.total > shortest.budget_bytes * (1 + PLANNER_TOLERANCE):
             update_run_info(run_dir, autofit=shortest.changes)
             raise FitRefused(f"this recipe can't fit the {free_bytes / GIB:.1f} GiB of free VRAM: the planner "
                              f"estimates {shortest.before.total_gib:.1f} GiB as it is, "
-                             f"{shortest.after.total_gib:.1f} GiB at the smallest settings auto-fit may choose",
+                             f"{shortest.after.total_gib:.1f} GiB at the smallest settings auto-fit may choose, "
+                             f"more than its {PLANNER_TOLERANCE:.0%} error over the budget",
                              shortest.advice)
         log.emit(WarningEvent(
             message=f"auto-fit: the planner expects {decision.after.total_gib:.1f} GiB against {free_bytes / GIB:.1f} "
@@ -99,56 +130,23 @@ def auto_fit_run(run_dir: Path, recipe: RecipeSpec, model: str, free_bytes: floa
     if not decision.changed:
         return original
     write_run_recipe(run_dir, decision.recipe)
-    _record(run_dir, log, decision.changes)
+    record_changes(run_dir, log, decision.changes)
     return decision.recipe
 
 
-def fit_check_run(run_dir: Path, model: Any, backend: Any, recipe: RecipeSpec, train_data: Any, tokenizer: Any,
-                  log: EventLog, *, fresh: bool) -> RecipeSpec:
-    """Fit-check the longest batch; returns the recipe to train with (its ``data.seq_len`` may be shorter:
-    then the data must be tokenized again). Raises FitRefused when even micro-batch 1 at the shortest
-    sequence runs out of memory, or when a resumed run would need a shorter sequence."""
-    from tui_finetune.data.collate import make_collator
-    from tui_finetune.engine.fitcheck import fit_check_until_it_fits, longest_rows
-
-    info = read_run_info(run_dir)
-    micro, accum = info.micro_batch or recipe.train.micro_batch, info.grad_accum or recipe.train.grad_accum
-    outcome = fit_check_until_it_fits(
-        model, lambda m, batch: backend.loss(m, batch, recipe.memory), longest_rows(train_data, micro),
-        make_collator(tokenizer, recipe.data.packing), micro_batch=micro, grad_accum=accum,
-        seq_len=recipe.data.seq_len, hold_bytes=optimizer_state_bytes(model, recipe.train.optimizer))
-    if not outcome.fits:
-        raise FitRefused(f"CUDA out of memory in the fit-check even at micro-batch 1 x {outcome.seq_len} tokens: "
-                         f"{outcome.error}", "a smaller model, QLoRA (--set method=qlora) or closing other programs "
-                         "that use the GPU; 'tui-finetune plan' shows what fits your card")
-    if outcome.seq_len != recipe.data.seq_len and not fresh:
-        raise FitRefused(f"CUDA out of memory in the fit-check at micro-batch 1 x {recipe.data.seq_len} tokens, and "
-                         "a resumed run can't change its sequence length", f"start a new run with --set "
-                         f"data.seq_len={outcome.seq_len}, or free GPU memory and resume again")
-    if outcome.changes:
-        _record(run_dir, log, outcome.changes)
-    if (outcome.micro_batch, outcome.grad_accum) != (micro, accum):
-        update_run_info(run_dir, micro_batch=outcome.micro_batch, grad_accum=outcome.grad_accum)
-    if outcome.seq_len != recipe.data.seq_len:
-        recipe = replace(recipe, data=replace(recipe.data, seq_len=outcome.seq_len))
-        write_run_recipe(run_dir, recipe)
-    log.emit(PhaseEvent(phase="fit", message=fit_message(outcome)))
+def shorten_sequence(run_dir: Path, recipe: RecipeSpec, longest: int, error: str, log: EventLog) -> RecipeSpec:
+    """Halve a fresh run's ``data.seq_len`` after the fit-check ran out of memory at micro-batch 1 on
+    rows of ``longest`` tokens; the new recipe is saved (the caller tokenizes again). Raises FitRefused,
+    with what was measured, when that would go below ``MIN_SEQ_LEN``."""
+    seq = min(recipe.data.seq_len, longest)
+    new_seq = seq // 2
+    where = f"CUDA out of memory in the fit-check at micro-batch 1 x {seq} tokens"
+    if new_seq < min(MIN_SEQ_LEN, recipe.data.seq_len):
+        raise FitRefused(f"{where}, and {new_seq} tokens would be under the {MIN_SEQ_LEN}-token floor: {error}",
+                         "a smaller model, QLoRA (--set method=qlora) or closing other programs that use the GPU; "
+                         "'tui-finetune plan' shows what fits your card")
+    recipe = replace(recipe, data=replace(recipe.data, seq_len=new_seq))
+    write_run_recipe(run_dir, recipe)
+    record_changes(run_dir, log, [f"{where}: data.seq_len {seq} -> {new_seq} (rows longer than {new_seq} tokens "
+                                  f"are truncated): --set data.seq_len={new_seq}"])
     return recipe
-
-
-def optimizer_state_bytes(model: Any, optimizer: str) -> int:
-    """What the optimizer's states will take once it first steps (the planner's bytes per trainable
-    parameter); the fit-check holds this much while it runs, since it never steps."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return int(trainable * OPTIMIZER_STATE_BYTES.get(optimizer, 8.0))
-
-
-def fit_message(outcome: Any) -> str:
-    """The fit phase's line: the batch checked, its measured peak and its time."""
-    result = outcome.result
-    peak = ""
-    if result.peak_reserved_bytes is not None:
-        peak = (f": peak {result.peak_reserved_bytes / GIB:.2f} GiB reserved "
-                f"({result.peak_allocated_bytes / GIB:.2f} GiB allocated)")
-    return (f"the longest batch fits ({outcome.micro_batch} example(s) in {result.rows} x "
-            f"{result.tokens // max(result.rows, 1)} tokens){peak}; forward and backward in {result.seconds:.1f}s")

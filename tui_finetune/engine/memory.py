@@ -52,3 +52,16 @@ def read_vram() -> VramFigures:
         except Exception:  # noqa: BLE001
             pass
     return figures
+
+
+def phase_peak_gib() -> float | None:
+    """The most VRAM torch reserved since the last ``reset_phase_peak``, in GiB; None on the CPU."""
+    if not torch.cuda.is_available():
+        return None
+    return round(torch.cuda.max_memory_reserved() / 1024**3, 3)
+
+
+def reset_phase_peak() -> None:
+    """Start a new phase's peak: the step events' peak and ``phase_peak_gib`` count from here."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()

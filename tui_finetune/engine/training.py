@@ -3,8 +3,10 @@
 Trainer owns the loop (DESIGN.md): gradient accumulation, mixed precision, optimizers by name
 (``paged_adamw_8bit``), schedulers with warmup, evaluation, and data skipping on resume. This module
 only translates the recipe, once, in one place, and adds what the recovery needs: the micro-batch
-and accumulation can differ from the recipe's after an OOM (the worker halves one and doubles the
-other), an OOM in evaluation halves only the eval batch, and the fault and trace hooks of
+and accumulation can differ from the recipe's after an OOM (the worker shrinks one and grows the
+other), evaluation computes the same chunked loss as training (no phase builds full-vocabulary
+logits), an OOM in evaluation halves only the eval batch and at batch 1 skips evaluation with a
+warning instead of failing a run whose training went well, and the fault and trace hooks of
 engine/faults.py sit in Trainer's documented override points (``training_step``,
 ``prediction_step``, ``get_batch_samples``).
 """
@@ -22,6 +24,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from tui_finetune.core.recipe import MemorySpec, RecipeSpec
+from tui_finetune.engine import lean
 from tui_finetune.engine.checkpoints import STAGING
 from tui_finetune.engine.faults import TRACE_ENV, oom_limit
 from tui_finetune.engine.loading import DeviceFacts, compute_dtype
@@ -78,6 +81,8 @@ def build_training_args(recipe: RecipeSpec, run_dir: Path, device: DeviceFacts, 
         dataloader_num_workers=0,
         dataloader_pin_memory=device.has_cuda,
         include_num_input_tokens_seen="non_padding",
+        # evaluation is a loss, never logits: LeanTrainer.prediction_step computes it in chunks
+        prediction_loss_only=True,
     )
     return TrainingArguments(**kwargs)
 
@@ -92,7 +97,8 @@ class LeanTrainer(Trainer):
     """
 
     def __init__(self, *args: Any, memory: MemorySpec, backend: Any = None,
-                 on_eval_shrink: Callable[[int, int], None] | None = None, **kwargs: Any) -> None:
+                 on_eval_shrink: Callable[[int, int], None] | None = None,
+                 on_eval_skipped: Callable[[str], None] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.memory = memory
         if backend is None:
@@ -101,6 +107,9 @@ class LeanTrainer(Trainer):
             backend = BACKENDS["universal"]
         self.backend = backend
         self.on_eval_shrink = on_eval_shrink
+        self.on_eval_skipped = on_eval_skipped
+        self.eval_skipped = ""
+        """Why evaluation is off for the rest of this run ('' while it is on)."""
         self.trace_path = os.environ.get(TRACE_ENV) or None
         self.step_sample_ids: list[int] = []
         self.step_loss = 0.0
@@ -134,26 +143,42 @@ class LeanTrainer(Trainer):
 
     def prediction_step(self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool,
                         ignore_keys: list[str] | None = None) -> Any:
+        """The eval loss through the lean path's chunked cross-entropy, on every backend: a model's own
+        loss (Trainer's default here) builds the full-vocabulary logits, 1 GiB in fp32 for Gemma's 256k
+        vocabulary at 1024 tokens, which is more than a 4 GB card has left after training."""
         inputs.pop(TracingCollator.KEY, None)
         limit = oom_limit("eval", self.state.global_step)
         if limit is not None and self.args.per_device_eval_batch_size > limit:
             raise torch.OutOfMemoryError(f"CUDA out of memory (injected by the test hook at eval batch "
                                          f"{self.args.per_device_eval_batch_size})")
-        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        if not prediction_loss_only or "labels" not in inputs:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = lean.lean_causal_lm_loss(model, inputs, self.memory)
+        return loss.detach(), None, None
 
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
-        """Trainer's evaluate; a CUDA OOM halves the eval batch and tries again (training is untouched)."""
-        while True:
+        """Trainer's evaluate; a CUDA OOM halves the eval batch and tries again (training is untouched),
+        and one at eval batch 1 turns evaluation off for the run with ``on_eval_skipped``: an eval loss is
+        worth less than the adapter the training is making."""
+        while not self.eval_skipped:
             try:
                 return super().evaluate(*args, **kwargs)
             except Exception as err:
-                batch = self.args.per_device_eval_batch_size
-                if not is_oom(err) or batch <= 1:
+                if not is_oom(err):
                     raise
                 free_cuda_memory()
+                batch = self.args.per_device_eval_batch_size
+                if batch <= 1:
+                    self.eval_skipped = f"CUDA out of memory in evaluation at eval batch 1: {first_line(err)}"
+                    if self.on_eval_skipped:
+                        self.on_eval_skipped(self.eval_skipped)
+                    break
                 self.args.per_device_eval_batch_size = batch // 2
                 if self.on_eval_shrink:
                     self.on_eval_shrink(batch, batch // 2)
+        return {}
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
@@ -185,6 +210,12 @@ def is_oom(err: BaseException) -> bool:
     return isinstance(err, oom_types) or "out of memory" in str(err).lower() and "cuda" in str(err).lower()
 
 
+def first_line(err: BaseException, limit: int = 200) -> str:
+    """An error's first line, cut to ``limit`` characters (its type when it has no message): for events."""
+    text = str(err)
+    return text.splitlines()[0][:limit] if text.strip() else type(err).__name__
+
+
 def free_cuda_memory() -> None:
     """Drop what the failed step held, so the smaller retry starts from a clean allocator."""
     gc.collect()
@@ -194,10 +225,11 @@ def free_cuda_memory() -> None:
 
 def build_trainer(model: Any, tokenizer: Any, args: TrainingArguments, train_dataset: Any, eval_dataset: Any,
                   collator: Any, callbacks: Sequence[TrainerCallback], memory: MemorySpec,
-                  on_eval_shrink: Callable[[int, int], None] | None = None, backend: Any = None) -> LeanTrainer:
+                  on_eval_shrink: Callable[[int, int], None] | None = None, backend: Any = None,
+                  on_eval_skipped: Callable[[str], None] | None = None) -> LeanTrainer:
     if os.environ.get(TRACE_ENV):
         collator = TracingCollator(collator)
     return LeanTrainer(model=model, args=args, train_dataset=train_dataset,
                        eval_dataset=eval_dataset if eval_dataset is not None and len(eval_dataset) else None,
                        data_collator=collator, processing_class=tokenizer, callbacks=list(callbacks), memory=memory,
-                       backend=backend, on_eval_shrink=on_eval_shrink)
+                       backend=backend, on_eval_shrink=on_eval_shrink, on_eval_skipped=on_eval_skipped)

@@ -7,10 +7,12 @@ with the adapter in ``adapter/``, ``interrupted`` with a sealed checkpoint after
 SIGINT/SIGTERM/SIGHUP, or ``failed`` with an error event that says what to change. Starting it again
 on an interrupted run resumes from the newest valid checkpoint (or the one ``resume --from`` named,
 recorded in run.json), after checking that the recipe, model and data are those it was saved with.
-On a GPU, a fresh run's recipe is first fitted to the free VRAM (auto-fit), and every run fit-checks
-the longest batch before training (engine/fitting.py).
-A CUDA OOM in training halves the micro-batch and doubles the accumulation (the effective batch stays
-the same) and continues from the last checkpoint, up to three times.
+On a GPU, a fresh run's recipe is first fitted to the free VRAM (auto-fit, engine/fitting.py). Training
+(engine/training_loop.py) fit-checks the longest batch with the run's own training step before the
+first step, and recovers from a CUDA OOM anywhere in it: an accelerated backend is dropped (this process
+re-executes itself without it), else the micro-batch shrinks with the effective batch unchanged. The
+adapter is saved before anything else happens after training, and evaluation and the samples can
+fail without failing the run (engine/post_training.py).
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ from typing import Any
 from tui_finetune.core.events import EndEvent, ErrorEvent, EventLog, PhaseEvent, SampleEvent, WarningEvent
 from tui_finetune.core.recipe import RecipeError, RecipeSpec, check_recipe_fits_machine
 from tui_finetune.core.runs import (
-    ADAPTER_DIR, CHECKPOINTS_DIR, EVENTS_FILE, STOP_FILE, read_run_info, read_run_recipe, update_run_info)
-from tui_finetune.engine.fitting import FitRefused
+    ADAPTER_DIR, CHECKPOINTS_DIR, EVENTS_FILE, STOP_FILE, mark_interrupted_phase_failed, mark_phase_failed, read_run_info, read_run_recipe,
+    update_run_info)
+from tui_finetune.engine.fitting import FitRefused, oom_advice
 
 
 class StopRequested(Exception):
@@ -74,33 +77,6 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def oom_advice(recipe: RecipeSpec) -> str:
-    """What to change after a CUDA out-of-memory, from the recipe's own numbers."""
-    data, train = recipe.data, recipe.train
-    tips = [f"shorter sequences (--set data.seq_len={max(data.seq_len // 2, 16)})"]
-    if train.micro_batch > 1:
-        tips.append(f"a smaller micro-batch (--set train.micro_batch={max(train.micro_batch // 2, 1)} "
-                    f"train.grad_accum={train.grad_accum * 2} keeps the effective batch)")
-    if not train.gradient_checkpointing:
-        tips.append("gradient checkpointing (--set train.gradient_checkpointing=true)")
-    if recipe.method != "qlora":
-        tips.append("QLoRA (--set method=qlora) to hold the base weights in 4 bits")
-    if recipe.lora.r > 8:
-        tips.append(f"a smaller LoRA rank (--set lora.r={recipe.lora.r // 2})")
-    return "try " + "; or ".join(tips) + ". 'tui-finetune plan --recipe ...' shows what fits your card."
-
-
-MAX_OOM_SHRINKS = 3
-
-
-class OomGiveUp(Exception):
-    """Out of memory even after shrinking the micro-batch: the message says what to change instead."""
-
-    def __init__(self, message: str, advice: str) -> None:
-        super().__init__(message)
-        self.advice = advice
-
-
 def _is_oom(err: BaseException) -> bool:
     from tui_finetune.engine.training import is_oom
 
@@ -126,6 +102,7 @@ class Worker:
     def run(self) -> int:
         (self.run_dir / STOP_FILE).unlink(missing_ok=True)
         self.stop.install()
+        mark_interrupted_phase_failed(self.run_dir)
         update_run_info(self.run_dir, state="running", pid=os.getpid(), started_at=time.time(), ended_at=None,
                         versions=_versions())
         try:
@@ -134,7 +111,7 @@ class Worker:
             return self._end("interrupted", "stopped before training began: nothing to save")
         except RecipeError as err:
             return self._fail(str(err), "fix the recipe or pass --set KEY=VALUE", "recipe")
-        except (OomGiveUp, FitRefused) as err:
+        except FitRefused as err:  # OomGiveUp too
             return self._fail(str(err), err.advice, "oom")
         except Exception as err:  # noqa: BLE001 - every failure must end as a state with advice
             return self._fail_from(err)
@@ -188,6 +165,9 @@ class Worker:
         failures = dict(self.info.backend_failures)
         backends.prepare_process(self.recipe.memory.backend, failures)  # Unsloth must come before transformers
         from tui_finetune.engine import fitting, loading, samples
+        from tui_finetune.engine.post_training import run_optional_phase, save_adapter
+        from tui_finetune.engine.fitting import SequenceTooLong
+        from tui_finetune.engine.training_loop import TrainingLoop
         from tui_finetune.engine.checkpoints import list_checkpoints
         from tui_finetune.engine.model_source import resolve_model
         from tui_finetune.engine.training import plan_total_steps
@@ -224,26 +204,29 @@ class Worker:
         update_run_info(run_dir, total_steps=total_steps, data_hash=data.data_hash)
 
         resume = self._choose_checkpoint(data.data_hash, trainable)
-        if device.has_cuda:  # one forward+backward on the longest batch: an OOM costs seconds, not the run
-            fitted = fitting.fit_check_run(run_dir, model, self.backend, recipe, data.train, tokenizer, self.log,
-                                           fresh=resume is None)
-            if fitted.data.seq_len != recipe.data.seq_len:  # shorter sequences: tokenize again
-                recipe = self.recipe = fitted
+        prompt = samples.held_out_prompt(data.eval)
+        if prompt and resume is None:
+            run_optional_phase(run_dir, self.log, "sample-before", "a generation before training",
+                               lambda: self._sample(model, tokenizer, prompt, "before"))
+        while True:
+            try:
+                loop = TrainingLoop(run_dir, self.log, recipe, self.backend, self.stop, self._restart_without)
+                trainer = loop.run(model, tokenizer, data, device, total_steps, resume)
+                break
+            except SequenceTooLong as err:  # the fit-check at micro-batch 1 on a fresh run: shorter rows, tokenized again
+                recipe = self.recipe = fitting.shorten_sequence(run_dir, recipe, err.longest, err.error, self.log)
                 data = self._prepare_data(tokenizer)
                 total_steps = plan_total_steps(recipe, len(data.train))
                 update_run_info(run_dir, total_steps=total_steps)
-        prompt = samples.held_out_prompt(data.eval)
-        if prompt and resume is None:
-            self._sample(model, tokenizer, prompt, "before")
-        self.phase("train", f"{total_steps} steps" + (f", resuming from {resume.name}" if resume else ""))
-        stopped = self._train_with_oom_recovery(model, tokenizer, data, device, total_steps, resume)
-        if stopped:
+        if trainer is None:
             return True
-        self.log.emit(PhaseEvent(phase="save", message=f"writing the adapter to {run_dir / ADAPTER_DIR}"))
-        model.save_pretrained(run_dir / ADAPTER_DIR, safe_serialization=True)
-        tokenizer.save_pretrained(run_dir / ADAPTER_DIR)
+        # The adapter first: nothing after training (evaluation, the sample) may cost it.
+        save_adapter(run_dir, model, tokenizer, self.log)
+        if trainer.eval_dataset is not None and trainer.state.global_step not in loop.evaluated_steps:
+            run_optional_phase(run_dir, self.log, "eval", "the final evaluation", trainer.evaluate)
         if prompt:
-            self._sample(model, tokenizer, prompt, "after")
+            run_optional_phase(run_dir, self.log, "sample-after", "a generation after training",
+                               lambda: self._sample(model, tokenizer, prompt, "after"))
         return False
 
     def _choose_checkpoint(self, data_hash: str, trainable: int) -> Path | None:
@@ -275,75 +258,6 @@ class Worker:
                         resumed_from=choice.path.name if choice.path else "")
         return choice.path
 
-    def _train_with_oom_recovery(self, model: Any, tokenizer: Any, data: Any, device: Any, total_steps: int,
-                                 resume: Path | None) -> bool:
-        """Trainer.train, and after a CUDA OOM the same again with half the micro-batch from the last checkpoint."""
-        from transformers import set_seed
-
-        from tui_finetune.data.collate import make_collator
-        from tui_finetune.engine.callbacks import EventsCallback, SealCheckpointCallback, StepHooksCallback, StopCallback
-        from tui_finetune.engine.checkpoints import clear_staging, find_resume_checkpoint
-        from tui_finetune.engine.training import build_trainer, build_training_args, free_cuda_memory, is_oom
-
-        recipe, run_dir = self.recipe, self.run_dir
-        checkpoints = run_dir / CHECKPOINTS_DIR
-        info = read_run_info(run_dir)
-        micro, accum = info.micro_batch or recipe.train.micro_batch, info.grad_accum or recipe.train.grad_accum
-        initial = {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if "lora_" in k}
-        stop_cb, events_cb, hooks_cb = StopCallback(self.stop, recipe.checkpoint.every_minutes), EventsCallback(self.log), StepHooksCallback()
-        seal_cb = SealCheckpointCallback(checkpoints, recipe.checkpoint.keep_last, self.log, recipe, data.data_hash)
-        has_eval = data.eval is not None and len(data.eval) > 0
-        while True:
-            args = build_training_args(recipe, run_dir, device, total_steps, has_eval, micro, accum,
-                                       read_run_info(run_dir).eval_batch or None)
-            trainer = build_trainer(model, tokenizer, args, data.train, data.eval,
-                                    make_collator(tokenizer, recipe.data.packing),
-                                    [events_cb, stop_cb, seal_cb, hooks_cb], recipe.memory, self._eval_shrunk,
-                                    self.backend)
-            hooks_cb.trainer = trainer
-            try:
-                trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-                break
-            except Exception as err:
-                if not is_oom(err):
-                    raise
-                del trainer
-                free_cuda_memory()
-                clear_staging(checkpoints)
-                micro, accum = self._shrink_after_oom(err, micro, accum)
-                resume = find_resume_checkpoint(checkpoints).path
-                if resume is None:  # no checkpoint yet: start over from the very same initial adapter
-                    model.load_state_dict(initial, strict=False)
-                    set_seed(recipe.train.seed)
-                self.log.emit(PhaseEvent(phase="train", message=f"continuing at micro-batch {micro} x "
-                                         f"accumulation {accum} from " + (resume.name if resume else "the start")))
-        if stop_cb.stopped_at is not None:
-            return True
-        if trainer.eval_dataset is not None and events_cb.last_eval_step != trainer.state.global_step:
-            trainer.evaluate()  # Trainer evaluates at the last step itself on most versions
-        return False
-
-    def _shrink_after_oom(self, err: BaseException, micro: int, accum: int) -> tuple[int, int]:
-        """Halve the micro-batch and double the accumulation, recorded in run.json and the events; or give up."""
-        shrinks = list(read_run_info(self.run_dir).oom_shrinks)
-        first_line = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
-        if micro <= 1:
-            raise OomGiveUp(f"CUDA out of memory at micro-batch 1: {first_line}",
-                            f"a shorter sequence length (--set data.seq_len={max(self.recipe.data.seq_len // 2, 16)}) "
-                            "or a smaller model; 'tui-finetune plan' shows what fits your card")
-        if len(shrinks) >= MAX_OOM_SHRINKS:
-            raise OomGiveUp(f"CUDA out of memory even after {len(shrinks)} halvings of the micro-batch "
-                            f"(now {micro}): {first_line}", oom_advice(self.recipe))
-        new_micro, new_accum = micro // 2, accum * 2
-        shrinks.append({"time": time.time(), "micro_batch": [micro, new_micro], "grad_accum": [accum, new_accum],
-                        "error": first_line})
-        update_run_info(self.run_dir, micro_batch=new_micro, grad_accum=new_accum, oom_shrinks=shrinks)
-        self.log.emit(WarningEvent(
-            message=f"CUDA out of memory: micro-batch {micro} -> {new_micro}, gradient accumulation {accum} -> "
-                    f"{new_accum} (effective batch {new_micro * new_accum} unchanged); nothing partial was saved",
-            advice=f"to skip this next time: --set train.micro_batch={new_micro} train.grad_accum={new_accum}"))
-        return new_micro, new_accum
-
     def _restart_without(self, err: Any) -> None:
         """A backend failed after patching this process: record it and start afresh in this process's
         place (same pid on POSIX), where ``load_for_training`` skips it."""
@@ -355,11 +269,6 @@ class Worker:
         sys.stdout.flush()
         sys.stderr.flush()
         os.execv(sys.executable, [sys.executable, "-m", "tui_finetune.engine.worker", str(self.run_dir)])
-
-    def _eval_shrunk(self, old: int, new: int) -> None:
-        update_run_info(self.run_dir, eval_batch=new)
-        self.log.emit(WarningEvent(message=f"CUDA out of memory in evaluation: eval batch {old} -> {new} "
-                                           "(training batch unchanged)"))
 
     def _prepare_data(self, tokenizer: Any) -> Any:
         from tui_finetune.data.prepare import prepare_datasets
@@ -374,8 +283,10 @@ class Worker:
         return data
 
     def _sample(self, model: Any, tokenizer: Any, prompt: list[int], label: str) -> None:
+        from tui_finetune.engine.faults import raise_injected_oom
         from tui_finetune.engine.samples import generate_sample
 
+        raise_injected_oom("sample")
         text = generate_sample(model, tokenizer, prompt)
         self.log.emit(SampleEvent(label=label, prompt=tokenizer.decode(prompt, skip_special_tokens=True), text=text))
 

@@ -1,0 +1,154 @@
+"""Nothing after training may cost the adapter, and no phase builds full-vocabulary logits (issue 11).
+
+On a 4 GB card the final evaluation asked for 1000 MiB of fp32 logits after two good training steps,
+and the run failed with no adapter; every resume failed the same way. Here each late phase is made to
+run out of memory by the test hook (engine/faults.py), on the real worker: the run must complete with
+the adapter saved, say what it skipped, and a resume must not repeat what failed. An OOM in training
+on an accelerated backend must drop that backend before any shrinking.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine_runs import events_of, tiny_recipe
+from engine_tiny import build_tiny_llama, build_tokenizer, write_alpaca
+from faults_support import fault_recipe, launch, wait_dead
+from tui_finetune.core.events import EventLog, PhaseEvent, SampleEvent, WarningEvent
+from tui_finetune.core.recipe import MemorySpec
+from tui_finetune.core.runs import EVENTS_FILE, create_run, read_run_info, update_run_info
+from tui_finetune.engine.checkpoints import list_checkpoints
+
+pytestmark = pytest.mark.faults
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults-phases")
+    return build_tiny_llama(root / "model"), write_alpaca(root / "data.jsonl", rows=20)
+
+
+def test_eval_computes_the_chunked_loss_and_never_the_full_logits(tmp_path):
+    """A tiny model with a large vocabulary: evaluation's loss equals the model's own, and the lm_head
+    never runs as a module (the full-logits path); the chunked loss multiplies by its weight instead."""
+    import datasets
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+
+    from tui_finetune.data.collate import PaddingCollator
+    from tui_finetune.engine.training import build_trainer
+
+    torch.manual_seed(0)
+    vocab = 50_000
+    model = get_peft_model(LlamaForCausalLM(LlamaConfig(
+        vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, use_cache=False)), LoraConfig(r=2, target_modules="all-linear", task_type="CAUSAL_LM"))
+    ids = [[(7 * i + 13 * j) % vocab for j in range(40 + 9 * i)] for i in range(6)]
+    data = datasets.Dataset.from_dict({"input_ids": ids, "labels": ids})
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_eval_batch_size=3, use_cpu=True,
+                             report_to="none", remove_unused_columns=False, label_names=["labels"],
+                             prediction_loss_only=True, disable_tqdm=True)
+    trainer = build_trainer(model, None, args, None, data, PaddingCollator(0), [], MemorySpec(loss_chunk_tokens=16))
+    full_logits = []
+    head = model.get_output_embeddings()
+    hook = head.register_forward_hook(lambda module, args, out: full_logits.append(tuple(out.shape)))
+
+    metrics = trainer.evaluate()
+    hook.remove()
+
+    assert full_logits == [], f"evaluation built full logits {full_logits}"
+    expected = []
+    with torch.no_grad():
+        for start in (0, 3):
+            batch = PaddingCollator(0)([{"input_ids": i, "labels": i} for i in ids[start:start + 3]])
+            expected.append(float(model(**batch).loss))
+    assert metrics["eval_loss"] == pytest.approx(sum(expected) / 2, rel=1e-5)
+
+
+def test_an_oom_in_eval_in_the_samples_and_in_the_save_each_ends_completed_with_the_adapter(tiny, tmp_path):
+    model, data = tiny
+    home = tmp_path / "home"
+    recipe = fault_recipe(model, 6, train={"micro_batch": 2, "grad_accum": 1}, checkpoint={"every_steps": 3})
+    run_dir = launch(recipe, data, home, fault="oom:eval:0,oom:sample,oom:save")
+    assert wait_dead(run_dir) == "completed", (run_dir / "worker.log").read_text()[-3000:]
+
+    info = read_run_info(run_dir)
+    assert sorted(info.failed_phases) == ["eval", "sample-after", "sample-before"]
+    assert all("CUDA out of memory" in why for why in info.failed_phases.values())
+    warnings = [w.message for w in events_of(run_dir, WarningEvent)]
+    assert "CUDA out of memory in evaluation: eval batch 2 -> 1 (training batch unchanged)" in warnings
+    assert any(w.startswith("evaluation is off for the rest of this run") for w in warnings)
+    assert sum(w.startswith("skipped a generation") for w in warnings) == 2
+    assert any("while saving the adapter" in w and "step-000006" in w for w in warnings)
+    assert events_of(run_dir, SampleEvent) == []
+    final = list_checkpoints(run_dir / "checkpoints")[-1]
+    for name in ("adapter_model.safetensors", "adapter_config.json"):  # the final checkpoint's copy
+        assert (run_dir / "adapter" / name).read_bytes() == (final / name).read_bytes()
+    assert (run_dir / "adapter" / "tokenizer_config.json").is_file()
+    assert not (run_dir / "adapter.partial").exists()
+    assert info.phase_running == ""
+
+
+def test_a_phase_that_failed_or_was_under_way_when_the_worker_died_is_skipped_on_resume(tmp_path):
+    from tui_finetune.core.runs import mark_interrupted_phase_failed
+    from tui_finetune.engine.post_training import run_optional_phase
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("{}\n", encoding="utf-8")
+    run_dir = create_run(tiny_recipe(tmp_path / "model"), data, base=tmp_path / "runs")
+    update_run_info(run_dir, phase_running="eval", failed_phases={"sample-before": "CUDA out of memory: x"})
+    mark_interrupted_phase_failed(run_dir)  # what a starting worker does first
+    info = read_run_info(run_dir)
+    assert info.phase_running == "" and info.failed_phases["eval"].startswith("the worker stopped during it")
+
+    calls = []
+    with EventLog(run_dir / EVENTS_FILE) as log:
+        run_optional_phase(run_dir, log, "sample-before", "a generation before training", lambda: calls.append(1))
+        run_optional_phase(run_dir, log, "eval", "the final evaluation", lambda: calls.append(2))
+        run_optional_phase(run_dir, log, "sample-after", "a generation after training", lambda: calls.append(3))
+    assert calls == [3]
+    assert [w.message.split(":")[0] for w in events_of(run_dir, WarningEvent)] == [
+        "skipped a generation before training", "skipped the final evaluation"]
+    assert [e.phase for e in events_of(run_dir, PhaseEvent)] == ["sample"]
+
+
+def test_an_oom_in_training_on_an_accelerated_backend_restarts_on_the_universal_path(tiny, tmp_path, monkeypatch):
+    """Before any shrinking: auto must not keep a backend the fit-check can't prove on this card."""
+    from tui_finetune.engine import backends, worker
+    from tui_finetune.engine.backends import BACKENDS, UniversalBackend
+    from tui_finetune.engine.loading import detect_device
+
+    class UsableLiger(UniversalBackend):  # the universal path's code, reporting itself as an available Liger
+        name = "liger"
+
+        def unavailable(self, model_type, recipe, device):
+            return None
+
+    model, data = tiny
+    monkeypatch.setitem(BACKENDS, "liger", UsableLiger())
+    monkeypatch.setenv("TUI_FINETUNE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("TUI_FINETUNE_FAULT", "oom:train:0@1")
+    monkeypatch.setattr(worker.StopSignal, "install", lambda self: None)  # keep pytest's own signal handlers
+    execs = []
+
+    def execv(path, argv):
+        execs.append(argv)
+        raise SystemExit(0)  # the process would be replaced here
+
+    monkeypatch.setattr(worker.os, "execv", execv)
+    recipe = fault_recipe(model, 4, memory={"backend": "liger"}, train={"micro_batch": 2, "grad_accum": 1})
+    run_dir = create_run(recipe, data, base=tmp_path / "runs")
+    with pytest.raises(SystemExit):
+        worker.Worker(run_dir).run()
+    info = read_run_info(run_dir)
+    assert execs and info.backend == "liger" and info.oom_shrinks == []  # dropped before any shrink
+    assert list(info.backend_failures) == ["liger"]
+    assert info.backend_failures["liger"].startswith("CUDA out of memory in the fit-check")
+
+    monkeypatch.delenv("TUI_FINETUNE_FAULT")  # the restarted worker, on a card where universal fits
+    assert worker.Worker(run_dir).run() == 0
+    info = read_run_info(run_dir)
+    assert (info.state, info.backend) == ("completed", "universal")
+    assert any(s.startswith("liger: failed in an earlier attempt (CUDA out of memory") for s in info.backend_skipped)
+    assert backends.expected_backend(model, recipe, detect_device(), info.backend_failures) == "universal"

@@ -1,0 +1,156 @@
+"""The training loop: ``Trainer.train`` with the fit-check first, and one recovery rule for a CUDA OOM.
+
+The fit-check (engine/fitcheck.py) runs the run's own training step on its longest batch as training
+begins, so an out-of-memory there and one in any later step reach the same handler:
+
+1. on an accelerated backend (Liger, Unsloth), the backend is dropped: the worker records it and
+   restarts on the universal path, as after a backend failure, before anything else shrinks
+   (``auto`` must not keep a backend the fit-check can't prove on this card);
+2. else the micro-batch shrinks and the accumulation grows by the same factor (``next_micro_batch``:
+   the effective batch stays exactly the same), and training goes on from the last checkpoint, or
+   from the very same initial adapter when there is none yet;
+3. at micro-batch 1, a fresh run's fit-check raises ``SequenceTooLong`` (the worker halves the
+   sequence and tokenizes again); a later step gives up with advice (``OomGiveUp``).
+
+Evaluation's own OOMs shrink only the eval batch, and at batch 1 turn evaluation off (training.py).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from transformers import set_seed
+
+from tui_finetune.core.autofit import next_micro_batch
+from tui_finetune.core.events import EventLog, PhaseEvent, WarningEvent
+from tui_finetune.core.recipe import RecipeSpec
+from tui_finetune.core.runs import CHECKPOINTS_DIR, mark_phase_failed, read_run_info, update_run_info
+from tui_finetune.data.collate import make_collator
+from tui_finetune.engine.backends import Backend, BackendFailed
+from tui_finetune.engine.callbacks import EventsCallback, SealCheckpointCallback, StepHooksCallback, StopCallback
+from tui_finetune.engine.checkpoints import clear_staging, find_resume_checkpoint
+from tui_finetune.engine.fitcheck import FitCheckCallback, FitCheckResult, longest_rows
+from tui_finetune.engine.fitting import MAX_OOM_SHRINKS, OomGiveUp, SequenceTooLong, oom_advice
+from tui_finetune.engine.memory import reset_phase_peak
+from tui_finetune.engine.post_training import record_peak
+from tui_finetune.engine.training import build_trainer, build_training_args, first_line, free_cuda_memory, is_oom
+
+
+class TrainingLoop:
+    """One run's training, from its first step (or its checkpoint) to its last, through any OOM."""
+
+    def __init__(self, run_dir: Path, log: EventLog, recipe: RecipeSpec, backend: Backend | None,
+                 stop_requested: Callable[[], bool], restart_without: Callable[[BackendFailed], None]) -> None:
+        self.run_dir = run_dir
+        self.log = log
+        self.recipe = recipe
+        self.backend = backend
+        self.stop_requested = stop_requested
+        self.restart_without = restart_without
+        """Records a failed backend and replaces this process with a fresh worker (never returns)."""
+        self.evaluated_steps: set[int] = set()
+        """The steps Trainer evaluated, so the worker doesn't evaluate the last one twice."""
+
+    def run(self, model: Any, tokenizer: Any, data: Any, device: Any, total_steps: int, resume: Path | None) -> Any:
+        """Trainer.train, which fit-checks the longest batch first (engine/fitcheck.py); the Trainer that
+        finished, or None when a stop ended training early.
+
+        One rule for a CUDA OOM, in the fit-check or in any later step: an accelerated backend is
+        dropped (the worker restarts on the universal path, as after a backend failure); else the
+        micro-batch shrinks and the accumulation grows by the same factor, and training goes on from
+        the last checkpoint; at micro-batch 1, a fresh run's fit-check raises ``SequenceTooLong``.
+        """
+        recipe, run_dir = self.recipe, self.run_dir
+        checkpoints = run_dir / CHECKPOINTS_DIR
+        info = read_run_info(run_dir)
+        micro, accum = info.micro_batch or recipe.train.micro_batch, info.grad_accum or recipe.train.grad_accum
+        initial = {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if "lora_" in k}
+        stop_cb, events_cb, hooks_cb = StopCallback(self.stop_requested, recipe.checkpoint.every_minutes), EventsCallback(self.log), StepHooksCallback()
+        seal_cb = SealCheckpointCallback(checkpoints, recipe.checkpoint.keep_last, self.log, recipe, data.data_hash)
+        has_eval = data.eval is not None and len(data.eval) > 0 and "eval" not in info.failed_phases
+        collator = make_collator(tokenizer, recipe.data.packing)
+        rows = longest_rows(data.train, micro)
+        train_message = f"{total_steps} steps" + (f", resuming from {resume.name}" if resume else "")
+        while True:
+            args = build_training_args(recipe, run_dir, device, total_steps, has_eval, micro, accum,
+                                       read_run_info(run_dir).eval_batch or None)
+            trainer = build_trainer(model, tokenizer, args, data.train, data.eval if has_eval else None, collator,
+                                    [events_cb, stop_cb, seal_cb, hooks_cb], recipe.memory, self._eval_shrunk,
+                                    self.backend, self._eval_skipped)
+            fit_cb = FitCheckCallback(trainer, rows, collator,
+                                      lambda result, m=micro, msg=train_message: self._fit_checked(result, m, msg))
+            trainer.callback_handler.callbacks.insert(0, fit_cb)  # before the others see training begin
+            hooks_cb.trainer = trainer
+            try:
+                trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+                record_peak(self.run_dir, "train")
+                break
+            except Exception as err:
+                if not is_oom(err):
+                    raise
+                in_check = not fit_cb.passed
+                del trainer
+                free_cuda_memory()
+                clear_staging(checkpoints)
+                if self.backend is not None and self.backend.name != "universal":
+                    self.restart_without(BackendFailed(self.backend.name, f"CUDA out of memory in the "
+                                                        f"{'fit-check' if in_check else 'training'}: {first_line(err)}"))
+                resume = find_resume_checkpoint(checkpoints).path
+                if micro <= 1 and in_check and resume is None:
+                    raise SequenceTooLong(max((len(r["input_ids"]) for r in rows), default=0), first_line(err)) from None
+                micro, accum = self.shrink_after_oom(err, micro, accum, in_check)
+                rows = longest_rows(data.train, micro)
+                if resume is None:  # no checkpoint yet: start over from the very same initial adapter
+                    model.load_state_dict(initial, strict=False)
+                    set_seed(recipe.train.seed)
+                train_message = (f"continuing at micro-batch {micro} x accumulation {accum} from "
+                                 + (resume.name if resume else "the start"))
+                reset_phase_peak()
+        self.evaluated_steps = set(events_cb.eval_steps)
+        return None if stop_cb.stopped_at is not None else trainer
+
+    def _fit_checked(self, result: FitCheckResult, micro_batch: int, train_message: str) -> None:
+        """The fit-check passed: its measurement in the ``fit`` phase and run.json, then training begins."""
+        record_peak(self.run_dir, "fit", result.peak_reserved_bytes)
+        self.log.emit(PhaseEvent(phase="fit", message=result.message(micro_batch)))
+        self.log.emit(PhaseEvent(phase="train", message=train_message))
+        reset_phase_peak()
+
+    def shrink_after_oom(self, err: BaseException, micro: int, accum: int, in_check: bool = False) -> tuple[int, int]:
+        """The next smaller micro-batch and an accumulation that keeps their product (``next_micro_batch``),
+        recorded in run.json and the events; or give up. Shrinks the fit-check asked for don't count
+        against ``MAX_OOM_SHRINKS``: no step was lost to them."""
+        shrinks = list(read_run_info(self.run_dir).oom_shrinks)
+        error = first_line(err)
+        if micro <= 1:
+            raise OomGiveUp(f"CUDA out of memory at micro-batch 1: {error}",
+                            f"a shorter sequence length (--set data.seq_len={max(self.recipe.data.seq_len // 2, 16)}) "
+                            "or a smaller model; 'tui-finetune plan' shows what fits your card")
+        in_training = [s for s in shrinks if s.get("where", "training") == "training"]
+        if not in_check and len(in_training) >= MAX_OOM_SHRINKS:
+            raise OomGiveUp(f"CUDA out of memory even after {len(in_training)} halvings of the micro-batch "
+                            f"(now {micro}): {error}", oom_advice(self.recipe))
+        new_micro = next_micro_batch(micro)
+        new_accum = accum * (micro // new_micro)
+        shrinks.append({"time": time.time(), "where": "fit-check" if in_check else "training",
+                        "micro_batch": [micro, new_micro], "grad_accum": [accum, new_accum], "error": error})
+        update_run_info(self.run_dir, micro_batch=new_micro, grad_accum=new_accum, oom_shrinks=shrinks)
+        self.log.emit(WarningEvent(
+            message=f"CUDA out of memory{' in the fit-check' if in_check else ''}: micro-batch {micro} -> {new_micro}, "
+                    f"gradient accumulation {accum} -> {new_accum} (effective batch {new_micro * new_accum} "
+                    "unchanged); nothing partial was saved",
+            advice=f"to skip this next time: --set train.micro_batch={new_micro} train.grad_accum={new_accum}"))
+        return new_micro, new_accum
+
+    def _eval_skipped(self, why: str) -> None:
+        mark_phase_failed(self.run_dir, "eval", why)
+        self.log.emit(WarningEvent(message=f"evaluation is off for the rest of this run: {why}",
+                                   advice="training goes on; a smaller data.seq_len makes evaluation fit"))
+
+    def _eval_shrunk(self, old: int, new: int) -> None:
+        update_run_info(self.run_dir, eval_batch=new)
+        self.log.emit(WarningEvent(message=f"CUDA out of memory in evaluation: eval batch {old} -> {new} "
+                                           "(training batch unchanged)"))
+
