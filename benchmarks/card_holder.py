@@ -134,8 +134,11 @@ class NvmlCard:
         lists none of them (another pid namespace, as in containers) or can't say per process."""
         import pynvml
 
-        found = [used for p in pynvml.nvmlDeviceGetComputeRunningProcesses(self.handle)
-                 if p.pid in pids and (used := getattr(p, "usedGpuMemory", None)) is not None]
+        try:
+            listed = pynvml.nvmlDeviceGetComputeRunningProcesses(self.handle)
+        except pynvml.NVMLError:
+            return None
+        found = [used for p in listed if p.pid in pids and (used := getattr(p, "usedGpuMemory", None)) is not None]
         return sum(found) if found else None
 
 

@@ -16,7 +16,7 @@ from typing import Any
 RESULTS_JSON = "cards.json"
 RESULTS_MD = "cards.md"
 SIMULATOR_ERROR = "error"
-"""The outcome of a cell the simulator itself could not run (holder, model build, install check):
+"""The outcome of a cell the simulator itself could not run (holder, model build, its own bug):
 not a result, so a later call runs it again."""
 STATE_ORDER = {"headless": 0, "desktop": 1, "cpu": 2}
 COLUMNS = ("cell", "free at start", "outcome", "backend", "micro x accum, seq", "fit-check peak",
@@ -64,7 +64,8 @@ def gib(value: float | None) -> str:
 def phase_peaks_text(peaks: dict[str, float] | None) -> str:
     if not peaks:
         return "-"
-    return " ".join(f"{name} {value:.2f}" for name, value in peaks.items())
+    return " ".join(f"{name} {value:.2f}" if isinstance(value, (int, float)) else f"{name} {value}"
+                    for name, value in peaks.items())
 
 
 def kill_text(row: dict[str, Any]) -> str:
@@ -89,7 +90,8 @@ def table_row(key: str, row: dict[str, Any]) -> str:
     backend = row.get("backend") or "-"
     cells = [f"`{key}`", gib(row.get("free_gib_at_start")), f"**{row.get('outcome', '?')}**", backend, batch,
              gib(row.get("fit_peak_gib")), phase_peaks_text(row.get("phase_peaks_gib")), gib(row.get("step_peak_gib")),
-             gib(row.get("nvml_worker_peak_gib")), f"{row.get('wall_s', 0):.0f} s", kill_text(row)]
+             gib(row.get("nvml_worker_peak_gib")) + ("*" if row.get("nvml_worker_peak_source") == "card" else ""),
+             f"{row.get('wall_s', 0):.0f} s", kill_text(row)]
     return "| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |"
 
 
@@ -101,7 +103,8 @@ def notes_of(row: dict[str, Any]) -> list[str]:
     free, target = row.get("free_gib_at_start"), row.get("target_free_gib")
     if free is not None and target is not None and abs(free - target) > 0.05:
         notes.append(f"NVML free {free:.2f} GiB against the target {target:.2f} "
-                     f"(torch's mem_get_info said {row.get('cuda_free_gib_at_ready', 0):.2f} when the holder was ready)")
+                     f"(torch's mem_get_info said {row.get('cuda_free_gib_at_ready', 0):.2f} "
+                     "when the holder was ready)")
     if row.get("backend_reason"):
         notes.append(f"backend {row.get('backend')}: {row['backend_reason']}")
     for name, why in (row.get("backend_failures") or {}).items():
@@ -121,10 +124,10 @@ def notes_of(row: dict[str, Any]) -> list[str]:
     for name in ("cli_error", "simulator_error"):
         if row.get(name):
             notes.append(f"{name.replace('_', ' ')}: {row[name]}")
-    if row.get("nvml_worker_peak_gib") is None and row.get("nvml_device_peak_gib") is not None:
-        notes.append(f"NVML listed no worker pid (another pid namespace?): card used peak "
-                     f"{row['nvml_device_peak_gib']:.2f} GiB, of which the holder and others "
-                     f"{row.get('used_gib_at_start', 0):.2f} GiB at start")
+    if row.get("nvml_worker_peak_source") == "card":
+        notes.append(f"NVML listed no worker pid (another pid namespace?): the worker peak* is the card's used "
+                     f"peak {row['nvml_device_peak_gib']:.2f} GiB less the {row.get('used_gib_at_start', 0):.2f} GiB "
+                     "used at the start (the holder's)")
     return [n.replace("\n", " ") for n in notes]
 
 
@@ -134,9 +137,12 @@ def summary_line(cells: dict[str, dict[str, Any]]) -> str:
     refused = sum(o.startswith("refused") for o in outcomes)
     measured = outcomes.count("refused (measured)")
     ooms = outcomes.count("OOM")
-    failed = len(outcomes) - completed - refused
+    unmeasured = outcomes.count(SIMULATOR_ERROR)
+    failed = len(outcomes) - completed - refused - unmeasured
     return (f"**{len(outcomes)} cells: {completed} completed, {refused} refused ({measured} on a measurement), "
-            f"{failed} failed ({ooms} out of memory)**")
+            f"{failed} failed ({ooms} out of memory)"
+            + (f", {unmeasured} not measured (simulator errors: the next call runs them again)" if unmeasured else "")
+            + "**")
 
 
 def render_markdown(results: dict[str, Any]) -> str:

@@ -8,7 +8,8 @@ Cells are ``PRESET:STATE:INSTALL[:kill]``:
   PRESET   a shipped GPU preset; its name gives the card (``4gb-gemma-2b-qlora``: a 4 GiB card)
   STATE    headless (the card minus 0.3 GiB free) or desktop (minus 1.0 GiB: a browser and compositor open)
   INSTALL  default or unsloth: what this environment has (checked, never installed: with ``unsloth``
-           ``import unsloth`` must work in a child; with ``default`` it must not be importable)
+           ``import unsloth`` must work in a child; with ``default`` it must not be importable; a cell
+           whose install is not the environment's is skipped with the reason, and no row)
   :kill    train --detach, SIGKILL the worker after its first checkpoint, then ``resume`` to the end
 ``--cells all-default``: every GPU preset x {headless, desktop}, default install. ``--cells issue11``: that,
 plus the 4/8/16 GB Unsloth cells, and ``:kill`` on the desktop cell of the first preset of each card size.
@@ -32,6 +33,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from datetime import datetime
 from importlib import metadata
@@ -98,7 +100,8 @@ def gpu_presets() -> list[str]:
 def parse_cell(text: str) -> CellSpec:
     parts = text.strip().split(":")
     if len(parts) not in (3, 4) or (len(parts) == 4 and parts[3] != "kill"):
-        raise CellError(f"cell '{text}': expected PRESET:STATE:INSTALL[:kill], e.g. 4gb-gemma-2b-qlora:desktop:default:kill")
+        raise CellError(f"cell '{text}': expected PRESET:STATE:INSTALL[:kill], "
+                        "e.g. 4gb-gemma-2b-qlora:desktop:default:kill")
     preset, state, install = parts[:3]
     if preset == SMOKE_PRESET and state == "cpu":
         return CellSpec(preset, state, install, len(parts) == 4)
@@ -238,8 +241,15 @@ def measure(cell: CellSpec, args: argparse.Namespace, env: dict[str, str], nvml:
                 return {**error_row(f"NVML reports {free / GIB:.2f} GiB free, {held.nvml_free_at_ready / GIB:.2f} "
                                     "when the holder got ready: is another process using the GPU?"), **start}
         row = {**start, **run_cell(job)}
+        if row.get("nvml_worker_peak_gib") is None and row.get("nvml_device_peak_gib") is not None:
+            # NVML lists pids of another namespace (containers): the card's use above the start is the worker's
+            row.update(nvml_worker_peak_gib=row["nvml_device_peak_gib"] - start["used_gib_at_start"],
+                       nvml_worker_peak_source="card")
     except HolderFailed as err:
         return error_row(str(err))
+    except Exception as err:  # noqa: BLE001 - one broken cell must not cost the rest of the grid
+        traceback.print_exc()
+        return {**error_row(f"the simulator failed: {type(err).__name__}: {err}"), **start}
     finally:
         if held is not None:
             held.release()
@@ -248,6 +258,15 @@ def measure(cell: CellSpec, args: argparse.Namespace, env: dict[str, str], nvml:
     if not args.keep_runs:
         shutil.rmtree(home, ignore_errors=True)
     return row
+
+
+def progress_line(row: dict[str, Any]) -> str:
+    """One line per cell on the console: what the device's output tail shows."""
+    gib = lambda key: "-" if row.get(key) is None else f"{row[key]:.2f}"  # noqa: E731
+    error = (row.get("error") or {}).get("message") or row.get("simulator_error") or row.get("cli_error") or ""
+    return (f"{row['outcome']} in {row.get('wall_s', 0):.0f} s; free {gib('free_gib_at_start')} GiB, fit-check peak "
+            f"{gib('fit_peak_gib')}, NVML worker peak {gib('nvml_worker_peak_gib')}"
+            + (f"; {error[:200]}" if error else ""))
 
 
 def run_logs(home: Path) -> list[str]:
@@ -265,7 +284,6 @@ def run_grid(cells: list[CellSpec], args: argparse.Namespace) -> dict[str, Any]:
     nvml = None if args.smoke else NvmlCard()
     invocation = {"date": datetime.now().isoformat(timespec="seconds"), "card": nvml.describe() if nvml else {},
                   "versions": versions(), "command": recorded_command("benchmarks.cards"), "cells": []}
-    results["invocations"].append(invocation)
     write_chat_data(Path(args.data), SMOKE_LONG_WORDS if args.smoke else LONG_WORDS)
     recipe_of = {SMOKE_PRESET: str(write_smoke_recipe(Path(args.scratch) / f"{SMOKE_PRESET}.toml"))}
     installs = {i: check_install(i, env) for i in sorted({c.install for c in todo})}
@@ -277,14 +295,19 @@ def run_grid(cells: list[CellSpec], args: argparse.Namespace) -> dict[str, Any]:
             if args.budget and time.monotonic() - started > args.budget:
                 print(f"--budget {args.budget:g} s spent: run the same command again to continue", flush=True)
                 return results
+            if installs[cell.install]:  # the wrong environment for this cell: no row, a later call runs it
+                print(f"== {cell.key}: skipped: {installs[cell.install]}", flush=True)
+                continue
             print(f"== {cell.key}", flush=True)
-            error = installs[cell.install] or ensure_model(key, env)
+            error = ensure_model(key, env)
             row = error_row(error) if error else measure(cell, args, env, nvml, recipe_of.get(cell.preset, cell.preset))
             row.update(cell=cell.key, date=invocation["date"], install=cell.install)
             results["cells"][cell.key] = row
+            if not invocation["cells"]:  # a call that ran nothing adds no header
+                results["invocations"].append(invocation)
             invocation["cells"].append(cell.key)
             card_report.write_results(results, out_dir)
-            print(f"  {row['outcome']} in {row.get('wall_s', 0):.0f} s", flush=True)
+            print("  " + progress_line(row), flush=True)
         if args.drop_models and key != stacks.SMOKE_MODEL:
             shutil.rmtree(stacks.model_folder(key), ignore_errors=True)
     return results
@@ -330,13 +353,16 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().error(str(err))
     wanted = [part for part in args.only.split(",") if part]
     cells = [c for c in cells if not wanted or any(part in c.key for part in wanted)]
-    signal.signal(signal.SIGTERM, raise_interrupt)  # a killed call still releases the card (try/finally)
+    previous = signal.signal(signal.SIGTERM, raise_interrupt)  # a killed call still releases the card (try/finally)
     try:
         results = run_grid(cells, args)
     except KeyboardInterrupt:
         print("interrupted: the cells written so far are kept; run the same command again to continue")
         return 130
-    print((Path(args.out) / card_report.RESULTS_MD).read_text(encoding="utf-8"))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    report = Path(args.out) / card_report.RESULTS_MD
+    print(report.read_text(encoding="utf-8") if report.exists() else f"no results in {args.out}")
     done = [results["cells"].get(c.key, {}).get("outcome") for c in cells]
     return 0 if all(o and o != card_report.SIMULATOR_ERROR for o in done) else 1
 

@@ -1,5 +1,7 @@
 """benchmarks/memory_speed.py: the case syntax, the parity / planner / speed arithmetic, and a --smoke run on
-the CPU (tiny Llama, ours:universal against the baseline stack) that writes the JSON and markdown."""
+the CPU (tiny Llama, ours:universal against the baseline stack) that writes the JSON and markdown.
+benchmarks/cards.py (the card simulator): the grid, the holder's arithmetic on a fake card, reading run
+folders, the report, and a --smoke run that trains, kills and resumes through the real CLI on the CPU."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,8 +20,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # benchmarks/ is a top-level folder, not part of the installed package
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import memory_speed, report  # noqa: E402
+from benchmarks import card_holder, card_report, card_run, cards, memory_speed, report  # noqa: E402
 from benchmarks.memory_speed import CaseError, case_text, parse_case, parse_stack, parse_stacks  # noqa: E402
+from tui_finetune.core.events import (  # noqa: E402
+    CheckpointEvent, EndEvent, ErrorEvent, EventLog, PhaseEvent, StepEvent, WarningEvent)
+
+GIB = 1024**3
 
 
 # ---------------------------------------------------------------- case and stack syntax
@@ -177,11 +184,13 @@ def test_smoke_run_trains_both_stacks_on_the_cpu_and_writes_results(tmp_path):
 
 # ---------------------------------------------------------------- the card simulator (benchmarks/cards.py)
 
-from benchmarks import card_holder, card_report, card_run, cards  # noqa: E402
-from tui_finetune.core.events import (  # noqa: E402
-    CheckpointEvent, EndEvent, ErrorEvent, EventLog, PhaseEvent, StepEvent, WarningEvent)
 
-GIB = 1024**3
+
+def test_simulator_parent_never_imports_torch():
+    """The parent must hold no CUDA context: it would take memory the holder has measured out."""
+    code = "import sys, benchmarks.cards, benchmarks.card_run, benchmarks.card_report; print('torch' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == "False", proc.stderr[-2000:]
 
 
 def test_issue11_grid_is_every_gpu_preset_twice_plus_unsloth_with_one_kill_per_card_size():
@@ -206,7 +215,8 @@ def test_cell_names_its_card_and_the_free_memory_of_each_state():
     assert cell.target_free_bytes == int(3.0 * GIB)
     assert cards.parse_cell("16gb-mistral-7b-qlora:headless:default:kill").target_free_bytes == int(15.7 * GIB)
     assert cards.model_key(cell) == "gemma-2b"
-    assert cards.expand_cells("issue11,4gb-gemma-2b-qlora:headless:default")[0].key == "4gb-gemma-2b-qlora:headless:default"
+    first = cards.expand_cells("issue11,4gb-gemma-2b-qlora:headless:default")[0]
+    assert first.key == "4gb-gemma-2b-qlora:headless:default"  # each cell once
 
 
 @pytest.mark.parametrize("text, hint", [
@@ -354,7 +364,8 @@ def test_results_of_a_run_that_refused_on_a_measurement(tmp_path):
     assert card_run.classify(row) == "refused (measured)"
     assert card_run.classify({**row, "error": {**row["error"], "message": "the planner estimates 3.0 GiB"}}) \
         == "refused (estimate)"
-    assert card_run.classify({**row, "steps_done": 3, "error": {"kind": "oom", "message": "CUDA out of memory"}}) == "OOM"
+    late = {**row, "steps_done": 3, "error": {"kind": "oom", "message": "CUDA out of memory"}}
+    assert card_run.classify(late) == "OOM"
     assert card_run.classify({**row, "timed_out": True}) == "timeout"
 
 
@@ -396,7 +407,8 @@ def test_report_keeps_cells_across_calls_and_retries_simulator_errors(tmp_path):
         < md.index("`8gb-llama-3.1-8b-qlora:desktop:default`")  # by card size, then preset
     assert "NVIDIA H200, driver 580, 139.8 GiB" in md and "auto-fit: offload on: --set x" in md
     assert "error (oom): CUDA out of memory -> shorter" in md
-    assert "**3 cells: 1 completed, 0 refused (0 on a measurement), 2 failed (1 out of memory)**" in md
+    assert ("**3 cells: 1 completed, 0 refused (0 on a measurement), 1 failed (1 out of memory), 1 not measured "
+            "(simulator errors: the next call runs them again)**") in md
 
 
 def test_a_recipe_the_cli_refuses_is_recorded_without_a_run(tmp_path):
@@ -407,6 +419,78 @@ def test_a_recipe_the_cli_refuses_is_recorded_without_a_run(tmp_path):
     row = card_run.run_cell(job)
     assert row["state"] == "not started" and row["outcome"] == "refused by the CLI"
     assert "qlora" in row["cli_error"] and "NVIDIA GPU" in row["cli_error"]
+
+
+def test_install_label_must_match_the_environment(tmp_path):
+    env = cards.child_env(True)
+    assert cards.check_install("default", env) is None  # the CPU venv has no Unsloth
+    assert "'import unsloth' fails" in cards.check_install("unsloth", env)
+    (tmp_path / "unsloth").mkdir()
+    (tmp_path / "unsloth" / "__init__.py").write_text("")
+    with_unsloth = {**env, "PYTHONPATH": f"{tmp_path}{os.pathsep}{env['PYTHONPATH']}"}
+    assert "unsloth is importable here" in cards.check_install("default", with_unsloth)
+    assert cards.check_install("unsloth", with_unsloth) is None
+
+
+def test_a_cell_for_another_install_is_skipped_without_a_row(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TUIFT_BENCH_SCRATCH", str(tmp_path / "scratch"))
+    code = cards.main(["--smoke", "--cells", f"{cards.SMOKE_PRESET}:cpu:unsloth", "--out", str(tmp_path / "out")])
+    assert code == 1 and "skipped: install 'unsloth'" in capsys.readouterr().out
+    assert not (tmp_path / "out" / "cards.json").exists()
+    assert not (tmp_path / "scratch" / cards.stacks.SMOKE_MODEL).exists()  # no model was built for it
+
+
+class FakeHeld:
+    released = 0
+
+    def __init__(self, target: int, free: int) -> None:
+        self.target_free, self.nvml_free_at_ready, self.cuda_free_at_ready, self.held_bytes = target, free, free, 0
+
+    def release(self) -> None:
+        FakeHeld.released += 1
+
+
+class FakeCardNvml:
+    def __init__(self, free: int, used: int) -> None:
+        self.free, self.used = free, used
+
+    def free_bytes(self) -> int:
+        return self.free
+
+    def used_bytes(self) -> int:
+        return self.used
+
+
+def _measure_with(monkeypatch, tmp_path, nvml_free: int, outcome: Any) -> dict:
+    cell = cards.parse_cell("4gb-gemma-2b-qlora:desktop:default")
+    monkeypatch.setattr(cards.HeldCard, "start", classmethod(lambda cls, target, env, cwd: FakeHeld(target, 3 * GIB)))
+
+    def fake_run_cell(job):
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return dict(outcome)
+
+    monkeypatch.setattr(cards, "run_cell", fake_run_cell)
+    args = cards.build_parser().parse_args(["--out", str(tmp_path / "out")])
+    args.scratch, args.data, args.steps = str(tmp_path), str(tmp_path / "chat.jsonl"), 4
+    return cards.measure(cell, args, {}, FakeCardNvml(nvml_free, 136 * GIB), "4gb-gemma-2b-qlora")
+
+
+def test_measure_always_releases_the_card_and_checks_its_free_memory(monkeypatch, tmp_path):
+    FakeHeld.released = 0
+    row = _measure_with(monkeypatch, tmp_path, 3 * GIB, {"outcome": "completed", "nvml_worker_peak_gib": None,
+                                                         "nvml_device_peak_gib": 139.5})
+    assert row["free_gib_at_start"] == 3.0 and row["target_free_gib"] == 3.0 and FakeHeld.released == 1
+    assert row["nvml_worker_peak_gib"] == pytest.approx(3.5) and row["nvml_worker_peak_source"] == "card"
+    moved = _measure_with(monkeypatch, tmp_path, int(3.5 * GIB), {"outcome": "completed"})
+    assert moved["outcome"] == card_report.SIMULATOR_ERROR and "another process" in moved["simulator_error"]
+    assert FakeHeld.released == 2
+    with pytest.raises(KeyboardInterrupt):
+        _measure_with(monkeypatch, tmp_path, 3 * GIB, KeyboardInterrupt())
+    assert FakeHeld.released == 3
+    crashed = _measure_with(monkeypatch, tmp_path, 3 * GIB, RuntimeError("bug"))
+    assert crashed["outcome"] == card_report.SIMULATOR_ERROR and "RuntimeError: bug" in crashed["simulator_error"]
+    assert FakeHeld.released == 4
 
 
 @pytest.mark.slow
@@ -432,4 +516,5 @@ def test_card_smoke_trains_kills_resumes_and_is_resumable(tmp_path):
     assert not list((tmp_path / "scratch" / "homes").iterdir())  # each cell's home is gone
     again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "2 cells, 2 already in" in again.stdout
-    assert json.loads((tmp_path / "out" / "cards.json").read_text())["cells"] == results["cells"]
+    after = json.loads((tmp_path / "out" / "cards.json").read_text())
+    assert after["cells"] == results["cells"] and len(after["invocations"]) == 1  # nothing ran: no new header
