@@ -116,7 +116,16 @@ class NvmlCard:
         name = pynvml.nvmlDeviceGetName(self.handle)
         driver = pynvml.nvmlSystemGetDriverVersion()
         as_text = lambda v: v.decode() if isinstance(v, bytes) else str(v)  # noqa: E731 - old pynvml: bytes
-        return {"name": as_text(name), "driver": as_text(driver), "total_gib": self.memory().total / GIB}
+        return {"name": as_text(name), "driver": as_text(driver), "total_gib": self.memory().total / GIB,
+                "compute_mode": int(pynvml.nvmlDeviceGetComputeMode(self.handle))}
+
+    def check_shareable(self) -> None:
+        """The holder and the worker each need a CUDA context on this GPU at the same time."""
+        import pynvml
+
+        if pynvml.nvmlDeviceGetComputeMode(self.handle) != pynvml.NVML_COMPUTEMODE_DEFAULT:
+            raise SystemExit("this GPU is not in the default compute mode (exclusive or prohibited), so the VRAM "
+                             "holder and the training worker can't share it: the simulator can't run here")
 
     def memory(self) -> Any:
         import pynvml
