@@ -155,9 +155,10 @@ def save_log(out_dir: Path, tag: str, name: str, output: str) -> Path:
     return path
 
 
-def recorded_command() -> str:
+def recorded_command(module: str = "benchmarks.memory_speed") -> str:
+    """The command line as run, with the environment variables that change what it measures."""
     env = [f"{k}={shlex.quote(os.environ[k])}" for k in RECORDED_ENV if k in os.environ]
-    return " ".join([*env, "python -m benchmarks.memory_speed", *map(shlex.quote, sys.argv[1:])])
+    return " ".join([*env, f"python -m {module}", *map(shlex.quote, sys.argv[1:])])
 
 
 def ensure_model(case: dict, args: argparse.Namespace, common: list[str]) -> str | None:

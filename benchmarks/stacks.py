@@ -87,13 +87,16 @@ def build_model(key: str) -> Path:
 
 
 def save_stand_in_tokenizer(folder: Path, vocab_size: int) -> None:
-    """A word-level tokenizer with the model's vocabulary size: the batches are random token ids, but
-    Unsloth's loader insists on a tokenizer beside the weights (and can't convert a slow one here)."""
-    from tokenizers import Tokenizer, models
+    """A word-level tokenizer with the model's vocabulary size: memory_speed's batches are random token ids,
+    but Unsloth's loader insists on a tokenizer beside the weights (and can't convert a slow one here).
+    Text splits into words (``t5 t6`` -> ids 5, 6), so cards.py's chat rows have the lengths it writes."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {f"t{i}": i for i in range(vocab_size)}
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")),
+    word_level = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    word_level.pre_tokenizer = pre_tokenizers.Whitespace()  # without it a whole text is one unknown token
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=word_level,
                                         bos_token="t1", eos_token="t2", pad_token="t0", unk_token="t0")
     tokenizer.save_pretrained(folder)
 

@@ -1,5 +1,7 @@
 """benchmarks/memory_speed.py: the case syntax, the parity / planner / speed arithmetic, and a --smoke run on
-the CPU (tiny Llama, ours:universal against the baseline stack) that writes the JSON and markdown."""
+the CPU (tiny Llama, ours:universal against the baseline stack) that writes the JSON and markdown.
+benchmarks/cards.py (the card simulator): the grid, the holder's arithmetic on a fake card, reading run
+folders, the report, and a --smoke run that trains, kills and resumes through the real CLI on the CPU."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,8 +20,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # benchmarks/ is a top-level folder, not part of the installed package
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import memory_speed, report  # noqa: E402
+from benchmarks import card_holder, card_report, card_run, cards, memory_speed, report  # noqa: E402
 from benchmarks.memory_speed import CaseError, case_text, parse_case, parse_stack, parse_stacks  # noqa: E402
+from tui_finetune.core.events import (  # noqa: E402
+    CheckpointEvent, EndEvent, ErrorEvent, EventLog, PhaseEvent, StepEvent, WarningEvent)
+
+GIB = 1024**3
 
 
 # ---------------------------------------------------------------- case and stack syntax
@@ -173,3 +180,341 @@ def test_smoke_run_trains_both_stacks_on_the_cpu_and_writes_results(tmp_path):
         assert line in md
     assert "--smoke" in md and "| smoke-llama lora seq 64 x2 | - | ours:universal | universal |" in md
     assert "## Goals" in md
+
+
+# ---------------------------------------------------------------- the card simulator (benchmarks/cards.py)
+
+
+
+def test_simulator_parent_never_imports_torch():
+    """The parent must hold no CUDA context: it would take memory the holder has measured out."""
+    code = "import sys, benchmarks.cards, benchmarks.card_run, benchmarks.card_report; print('torch' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == "False", proc.stderr[-2000:]
+
+
+def test_issue11_grid_is_every_gpu_preset_twice_plus_unsloth_with_one_kill_per_card_size():
+    presets = cards.gpu_presets()
+    assert presets and all(p.split("gb-")[0].isdigit() for p in presets) and "demo-cpu" not in presets
+    default = cards.expand_cells("all-default")
+    assert len(default) == 2 * len(presets) and not any(c.kill or c.install != "default" for c in default)
+    grid = cards.expand_cells("issue11")
+    keys = [c.key for c in grid]
+    assert len(grid) == 2 * len(presets) + 3 and len(set(keys)) == len(keys)
+    assert "8gb-llama-3.1-8b-qlora:desktop:unsloth" in keys
+    kills = [c for c in grid if c.kill]
+    assert sorted(c.card_gib for c in kills) == sorted({c.card_gib for c in grid})  # one per card size
+    assert all(c.state == "desktop" and c.install == "default" for c in kills)
+    assert "4gb-gemma-2b-qlora:desktop:default:kill" in keys  # gemma sorts before phi: the first 4 GB preset
+    assert "4gb-phi-2-qlora:desktop:default" in keys
+
+
+def test_cell_names_its_card_and_the_free_memory_of_each_state():
+    cell = cards.parse_cell("4gb-gemma-2b-qlora:desktop:unsloth")
+    assert (cell.card_gib, cell.install, cell.kill) == (4, "unsloth", False)
+    assert cell.target_free_bytes == int(3.0 * GIB)
+    assert cards.parse_cell("16gb-mistral-7b-qlora:headless:default:kill").target_free_bytes == int(15.7 * GIB)
+    assert cards.model_key(cell) == "gemma-2b"
+    first = cards.expand_cells("issue11,4gb-gemma-2b-qlora:headless:default")[0]
+    assert first.key == "4gb-gemma-2b-qlora:headless:default"  # each cell once
+
+
+@pytest.mark.parametrize("text, hint", [
+    ("4gb-gemma-2b-qlora:desktop", "PRESET:STATE:INSTALL"),
+    ("4gb-gemma-2b-qlora:desktop:default:stop", "PRESET:STATE:INSTALL"),
+    ("demo-cpu:desktop:default", "not a GPU preset"),
+    ("4gb-gemma-2b-qlora:laptop:default", "state 'laptop'"),
+    ("4gb-gemma-2b-qlora:desktop:liger", "install 'liger'"),
+])
+def test_bad_cell_names_what_is_wrong(text, hint):
+    with pytest.raises(cards.CellError, match=hint):
+        cards.parse_cell(text)
+
+
+def test_chat_data_is_deterministic_and_longer_than_every_preset(tmp_path):
+    first = cards.write_chat_data(tmp_path / "a.jsonl").read_text()
+    assert cards.write_chat_data(tmp_path / "b.jsonl").read_text() == first
+    rows = [json.loads(line) for line in first.splitlines()]
+    lengths = [len(r["messages"][1]["content"].split()) for r in rows]
+    from tui_finetune.core.presets import find_recipe
+    from tui_finetune.core.recipe import load_recipe
+
+    longest_preset = max(load_recipe(find_recipe(p)).data.seq_len for p in cards.gpu_presets())
+    assert len(rows) == 48 and sum(n > longest_preset + 64 for n in lengths) == 42 and min(lengths) < 64
+    assert cards.LONG_WORDS > longest_preset
+    assert all(r["messages"][0]["role"] == "user" and r["messages"][1]["role"] == "assistant" for r in rows)
+
+
+class FakeCuda:
+    """torch.cuda as the holder sees it: free memory is the total less the context and the blocks the caching
+    allocator holds; a dropped block stays reserved until ``empty_cache`` (as in torch)."""
+
+    def __init__(self, total: int, context: int, rounding: int = 1) -> None:
+        self.total, self.context, self.rounding = total, context, rounding
+        self.reserved: list[list] = []  # [weakref to the block, bytes it took]
+        self.context_made = False
+
+    def init(self) -> None:
+        pass
+
+    def mem_get_info(self):
+        used = (self.context if self.context_made else 0) + sum(size for _, size in self.reserved)
+        return self.total - used, self.total
+
+    def empty_cache(self) -> None:
+        self.reserved = [entry for entry in self.reserved if entry[0]() is not None]
+
+
+class FakeBlock:
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def numel(self) -> int:
+        return self.size
+
+
+def fake_torch(cuda: FakeCuda):
+    import types
+    import weakref
+
+    def empty(size, dtype=None, device=None):
+        cuda.context_made = True
+        block = FakeBlock(size)
+        if size > 1:  # the 1-byte tensor that makes the context lives in the context
+            cuda.reserved.append([weakref.ref(block), -(-size // cuda.rounding) * cuda.rounding])
+        return block
+
+    return types.SimpleNamespace(cuda=cuda, empty=empty, uint8="uint8")
+
+
+@pytest.mark.parametrize("rounding", [1, 2 * 1024**2, 20 * 1024**2])
+def test_holder_stops_within_16_mib_of_the_target_counting_its_own_context(monkeypatch, rounding):
+    """Blocks may take more than asked: cudaMalloc's 2 MiB pages, torch's 20 MiB buffers."""
+    cuda = FakeCuda(total=139 * GIB, context=500 * 1024**2, rounding=rounding)
+    monkeypatch.setitem(sys.modules, "torch", fake_torch(cuda))
+    target = int(3.7 * GIB)
+    blocks = card_holder.hold_until_free(target)
+    assert abs(cuda.mem_get_info()[0] - target) <= card_holder.TOLERANCE_BYTES
+    assert len(blocks) == len(cuda.reserved)  # what the holder keeps is what the card lost
+
+
+def test_holder_refuses_a_target_above_what_is_free_after_its_context(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", fake_torch(FakeCuda(total=4 * GIB, context=GIB)))
+    with pytest.raises(SystemExit, match="can't simulate"):
+        card_holder.hold_until_free(int(3.7 * GIB))
+
+
+def test_held_card_reads_ready_and_release_ends_the_holder(tmp_path):
+    script = "print('loading', flush=True); print('READY 123 456 789', flush=True); import time; time.sleep(120)"
+    held = card_holder.HeldCard.start(100, dict(os.environ), tmp_path, [sys.executable, "-c", script])
+    assert (held.nvml_free_at_ready, held.held_bytes, held.cuda_free_at_ready) == (123, 456, 789)
+    held.release()
+    assert held.proc.returncode is not None
+    with pytest.raises(card_holder.HolderFailed, match="out of memory here"):
+        card_holder.HeldCard.start(100, dict(os.environ), tmp_path,
+                                   [sys.executable, "-c", "print('out of memory here'); raise SystemExit(1)"])
+
+
+def test_worker_watch_keeps_the_peaks_of_the_worker_and_the_card():
+    class FakeNvml:
+        def __init__(self):
+            self.used = iter([10 * GIB, 12 * GIB, 11 * GIB])
+            self.per_pid = iter([1 * GIB, None, 3 * GIB])
+
+        def used_bytes(self):
+            return next(self.used)
+
+        def process_bytes(self, pids):
+            assert os.getpid() in pids
+            return next(self.per_pid)
+
+    watch = card_run.WorkerWatch(FakeNvml())
+    for _ in range(3):
+        watch.sample(os.getpid())
+    assert (watch.worker_peak, watch.device_peak, watch.samples) == (3 * GIB, 12 * GIB, 3)
+    idle = card_run.WorkerWatch(None)
+    idle.sample(os.getpid())
+    assert idle.worker_peak is None and idle.samples == 0
+
+
+def _fake_run(tmp_path: Path, events: list, **info) -> Path:
+    from tui_finetune.core.recipe import RecipeSpec
+    from tui_finetune.core.runs import create_run, update_run_info
+
+    run_dir = create_run(RecipeSpec(model="gemma-2b"), tmp_path / "data.jsonl", base=tmp_path / "runs")
+    update_run_info(run_dir, state=info.pop("state", "failed"), pid=None, **info)
+    with EventLog(run_dir / "events.jsonl") as log:
+        for event in events:
+            log.emit(event)
+    return run_dir
+
+
+def test_results_of_a_run_that_refused_on_a_measurement(tmp_path):
+    run_dir = _fake_run(tmp_path, [
+        WarningEvent(message="auto-fit: micro-batch 2 -> 1", advice="to keep this value: --set train.micro_batch=2"),
+        WarningEvent(message="5 row(s) are longer than data.seq_len"),
+        ErrorEvent(message="CUDA out of memory in the fit-check even at micro-batch 1 x 512 tokens: 2.9 GiB",
+                   advice="a smaller model", kind="oom"),
+        EndEvent(state="failed")], autofit=["micro-batch 2 -> 1: --set train.micro_batch=1"], micro_batch=1,
+        grad_accum=16)
+    row = card_run.read_results(run_dir)
+    assert (row["state"], row["micro_batch"], row["grad_accum"], row["seq_len"]) == ("failed", 1, 16, 1024)
+    assert row["autofit_warnings"] == ["auto-fit: micro-batch 2 -> 1"] and row["warnings"][0].startswith("5 row(s)")
+    assert row["error"]["kind"] == "oom" and row["phase_peaks_gib"] is None
+    assert card_run.classify(row) == "refused (measured)"
+    assert card_run.classify({**row, "error": {**row["error"], "message": "the planner estimates 3.0 GiB"}}) \
+        == "refused (estimate)"
+    late = {**row, "steps_done": 3, "error": {"kind": "oom", "message": "CUDA out of memory"}}
+    assert card_run.classify(late) == "OOM"
+    assert card_run.classify({**row, "timed_out": True}) == "timeout"
+
+
+def test_results_of_a_completed_run_with_phase_peaks(tmp_path):
+    run_dir = _fake_run(tmp_path, [
+        PhaseEvent(phase="fit", message="the longest batch fits (1 example(s) in 1 x 2048 tokens): peak 2.77 GiB "
+                                        "reserved (2.50 GiB allocated); forward and backward in 1.2s"),
+        StepEvent(step=1, total_steps=4, epoch=0.1, loss=9.0, vram_peak_mb=2900.0),
+        CheckpointEvent(step=2, path="checkpoints/step-000002"),
+        StepEvent(step=4, total_steps=4, epoch=0.2, loss=8.0, vram_peak_mb=3072.0),
+        EndEvent(state="completed")], state="completed", backend="universal", backend_reason="pure PyTorch")
+    run_json = run_dir / "run.json"
+    run_json.write_text(json.dumps({**json.loads(run_json.read_text()), "phase_peaks_gib": {"fit": 2.8, "eval": 1.5}}))
+    row = card_run.read_results(run_dir)
+    assert row["fit_peak_gib"] == pytest.approx(2.77) and row["step_peak_gib"] == pytest.approx(3.0)
+    assert row["phase_peaks_gib"] == {"fit": 2.8, "eval": 1.5} and row["steps_done"] == 4
+    row.update(outcome=card_run.classify(row), wall_s=12.0, free_gib_at_start=3.0, nvml_worker_peak_gib=3.4,
+               kill={"done": True, "after_checkpoint": "step-000002", "state_after_kill": "interrupted",
+                     "resume_exit": 0, "resumed_from": "step-000002", "resume_said": "step-000002"})
+    line = card_report.table_row("4gb-gemma-2b-qlora:desktop:default:kill", row)
+    assert "| **completed** | universal | 1 x 8, 1024 | 2.77 | fit 2.80 eval 1.50 | 3.00 | 3.40 | 12 s |" in line
+    assert "resumed from step-000002 (said step-000002)" in line
+
+
+def test_report_keeps_cells_across_calls_and_retries_simulator_errors(tmp_path):
+    results = card_report.load_results(tmp_path)
+    results["invocations"].append({"date": "d1", "card": {"name": "NVIDIA H200", "driver": "580", "total_gib": 139.8},
+                                   "versions": {"torch": "2.11"}, "command": "python -m benchmarks.cards", "cells": []})
+    results["cells"]["8gb-llama-3.1-8b-qlora:desktop:default"] = {
+        "outcome": "OOM", "error": {"kind": "oom", "message": "CUDA out of memory", "advice": "shorter"}}
+    results["cells"]["4gb-phi-2-qlora:headless:default"] = {"outcome": "completed", "autofit": ["offload on: --set x"]}
+    results["cells"]["4gb-gemma-2b-qlora:desktop:unsloth"] = {
+        "outcome": card_report.SIMULATOR_ERROR, "simulator_error": "install 'unsloth': 'import unsloth' fails"}
+    md = card_report.write_results(results, tmp_path).read_text()
+    again = card_report.load_results(tmp_path)
+    assert card_report.is_done(again, "4gb-phi-2-qlora:headless:default")
+    assert not card_report.is_done(again, "4gb-gemma-2b-qlora:desktop:unsloth")
+    assert md.index("`4gb-gemma-2b-qlora:desktop:unsloth`") < md.index("`4gb-phi-2-qlora:headless:default`") \
+        < md.index("`8gb-llama-3.1-8b-qlora:desktop:default`")  # by card size, then preset
+    assert "NVIDIA H200, driver 580, 139.8 GiB" in md and "auto-fit: offload on: --set x" in md
+    assert "error (oom): CUDA out of memory -> shorter" in md
+    assert ("**3 cells: 1 completed, 0 refused (0 on a measurement), 1 failed (1 out of memory), 1 not measured "
+            "(simulator errors: the next call runs them again)**") in md
+
+
+def test_a_recipe_the_cli_refuses_is_recorded_without_a_run(tmp_path):
+    data = cards.write_chat_data(tmp_path / "chat.jsonl")
+    recipe = cards.write_smoke_recipe(tmp_path / "smoke.toml")
+    env = {**cards.child_env(True), "TUIFT_BENCH_SCRATCH": str(tmp_path)}
+    job = card_run.CellJob("x", str(recipe), data, ["method=qlora"], False, env, tmp_path / "home", 120.0)
+    row = card_run.run_cell(job)
+    assert row["state"] == "not started" and row["outcome"] == "refused by the CLI"
+    assert "qlora" in row["cli_error"] and "NVIDIA GPU" in row["cli_error"]
+
+
+def test_install_label_must_match_the_environment(tmp_path):
+    env = cards.child_env(True)
+    assert cards.check_install("default", env) is None  # the CPU venv has no Unsloth
+    assert "'import unsloth' fails" in cards.check_install("unsloth", env)
+    (tmp_path / "unsloth").mkdir()
+    (tmp_path / "unsloth" / "__init__.py").write_text("")
+    with_unsloth = {**env, "PYTHONPATH": f"{tmp_path}{os.pathsep}{env['PYTHONPATH']}"}
+    assert "unsloth is importable here" in cards.check_install("default", with_unsloth)
+    assert cards.check_install("unsloth", with_unsloth) is None
+
+
+def test_a_cell_for_another_install_is_skipped_without_a_row(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TUIFT_BENCH_SCRATCH", str(tmp_path / "scratch"))
+    code = cards.main(["--smoke", "--cells", f"{cards.SMOKE_PRESET}:cpu:unsloth", "--out", str(tmp_path / "out")])
+    assert code == 1 and "skipped: install 'unsloth'" in capsys.readouterr().out
+    assert not (tmp_path / "out" / "cards.json").exists()
+    assert not (tmp_path / "scratch" / cards.stacks.SMOKE_MODEL).exists()  # no model was built for it
+
+
+class FakeHeld:
+    released = 0
+
+    def __init__(self, target: int, free: int) -> None:
+        self.target_free, self.nvml_free_at_ready, self.cuda_free_at_ready, self.held_bytes = target, free, free, 0
+
+    def release(self) -> None:
+        FakeHeld.released += 1
+
+
+class FakeCardNvml:
+    def __init__(self, free: int, used: int) -> None:
+        self.free, self.used = free, used
+
+    def free_bytes(self) -> int:
+        return self.free
+
+    def used_bytes(self) -> int:
+        return self.used
+
+
+def _measure_with(monkeypatch, tmp_path, nvml_free: int, outcome: Any) -> dict:
+    cell = cards.parse_cell("4gb-gemma-2b-qlora:desktop:default")
+    monkeypatch.setattr(cards.HeldCard, "start", classmethod(lambda cls, target, env, cwd: FakeHeld(target, 3 * GIB)))
+
+    def fake_run_cell(job):
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return dict(outcome)
+
+    monkeypatch.setattr(cards, "run_cell", fake_run_cell)
+    args = cards.build_parser().parse_args(["--out", str(tmp_path / "out")])
+    args.scratch, args.data, args.steps = str(tmp_path), str(tmp_path / "chat.jsonl"), 4
+    return cards.measure(cell, args, {}, FakeCardNvml(nvml_free, 136 * GIB), "4gb-gemma-2b-qlora")
+
+
+def test_measure_always_releases_the_card_and_checks_its_free_memory(monkeypatch, tmp_path):
+    FakeHeld.released = 0
+    row = _measure_with(monkeypatch, tmp_path, 3 * GIB, {"outcome": "completed", "nvml_worker_peak_gib": None,
+                                                         "nvml_device_peak_gib": 139.5})
+    assert row["free_gib_at_start"] == 3.0 and row["target_free_gib"] == 3.0 and FakeHeld.released == 1
+    assert row["nvml_worker_peak_gib"] == pytest.approx(3.5) and row["nvml_worker_peak_source"] == "card"
+    moved = _measure_with(monkeypatch, tmp_path, int(3.5 * GIB), {"outcome": "completed"})
+    assert moved["outcome"] == card_report.SIMULATOR_ERROR and "another process" in moved["simulator_error"]
+    assert FakeHeld.released == 2
+    with pytest.raises(KeyboardInterrupt):
+        _measure_with(monkeypatch, tmp_path, 3 * GIB, KeyboardInterrupt())
+    assert FakeHeld.released == 3
+    crashed = _measure_with(monkeypatch, tmp_path, 3 * GIB, RuntimeError("bug"))
+    assert crashed["outcome"] == card_report.SIMULATOR_ERROR and "RuntimeError: bug" in crashed["simulator_error"]
+    assert FakeHeld.released == 4
+
+
+@pytest.mark.slow
+def test_card_smoke_trains_kills_resumes_and_is_resumable(tmp_path):
+    """The whole simulator on the CPU: a plain cell and a :kill cell through the real CLI and worker."""
+    env = {**os.environ, "TUIFT_BENCH_SCRATCH": str(tmp_path / "scratch")}
+    command = [sys.executable, "-m", "benchmarks.cards", "--smoke", "--out", str(tmp_path / "out")]
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((tmp_path / "out" / "cards.json").read_text())
+    plain, killed = (results["cells"][key] for key in cards.SMOKE_CELLS.split(","))
+    for row in (plain, killed):
+        assert row["outcome"] == "completed" and row["state"] == "completed" and row["adapter_saved"], row
+        assert row["steps_done"] == cards.DEFAULT_STEPS and row["backend"] == "universal"
+        assert (row["micro_batch"], row["grad_accum"], row["seq_len"]) == (2, 2, 64)
+    kill = killed["kill"]
+    assert kill["done"] and kill["state_after_kill"] == "interrupted" and kill["resume_exit"] == 0
+    assert kill["after_checkpoint"].startswith("step-")  # the first checkpoint: the one it was killed after
+    assert kill["resumed_from"] == kill["resume_said"] == kill["after_checkpoint"], kill
+    md = (tmp_path / "out" / "cards.md").read_text()
+    assert "`smoke-llama-lora:cpu:default`" in md and "`smoke-llama-lora:cpu:default:kill`" in md
+    assert f"resumed from {kill['after_checkpoint']}" in md and "**2 cells: 2 completed" in md
+    assert not list((tmp_path / "scratch" / "homes").iterdir())  # each cell's home is gone
+    again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "2 cells, 2 already in" in again.stdout
+    after = json.loads((tmp_path / "out" / "cards.json").read_text())
+    assert after["cells"] == results["cells"] and len(after["invocations"]) == 1  # nothing ran: no new header
