@@ -39,6 +39,11 @@ CUDA_CONTEXT_GIB = 0.45
 SAFETY_MARGIN = 0.10
 """A suggestion fits only with 10% of the card left over: the desktop and the driver need room too."""
 TIGHT_MARGIN = 0.03
+CUDA_CONTEXT_GROWTH_GIB = 0.3
+"""What the CUDA context still grows by after the worker first reads the free memory (cuBLAS workspace,
+lazily loaded kernels of torch and bitsandbytes). Measured on the card simulator (H200, 2026-12-02): the
+worker's NVML peak was 0.75 GiB over torch's reserved peak on Phi-2, Gemma-2B and Llama-3.1-8B, of which
+0.5 GiB was already in use when it read the free memory."""
 PLANNER_TOLERANCE = 0.10
 """How far the estimate may sit from a measured peak (tests/test_core_planner.py holds every calibration row
 to it). An estimate over the budget by less than this is not grounds to refuse: the fit-check measures."""
@@ -177,7 +182,7 @@ class PlanCase:
     lora_targets: str | tuple[str, ...] = "all-linear"
     compute_dtype: str = "bf16"
     double_quant: bool = True
-    optimizer: str = "paged_adamw_8bit"
+    optimizer: str = "adamw_8bit"
     gradient_checkpointing: bool = True
 
     @classmethod

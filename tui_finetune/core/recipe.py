@@ -89,7 +89,10 @@ class TrainSpec:
     learning_rate: float = 2e-4
     scheduler: str = "cosine"
     warmup_ratio: float = 0.03
-    optimizer: str = "paged_adamw_8bit"
+    optimizer: str = "adamw_8bit"
+    """bitsandbytes' 8-bit AdamW in plain device memory. Not the paged variant: its states live in CUDA managed
+    memory, and on a card that other programs have filled, its first step died with an illegal memory access
+    (an unrecoverable crash, not an OOM) on the card simulator; LoRA's states are a few MB, so paging buys nothing."""
     precision: str = "auto"
     """Mixed precision: auto picks bf16 where the card has it, fp16 on older cards, fp32 on the CPU."""
     gradient_checkpointing: bool = True

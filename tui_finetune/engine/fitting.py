@@ -4,9 +4,10 @@
   free VRAM (core/autofit.py). Changed values go into the run's recipe.toml, so a resume trains with
   the same ones; each change is a warning event with the ``--set`` that pins it, and the list is kept
   in run.json (``autofit``). Auto-fit never shortens sequences on an estimate: the planner leans high
-  and a shorter sequence truncates data. It refuses a run only when even the smallest settings are
-  over the budget by more than the planner's own error (``PLANNER_TOLERANCE``); nearer than that,
-  the measured fit-check decides.
+  and a shorter sequence truncates data. It refuses a run on the estimate only when the model's
+  weights alone are over the budget by more than the planner's own error (``PLANNER_TOLERANCE``);
+  anything nearer is measured: the fit-check shortens the sequences down to the floor, and a refusal
+  then names what it measured.
 * ``shorten_sequence``, when the fit-check (engine/fitcheck.py, inside ``Trainer.train``) ran out of
   memory at micro-batch 1 on a fresh run: the sequence length is halved in recipe.toml and the worker
   tokenizes again; below the floor the run is refused on that measurement.
@@ -24,7 +25,7 @@ from tui_finetune.core.autofit import MIN_SEQ_LEN, auto_fit
 from tui_finetune.core.catalog import UnknownModelError
 from tui_finetune.core.events import EventLog, WarningEvent
 from tui_finetune.core.model_source import resolve_model_spec
-from tui_finetune.core.planner import GIB, PLANNER_TOLERANCE, profile_from_memory
+from tui_finetune.core.planner import CUDA_CONTEXT_GROWTH_GIB, GIB, PLANNER_TOLERANCE, profile_from_memory
 from tui_finetune.core.recipe import MachineFacts, RecipeSpec, resolve_precision
 from tui_finetune.core.runs import read_run_info, update_run_info, write_run_recipe
 
@@ -94,9 +95,9 @@ def auto_fit_run(run_dir: Path, recipe: RecipeSpec, model: str, free_bytes: floa
                  backend: str = "", machine: MachineFacts | None = None) -> RecipeSpec:
     """Fit a fresh run's recipe to ``free_bytes`` of VRAM; returns the recipe to train with.
 
-    ``model`` is what ``resolve_model_spec`` reads: the downloaded folder, or a catalog key. The whole
-    CUDA context is counted against the free figure although ours has started: the cuBLAS workspace
-    and kernels still come, and erring toward fitting is the promise. ``backend``: the one
+    ``model`` is what ``resolve_model_spec`` reads: the downloaded folder, or a catalog key.
+    ``free_bytes`` is read inside the worker, after its CUDA context started, so the context is not
+    counted again; only what it still grows by (``CUDA_CONTEXT_GROWTH_GIB``) is kept back. ``backend``: the one
     ``backends.expected_backend`` says will load, so the planner models it. ``machine``: where
     ``auto`` precisions resolve (on a card without bf16 the engine keeps adapters fp32, so that saver
     can't help there). An unchanged recipe is returned as it was. Raises FitRefused.
@@ -112,20 +113,25 @@ def auto_fit_run(run_dir: Path, recipe: RecipeSpec, model: str, free_bytes: floa
         return profile_from_memory(replace(memory, backend=backend or memory.backend))
 
     original, recipe = recipe, resolve_precision(recipe, machine) if machine else recipe
-    decision = auto_fit(recipe, spec, free_bytes, profile_for=profile_for, shorten_sequences=False)
+    usable = free_bytes - CUDA_CONTEXT_GROWTH_GIB * GIB
+
+    def fit(shorten: bool) -> Any:
+        return auto_fit(recipe, spec, usable, context_allocated=True, profile_for=profile_for,
+                        shorten_sequences=shorten)
+
+    decision = fit(False)
     if not decision.fits:
-        shortest = auto_fit(recipe, spec, free_bytes, profile_for=profile_for)
-        if not shortest.fits and shortest.after.total > shortest.budget_bytes * (1 + PLANNER_TOLERANCE):
+        shortest = fit(True)
+        weights = shortest.after.parts.get("weights", 0.0)
+        if not shortest.fits and weights > shortest.budget_bytes * (1 + PLANNER_TOLERANCE):
             update_run_info(run_dir, autofit=shortest.changes)
-            raise FitRefused(f"this recipe can't fit the {free_bytes / GIB:.1f} GiB of free VRAM: the planner "
-                             f"estimates {shortest.before.total_gib:.1f} GiB as it is, "
-                             f"{shortest.after.total_gib:.1f} GiB at the smallest settings auto-fit may choose, "
-                             f"more than its {PLANNER_TOLERANCE:.0%} error over the budget",
-                             shortest.advice)
+            raise FitRefused(f"this model can't fit the {free_bytes / GIB:.1f} GiB of free VRAM: its weights alone "
+                             f"take about {weights / GIB:.1f} GiB, more than the planner's "
+                             f"{PLANNER_TOLERANCE:.0%} error over what is free", shortest.advice)
         log.emit(WarningEvent(
-            message=f"auto-fit: the planner expects {decision.after.total_gib:.1f} GiB against {free_bytes / GIB:.1f} "
-                    "GiB free even after the changes below; the fit-check will measure the longest batch and "
-                    "shorten the sequences only if it runs out of memory",
+            message=f"auto-fit: the planner expects {decision.after.torch_peak / GIB:.1f} GiB against "
+                    f"{usable / GIB:.1f} GiB free even after the changes below; the fit-check will measure the "
+                    "longest batch and shorten the sequences only if it runs out of memory",
             advice=f"or start with shorter sequences: --set {' '.join(shortest.settings)}"))
     if not decision.changed:
         return original

@@ -192,6 +192,10 @@ class Worker:
             loaded = backends.load_for_training(source.folder, recipe, device, failures)
         except backends.BackendFailed as err:
             self._restart_without(err)
+        except Exception as err:
+            if not _is_oom(err):
+                raise
+            self._refuse_load_oom(err, backends.expected_backend(source.folder, recipe, device, failures))
         model, self.backend = loaded.model, loaded.backend
         update_run_info(run_dir, backend=loaded.choice.name, backend_reason=loaded.choice.reason,
                         backend_skipped=loaded.choice.skipped)
@@ -257,6 +261,17 @@ class Worker:
         update_run_info(self.run_dir, resume_from_step=None, resume_force=False,
                         resumed_from=choice.path.name if choice.path else "")
         return choice.path
+
+    def _refuse_load_oom(self, err: BaseException, backend: str) -> None:
+        """Out of memory while loading: measured, the weights don't fit. An accelerated backend may load
+        differently, so it is dropped first; on the universal path the run is refused with what to change."""
+        from tui_finetune.engine.backends import BackendFailed
+        from tui_finetune.engine.training import first_line
+
+        if backend != "universal":
+            self._restart_without(BackendFailed(backend, f"CUDA out of memory while loading: {first_line(err)}"))
+        raise FitRefused(f"the model doesn't fit this card: CUDA out of memory while loading its weights "
+                         f"({first_line(err)})", oom_advice(self.recipe)) from None
 
     def _restart_without(self, err: Any) -> None:
         """A backend failed after patching this process: record it and start afresh in this process's
