@@ -32,6 +32,11 @@ from transformers import TrainerCallback
 
 from tui_finetune.core.planner import GIB
 
+HEADROOM_BYTES = 256 * 1024**2
+"""What must stay free at the check's peak. A step that fits with less is treated as an out-of-memory:
+on the simulated 4 GB card (desktop state) Phi-2's check fitted with under 100 MiB to spare, and a later
+step, its allocator's blocks split differently, asked for 100 MiB more and failed at micro-batch 1."""
+
 
 @dataclass(frozen=True)
 class FitCheckResult:
@@ -115,8 +120,20 @@ def fit_check_step(trainer: Any, batch: dict[str, Any]) -> FitCheckResult:
         seconds = time.perf_counter() - start
         allocated = torch.cuda.max_memory_allocated() if cuda else None
         reserved = torch.cuda.max_memory_reserved() if cuda else None
+        if cuda:
+            check_headroom(reserved or 0)
     return FitCheckResult(loss=value, seconds=seconds, rows=rows, tokens=tokens,
                           peak_allocated_bytes=allocated, peak_reserved_bytes=reserved)
+
+
+def check_headroom(peak_reserved: int) -> None:
+    """Raise a CUDA out-of-memory when less than ``HEADROOM_BYTES`` was free at the step's peak (the free
+    figure is the driver's, so memory outside torch, other programs' included, counts)."""
+    free = torch.cuda.mem_get_info()[0]
+    spare = free - max(peak_reserved - torch.cuda.memory_reserved(), 0)
+    if spare < HEADROOM_BYTES:
+        raise torch.OutOfMemoryError(f"CUDA out of memory: the fit-check's step fitted with only {spare / 2**20:.0f} MiB "
+                                     f"to spare, and training needs {HEADROOM_BYTES / 2**20:.0f} MiB of room")
 
 
 def _inner(optimizer: Any) -> Any:

@@ -47,11 +47,12 @@ class OomGiveUp(FitRefused):
 
 
 class SequenceTooLong(Exception):
-    """The fit-check ran out of memory at micro-batch 1 on a fresh run: only shorter rows can fit."""
+    """Out of memory at micro-batch 1 before any checkpoint (``where``: the fit-check or training): only
+    shorter rows can fit, and with no checkpoint yet the sequence length may still change."""
 
-    def __init__(self, longest: int, error: str) -> None:
+    def __init__(self, longest: int, error: str, where: str = "the fit-check") -> None:
         super().__init__(error)
-        self.longest, self.error = longest, error
+        self.longest, self.error, self.where = longest, error, where
 
 
 def oom_advice(recipe: RecipeSpec) -> str:
@@ -140,13 +141,14 @@ def auto_fit_run(run_dir: Path, recipe: RecipeSpec, model: str, free_bytes: floa
     return decision.recipe
 
 
-def shorten_sequence(run_dir: Path, recipe: RecipeSpec, longest: int, error: str, log: EventLog) -> RecipeSpec:
-    """Halve a fresh run's ``data.seq_len`` after the fit-check ran out of memory at micro-batch 1 on
-    rows of ``longest`` tokens; the new recipe is saved (the caller tokenizes again). Raises FitRefused,
-    with what was measured, when that would go below ``MIN_SEQ_LEN``."""
+def shorten_sequence(run_dir: Path, recipe: RecipeSpec, longest: int, error: str, log: EventLog,
+                     where: str = "the fit-check") -> RecipeSpec:
+    """Halve ``data.seq_len`` of a run with no checkpoint yet after it ran out of memory at micro-batch 1
+    (in ``where``) on rows of ``longest`` tokens; the new recipe is saved (the caller tokenizes again).
+    Raises FitRefused, with what was measured, when that would go below ``MIN_SEQ_LEN``."""
     seq = min(recipe.data.seq_len, longest)
     new_seq = seq // 2
-    where = f"CUDA out of memory in the fit-check at micro-batch 1 x {seq} tokens"
+    where = f"CUDA out of memory in {where} at micro-batch 1 x {seq} tokens"
     if new_seq < min(MIN_SEQ_LEN, recipe.data.seq_len):
         raise FitRefused(f"{where}, and {new_seq} tokens would be under the {MIN_SEQ_LEN}-token floor: {error}",
                          "a smaller model, QLoRA (--set method=qlora) or closing other programs that use the GPU; "

@@ -9,8 +9,9 @@ begins, so an out-of-memory there and one in any later step reach the same handl
 2. else the micro-batch shrinks and the accumulation grows by the same factor (``next_micro_batch``:
    the effective batch stays exactly the same), and training goes on from the last checkpoint, or
    from the very same initial adapter when there is none yet;
-3. at micro-batch 1, a fresh run's fit-check raises ``SequenceTooLong`` (the worker halves the
-   sequence and tokenizes again); a later step gives up with advice (``OomGiveUp``).
+3. at micro-batch 1, a run with no checkpoint yet raises ``SequenceTooLong`` (the worker halves the
+   sequence and tokenizes again); once a checkpoint fixes the sequence length, it gives up with advice
+   (``OomGiveUp``).
 
 Evaluation's own OOMs shrink only the eval batch, and at batch 1 turn evaluation off (training.py).
 """
@@ -60,7 +61,7 @@ class TrainingLoop:
         One rule for a CUDA OOM, in the fit-check or in any later step: an accelerated backend is
         dropped (the worker restarts on the universal path, as after a backend failure); else the
         micro-batch shrinks and the accumulation grows by the same factor, and training goes on from
-        the last checkpoint; at micro-batch 1, a fresh run's fit-check raises ``SequenceTooLong``.
+        the last checkpoint; at micro-batch 1 with no checkpoint yet, ``SequenceTooLong``.
         """
         recipe, run_dir = self.recipe, self.run_dir
         checkpoints = run_dir / CHECKPOINTS_DIR
@@ -98,8 +99,9 @@ class TrainingLoop:
                     self.restart_without(BackendFailed(self.backend.name, f"CUDA out of memory in the "
                                                         f"{'fit-check' if in_check else 'training'}: {first_line(err)}"))
                 resume = find_resume_checkpoint(checkpoints).path
-                if micro <= 1 and in_check and resume is None:
-                    raise SequenceTooLong(max((len(r["input_ids"]) for r in rows), default=0), first_line(err)) from None
+                if micro <= 1 and resume is None:  # no checkpoint yet, so the sequence length may still change
+                    raise SequenceTooLong(max((len(r["input_ids"]) for r in rows), default=0), first_line(err),
+                                          "the fit-check" if in_check else "training") from None
                 micro, accum = self.shrink_after_oom(err, micro, accum, in_check)
                 rows = longest_rows(data.train, micro)
                 if resume is None:  # no checkpoint yet: start over from the very same initial adapter

@@ -217,8 +217,8 @@ class Worker:
                 loop = TrainingLoop(run_dir, self.log, recipe, self.backend, self.stop, self._restart_without)
                 trainer = loop.run(model, tokenizer, data, device, total_steps, resume)
                 break
-            except SequenceTooLong as err:  # the fit-check at micro-batch 1 on a fresh run: shorter rows, tokenized again
-                recipe = self.recipe = fitting.shorten_sequence(run_dir, recipe, err.longest, err.error, self.log)
+            except SequenceTooLong as err:  # OOM at micro-batch 1, no checkpoint yet: shorter rows, tokenized again
+                recipe = self.recipe = fitting.shorten_sequence(run_dir, recipe, err.longest, err.error, self.log, err.where)
                 data = self._prepare_data(tokenizer)
                 total_steps = plan_total_steps(recipe, len(data.train))
                 update_run_info(run_dir, total_steps=total_steps)
