@@ -6,7 +6,6 @@ always a final state in run.json and an event that says what to do.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 

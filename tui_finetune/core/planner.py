@@ -144,7 +144,7 @@ and a fused cross-entropy whose working set matches a 256-token chunk of ours. F
 PROFILES: dict[str, EngineProfile] = {BASELINE.name: BASELINE, LEAN.name: LEAN, UNSLOTH.name: UNSLOTH}
 
 
-def profile_from_memory(memory: "MemorySpec", name: str = "recipe") -> EngineProfile:
+def profile_from_memory(memory: MemorySpec, name: str = "recipe") -> EngineProfile:
     """The profile of the techniques a recipe switches on (see ``MemorySpec``) on its backend.
 
     Liger's kernels measured within 8% of the lean profile (Gemma-2B 2.91 GiB against 2.80 for the
@@ -178,7 +178,7 @@ class PlanCase:
     gradient_checkpointing: bool = True
 
     @classmethod
-    def from_recipe(cls, model: ModelSpec, recipe: RecipeSpec) -> "PlanCase":
+    def from_recipe(cls, model: ModelSpec, recipe: RecipeSpec) -> PlanCase:
         precision = recipe.train.precision if recipe.train.precision in DTYPE_BYTES else "bf16"
         compute = recipe.quant.compute_dtype if recipe.quant.compute_dtype in DTYPE_BYTES else precision
         targets = recipe.lora.target_modules

@@ -48,7 +48,7 @@ class CardSpec:
         return self.total_gib - self.used_by_others_gib
 
 
-def card_from_gpu(gpu: "GpuInfo") -> CardSpec:
+def card_from_gpu(gpu: GpuInfo) -> CardSpec:
     """The card to plan for from a detected GPU: what other programs hold on it counts against it."""
     return CardSpec(total_gib=gpu.total_bytes / GIB, used_by_others_gib=gpu.other_process_bytes / GIB,
                     supports_bf16=gpu.supports_bf16, name=gpu.name)
