@@ -18,7 +18,6 @@ from typing import Callable
 from tui_finetune.core.events import (
     CheckpointEvent, EndEvent, ErrorEvent, EvalEvent, Event, PhaseEvent, ProgressEvent, SampleEvent, StepEvent,
     WarningEvent, read_events)
-import tui_finetune.engine.doctor  # noqa: F401 - DELIBERATE VIOLATION
 from tui_finetune.core.runs import EVENTS_FILE, RunError, read_run_info, read_run_recipe, shown_state
 
 MAX_POINTS = 2000
