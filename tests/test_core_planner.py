@@ -27,7 +27,7 @@ from tui_finetune.core.planner import (
 )
 from tui_finetune.core.recipe import MemorySpec, RecipeSpec
 from tui_finetune.core.suggest import FITS, WONT_FIT, CardSpec, classify_fit, suggest
-from tui_finetune.plan_command import run_plan_command
+from tui_finetune.cli.plan import run_plan_command
 
 # The calibration table: peak torch.cuda.max_memory_reserved measured on real GPUs.
 # Each row: (model key, method, seq_len, micro_batch, engine profile, measured GiB, where).

@@ -14,7 +14,7 @@ from rich.console import Console
 
 from tui_finetune.core.recipe import DataSpec
 from tui_finetune.data.check import check_dataset, length_stats
-from tui_finetune.data.report import print_result, run_data_check_command
+from tui_finetune.cli.data import print_result, run_data_check_command
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = {

@@ -3,7 +3,7 @@
 ``check_dataset`` validates the data, renders the rows with the template a run would use, and
 returns a :class:`DataCheckResult`: the validation report, a token-length histogram against the
 sequence-length cutoff, the first example split into trained and masked segments, and an EOS
-check. ``tui-finetune data check`` prints it (report.py); the TUI's dataset screen will show it.
+check. ``tui-finetune data check`` prints it (cli/data.py); the wizard shows it through check_json.py.
 """
 
 from __future__ import annotations

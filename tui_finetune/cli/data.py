@@ -1,7 +1,7 @@
-"""``tui-finetune data check FILE``: print the dataset doctor's findings (check.py) with rich.
+"""``tui-finetune data check FILE``: print the dataset doctor's findings (data/check.py) with rich.
 
-This is the only module of the data package that prints. Exit status: 0 when the data is usable,
-1 when it is refused (or can't be read).
+The data package decides and never prints; this module only renders. Exit status: 0 when the data
+is usable, 1 when it is refused (or can't be read).
 """
 
 from __future__ import annotations
