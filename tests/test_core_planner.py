@@ -250,7 +250,7 @@ def test_plan_recipe_shows_breakdown_and_advice_when_it_wont_fit():
     code, text = plan_output(vram=6, recipe="16gb-mistral-7b-qlora")
     assert code == 1
     assert "weights" in text and "activations" in text and "won't fit" in text
-    assert "shorten data.seq_len" in text
+    assert "To fit, try one of: sequence length" in text and "--set data.seq_len=" in text
 
 
 def test_plan_command_runs_headless_without_torch():

@@ -22,7 +22,7 @@ from tui_finetune.core.event_text import EventFollower, describe_event, state_co
 from tui_finetune.core.events import EndEvent, Event, SampleEvent, StepEvent, read_events
 from tui_finetune.core.launch import launch_run, resume_run
 from tui_finetune.core.recipe import (
-    RecipeError, check_recipe_fits_machine, load_recipe, resolve_precision, save_recipe)
+    RecipeError, load_recipe, save_recipe)
 from tui_finetune.core.presets import find_recipe
 from tui_finetune.core.runs import (
     CHECKPOINTS_DIR, EVENTS_FILE, RECIPE_FILE, WORKER_LOG, RunError, find_run, list_runs, pid_alive,
@@ -48,8 +48,6 @@ def default_data_for(recipe_path: Path) -> Path | None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from tui_finetune.core.hardware import detect_hardware, machine_facts
-
     recipe_path = find_recipe(args.recipe)
     recipe = load_recipe(recipe_path, args.overrides)
     data = Path(args.data) if args.data else default_data_for(recipe_path)
@@ -57,12 +55,6 @@ def _train(args: argparse.Namespace) -> int:
         raise RecipeError(f"{recipe_path}: no --data given and the recipe ships no sample data: pass --data FILE")
     if not data.exists():
         raise RecipeError(f"--data {data}: no such file")
-    local_model = Path(recipe.model).expanduser()
-    if local_model.is_dir():  # the worker runs in the run folder: make a relative model path absolute
-        recipe.model = str(local_model.resolve())
-    facts = machine_facts(detect_hardware())
-    check_recipe_fits_machine(recipe, facts, None)
-    recipe = resolve_precision(recipe, facts)
     run_dir = launch_run(recipe, data)
     if args.detach:
         console.print(run_dir.name)

@@ -56,6 +56,9 @@ def loss_chunk_size(vocab_size: int) -> int:
     return size
 
 
+MIN_SEQ_LEN = 256
+"""The shortest sequence auto-fit, the fit-check and the advice ever shorten to: shorter cuts most
+instruction examples short. (A recipe may still ask for less; only our own shortening stops here.)"""
 MLP_CHUNK_TOKENS = 4096
 """Tokens per MLP chunk when the recipe says auto: 0.8 GiB of working set for a 7B's 14336-wide MLP,
 while the matmuls stay large enough (4096 rows) that the NF4 dequantization each chunk repeats should

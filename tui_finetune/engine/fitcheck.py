@@ -25,12 +25,11 @@ from typing import Any, Callable, Iterator
 import torch
 
 from tui_finetune.core.autofit import micro_batch_sentence, next_micro_batch
+from tui_finetune.core.planner import MIN_SEQ_LEN as MIN_FIT_SEQ_LEN  # the floor auto-fit keeps too
 from tui_finetune.engine.training import is_oom
 
 LossFn = Callable[[Any, dict[str, Any]], torch.Tensor]
 """What the trainer computes: ``loss_fn(model, inputs) -> scalar loss``."""
-MIN_FIT_SEQ_LEN = 256
-"""The fit-check gives up rather than shorten sequences below this (as auto-fit does)."""
 
 
 @dataclass(frozen=True)

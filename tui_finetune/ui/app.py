@@ -22,8 +22,7 @@ from tui_finetune.core.launch import launch_run, resume_run
 from tui_finetune.core.preferences import Preferences, load_preferences, save_preferences
 from tui_finetune.core.recipe import DataSpec, RecipeSpec
 from tui_finetune.core.runs import list_runs
-from tui_finetune.core.suggest import CardSpec
-from tui_finetune.ui.planning import RecipePlan
+from tui_finetune.core.suggest import CardSpec, RecipePlan
 from tui_finetune.ui.run_tail import VramSampler
 from tui_finetune.ui.screens.dataset import run_data_check
 from tui_finetune.ui.screens.hardware import HardwareScreen
