@@ -1,4 +1,4 @@
-"""Layering (DESIGN.md): core and ui never pull in torch, and core never pulls in textual.
+"""Layering (docs/design.md): core and ui never pull in torch, and core never pulls in textual.
 
 Each check imports the package's modules in a fresh interpreter, because an import anywhere else
 in the test session would hide a leak.

@@ -34,7 +34,7 @@ def data_home() -> Path:
 
 
 def runs_dir() -> Path:
-    """The folder of run folders (DESIGN.md: a run is a folder, and the folder is the truth)."""
+    """The folder of run folders (docs/design.md: a run is a folder, and the folder is the truth)."""
     return data_home() / "runs"
 
 
