@@ -162,7 +162,7 @@ class HeldCard:
     cuda_free_at_ready: int
 
     @classmethod
-    def start(cls, target_free: int, env: dict[str, str], cwd: Path, command: list[str] | None = None) -> "HeldCard":
+    def start(cls, target_free: int, env: dict[str, str], cwd: Path, command: list[str] | None = None) -> HeldCard:
         """Start the holder and wait for its READY line (``command`` replaces it in tests)."""
         cmd = command or [sys.executable, "-m", "benchmarks.card_holder", "--free-bytes", str(target_free),
                           "--nvml-index", str(nvml_index())]

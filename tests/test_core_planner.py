@@ -27,7 +27,7 @@ from tui_finetune.core.planner import (
 )
 from tui_finetune.core.recipe import MemorySpec, RecipeSpec
 from tui_finetune.core.suggest import FITS, WONT_FIT, CardSpec, classify_fit, suggest
-from tui_finetune.plan_command import run_plan_command
+from tui_finetune.cli.plan import run_plan_command
 
 # The calibration table: peak torch.cuda.max_memory_reserved measured on real GPUs.
 # Each row: (model key, method, seq_len, micro_batch, engine profile, measured GiB, where).
@@ -250,7 +250,7 @@ def test_plan_recipe_shows_breakdown_and_advice_when_it_wont_fit():
     code, text = plan_output(vram=6, recipe="16gb-mistral-7b-qlora")
     assert code == 1
     assert "weights" in text and "activations" in text and "won't fit" in text
-    assert "shorten data.seq_len" in text
+    assert "To fit, try one of: sequence length" in text and "--set data.seq_len=" in text
 
 
 def test_plan_command_runs_headless_without_torch():

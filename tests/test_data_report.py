@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from rich.console import Console
 
 from tui_finetune.core.recipe import DataSpec
 from tui_finetune.data.check import check_dataset, length_stats
-from tui_finetune.data.report import print_result, run_data_check_command
+from tui_finetune.cli.data import print_result, run_data_check_command
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = {
@@ -144,3 +145,20 @@ def test_length_histogram_bins_cover_every_row_and_count_rows_over_the_cutoff() 
     assert stats.bins[0][0] == 3 and stats.bins[-1][1] >= 55
     assert all(low <= n <= high for n in lengths for low, high, c in stats.bins if c and low <= n <= high)
     assert (stats.over, stats.min, stats.max, stats.median) == (3, 3, 55, 10)
+
+
+def test_the_wizard_and_the_cli_give_one_verdict_on_prompts_longer_than_the_sequence(tmp_path: Path, capsys) -> None:
+    """The wizard's old check (check_json) had no prompt-too-long rule and passed this file, which the
+    command line refused: every prompt outgrows 64 tokens, so nothing would be left to train on."""
+    from tui_finetune.data.check_json import check
+
+    path = tmp_path / "long_prompts.jsonl"
+    rows = [{"instruction": f"question {i}: " + "tell me more about this " * 12, "input": "", "output": "ok"}
+            for i in range(20)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    wizard = check(str(path), DataSpec(seq_len=64), None)
+    assert run_data_check_command(args(path, seq=64)) == 1
+    cli_out = capsys.readouterr().out
+    assert wizard["refused"] and wizard["refusal"]
+    assert " ".join(wizard["refusal"].split()) in " ".join(cli_out.split())
+    assert any("the prompt alone is longer than the 64-token sequence length" in p for p in wizard["problems"])

@@ -11,8 +11,9 @@ import pytest
 from rich.console import Console
 
 from tui_finetune.core.hardware import GIB, GpuInfo, HardwareReport, detect_hardware
+from tui_finetune.cli.doctor import render_doctor_report
 from tui_finetune.engine.doctor import (BitsandbytesStatus, TorchStatus, _disk_warnings, _torch_warnings,
-                                        collect_doctor_report, decide_verdict, render_doctor_report)
+                                        collect_doctor_report, decide_verdict)
 
 HAS_GPU = bool(detect_hardware().gpus)
 SECTIONS = ("GPUs", "Driver", "Software", "bitsandbytes", "Folders", "Verdict")

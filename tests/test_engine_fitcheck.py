@@ -138,7 +138,7 @@ def test_in_train_the_check_runs_once_before_the_first_step_and_changes_no_loss(
         results = []
         if checked:
             check = FitCheckCallback(trainer, longest_rows(data, 2), PaddingCollator(0),
-                                     lambda result: (results.append(result), losses.order.append("fit")))
+                                     lambda result, results=results, losses=losses: (results.append(result), losses.order.append("fit")))
             trainer.callback_handler.callbacks.insert(0, check)
         trainer.train()
         runs[checked] = losses.losses

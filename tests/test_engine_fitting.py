@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import pytest
 
-from tui_finetune.core.events import EventLog, PhaseEvent, WarningEvent, read_events
+from tui_finetune.core.events import EventLog, WarningEvent, read_events
 from tui_finetune.core.planner import GIB
 from tui_finetune.core.presets import find_recipe
-from tui_finetune.core.recipe import MemorySpec, load_recipe, recipe_from_dict
+from tui_finetune.core.recipe import load_recipe, recipe_from_dict
 from tui_finetune.core.runs import EVENTS_FILE, RECIPE_FILE, create_run, read_run_info, read_run_recipe
 from tui_finetune.engine.fitting import FitRefused, auto_fit_run, shorten_sequence, split_change
 

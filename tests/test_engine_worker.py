@@ -6,7 +6,6 @@ always a final state in run.json and an event that says what to do.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 
@@ -134,12 +133,12 @@ def test_bad_data_and_an_unreachable_hub_model_fail_with_advice(tiny, tmp_path):
 
 
 def test_oom_advice_names_the_knobs_from_the_recipe():
-    from tui_finetune.engine.fitting import oom_advice
+    from tui_finetune.core.advice import memory_advice
 
     recipe = tiny_recipe("m", data={"seq_len": 2048}, train={"micro_batch": 4, "grad_accum": 2})
-    advice = oom_advice(recipe)
+    advice = memory_advice(recipe)
     assert "data.seq_len=1024" in advice
-    assert "train.micro_batch=2" in advice and "train.grad_accum=4" in advice
+    assert "train.micro_batch=1" in advice and "train.grad_accum=8" in advice  # the effective batch stays
     assert "method=qlora" in advice
 
 

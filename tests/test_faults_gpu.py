@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu, pytest.mark.faults,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-from engine_runs import REPO, events_of, wait_for  # noqa: E402
+from engine_runs import REPO, wait_for  # noqa: E402
 from faults_support import launch, read_trace, relaunch, wait_dead  # noqa: E402
 from test_engine_gpu import _gpu_recipe, phi2  # noqa: E402,F401 - the fixture builds Phi-2 with random weights
 from tui_finetune.core.events import CheckpointEvent  # noqa: E402

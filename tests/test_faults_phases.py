@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from engine_runs import events_of, tiny_recipe
-from engine_tiny import build_tiny_llama, build_tokenizer, write_alpaca
+from engine_tiny import build_tiny_llama, write_alpaca
 from faults_support import fault_recipe, launch, wait_dead
 from tui_finetune.core.events import EventLog, PhaseEvent, SampleEvent, WarningEvent
 from tui_finetune.core.recipe import MemorySpec

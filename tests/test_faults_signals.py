@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
 import pytest
 
@@ -144,7 +143,7 @@ def test_oom_gives_up_at_micro_batch_1_and_after_three_shrinks_with_advice(tiny,
     assert (micro, accum) == (1, 16) and len(read_run_info(run_dir).oom_shrinks) == 4
     with pytest.raises(OomGiveUp, match="micro-batch 1") as at_one:
         loop.shrink_after_oom(err, 1, 16)
-    assert "data.seq_len=256" in at_one.value.advice and "smaller model" in at_one.value.advice
+    assert "data.seq_len=256" in at_one.value.advice and "tui-finetune plan" in at_one.value.advice
     with pytest.raises(OomGiveUp, match="after 3 halvings") as after_three:
         loop.shrink_after_oom(err, 4, 4)
     assert "data.seq_len=256" in after_three.value.advice

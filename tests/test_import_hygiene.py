@@ -1,4 +1,4 @@
-"""Layering (DESIGN.md): core and ui never pull in torch, and core never pulls in textual.
+"""Layering (docs/design.md): core and ui never pull in torch, and core never pulls in textual.
 
 Each check imports the package's modules in a fresh interpreter, because an import anywhere else
 in the test session would hide a leak.
@@ -50,8 +50,21 @@ def test_ui_imports_without_torch():
     assert "torch" not in loaded
 
 
-@pytest.mark.parametrize("module", ["tui_finetune.run_commands", "tui_finetune.cli"])
-def test_run_commands_start_without_torch(module):
+HEAVY = ("torch", "textual", "transformers", "datasets", "tokenizers", "peft")
+
+
+def test_the_cli_parser_imports_nothing_heavy():
+    """``tui-finetune --help`` builds the parser: no torch, textual, transformers or datasets for that."""
+    code = ("import sys\nfrom tui_finetune.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print('LOADED', ' '.join(sorted(m.split('.')[0] for m in sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(REPO), timeout=120)
+    assert out.returncode == 0 and "usage: tui-finetune" in out.stdout, out.stderr
+    loaded = set(out.stdout.split("LOADED", 1)[1].split())
+    assert not loaded & set(HEAVY), loaded & set(HEAVY)
+
+
+@pytest.mark.parametrize("module", ["tui_finetune.cli.runs", "tui_finetune.cli.plan", "tui_finetune.cli.data"])
+def test_cli_command_modules_start_without_torch(module):
     assert "torch" not in _loaded_after_import([module])
 
 

@@ -11,9 +11,8 @@ from tui_finetune.core.events import EventLog, StepEvent
 from tui_finetune.core.preferences import Preferences, load_preferences, preferences_path, save_preferences
 from tui_finetune.core.recipe import RecipeSpec
 from tui_finetune.core.runs import runs_dir
-from tui_finetune.core.suggest import WONT_FIT, CardSpec
+from tui_finetune.core.suggest import WONT_FIT, CardSpec, plan_recipe
 from tui_finetune.ui.messages import RunUpdated
-from tui_finetune.ui.planning import fit_advice, plan_recipe
 from tui_finetune.ui.run_tail import MAX_POINTS, RunTail
 from ui_support import REPO, ui_home, write_run  # noqa: F401 - ui_home is a fixture
 
@@ -64,8 +63,8 @@ def test_advice_names_only_changes_the_planner_says_fit():
     recipe.data.seq_len = 16384
     plan = plan_recipe(recipe, card)
     assert plan.fit == WONT_FIT and plan.headroom_gib < 0
-    advice = fit_advice(recipe, card)
-    assert advice.startswith("To fit")
+    advice = plan.advice(settings=False)
+    assert advice.startswith("To fit") and "--set" not in advice and "--set data.seq_len=" in plan.advice()
     seq = int(advice.split("sequence length ")[1].split(";")[0].rstrip("."))
     recipe.data.seq_len = seq
     assert plan_recipe(recipe, card).fit != WONT_FIT

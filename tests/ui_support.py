@@ -40,11 +40,11 @@ def no_gpu_report() -> HardwareReport:
                                   "practical (the NVIDIA driver is not installed, or its NVML library is missing).")
 
 
-def in_process_checker(path: str, seq_len: int, model: str) -> dict:
+def in_process_checker(path: str, spec, model: str) -> dict:
     """The data check without the subprocess, for snapshots (the flow tests use the real one)."""
     from tui_finetune.data.check_json import check
 
-    return check(path, seq_len, model)
+    return check(path, spec, model)
 
 
 def ui_context(**changes) -> AppContext:

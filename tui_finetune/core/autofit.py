@@ -23,14 +23,11 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
 from tui_finetune.core.catalog import ModelSpec
-from tui_finetune.core.planner import (
-    DTYPE_BYTES, GIB, TIGHT_MARGIN, EngineProfile, PlanCase, VramEstimate, estimate_peak_vram, profile_from_memory)
+from tui_finetune.core.advice import nothing_fits_advice
+from tui_finetune.core.planner import (  # MLP_CHUNK_TOKENS: the chunk auto-fit turns on is the planner's auto size
+    DTYPE_BYTES, MIN_SEQ_LEN, MLP_CHUNK_TOKENS, TIGHT_MARGIN, EngineProfile, PlanCase, VramEstimate,
+    estimate_peak_vram, profile_from_memory)
 from tui_finetune.core.recipe import MemorySpec, RecipeSpec
-
-MLP_CHUNK_TOKENS = 4096
-"""Tokens per MLP chunk when auto-fit turns chunking on (the planner's auto size)."""
-MIN_SEQ_LEN = 256
-"""Auto-fit never shortens sequences below this: shorter cuts most instruction examples short."""
 RESERVE_FRACTION = TIGHT_MARGIN
 """Free VRAM kept back by default: the planner's 'tight' margin. The estimate already counts the CUDA
 context and the allocator's slack, and leans high; the fit-check on the longest batch confirms it."""
@@ -104,7 +101,7 @@ def auto_fit(recipe: RecipeSpec, model: ModelSpec, free_bytes: float, *, reserve
     fits = best_need <= budget
     return FitDecision(recipe=best, changes=[sentence for sentence, _ in changes],
                        settings=[item for _, items in changes for item in items], before=before, after=after,
-                       budget_bytes=budget, fits=fits, advice="" if fits else _advice(best, best_need, budget))
+                       budget_bytes=budget, fits=fits, advice="" if fits else nothing_fits_advice(best, best_need, budget))
 
 
 # ------------------------------------------------------------ the levers, cheapest first
@@ -240,16 +237,3 @@ def _toml(value: object, bare: bool = False) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     return f'"{value}"' if isinstance(value, str) and not bare else str(value)
-
-
-def _advice(recipe: RecipeSpec, need: float, budget: float) -> str:
-    what = f"{recipe.method} at {recipe.data.seq_len} tokens x micro-batch {recipe.train.micro_batch}"
-    tips = []
-    if recipe.method != "qlora":
-        tips.append("QLoRA (--set method=qlora) to hold the base weights in 4 bits")
-    if recipe.lora.r > 8 and recipe.method != "full":
-        tips.append(f"a smaller LoRA rank (--set lora.r={recipe.lora.r // 2})")
-    tips.append("a smaller model ('tui-finetune plan' lists what fits this card)")
-    tips.append("closing other programs that use the GPU")
-    return (f"even {what} needs about {need / GIB:.1f} GiB and only {max(budget, 0.0) / GIB:.1f} GiB is free: "
-            "try " + "; or ".join(tips))

@@ -5,6 +5,12 @@ module (and so the UI) free of torch and of the engine package. POSIX: a new ses
 (``start_new_session``), so the terminal's hangup and Ctrl+C never reach it. Windows: a new process
 group detached from the console. stdin is closed and stdout/stderr go to ``RUN_DIR/worker.log``.
 The pid goes into ``run.json`` at once, so a reader never sees a run without its pid.
+
+``launch_run`` is the one way a run starts (the wizard, ``train``, the tests), so it also settles the
+recipe the same way for all of them before it is stored: ``prepare_recipe`` makes a local model
+folder's path absolute (the worker runs in the run folder), refuses what this machine can't run, and
+replaces ``auto`` precisions with this machine's. The stored recipe.toml then doesn't depend on where
+the run was started.
 """
 
 from __future__ import annotations
@@ -12,9 +18,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
-from tui_finetune.core.recipe import RecipeSpec
+from tui_finetune.core.hardware import detect_hardware, machine_facts
+from tui_finetune.core.recipe import MachineFacts, RecipeSpec, check_recipe_fits_machine, resolve_precision
 from tui_finetune.core.runs import STOP_FILE, WORKER_LOG, create_run, update_run_info
 
 WORKER_MODULE = "tui_finetune.engine.worker"
@@ -42,10 +50,22 @@ def start_worker_detached(run_dir: Path, env: dict[str, str] | None = None) -> i
     return proc.pid
 
 
+def prepare_recipe(recipe: RecipeSpec, facts: MachineFacts | None = None) -> RecipeSpec:
+    """The recipe as a run stores it: absolute local model path, checked against this machine (raises
+    ``RecipeError`` with the fix), ``auto`` precisions resolved. ``facts`` default to this machine's."""
+    if facts is None:
+        facts = machine_facts(detect_hardware())
+    local_model = Path(recipe.model).expanduser()
+    if local_model.is_dir():
+        recipe = replace(recipe, model=str(local_model.resolve()))
+    check_recipe_fits_machine(recipe, facts, None)
+    return resolve_precision(recipe, facts)
+
+
 def launch_run(recipe: RecipeSpec, data_path: str | Path, base: Path | None = None,
-               env: dict[str, str] | None = None) -> Path:
-    """A new run folder for ``recipe`` on ``data_path``, with its worker already running."""
-    run_dir = create_run(recipe, data_path, base)
+               env: dict[str, str] | None = None, facts: MachineFacts | None = None) -> Path:
+    """A new run folder for ``recipe`` (settled by ``prepare_recipe``) on ``data_path``, its worker running."""
+    run_dir = create_run(prepare_recipe(recipe, facts), data_path, base)
     start_worker_detached(run_dir, env)
     return run_dir
 

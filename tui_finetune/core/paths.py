@@ -33,7 +33,7 @@ def data_home() -> Path:
 
 
 def runs_dir() -> Path:
-    """The folder of run folders (DESIGN.md: a run is a folder, and the folder is the truth)."""
+    """The folder of run folders (docs/design.md: a run is a folder, and the folder is the truth)."""
     return data_home() / "runs"
 
 
@@ -68,3 +68,9 @@ def hf_cache_dir() -> Path:
         return hf_home / "hub"
     cache = _env_path("XDG_CACHE_HOME") or Path.home() / ".cache"
     return cache / "huggingface" / "hub"
+
+
+def converted_models_dir() -> Path:
+    """Models we converted ourselves (the GGUF demo), in ``cache_dir``. A cache, not data: deleting it
+    costs one conversion on the next run."""
+    return cache_dir() / "models"

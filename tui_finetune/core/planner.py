@@ -64,6 +64,9 @@ def loss_chunk_size(vocab_size: int) -> int:
     return size
 
 
+MIN_SEQ_LEN = 256
+"""The shortest sequence auto-fit, the fit-check and the advice ever shorten to: shorter cuts most
+instruction examples short. (A recipe may still ask for less; only our own shortening stops here.)"""
 MLP_CHUNK_TOKENS = 4096
 """Tokens per MLP chunk when the recipe says auto: 0.8 GiB of working set for a 7B's 14336-wide MLP,
 while the matmuls stay large enough (4096 rows) that the NF4 dequantization each chunk repeats should
@@ -152,7 +155,7 @@ and a fused cross-entropy whose working set matches a 256-token chunk of ours. F
 PROFILES: dict[str, EngineProfile] = {BASELINE.name: BASELINE, LEAN.name: LEAN, UNSLOTH.name: UNSLOTH}
 
 
-def profile_from_memory(memory: "MemorySpec", name: str = "recipe") -> EngineProfile:
+def profile_from_memory(memory: MemorySpec, name: str = "recipe") -> EngineProfile:
     """The profile of the techniques a recipe switches on (see ``MemorySpec``) on its backend.
 
     Liger's kernels measured within 8% of the lean profile (Gemma-2B 2.91 GiB against 2.80 for the
@@ -186,7 +189,7 @@ class PlanCase:
     gradient_checkpointing: bool = True
 
     @classmethod
-    def from_recipe(cls, model: ModelSpec, recipe: RecipeSpec) -> "PlanCase":
+    def from_recipe(cls, model: ModelSpec, recipe: RecipeSpec) -> PlanCase:
         precision = recipe.train.precision if recipe.train.precision in DTYPE_BYTES else "bf16"
         compute = recipe.quant.compute_dtype if recipe.quant.compute_dtype in DTYPE_BYTES else precision
         targets = recipe.lora.target_modules

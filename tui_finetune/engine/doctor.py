@@ -4,12 +4,12 @@ Most failed first runs are set-up problems: a CPU build of torch next to a good 
 old for torch's CUDA, bitsandbytes that installs but can't load its library, a full disk. The
 doctor checks each one for real (it imports the libraries and quantizes a small tensor on the GPU)
 and ends with one verdict line that says what to do next. No check may raise: each failure
-becomes a line of the report. It lives in engine because it imports torch and bitsandbytes.
+becomes a line of the report. It lives in engine because it imports torch and bitsandbytes;
+``tui-finetune doctor`` (cli/doctor.py) renders the report.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib
 import importlib.metadata
@@ -20,12 +20,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
-
 from tui_finetune.core import paths
-from tui_finetune.core.hardware import (GpuInfo, HardwareReport, best_gpu, detect_hardware, format_gb,
+from tui_finetune.core.hardware import (HardwareReport, best_gpu, detect_hardware, format_gb,
                                         version_tuple)
 
 PACKAGES = ("torch", "transformers", "peft", "datasets", "accelerate", "huggingface-hub", "textual",
@@ -151,61 +147,6 @@ def decide_verdict(hardware: HardwareReport, torch_status: TorchStatus, bnb: Bit
     if not bnb.four_bit_ok:
         return f"LoRA only on {gpu.name} ({spec}) until bitsandbytes works: {bnb.message}"
     return f"Ready for QLoRA on {gpu.name} ({spec})"
-
-
-def run_doctor_command(args: argparse.Namespace | None = None) -> int:
-    """Print the report. Exits 0 even on a CPU machine: the doctor informs, the verdict says what to do."""
-    console = Console()
-    with console.status("Checking GPUs, PyTorch and bitsandbytes..."):
-        report = collect_doctor_report()
-    console.print(render_doctor_report(report))
-    return 0
-
-
-# ---------------------------------------------------------------- rendering
-
-def render_doctor_report(report: DoctorReport) -> Table:
-    """One grid, one titled section after another, plain enough to paste into a bug report."""
-    grid = Table.grid(padding=(0, 2))
-    grid.add_column(style="bold", no_wrap=True)
-    grid.add_column()
-
-    def section(title: str, rows: list[tuple[str, str]], style: str = "") -> None:
-        grid.add_row(Text(title, style="bold underline"), "")
-        for key, value in rows:
-            grid.add_row(Text(key), Text(value, style=style))
-        grid.add_row("", "")
-
-    hw = report.hardware
-    gpu_rows = [(f"GPU {g.index}", _describe_gpu(g)) for g in hw.gpus] or [("none", hw.problem or "")]
-    section("GPUs", gpu_rows)
-    section("Driver", [("NVIDIA driver", hw.driver_version or "not found"),
-                       ("CUDA (driver)", hw.cuda_driver_version or "unknown")])
-    torch = report.torch
-    torch_line = (f"{torch.version}, CUDA build {torch.cuda_build or 'none (CPU build)'}, "
-                  f"GPU usable: {'yes' if torch.cuda_available else 'no'}" if torch.version
-                  else f"not working: {torch.error}")
-    packages = [(name, version or "not installed") for name, version in report.packages.items()
-                if name not in ("torch", "bitsandbytes")]
-    section("Software", [("Python", report.python), ("OS", report.os), ("torch", torch_line), *packages])
-    section("bitsandbytes", [("status", report.bitsandbytes.message)])
-    folders = [(name, str(path)) for name, path in report.folders.items()]
-    disk = [(f"free ({name})", format_gb(free) if free is not None else "unknown")
-            for name, free in report.disk_free_bytes.items()]
-    section("Folders", folders + disk)
-    if report.warnings:
-        section("Warnings", [("!", w) for w in report.warnings], style="yellow")
-    grid.add_row(Text("Verdict", style="bold"), Text(report.verdict, style="bold green"))
-    return grid
-
-
-def _describe_gpu(gpu: GpuInfo) -> str:
-    text = (f"{gpu.name}: {format_gb(gpu.total_bytes)} total, {format_gb(gpu.free_bytes)} free; "
-            f"compute capability {gpu.capability_text}; bf16 {'yes' if gpu.supports_bf16 else 'no'}")
-    if gpu.processes:
-        held = format_gb(gpu.other_process_bytes) if gpu.other_process_bytes_known else "unknown memory"
-        text += f"; other programs: {len(gpu.processes)} holding {held}"
-    return text
 
 
 # ---------------------------------------------------------------- checks' helpers

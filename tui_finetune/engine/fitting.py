@@ -21,11 +21,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from tui_finetune.core.autofit import MIN_SEQ_LEN, auto_fit
+from tui_finetune.core.autofit import auto_fit
 from tui_finetune.core.catalog import UnknownModelError
 from tui_finetune.core.events import EventLog, WarningEvent
 from tui_finetune.core.model_source import resolve_model_spec
-from tui_finetune.core.planner import CUDA_CONTEXT_GROWTH_GIB, GIB, PLANNER_TOLERANCE, profile_from_memory
+from tui_finetune.core.planner import CUDA_CONTEXT_GROWTH_GIB, GIB, MIN_SEQ_LEN, PLANNER_TOLERANCE, profile_from_memory
 from tui_finetune.core.recipe import MachineFacts, RecipeSpec, resolve_precision
 from tui_finetune.core.runs import read_run_info, update_run_info, write_run_recipe
 
@@ -53,22 +53,6 @@ class SequenceTooLong(Exception):
     def __init__(self, longest: int, error: str, where: str = "the fit-check") -> None:
         super().__init__(error)
         self.longest, self.error, self.where = longest, error, where
-
-
-def oom_advice(recipe: RecipeSpec) -> str:
-    """What to change after a CUDA out-of-memory, from the recipe's own numbers."""
-    data, train = recipe.data, recipe.train
-    tips = [f"shorter sequences (--set data.seq_len={max(data.seq_len // 2, 16)})"]
-    if train.micro_batch > 1:
-        tips.append(f"a smaller micro-batch (--set train.micro_batch={max(train.micro_batch // 2, 1)} "
-                    f"train.grad_accum={train.grad_accum * 2} keeps the effective batch)")
-    if not train.gradient_checkpointing:
-        tips.append("gradient checkpointing (--set train.gradient_checkpointing=true)")
-    if recipe.method != "qlora":
-        tips.append("QLoRA (--set method=qlora) to hold the base weights in 4 bits")
-    if recipe.lora.r > 8:
-        tips.append(f"a smaller LoRA rank (--set lora.r={recipe.lora.r // 2})")
-    return "try " + "; or ".join(tips) + ". 'tui-finetune plan --recipe ...' shows what fits your card."
 
 
 def split_change(change: str) -> tuple[str, str]:

@@ -33,7 +33,8 @@ from tui_finetune.engine.backends import Backend, BackendFailed
 from tui_finetune.engine.callbacks import EventsCallback, SealCheckpointCallback, StepHooksCallback, StopCallback
 from tui_finetune.engine.checkpoints import clear_staging, find_resume_checkpoint
 from tui_finetune.engine.fitcheck import FitCheckCallback, FitCheckResult, longest_rows
-from tui_finetune.engine.fitting import MAX_OOM_SHRINKS, OomGiveUp, SequenceTooLong, oom_advice
+from tui_finetune.core.advice import memory_advice
+from tui_finetune.engine.fitting import MAX_OOM_SHRINKS, OomGiveUp, SequenceTooLong
 from tui_finetune.engine.memory import reset_phase_peak
 from tui_finetune.engine.post_training import record_peak
 from tui_finetune.engine.training import build_trainer, build_training_args, first_line, free_cuda_memory, is_oom
@@ -127,13 +128,11 @@ class TrainingLoop:
         shrinks = list(read_run_info(self.run_dir).oom_shrinks)
         error = first_line(err)
         if micro <= 1:
-            raise OomGiveUp(f"CUDA out of memory at micro-batch 1: {error}",
-                            f"a shorter sequence length (--set data.seq_len={max(self.recipe.data.seq_len // 2, 16)}) "
-                            "or a smaller model; 'tui-finetune plan' shows what fits your card")
+            raise OomGiveUp(f"CUDA out of memory at micro-batch 1: {error}", memory_advice(self.recipe))
         in_training = [s for s in shrinks if s.get("where", "training") == "training"]
         if not in_check and len(in_training) >= MAX_OOM_SHRINKS:
             raise OomGiveUp(f"CUDA out of memory even after {len(in_training)} halvings of the micro-batch "
-                            f"(now {micro}): {error}", oom_advice(self.recipe))
+                            f"(now {micro}): {error}", memory_advice(self.recipe))
         new_micro = next_micro_batch(micro)
         new_accum = accum * (micro // new_micro)
         shrinks.append({"time": time.time(), "where": "fit-check" if in_check else "training",

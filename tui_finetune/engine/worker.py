@@ -28,11 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from tui_finetune.core.events import EndEvent, ErrorEvent, EventLog, PhaseEvent, SampleEvent, WarningEvent
-from tui_finetune.core.recipe import RecipeError, RecipeSpec, check_recipe_fits_machine
+from tui_finetune.core.recipe import RecipeError, check_recipe_fits_machine
 from tui_finetune.core.runs import (
-    ADAPTER_DIR, CHECKPOINTS_DIR, EVENTS_FILE, STOP_FILE, mark_interrupted_phase_failed, mark_phase_failed, read_run_info, read_run_recipe,
+    ADAPTER_DIR, CHECKPOINTS_DIR, EVENTS_FILE, STOP_FILE, mark_interrupted_phase_failed, read_run_info, read_run_recipe,
     update_run_info)
-from tui_finetune.engine.fitting import FitRefused, oom_advice
+from tui_finetune.core.advice import memory_advice
+from tui_finetune.engine.fitting import FitRefused
 
 
 class StopRequested(Exception):
@@ -140,7 +141,7 @@ class Worker:
         if type(err).__name__ == "DataError":
             return self._fail(str(err), "fix the data file at the line named, or see 'tui-finetune data check'", "data")
         if _is_oom(err):
-            return self._fail(f"CUDA out of memory: {str(err).splitlines()[0][:200]}", oom_advice(self.recipe), "oom")
+            return self._fail(f"CUDA out of memory: {str(err).splitlines()[0][:200]}", memory_advice(self.recipe), "oom")
         return self._fail(f"{type(err).__name__}: {err}",
                           f"the traceback is in {self.run_dir / 'worker.log'}; please report it", "crash")
 
@@ -271,7 +272,7 @@ class Worker:
         if backend != "universal":
             self._restart_without(BackendFailed(backend, f"CUDA out of memory while loading: {first_line(err)}"))
         raise FitRefused(f"the model doesn't fit this card: CUDA out of memory while loading its weights "
-                         f"({first_line(err)})", oom_advice(self.recipe)) from None
+                         f"({first_line(err)})", memory_advice(self.recipe)) from None
 
     def _restart_without(self, err: Any) -> None:
         """A backend failed after patching this process: record it and start afresh in this process's

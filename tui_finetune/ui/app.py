@@ -20,10 +20,9 @@ from textual.screen import Screen
 from tui_finetune.core.hardware import HardwareReport
 from tui_finetune.core.launch import launch_run, resume_run
 from tui_finetune.core.preferences import Preferences, load_preferences, save_preferences
-from tui_finetune.core.recipe import RecipeSpec
+from tui_finetune.core.recipe import DataSpec, RecipeSpec
 from tui_finetune.core.runs import list_runs
-from tui_finetune.core.suggest import CardSpec
-from tui_finetune.ui.planning import RecipePlan
+from tui_finetune.core.suggest import CardSpec, RecipePlan
 from tui_finetune.ui.run_tail import VramSampler
 from tui_finetune.ui.screens.dataset import run_data_check
 from tui_finetune.ui.screens.hardware import HardwareScreen
@@ -48,7 +47,8 @@ class AppContext:
     vram_sampler: VramSampler | None = nvml_sampler
     launcher: Callable[[RecipeSpec, str], Path] = launch_run
     resumer: Callable[[Path], int] = resume_run
-    data_checker: Callable[[str, int, str], dict] = run_data_check
+    data_checker: Callable[[str, DataSpec, str], dict] = run_data_check
+    """(data path, the recipe's [data] table, model) -> the data check's JSON object."""
     poll_interval: float = 0.25
     offer_on_start: bool = True
     """Offer to reattach to a running run, or resume an interrupted one, on start-up."""

@@ -1,7 +1,7 @@
 """Follow a run folder: read new lines of ``events.jsonl`` from an offset and fold them into a snapshot.
 
-The monitor shows only what the folder says (DESIGN.md: the folder is the truth). A ``RunTail`` keeps
-the byte offset and a few bounded series; ``poll`` returns a new immutable ``MonitorSnapshot`` when
+The monitor shows only what the folder says (docs/design.md: the folder is the truth). A ``RunTail``
+reads through core's ``EventFollower`` and keeps a few bounded series; ``poll`` returns a new immutable ``MonitorSnapshot`` when
 anything changed. Because each snapshot is complete, the UI may drop all but the newest one (the
 message's ``can_replace``), so a flood of step events can never queue up behind the screen.
 Textual-free and torch-free: the tail thread, the benchmark and the tests use it directly.
@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from tui_finetune.core.events import (
-    CheckpointEvent, EndEvent, ErrorEvent, EvalEvent, Event, PhaseEvent, ProgressEvent, SampleEvent, StepEvent,
-    WarningEvent, read_events)
-from tui_finetune.core.runs import EVENTS_FILE, RunError, read_run_info, read_run_recipe, shown_state
+from tui_finetune.core.event_text import PANEL_ONLY, EventFollower, EventLine, describe_event
+from tui_finetune.core.events import CheckpointEvent, EvalEvent, Event, PhaseEvent, StepEvent
+from tui_finetune.core.runs import RunError, read_run_info, read_run_recipe, shown_state
 
 MAX_POINTS = 2000
 """Loss and VRAM points kept; when full, every other point is dropped (a chart is only so wide)."""
@@ -51,7 +50,7 @@ class MonitorSnapshot:
     vram_history: tuple[float, ...] = ()
     checkpoint_step: int | None = None
     checkpoint_time: float | None = None
-    log_lines: tuple[str, ...] = ()
+    log_lines: tuple[EventLine, ...] = ()
     log_count: int = 0
     """Lines ever logged; the event log appends those past the count it has shown."""
     events_read: int = 0
@@ -63,35 +62,12 @@ def _append(points: list, point: object, limit: int = MAX_POINTS) -> list:
     return points[::2] if len(points) > limit else points
 
 
-def describe_event(event: Event) -> str | None:
-    """One event-log line (Rich markup), or None for events that only feed the panels."""
-    if isinstance(event, PhaseEvent):
-        return f"[b]{event.phase}[/b] {event.message}".rstrip()
-    if isinstance(event, ProgressEvent):
-        return None
-    if isinstance(event, EvalEvent):
-        loss = "-" if event.eval_loss is None else f"{event.eval_loss:.4f}"
-        return f"eval at step {event.step}: loss {loss}"
-    if isinstance(event, CheckpointEvent):
-        return f"[green]checkpoint[/green] step {event.step}: {Path(event.path).name}"
-    if isinstance(event, SampleEvent):
-        return f"sample ({event.label}): {event.text[:200]!r}"
-    if isinstance(event, WarningEvent):
-        return f"[yellow]warning[/yellow] {event.message}" + (f" ({event.advice})" if event.advice else "")
-    if isinstance(event, ErrorEvent):
-        return f"[red b]error[/red b] {event.message}" + (f"\n  [red]→ {event.advice}[/red]" if event.advice else "")
-    if isinstance(event, EndEvent):
-        return f"[b]end: {event.state}[/b] {event.message}".rstrip()
-    return None
-
-
 @dataclass
 class RunTail:
     """The reader side of one run folder."""
 
     run_dir: Path
     vram_sampler: VramSampler | None = None
-    offset: int = 0
     _snap: dict = field(default_factory=dict)
     _train: list = field(default_factory=list)
     _eval: list = field(default_factory=list)
@@ -109,10 +85,11 @@ class RunTail:
         except Exception:  # an unreadable recipe must not hide the events
             epochs = 0.0
         self._snap = {"run_id": self.run_dir.name, "total_epochs": epochs}
+        self._follower = EventFollower(self.run_dir)
 
     def poll(self) -> MonitorSnapshot | None:
         """Read what was appended since the last call; a new snapshot, or None when nothing changed."""
-        events, self.offset = read_events(self.run_dir / EVENTS_FILE, self.offset)
+        events = self._follower.read_new()
         for event in events:
             self._fold(event)
         self._events += len(events)
@@ -156,7 +133,7 @@ class RunTail:
             s.update(checkpoint_step=event.step, checkpoint_time=event.time)
         elif isinstance(event, PhaseEvent):
             s["phase"] = event.phase
-        line = describe_event(event)
+        line = None if isinstance(event, PANEL_ONLY) else describe_event(event)
         if line is not None:
             self._log.append(line)
             self._log_count += 1

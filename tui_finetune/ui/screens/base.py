@@ -29,15 +29,15 @@ class WizardScreen(Screen):
         yield from ()
 
     @property
-    def tui(self) -> "TuiFinetuneApp":
+    def tui(self) -> TuiFinetuneApp:
         return self.app  # type: ignore[return-value]
 
     @property
-    def state(self) -> "WizardState":
+    def state(self) -> WizardState:
         return self.tui.state
 
     @property
-    def context(self) -> "AppContext":
+    def context(self) -> AppContext:
         return self.tui.context
 
     def action_back(self) -> None:

@@ -1,21 +1,25 @@
 """Step 4: the dataset. A file picker that opens in the last folder used; the detected format and its
 evidence, file:line problems, the token-length histogram against the cutoff, and the first example
-with trained and masked tokens. The check runs ``python -m tui_finetune.data.check_json`` in a
-subprocess from a thread worker, so tokenizing never freezes the UI and never loads torch here."""
+with trained and masked tokens. The check runs ``python -m tui_finetune.data.check_json`` (the same
+check as ``tui-finetune data check``, with the recipe's ``DataSpec``) in a subprocess from a thread
+worker, so tokenizing never freezes the UI and never loads torch here."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
+from rich.markup import escape
 from textual import work
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import DirectoryTree, Input, Static
 
 from tui_finetune.core.preferences import save_preferences
+from tui_finetune.core.recipe import DataSpec
 from tui_finetune.ui.messages import DataChecked
 from tui_finetune.ui.screens.base import WizardScreen
 from tui_finetune.ui.widgets.data_tree import DataFileTree
@@ -25,14 +29,15 @@ from tui_finetune.ui.widgets.token_histogram import TokenHistogram
 CHECK_TIMEOUT_S = 600
 
 
-def data_check_command(path: str, seq_len: int, model: str) -> list[str]:
-    return [sys.executable, "-m", "tui_finetune.data.check_json", path, "--seq", str(seq_len), "--model", model]
+def data_check_command(path: str, spec: DataSpec, model: str) -> list[str]:
+    return [sys.executable, "-m", "tui_finetune.data.check_json", path, "--spec", json.dumps(asdict(spec)),
+            "--model", model]
 
 
-def run_data_check(path: str, seq_len: int, model: str) -> dict:
+def run_data_check(path: str, spec: DataSpec, model: str) -> dict:
     """Run the check subprocess and parse its one JSON line; failures come back as an ``error`` key."""
     try:
-        proc = subprocess.run(data_check_command(path, seq_len, model), capture_output=True, text=True,
+        proc = subprocess.run(data_check_command(path, spec, model), capture_output=True, text=True,
                               timeout=CHECK_TIMEOUT_S, stdin=subprocess.DEVNULL)
     except (OSError, subprocess.TimeoutExpired) as err:
         return {"path": path, "error": f"the data check could not run: {err}", "refused": True, "problems": []}
@@ -79,9 +84,9 @@ class DatasetScreen(WizardScreen):
         self.query_one("#data-tree", DataFileTree).focus()
 
     def on_screen_resume(self) -> None:
-        """Back from launch with a new sequence length: the histogram's cutoff must follow it."""
+        """Back from launch with a new [data] table (sequence length, format, template): check again."""
         result = self.state.data_result
-        if result and self.state.recipe and result.get("seq_len") != self.state.recipe.data.seq_len:
+        if result and self.state.recipe and result.get("spec") != asdict(self.state.recipe.data):
             self.check(self.state.data_path)
 
     def on_directory_tree_file_selected(self, event: DirectoryTree.FileSelected) -> None:
@@ -98,11 +103,11 @@ class DatasetScreen(WizardScreen):
         self.state.data_path, self.state.data_result = path, None
         self.query_one("#data-status", Static).update(f"Checking {path}… (tokenizing in a separate process)")
         self.query_one("#data-problems", Static).update("")
-        self.run_check(path, recipe.data.seq_len, recipe.model)
+        self.run_check(path, recipe.data, recipe.model)
 
     @work(thread=True, exclusive=True, group="data-check")
-    def run_check(self, path: str, seq_len: int, model: str) -> None:
-        self.post_message(DataChecked(path, self.context.data_checker(path, seq_len, model)))
+    def run_check(self, path: str, spec: DataSpec, model: str) -> None:
+        self.post_message(DataChecked(path, self.context.data_checker(path, spec, model)))
 
     def on_data_checked(self, message: DataChecked) -> None:
         if message.path != self.state.data_path:
@@ -128,10 +133,13 @@ class DatasetScreen(WizardScreen):
         if r.get("tokenizer"):
             tokenizer = r["tokenizer"].split(": ", 1)[0]
             lines.append(f"[dim]tokens: {tokenizer}; template: {r.get('template', '-')}[/dim]")
-        lines.append(f"[red b]✗ Launch blocked: {blocker}[/]" if blocker else "[green b]✓ Ready to launch[/]")
+        eos = r.get("eos")
+        if eos and not eos["ok"]:
+            lines.append(f"[yellow]EOS: {escape(eos['message'])}[/]")
+        lines.append(f"[red b]✗ Launch blocked: {escape(blocker)}[/]" if blocker else "[green b]✓ Ready to launch[/]")
         status.update("\n".join(lines))
         listed = r.get("problems") or []
-        problems.update("\n".join(f"[red]{p}[/]" for p in listed))
+        problems.update("\n".join(f"[red]{escape(p)}[/]" for p in listed))
         self.query_one("#data-histogram", TokenHistogram).show(r.get("lengths"), int(r.get("seq_len") or 0))
         example.display = bool(r.get("example"))
         example.show(r.get("example"))

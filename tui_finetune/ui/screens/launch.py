@@ -12,7 +12,8 @@ from textual.containers import VerticalScroll
 from textual.widgets import Button, Static
 
 from tui_finetune.core.paths import runs_dir
-from tui_finetune.ui.planning import FIT_STYLE, format_duration, plan_recipe, rough_epoch_seconds
+from tui_finetune.core.suggest import FIT_COLOURS, plan_recipe
+from tui_finetune.ui.planning import format_duration, rough_epoch_seconds
 from tui_finetune.ui.screens.base import WizardScreen
 from tui_finetune.ui.screens.dataset import launch_blocker
 
@@ -44,7 +45,7 @@ class LaunchScreen(WizardScreen):
         if state.recipe_problem:
             return state.recipe_problem
         if state.plan is not None and state.plan.fit == "won't fit":
-            return f"the recipe won't fit the card. {state.plan.advice}"
+            return f"the recipe won't fit the card. {state.plan.advice(settings=False)}"
         return ""
 
     def summary(self) -> Table:
@@ -68,7 +69,7 @@ class LaunchScreen(WizardScreen):
         if plan is not None:
             card = s.card.label if s.card else "the CPU (no GPU)"
             table.add_row("peak VRAM", Text(f"≈ {plan.estimate.total_gib:.2f} GiB on {card} ({plan.fit})",
-                                            style=FIT_STYLE[plan.fit]))
+                                            style=FIT_COLOURS[plan.fit]))
         lengths = data.get("lengths") or {}
         tokens = min(lengths.get("mean", 0), recipe.data.seq_len) * data.get("kept", 0) * (1 - recipe.data.eval_split)
         if tokens:

@@ -10,9 +10,9 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import Footer, Header, RichLog
 
+from tui_finetune.core.event_text import PANEL_ONLY, describe_event
 from tui_finetune.core.events import read_events
 from tui_finetune.core.runs import EVENTS_FILE, WORKER_LOG
-from tui_finetune.ui.run_tail import describe_event
 
 WORKER_LOG_LINES = 200
 
@@ -35,9 +35,9 @@ class LogsScreen(Screen):
         events, _ = read_events(self.run_dir / EVENTS_FILE)
         log.write("[b]events[/b]")
         for event in events:
-            line = describe_event(event)
-            if line:
-                log.write(Text(line))
+            line = None if isinstance(event, PANEL_ONLY) else describe_event(event)
+            if line is not None:
+                log.write(line.to_text())
         log.write(f"\n[b]{WORKER_LOG}[/b] (last {WORKER_LOG_LINES} lines)")
         try:
             lines = (self.run_dir / WORKER_LOG).read_text(encoding="utf-8", errors="replace").splitlines()

@@ -10,9 +10,10 @@ from textual.widgets import DataTable, Input, Label, Static
 
 from tui_finetune.core.catalog import UnknownModelError
 from tui_finetune.core.recipe import RecipeSpec, TrainSpec
-from tui_finetune.core.suggest import Suggestion, best_option_for_model, suggest
-from tui_finetune.ui.planning import (
-    DEMO_MODEL, FIT_STYLE, demo_recipe, model_spec_for, plan_recipe, recipe_from_suggestion)
+from tui_finetune.core.model_source import resolve_model_spec
+from tui_finetune.core.suggest import (
+    FIT_COLOURS, NO_CARD, Suggestion, best_option_for_model, plan_recipe, suggest)
+from tui_finetune.ui.planning import DEMO_MODEL, demo_recipe, recipe_from_suggestion
 from tui_finetune.ui.screens.base import WizardScreen
 
 DEMO_KEY = "demo"
@@ -45,7 +46,7 @@ class ModelScreen(WizardScreen):
                                                          f"({card.usable_gib:.1f} GiB free), best first:")
             for rank, option in enumerate(suggest(card, include_unfit=True), 1):
                 self.options[option.model.key] = option
-                style = FIT_STYLE[option.fit]
+                style = FIT_COLOURS[option.fit]
                 licence = option.model.license + (" · gated" if option.model.gated else "")
                 table.add_row(str(rank), option.model.key, option.method, str(option.seq_len),
                               f"{option.estimate.total_gib:.1f}", Text(option.fit, style=style), licence,
@@ -53,7 +54,7 @@ class ModelScreen(WizardScreen):
         self.options[DEMO_KEY] = None
         demo = plan_recipe(demo_recipe(), None)
         table.add_row("D", "CPU demo: gemma-3-270m", "lora", str(demo_recipe().data.seq_len),
-                      f"{demo.estimate.total_gib:.1f}", Text("cpu", style=FIT_STYLE["cpu"]), "gemma", key=DEMO_KEY)
+                      f"{demo.estimate.total_gib:.1f}", Text("cpu", style=FIT_COLOURS[NO_CARD]), "gemma", key=DEMO_KEY)
         if card is None:
             table.move_cursor(row=table.row_count - 1)
         table.focus()
@@ -67,7 +68,7 @@ class ModelScreen(WizardScreen):
                           "it runs anywhere and shows the whole flow in minutes.")
         else:
             gated = " [yellow]Gated: accept its licence on the Hub and log in first.[/]" if option.model.gated else ""
-            reason.update(f"[{FIT_STYLE[option.fit]}]{option.fit}[/]: {option.reason}.{gated}")
+            reason.update(f"[{FIT_COLOURS[option.fit]}]{option.fit}[/]: {option.reason}.{gated}")
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
         self.choose(event.row_key.value or "")
@@ -89,7 +90,7 @@ class ModelScreen(WizardScreen):
         if not name:
             return
         try:
-            spec = model_spec_for(name)
+            spec = resolve_model_spec(name)
         except UnknownModelError as err:
             error.update(f"[red]{str(err).strip(chr(39))}[/]")
             return

@@ -19,15 +19,13 @@ from textual.screen import Screen
 from textual.widgets import Footer, Header, RichLog, Static
 from textual.worker import get_current_worker
 
+from tui_finetune.core.event_text import state_colour
 from tui_finetune.core.runs import FINAL_STATES, request_stop
 from tui_finetune.ui.messages import RunUpdated
 from tui_finetune.ui.run_tail import MonitorSnapshot, RunTail
 from tui_finetune.ui.widgets.loss_chart import LossChart
 from tui_finetune.ui.widgets.run_stats import RunStats
 from tui_finetune.ui.widgets.vram_panel import VramPanel
-
-STATE_STYLE = {"running": "green", "stopping": "yellow", "completed": "blue", "failed": "red", "interrupted": "yellow"}
-
 
 class MonitorScreen(Screen):
     BINDINGS = [Binding("s", "stop", "Stop & save"), Binding("d,escape", "detach", "Detach"),
@@ -70,7 +68,7 @@ class MonitorScreen(Screen):
         snap = message.snapshot
         self.snapshot = snap
         self.updates += 1
-        style = STATE_STYLE.get(snap.state, "")
+        style = state_colour(snap.state)
         phase = f" · phase {snap.phase}" if snap.phase else ""
         self.query_one("#run-title", Static).update(
             f"[{style} b]{snap.state}[/]{phase} · [b]{snap.run_id}[/b] · {snap.model}")
@@ -80,7 +78,7 @@ class MonitorScreen(Screen):
         log = self.query_one("#event-log", RichLog)
         new = snap.log_count - self._log_shown
         for line in snap.log_lines[-new:] if 0 < new else ():
-            log.write(line)
+            log.write(line.to_text())
         self._log_shown = snap.log_count
 
     def action_stop(self) -> None:

@@ -18,7 +18,9 @@ from tui_finetune.core.recipe import (
     METHODS, OPTIMIZERS, MachineFacts, RecipeError, RecipeSpec, check_recipe_fits_machine, check_recipe_values,
     save_recipe)
 from tui_finetune.core.runs import model_short_name
-from tui_finetune.ui.planning import FIT_STYLE, model_spec_for, plan_recipe, presets_for
+from tui_finetune.core.model_source import resolve_model_spec
+from tui_finetune.core.suggest import FIT_COLOURS, plan_recipe
+from tui_finetune.ui.planning import presets_for
 from tui_finetune.ui.screens.base import WizardScreen
 from tui_finetune.ui.widgets.vram_bar import PART_STYLES, Segment, VramBar
 
@@ -139,7 +141,7 @@ class RecipeScreen(WizardScreen):
         try:
             recipe = self.read_knobs()
             check_recipe_values(recipe, "recipe")
-            spec = model_spec_for(recipe.model)
+            spec = resolve_model_spec(recipe.model)
         except (RecipeError, UnknownModelError) as err:
             self.state.recipe_problem = str(err)
             verdict.update(Text(f"✗ {err}", style="red"))
@@ -154,7 +156,7 @@ class RecipeScreen(WizardScreen):
         self.state.recipe_problem = problem
         card = self.state.card
         total = plan.estimate.total_gib
-        style = FIT_STYLE[plan.fit]
+        style = FIT_COLOURS[plan.fit]
         if card is None:
             verdict.update(Text(f"Peak ≈ {total:.2f} GiB on a GPU · this machine trains on the CPU", style=style))
             bar_total = total
@@ -171,7 +173,7 @@ class RecipeScreen(WizardScreen):
             lines.append(f"{seg.label:<13}{seg.gib:6.2f} GiB\n")
         lines.append(f"effective batch {recipe.effective_batch}", style="dim")
         self.query_one("#breakdown", Static).update(lines)
-        notes = [f"[red]{plan.advice}[/]"] if plan.advice else []
+        notes = [f"[red]{plan.advice(settings=False)}[/]"] if plan.advice() else []
         if problem:
             notes.append(f"[red]Won't run here: {problem}[/]")
         advice.update("\n".join(notes))

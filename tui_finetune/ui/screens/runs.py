@@ -14,8 +14,8 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
 
+from tui_finetune.core.event_text import state_colour
 from tui_finetune.core.runs import RunSummary, list_runs
-from tui_finetune.ui.screens.monitor import STATE_STYLE
 
 
 class RunsScreen(Screen):
@@ -52,7 +52,7 @@ class RunsScreen(Screen):
         for r in runs:
             step = f"{r.step}/{r.total_steps}" if r.total_steps else str(r.step)
             loss = f"{r.last_loss:.4f}" if r.last_loss is not None else "-"
-            table.add_row(r.run_id, r.model, Text(r.state, style=STATE_STYLE.get(r.state, "")), step, loss,
+            table.add_row(r.run_id, r.model, Text(r.state, style=state_colour(r.state)), step, loss,
                           key=str(r.run_dir))
         if runs:
             table.move_cursor(row=min(cursor, len(runs) - 1))

@@ -1,7 +1,7 @@
-"""``tui-finetune data check FILE``: print the dataset doctor's findings (check.py) with rich.
+"""``tui-finetune data check FILE``: print the dataset doctor's findings (data/check.py) with rich.
 
-This is the only module of the data package that prints. Exit status: 0 when the data is usable,
-1 when it is refused (or can't be read).
+The data package decides and never prints; this module only renders. Exit status: 0 when the data
+is usable, 1 when it is refused (or can't be read).
 """
 
 from __future__ import annotations
@@ -26,17 +26,15 @@ def run_data_check_command(args: Namespace) -> int:
     console = Console(file=sys.stdout, highlight=False, soft_wrap=True)
     from tui_finetune.core.recipe import DataSpec
     from tui_finetune.data.formats import parse_columns
-    from tui_finetune.data.tokenizer import TokenizerNotFound, byte_level_tokenizer, load_tokenizer, FALLBACK_NAME
+    from tui_finetune.data.tokenizer import tokenizer_for_check
 
     try:
         columns = parse_columns(getattr(args, "columns", None))
         spec = DataSpec(seq_len=args.seq, format=getattr(args, "format", "auto") or "auto")
-        try:
-            loaded = load_tokenizer(getattr(args, "model", None))
-            tokenizer, name = loaded.tokenizer, loaded.name
-        except TokenizerNotFound as err:
-            console.print(Text(f"warning: {err}", style="yellow"))
-            tokenizer, name = byte_level_tokenizer(), FALLBACK_NAME
+        loaded, note = tokenizer_for_check(getattr(args, "model", None))
+        if note:
+            console.print(Text(f"warning: {note}", style="yellow"))
+        tokenizer, name = loaded.tokenizer, loaded.name
         result = check_dataset(args.file, tokenizer, name, spec, columns=columns,
                                validation_path=getattr(args, "validation", None),
                                allow_drop=bool(getattr(args, "allow_drop", False)))

@@ -16,13 +16,13 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
-from tui_finetune.core.events import (
-    CheckpointEvent, EndEvent, ErrorEvent, EvalEvent, Event, PhaseEvent, ProgressEvent, SampleEvent, StepEvent,
-    WarningEvent, read_events)
+from tui_finetune.core.event_text import EventFollower, describe_event, state_colour
+from tui_finetune.core.events import EndEvent, Event, SampleEvent, StepEvent, read_events
 from tui_finetune.core.launch import launch_run, resume_run
 from tui_finetune.core.recipe import (
-    RecipeError, check_recipe_fits_machine, load_recipe, resolve_precision, save_recipe)
+    RecipeError, load_recipe, save_recipe)
 from tui_finetune.core.presets import find_recipe
 from tui_finetune.core.runs import (
     CHECKPOINTS_DIR, EVENTS_FILE, RECIPE_FILE, WORKER_LOG, RunError, find_run, list_runs, pid_alive,
@@ -31,37 +31,11 @@ from tui_finetune.core.runs import (
 console = Console(highlight=False)
 
 
-def add_run_commands(sub: argparse._SubParsersAction) -> None:
-    train = sub.add_parser("train", help="train a recipe on a dataset in a background worker, and follow it")
-    train.add_argument("recipe", help="a recipe file or a preset name (e.g. demo-cpu)")
-    train.add_argument("--data", help="the training data file (a preset may ship its own sample data)")
-    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a recipe value, e.g. --set train.max_steps=20 (repeatable)")
-    train.add_argument("--detach", action="store_true", help="start the run, print its id and return at once")
-    sub.add_parser("runs", help="list runs: id, model, state, step, last loss, age")
-    logs = sub.add_parser("logs", help="print a run's events")
-    logs.add_argument("run", help="run id (or a unique part of it, or 'last')")
-    logs.add_argument("-f", "--follow", action="store_true", help="keep following until the run ends")
-    stop = sub.add_parser("stop", help="stop a run: it saves a checkpoint and exits (resume it later)")
-    stop.add_argument("run")
-    stop.add_argument("--no-wait", action="store_true", help="return without waiting for the checkpoint")
-    stop.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the checkpoint (default 600)")
-    resume = sub.add_parser("resume", help="resume an interrupted run from its newest valid checkpoint")
-    resume.add_argument("run")
-    resume.add_argument("--detach", action="store_true")
-    resume.add_argument("--from", dest="from_step", type=int, metavar="STEP",
-                        help="resume from the checkpoint of this step (0: start again from the beginning)")
-    resume.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="change a recipe value for the rest of the run (needs --force unless it is a checkpoint.* key)")
-    resume.add_argument("--force", action="store_true",
-                        help="resume even though the recipe, model or data changed since the checkpoint")
-
-
 def run_command(args: argparse.Namespace) -> int:
     try:
         return {"train": _train, "runs": _runs, "logs": _logs, "stop": _stop, "resume": _resume}[args.command](args)
     except (RecipeError, RunError) as err:
-        console.print(f"[red]error:[/] {err}")
+        console.print(Text.assemble(("error:", "red"), f" {err}"))
         return 2
 
 
@@ -74,8 +48,6 @@ def default_data_for(recipe_path: Path) -> Path | None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from tui_finetune.core.hardware import detect_hardware, machine_facts
-
     recipe_path = find_recipe(args.recipe)
     recipe = load_recipe(recipe_path, args.overrides)
     data = Path(args.data) if args.data else default_data_for(recipe_path)
@@ -83,12 +55,6 @@ def _train(args: argparse.Namespace) -> int:
         raise RecipeError(f"{recipe_path}: no --data given and the recipe ships no sample data: pass --data FILE")
     if not data.exists():
         raise RecipeError(f"--data {data}: no such file")
-    local_model = Path(recipe.model).expanduser()
-    if local_model.is_dir():  # the worker runs in the run folder: make a relative model path absolute
-        recipe.model = str(local_model.resolve())
-    facts = machine_facts(detect_hardware())
-    check_recipe_fits_machine(recipe, facts, None)
-    recipe = resolve_precision(recipe, facts)
     run_dir = launch_run(recipe, data)
     if args.detach:
         console.print(run_dir.name)
@@ -114,7 +80,7 @@ def _resume(args: argparse.Namespace) -> int:
     except CheckpointError as err:
         raise RunError(f"{run_dir.name}: {err}") from None
     for message in choice.messages():
-        console.print(f"[yellow]warning:[/] {message}")
+        console.print(Text.assemble(("warning:", "yellow"), f" {message}"))
     diffs = resume_differences(choice.path, recipe) if choice.path else []
     if diffs and not args.force:
         raise RunError(f"{run_dir.name}: {refusal_message(choice.path, diffs, run_dir.name)}")
@@ -139,9 +105,6 @@ def _age(seconds: float) -> str:
     return f"{seconds:.0f}s ago"
 
 
-STATE_STYLE = {"running": "cyan", "stopping": "yellow", "completed": "green", "failed": "red", "interrupted": "yellow"}
-
-
 def _runs(args: argparse.Namespace) -> int:
     rows = list_runs()
     if not rows:
@@ -152,7 +115,7 @@ def _runs(args: argparse.Namespace) -> int:
         table.add_column(column, justify="right" if column in ("step", "last loss") else "left")
     now = time.time()
     for row in rows:
-        table.add_row(row.run_id, row.model, f"[{STATE_STYLE.get(row.state, '')}]{row.state}[/]",
+        table.add_row(row.run_id, row.model, Text(row.state, style=state_colour(row.state)),
                       f"{row.step}/{row.total_steps}", "-" if row.last_loss is None else f"{row.last_loss:.4f}",
                       _age(now - row.created_at))
     console.print(table)
@@ -194,57 +157,20 @@ def _stop(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------ following and printing
 
-def _mb(value: float | None) -> str:
-    return "-" if value is None else f"{value / 1024:.1f}"
-
-
-def step_line(e: StepEvent) -> str:
-    parts = [f"step {e.step}/{e.total_steps}", f"epoch {e.epoch:.2f}",
-             f"loss {e.loss:.4f}" if e.loss is not None else "loss -"]
-    if e.lr is not None:
-        parts.append(f"lr {e.lr:.2e}")
-    if e.grad_norm is not None:
-        parts.append(f"grad-norm {e.grad_norm:.3f}")
-    if e.tokens_per_s:
-        parts.append(f"{e.tokens_per_s:.0f} tok/s")
-    if e.eta_s is not None:
-        parts.append(f"ETA {int(e.eta_s // 60)}m{int(e.eta_s % 60):02d}s")
-    if e.vram_reserved_mb is not None:
-        parts.append(f"VRAM {_mb(e.vram_reserved_mb)}/{_mb(e.vram_peak_mb)} GB reserved/peak")
-    if e.nvml_used_mb is not None:
-        parts.append(f"card {_mb(e.nvml_used_mb)}/{_mb(e.nvml_total_mb)} GB")
-    return "  ".join(parts)
-
-
 def print_event(event: Event) -> None:
-    if isinstance(event, StepEvent):
-        console.print(step_line(event))
-    elif isinstance(event, PhaseEvent):
-        console.print(f"[bold]== {event.phase}[/] {event.message}")
-    elif isinstance(event, ProgressEvent):
-        total = f"/{event.total:.0f}" if event.total else ""
-        console.print(f"   {event.phase}: {event.done:.0f}{total} {event.unit} {event.message}")
-    elif isinstance(event, EvalEvent):
-        console.print(f"[cyan]eval[/] step {event.step}: eval loss {event.eval_loss:.4f}" if event.eval_loss is not None
-                      else f"eval step {event.step}")
-    elif isinstance(event, CheckpointEvent):
-        console.print(f"[dim]checkpoint {event.path}[/]")
-    elif isinstance(event, SampleEvent):
-        console.print(Panel(f"[dim]{event.prompt}[/]\n[bold]{event.text}[/]", title=f"{event.label} training",
-                            title_align="left"))
-    elif isinstance(event, WarningEvent):
-        console.print(f"[yellow]warning:[/] {event.message}" + (f"\n  -> {event.advice}" if event.advice else ""))
-    elif isinstance(event, ErrorEvent):
-        console.print(f"[red]error:[/] {event.message}" + (f"\n  -> {event.advice}" if event.advice else ""))
-    elif isinstance(event, EndEvent):
-        style = STATE_STYLE.get(event.state, "")
-        console.print(f"[{style}]run {event.state}[/]: {event.message}")
+    """One event in the wording the TUI's event log uses (core/event_text.py); a sample as a panel."""
+    if isinstance(event, SampleEvent):
+        console.print(Panel(Text.assemble((event.prompt, "dim"), "\n", (event.text, "bold")),
+                            title=f"{event.label} training", title_align="left"))
+        return
+    line = describe_event(event)
+    if line is not None:
+        console.print(line.to_text())
 
 
 def follow_run(run_dir: Path, progress_bar: bool = True, from_end: bool = False, poll_s: float = 0.3) -> int:
     """Print events as they arrive until the run ends; the exit code follows the final state."""
-    path = run_dir / EVENTS_FILE
-    offset = path.stat().st_size if from_end and path.exists() else 0
+    follower = EventFollower.from_end(run_dir) if from_end else EventFollower(run_dir)
     interrupts = 0
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                         console=console, transient=True, disable=not progress_bar)
@@ -253,25 +179,20 @@ def follow_run(run_dir: Path, progress_bar: bool = True, from_end: bool = False,
     with progress:
         while final is None:
             try:
-                events, offset = read_events(path, offset)
+                gone = follower.worker_gone()  # asked before reading, so the worker's last words are read
+                events = follower.read_new()
                 for event in events:
                     if isinstance(event, StepEvent):
                         loss = f"loss {event.loss:.3f}" if event.loss is not None else ""
                         progress.update(task, total=event.total_steps, completed=event.step, visible=True,
                                         description=f"training {loss}")
                     print_event(event)
-                    if isinstance(event, EndEvent):
-                        final = event
+                    final = event if isinstance(event, EndEvent) else final
                 if final is None and not events:
-                    if not pid_alive(read_run_info(run_dir).pid):
-                        events, offset = read_events(path, offset)  # the last words, if any
-                        for event in events:
-                            print_event(event)
-                            final = event if isinstance(event, EndEvent) else final
-                        if final is None:
-                            console.print(f"[red]the worker exited without a final state[/]: see {run_dir / WORKER_LOG}")
-                            return 1
-                        break
+                    if gone:
+                        console.print(Text.assemble(("the worker exited without a final state", "red"),
+                                                    f": see {run_dir / WORKER_LOG}"))
+                        return 1
                     time.sleep(poll_s)
             except KeyboardInterrupt:
                 interrupts += 1

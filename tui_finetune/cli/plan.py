@@ -1,6 +1,7 @@
 """``tui-finetune plan``: which models and recipes fit a card, with the planner's breakdown.
 
 Plain core only (no torch), so it answers instantly, also for a card that isn't in this machine.
+The verdict on a recipe is core's ``suggest.plan_recipe``, the one the wizard shows.
 """
 
 from __future__ import annotations
@@ -10,16 +11,16 @@ from dataclasses import replace
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from tui_finetune.core.catalog import UnknownModelError
 from tui_finetune.core.hardware import best_gpu, detect_hardware
 from tui_finetune.core.model_source import resolve_model_spec
-from tui_finetune.core.planner import PlanCase, profile_from_memory
+from tui_finetune.core.planner import PlanCase, VramEstimate, profile_from_memory
 from tui_finetune.core.presets import find_recipe, list_presets, preset_card_gb
 from tui_finetune.core.recipe import RecipeError, RecipeSpec, load_recipe
-from tui_finetune.core.suggest import FITS, SEQ_CHOICES, TIGHT, WONT_FIT, CardSpec, card_from_gpu, plan_case, suggest
-
-FIT_STYLE = {FITS: "green", TIGHT: "yellow", WONT_FIT: "red"}
+from tui_finetune.core.suggest import (
+    FIT_COLOURS, FITS, SEQ_CHOICES, WONT_FIT, CardSpec, card_from_gpu, plan_case, plan_recipe, suggest)
 
 
 def card_for_plan(vram_gb: float | None) -> tuple[CardSpec | None, str]:
@@ -35,33 +36,31 @@ def card_for_plan(vram_gb: float | None) -> tuple[CardSpec | None, str]:
     return card, f"Planning for {gpu.name} ({card.total_gib:.1f} GiB, {card.used_by_others_gib:.1f} GiB used by others)."
 
 
-def _breakdown_table(title: str, option) -> Table:
+def _breakdown_table(title: str, estimate: VramEstimate) -> Table:
     table = Table(title=title, show_header=True, header_style="bold")
     table.add_column("part")
     table.add_column("GiB", justify="right")
-    for part, gib in option.estimate.describe():
+    for part, gib in estimate.describe():
         table.add_row(part, f"{gib:.2f}")
-    table.add_row("[bold]peak[/bold]", f"[bold]{option.estimate.total_gib:.2f}[/bold]")
+    table.add_row("[bold]peak[/bold]", f"[bold]{estimate.total_gib:.2f}[/bold]")
     return table
 
 
 def _fit_text(fit: str) -> str:
-    return f"[{FIT_STYLE[fit]}]{fit}[/{FIT_STYLE[fit]}]"
+    return f"[{FIT_COLOURS[fit]}]{fit}[/{FIT_COLOURS[fit]}]"
 
 
-def plan_recipe(console: Console, card: CardSpec, recipe: RecipeSpec, label: str) -> int:
+def plan_one_recipe(console: Console, card: CardSpec, recipe: RecipeSpec, label: str) -> int:
+    """The planner's verdict on one recipe (core's ``plan_recipe``, as the wizard shows it), with advice."""
+    plan = plan_recipe(recipe, card)
     model = resolve_model_spec(recipe.model)
-    case = PlanCase.from_recipe(model, recipe)
-    if not card.supports_bf16 and case.compute_dtype == "bf16":
-        case = replace(case, compute_dtype="fp16")
-    option = plan_case(case, card, profile_from_memory(recipe.memory))
-    console.print(f"[bold]{label}[/bold]: {model.key} {case.method}, sequence {case.seq_len} x micro-batch {case.micro_batch}")
-    console.print(_breakdown_table("Peak VRAM estimate", option))
-    console.print(f"{_fit_text(option.fit)}: {option.reason}")
-    if option.fit == WONT_FIT:
-        console.print("To fit: shorten data.seq_len, lower train.micro_batch (raise train.grad_accum to keep "
-                      "the batch), use method = \"qlora\", or pick a smaller model.")
-    return 0 if option.fit != WONT_FIT else 1
+    console.print(f"[bold]{label}[/bold]: {model.key} {recipe.method}, sequence {recipe.data.seq_len} "
+                  f"x micro-batch {recipe.train.micro_batch}")
+    console.print(_breakdown_table("Peak VRAM estimate", plan.estimate))
+    console.print(f"{_fit_text(plan.fit)}: {plan.reason}")
+    if plan.fit == WONT_FIT:
+        console.print(Text(plan.advice()))
+    return 0 if plan.fit != WONT_FIT else 1
 
 
 def plan_model(console: Console, card: CardSpec, model_name: str) -> int:
@@ -125,7 +124,7 @@ def run_plan_command(args: argparse.Namespace, console: Console | None = None) -
             recipe = load_recipe(path, [f"data.seq_len={args.seq}"] if args.seq else None)
             if args.model:
                 recipe = replace(recipe, model=args.model)
-            return plan_recipe(console, card, recipe, path.stem)
+            return plan_one_recipe(console, card, recipe, path.stem)
         if args.model:
             return plan_model(console, card, args.model)
         return plan_overview(console, card)
