@@ -1,7 +1,7 @@
 """Build the Trainer for a recipe: TrainingArguments from the recipe's fields, our callbacks attached.
 
 Trainer owns the loop (DESIGN.md): gradient accumulation, mixed precision, optimizers by name
-(``paged_adamw_8bit``), schedulers with warmup, evaluation, and data skipping on resume. This module
+(``adamw_8bit``), schedulers with warmup, evaluation, and data skipping on resume. This module
 only translates the recipe, once, in one place, and adds what the recovery needs: the micro-batch
 and accumulation can differ from the recipe's after an OOM (the worker shrinks one and grows the
 other), evaluation computes the same chunked loss as training (no phase builds full-vocabulary

@@ -34,7 +34,7 @@ def card_from_report(report: HardwareReport, planned_gb: float | None = None) ->
 def recipe_from_suggestion(option: Suggestion) -> RecipeSpec:
     """A starting recipe for a suggested (model, method, sequence length)."""
     model = option.model.key if option.model.key in CATALOG else option.model.hub_id or option.model.key
-    optimizer = "paged_adamw_8bit" if option.method == "qlora" else "adamw_torch"
+    optimizer = "adamw_8bit" if option.method == "qlora" else "adamw_torch"
     return RecipeSpec(model=model, method=option.method, data=DataSpec(seq_len=option.seq_len),
                       train=TrainSpec(optimizer=optimizer))
 

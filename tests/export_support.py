@@ -1,0 +1,124 @@
+"""A tiny "finished run" for chat and export tests: random tiny model, real tokenizer, nonzero LoRA.
+
+The model is built so greedy generation ends at the end-of-turn token within a few tokens, which a
+random model never would: hidden dimension 0 is a constant channel (every embedding has the same
+value there, and no layer writes to it), and only the end-of-turn token's output row reads it. So
+the "does it stop" check has something real to pass, and a broken stop token really fails it.
+The LoRA B matrices are random (not peft's zeros), so merging changes the logits.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from engine_runs import tiny_recipe
+
+TOKENIZERS = Path(__file__).resolve().parent / "data" / "tokenizers"
+ARCHS = ("llama", "qwen2", "gemma3", "mistral", "gemma", "phi")
+"""model_type of each tiny model; the tokenizer is llama-3's for llama, ChatML (Qwen2.5) for the rest."""
+
+
+def _config(arch: str, vocab: int, tokenizer):
+    import transformers as tf
+
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id)
+    if arch == "llama":
+        return tf.LlamaConfig(**common, tie_word_embeddings=False)
+    if arch == "mistral":
+        return tf.MistralConfig(**common, tie_word_embeddings=False, sliding_window=None)
+    if arch == "qwen2":
+        return tf.Qwen2Config(**common, tie_word_embeddings=False)
+    if arch == "gemma":
+        return tf.GemmaConfig(**common, head_dim=16)
+    if arch == "gemma3":
+        # query_pre_attn_scalar and layer_types keep their defaults: a GGUF stores neither (llama.cpp derives them)
+        return tf.Gemma3TextConfig(**common, head_dim=16, sliding_window=64)
+    if arch == "phi":
+        return tf.PhiConfig(**{k: v for k, v in common.items() if k != "num_key_value_heads"},
+                            num_key_value_heads=4, partial_rotary_factor=0.5, tie_word_embeddings=False)
+    raise ValueError(arch)
+
+
+def _wire_stop_channel(model, stop_id: int, strength: float) -> None:
+    import torch
+
+    with torch.no_grad():
+        embed = model.get_input_embeddings().weight
+        embed[:, 0] = 0.02  # about the size of the other (random) dimensions
+        for name, module in model.named_modules():
+            if name.endswith(("o_proj", "down_proj", "dense", "fc2")) and hasattr(module, "weight"):
+                module.weight[0, :] = 0.0
+                if getattr(module, "bias", None) is not None:
+                    module.bias[0] = 0.0
+        head = model.get_output_embeddings()
+        if head.weight.data_ptr() != embed.data_ptr():
+            head.weight[:, 0] = 0.0
+            head.weight[stop_id, 0] = strength
+        else:  # tied (Gemma): the stop token's embedding row carries the channel instead
+            embed[stop_id, 0] = strength
+
+
+STOP_STRENGTH = {"llama": 0.6, "mistral": 0.55, "qwen2": 0.55, "phi": 0.6, "gemma": 1.5, "gemma3": 8.0}
+"""Measured: each arch stops within a few tokens on the tests' prompts, not at the first one every time."""
+
+
+def build_tiny_model(folder: Path, arch: str = "llama", seed: int = 0, stop_strength: float | None = None) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    source = TOKENIZERS / ("llama-3" if arch == "llama" else "qwen2.5-chatml")
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(source), local_files_only=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(_config(arch, len(tokenizer), tokenizer), dtype=torch.float32)
+    _wire_stop_channel(model, tokenizer.eos_token_id, stop_strength or STOP_STRENGTH[arch])
+    model.save_pretrained(folder)
+    return folder
+
+
+def write_chat_data(path: Path, rows: int = 8) -> Path:
+    with path.open("w", encoding="utf-8") as handle:
+        for i in range(rows):
+            handle.write(json.dumps({"messages": [{"role": "user", "content": f"What is {i} + 2?"},
+                                                  {"role": "assistant", "content": f"{i} + 2 = {i + 2}"}]}) + "\n")
+    return path
+
+
+def make_finished_run(tmp: Path, arch: str = "llama", seed: int = 0) -> Path:
+    """A completed run folder (recipe.toml, run.json, adapter/) for a tiny model of ``arch``."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tui_finetune.core.runs import ADAPTER_DIR, create_run, update_run_info
+
+    base = build_tiny_model(tmp / f"base-{arch}", arch, seed)
+    data = write_chat_data(tmp / "chat.jsonl")
+    run_dir = create_run(tiny_recipe(base), data, base=tmp / "runs")
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                  task_type="CAUSAL_LM"))
+    torch.manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.05)
+                if any(part in name for part in ("o_proj", "down_proj", "dense.", "fc2")):
+                    param[0, :] = 0.0  # keep the stop channel (engine_tiny's docstring) clean
+    peft_model.save_pretrained(run_dir / ADAPTER_DIR, safe_serialization=True)
+    AutoTokenizer.from_pretrained(str(base)).save_pretrained(run_dir / ADAPTER_DIR)
+    update_run_info(run_dir, state="completed", pid=None)
+    return run_dir
+
+
+def copy_run(run_dir: Path, dest: Path) -> Path:
+    shutil.copytree(run_dir, dest)
+    return dest

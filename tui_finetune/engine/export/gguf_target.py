@@ -1,0 +1,137 @@
+"""``--to gguf``: write the merged fine-tune as F16 or Q8_0 GGUF (or Q4_K_M through llama-quantize), then
+check it twice: read back with the gguf package's reader, and loaded by transformers' own GGUF loader
+(an independent reading of the same conventions, for the architectures it knows).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from tui_finetune.core.export_spec import CheckResult, ExportError, ExportSpec
+from tui_finetune.engine.export import checks
+from tui_finetune.engine.export.gguf_arch import arch_for, from_gguf, tensor_names
+from tui_finetune.engine.export.gguf_writer import write_gguf
+from tui_finetune.engine.export.staging import staged_file
+from tui_finetune.engine.run_model import RunFinetune, load_merged
+
+QUANTIZE_TOOL = "llama-quantize"
+
+
+def gguf_path(run: RunFinetune, dest: Path, quant: str) -> Path:
+    return dest / f"{run.run_dir.name}-{quant}.gguf"
+
+
+def write_gguf_export(run: RunFinetune, dest: Path, spec: ExportSpec, stop_ids: list[int],
+                      say: Callable[[str], None]) -> Path:
+    arch = arch_for(run.base_folder)
+    target = gguf_path(run, dest, spec.quant)
+    if spec.quant == "q4_k_m" and shutil.which(QUANTIZE_TOOL) is None:
+        raise ExportError(f"--quant q4_k_m needs llama.cpp's {QUANTIZE_TOOL} on PATH, and it isn't: use "
+                          "--quant q8_0 (written in plain Python), or install llama.cpp and try again")
+    say("merging the adapter into the base")
+    model = load_merged(run)
+    python_quant = "f16" if spec.quant == "q4_k_m" else spec.quant
+    written = gguf_path(run, dest, python_quant) if spec.quant == "q4_k_m" else target
+    dest.mkdir(parents=True, exist_ok=True)
+    say(f"writing {written.name}")
+    write_gguf(model, arch, written, python_quant, name=run.run_dir.name, tokenizer=run.tokenizer,
+               tokenizer_folder=run.adapter_dir, chat_template=run.template.jinja, stop_ids=stop_ids, progress=say)
+    del model
+    if spec.quant == "q4_k_m":
+        say(f"quantizing to Q4_K_M with {QUANTIZE_TOOL}")
+        with staged_file(target) as tmp:
+            subprocess.run([QUANTIZE_TOOL, str(written), str(tmp), "Q4_K_M"], check=True, capture_output=True)
+        written.unlink()
+    return target
+
+
+def read_metadata(reader: Any) -> dict[str, Any]:
+    """The GGUF fields the checks need, as plain values."""
+    def value(key: str) -> Any:
+        field = reader.fields.get(key)
+        return field.contents() if field is not None else None
+
+    return {"chat_template": value("tokenizer.chat_template"), "eos": value("tokenizer.ggml.eos_token_id"),
+            "eot": value("tokenizer.ggml.eot_token_id"), "tokens": value("tokenizer.ggml.tokens")}
+
+
+def declared_stops(meta: dict[str, Any]) -> list[int]:
+    return sorted({int(meta[k]) for k in ("eos", "eot") if meta.get(k) is not None})
+
+
+def load_with_reader(run: RunFinetune, path: Path) -> tuple[Any, dict[str, Any]]:
+    """Read every tensor back with gguf's reader, undo the llama.cpp conventions, load into an HF model."""
+    import gguf
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    arch = arch_for(run.base_folder)
+    config = AutoConfig.from_pretrained(str(run.base_folder))
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    names = {g: h for h, g in tensor_names(arch, config, list(model.state_dict())).items()}
+    reader = gguf.GGUFReader(str(path))
+    state = {}
+    for tensor in reader.tensors:
+        hf_name = names[tensor.name]
+        data = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype("float32")
+        state[hf_name] = torch.from_numpy(from_gguf(arch, config, hf_name, data).copy())
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [m for m in missing if m != "lm_head.weight"]:
+        raise ExportError(f"{path.name}: tensors missing {missing[:3]} or unexpected {unexpected[:3]} on reading back")
+    if "lm_head.weight" in missing:
+        model.tie_weights()
+    return model, read_metadata(reader)
+
+
+def check_gguf(run: RunFinetune, path: Path, reference: checks.Behaviour, prompts: list[list[int]],
+               spec: ExportSpec) -> list[CheckResult]:
+    fmt = "q8_0" if spec.quant == "q8_0" else ("f16" if spec.quant == "f16" else "q8_0")
+    model, meta = load_with_reader(run, path)
+    stops = declared_stops(meta)
+    names = checks.stop_names(run.tokenizer, stops)
+    got = checks.measure(model, prompts, stops, run.tokenizer.pad_token_id, spec.max_new_tokens)
+    del model
+    results = [_renamed(checks.compare_logits(reference, got, fmt), "gguf reader: "),
+               _renamed(checks.compare_replies(reference, got, required=fmt == "f16"), "gguf reader: "),
+               checks.check_stops(got, spec.max_new_tokens, names)]
+    vocab = run.tokenizer.get_vocab()
+    tokens = meta["tokens"] or []
+    same_vocab = all(vocab.get(t, i) == i for i, t in enumerate(tokens) if not t.startswith("[PAD"))
+    results.append(CheckResult("tokenizer tokens", same_vocab,
+                               f"{len(tokens)} tokens in the file, each at the id the tokenizer gives it"
+                               if same_vocab else "a token in the file sits at another id than in the tokenizer"))
+    results += _check_with_transformers(run, path, reference, prompts, spec, fmt, meta)
+    return results
+
+
+def _check_with_transformers(run: RunFinetune, path: Path, reference: checks.Behaviour, prompts: list[list[int]],
+                             spec: ExportSpec, fmt: str, meta: dict[str, Any]) -> list[CheckResult]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    arch = arch_for(run.base_folder)
+    if not arch.transformers_reads:
+        why = f"transformers has no GGUF reader for {arch.model_type}; checked with the gguf reader only"
+        return [CheckResult("transformers reload", False, why, skipped=True),
+                checks.check_template_roundtrip(run, meta["chat_template"], run.tokenizer)]
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    stops = declared_stops(meta)
+    got = checks.measure(model, prompts, stops, run.tokenizer.pad_token_id, spec.max_new_tokens)
+    del model
+    results = [_renamed(checks.compare_logits(reference, got, fmt), "transformers reload: "),
+               _renamed(checks.compare_replies(reference, got, required=fmt == "f16"), "transformers reload: ")]
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as err:  # an older transformers may not rebuild every tokenizer; the template still counts
+        results.append(CheckResult("transformers tokenizer", False, f"could not rebuild it ({err})", skipped=True))
+        tokenizer = run.tokenizer
+    results.append(checks.check_template_roundtrip(run, meta["chat_template"], tokenizer))
+    return results
+
+
+def _renamed(result: CheckResult, prefix: str) -> CheckResult:
+    result.name = prefix + result.name
+    return result
