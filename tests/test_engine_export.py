@@ -124,7 +124,7 @@ def test_modelfile_check_fails_when_a_stop_token_is_lost(tmp_path):
     run_dir = make_finished_run(tmp_path, "qwen2")
     result = _export(run_dir, "ollama", "f16", check=False)
     modelfile = Path(result.path) / "Modelfile"
-    modelfile.write_text("\n".join(l for l in modelfile.read_text().splitlines() if "PARAMETER stop" not in l))
+    modelfile.write_text("\n".join(line for line in modelfile.read_text().splitlines() if "PARAMETER stop" not in line))
     run = open_run(run_dir)
     outcome = check_modelfile(run, modelfile, next(Path(result.path).glob("*.gguf")), check_prompts(run),
                               ExportSpec("ollama", max_new_tokens=16))

@@ -71,7 +71,7 @@ class ChatClient:
                 self.process.kill()
                 self.process.wait()
 
-    def __enter__(self) -> "ChatClient":
+    def __enter__(self) -> ChatClient:
         return self
 
     def __exit__(self, *exc: Any) -> None:

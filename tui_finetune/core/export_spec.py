@@ -96,7 +96,7 @@ class ExportResult:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ExportResult":
+    def from_dict(cls, data: dict[str, Any]) -> ExportResult:
         checks = [CheckResult(**c) for c in data.get("checks", [])]
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__ and k != "checks"}
         return cls(**known, checks=checks)

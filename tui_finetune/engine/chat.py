@@ -36,7 +36,7 @@ class ChatSession:
         self.stop_ids = stop_token_ids(run.tokenizer, model)
 
     @classmethod
-    def open(cls, run_dir: Path) -> "ChatSession":
+    def open(cls, run_dir: Path) -> ChatSession:
         run = open_run(run_dir)
         return cls(run, load_chat_model(run))
 
