@@ -150,7 +150,7 @@ async def test_startup_offers_to_resume_an_interrupted_run(ui_home):
     app = build_app(resumer=lambda run_dir: resumed.append(run_dir) or 0, offer_on_start=True)
     async with app.run_test(size=SIZE) as pilot:
         await wait_for(pilot, lambda: screen_name(app) == "ConfirmDialog")
-        assert "interrupted at step 30" in str(app.screen.query_one("#question").render())
+        assert "no checkpoint yet: this starts over" in str(app.screen.query_one("#question").render())
         await pilot.press("y")
         await wait_for(pilot, lambda: screen_name(app) == "MonitorScreen")
     assert resumed == [interrupted]

@@ -18,14 +18,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from tui_finetune.core.event_text import EventFollower, describe_event, state_colour
+from tui_finetune.core.event_text import EventFollower, describe_event, resume_wording, state_colour, worker_gone_line
 from tui_finetune.core.events import EndEvent, Event, SampleEvent, StepEvent, read_events
 from tui_finetune.core.launch import launch_run, resume_run
 from tui_finetune.core.recipe import (
     RecipeError, load_recipe, save_recipe)
 from tui_finetune.core.presets import find_recipe
 from tui_finetune.core.runs import (
-    CHECKPOINTS_DIR, EVENTS_FILE, RECIPE_FILE, WORKER_LOG, RunError, find_run, list_runs, pid_alive,
+    CHECKPOINTS_DIR, EVENTS_FILE, RECIPE_FILE, RunError, find_run, list_runs, pid_alive,
     read_run_info, request_stop, shown_state, update_run_info)
 
 console = Console(highlight=False)
@@ -65,7 +65,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _resume(args: argparse.Namespace) -> int:
-    from tui_finetune.engine.checkpoints import CheckpointError, find_resume_checkpoint
+    from tui_finetune.engine.checkpoints import CheckpointError, find_resume_checkpoint, step_of
     from tui_finetune.engine.resume import refusal_message, resume_differences
 
     run_dir = find_run(args.run)
@@ -92,9 +92,12 @@ def _resume(args: argparse.Namespace) -> int:
             changes.update(micro_batch=0, grad_accum=0)  # the new recipe's batch replaces an OOM-shrunk one
     update_run_info(run_dir, **changes)
     resume_run(run_dir)
-    if args.detach:
+    plan = f"resuming {run_dir.name}: it {resume_wording(step_of(choice.path) if choice.path else None)}"
+    if args.detach:  # stdout stays the bare id for scripts; the plan goes to stderr
+        Console(stderr=True, highlight=False).print(plan)
         console.print(run_dir.name)
         return 0
+    console.print(plan)
     return follow_run(run_dir, from_end=True)
 
 
@@ -111,8 +114,10 @@ def _runs(args: argparse.Namespace) -> int:
         console.print("no runs yet: start one with 'tui-finetune train demo-cpu' (CPU demo) or 'tui-finetune train RECIPE --data FILE'")
         return 0
     table = Table(show_header=True, header_style="bold")
-    for column in ("id", "model", "state", "step", "last loss", "age"):
-        table.add_column(column, justify="right" if column in ("step", "last loss") else "left")
+    for column in ("id", "model", "state", "step", "last loss", "age"):  # an id is copied whole: never cut
+        table.add_column(column, justify="right" if column in ("step", "last loss") else "left",
+                         no_wrap=column == "id", min_width=max((len(r.run_id) for r in rows), default=2)
+                         if column == "id" else None, overflow="fold" if column != "id" else "ignore")
     now = time.time()
     for row in rows:
         table.add_row(row.run_id, row.model, Text(row.state, style=state_colour(row.state)),
@@ -190,8 +195,7 @@ def follow_run(run_dir: Path, progress_bar: bool = True, from_end: bool = False,
                     final = event if isinstance(event, EndEvent) else final
                 if final is None and not events:
                     if gone:
-                        console.print(Text.assemble(("the worker exited without a final state", "red"),
-                                                    f": see {run_dir / WORKER_LOG}"))
+                        console.print(worker_gone_line(run_dir).to_text())
                         return 1
                     time.sleep(poll_s)
             except KeyboardInterrupt:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from tui_finetune.core.events import (
     CheckpointEvent, EndEvent, ErrorEvent, EvalEvent, Event, PhaseEvent, ProgressEvent, SampleEvent, StepEvent,
     WarningEvent, read_events)
-from tui_finetune.core.runs import EVENTS_FILE, RunError, pid_alive, read_run_info
+from tui_finetune.core.runs import EVENTS_FILE, WORKER_LOG, RunError, pid_alive, read_run_info, resume_step
 
 if TYPE_CHECKING:
     from rich.text import Text
@@ -87,6 +87,21 @@ def describe_event(event: Event) -> EventLine | None:
     return None
 
 
+def resume_wording(step: int | None) -> str:
+    """What a resume will do, for every prompt and toast that offers one (CLI and TUI)."""
+    if step is None:
+        return "no checkpoint yet: this starts over from step 0"
+    return f"resumes from the checkpoint at step {step}"
+
+
+def worker_gone_line(run_dir: Path) -> EventLine:
+    """The worker died without writing its ``end`` event (killed, or a crash that took Python with it)."""
+    return EventLine("worker gone", f"the worker exited without a final state (killed or crashed): see "
+                     f"{Path(run_dir) / WORKER_LOG}", "bold red",
+                     f"resume it ('tui-finetune resume {Path(run_dir).name}', or r on the Runs list): it "
+                     f"{resume_wording(resume_step(Path(run_dir)))}")
+
+
 def _gb(mb: float | None) -> str:
     return "-" if mb is None else f"{mb / 1024:.1f}"
 
@@ -107,6 +122,8 @@ def step_text(e: StepEvent) -> str:
         parts.append(f"VRAM {_gb(e.vram_reserved_mb)}/{_gb(e.vram_peak_mb)} GB reserved/peak")
     if e.nvml_used_mb is not None:
         parts.append(f"card {_gb(e.nvml_used_mb)}/{_gb(e.nvml_total_mb)} GB")
+    if e.rss_mb is not None:
+        parts.append(f"RAM {_gb(e.rss_mb)} GB")
     return "  ".join(parts)
 
 

@@ -77,6 +77,10 @@ class StepEvent(Event):
     nvml_used_mb: float | None = None
     """Used memory of the whole card per NVML (other programs and the CUDA context included)."""
     nvml_total_mb: float | None = None
+    rss_mb: float | None = None
+    """The worker's resident memory (RSS): what a CPU run uses of the machine's RAM."""
+    rss_peak_mb: float | None = None
+    """The worker's highest RSS so far (since the process started)."""
 
 
 @dataclass

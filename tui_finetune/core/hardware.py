@@ -267,3 +267,11 @@ def version_tuple(text: str | None) -> tuple[int, int] | None:
         return int(major), int(minor)
     except ValueError:
         return None
+
+
+def machine_ram_bytes() -> int | None:
+    """The machine's physical RAM (POSIX sysconf); None where it can't be read (Windows)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return None

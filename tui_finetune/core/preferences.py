@@ -1,4 +1,4 @@
-"""The wizard's remembered choices: the last dataset folder and the theme.
+"""The app's remembered choices: the last dataset folder, the theme, and the resumes declined.
 
 They live in ``config_dir()/preferences.json`` (``TUI_FINETUNE_HOME/config`` in tests), so the
 file picker opens where the user was last time and a light-terminal user is not blinded twice.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from tui_finetune.core.paths import config_dir
@@ -25,6 +25,8 @@ class Preferences:
     """A Textual theme name; the app offers a dark and a light one."""
     last_data_dir: str = ""
     """The folder the dataset picker opens in; empty means the current directory."""
+    declined_resumes: list[str] = field(default_factory=list)
+    """Interrupted runs whose start-up resume offer got "Not now": not offered again on start-up."""
 
 
 def preferences_path() -> Path:
@@ -41,7 +43,10 @@ def load_preferences(path: Path | None = None) -> Preferences:
     if not isinstance(data, dict):
         return Preferences()
     known = {f.name for f in fields(Preferences)}
-    values = {k: v for k, v in data.items() if k in known and isinstance(v, str)}
+    values: dict = {k: v for k, v in data.items() if k in known and isinstance(v, str)}
+    declined = data.get("declined_resumes")
+    if isinstance(declined, list):
+        values["declined_resumes"] = [v for v in declined if isinstance(v, str)]
     prefs = Preferences(**values)
     if prefs.theme not in THEMES:
         prefs.theme = Preferences.theme

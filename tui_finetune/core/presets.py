@@ -17,6 +17,9 @@ def presets_dir() -> Path:
     """The folder of shipped presets: ``recipes/`` in a checkout, ``tui_finetune/presets`` when installed."""
     from importlib.resources import files
 
+    checkout = Path(__file__).resolve().parents[2] / "recipes"
+    if (checkout / "demo-cpu.toml").is_file():  # this source tree's presets win over an installed copy's
+        return checkout
     try:
         return Path(str(files("tui_finetune.presets")))
     except ModuleNotFoundError:  # running from a source tree on PYTHONPATH, not installed

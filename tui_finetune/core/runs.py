@@ -42,6 +42,9 @@ ADAPTER_DIR = "adapter"
 STOP_FILE = "STOP"
 WORKER_LOG = "worker.log"
 """The worker's own stdout/stderr: library warnings and, if all else fails, a traceback."""
+CHECKPOINT_MARKER = "COMPLETE.json"
+"""The file that seals a checkpoint (engine/checkpoints.py MARKER; a test holds the two equal)."""
+_CHECKPOINT_NAME = re.compile(r"^step-(\d{6,})$")
 
 
 class RunError(LookupError):
@@ -291,6 +294,20 @@ def request_stop(run_dir: Path) -> RunInfo:
             except OSError:
                 pass
     return info
+
+
+def resume_step(run_dir: Path) -> int | None:
+    """The step a resume continues from: the newest sealed checkpoint, or None when it would start over.
+
+    Read from the folder names and their completion markers only (the worker also checks every file's
+    hash, and passes over a damaged checkpoint with a warning), so the UI and the CLI can say what a
+    resume will do without torch, the engine or hashing gigabytes."""
+    folder = run_dir / CHECKPOINTS_DIR
+    if not folder.is_dir():
+        return None
+    steps = [int(m.group(1)) for p in folder.iterdir()
+             if (m := _CHECKPOINT_NAME.match(p.name)) and (p / CHECKPOINT_MARKER).is_file()]
+    return max(steps, default=None)
 
 
 def final_state(run_dir: Path) -> str | None:

@@ -163,6 +163,23 @@ def _plan_case_of(recipe: RecipeSpec, card: CardSpec | None) -> tuple[PlanCase, 
     return case, profile_from_memory(recipe.memory)
 
 
+WORKER_BASE_RAM_GIB = 0.8
+"""The CPU worker's RAM besides the training tensors: Python, torch, transformers, the tokenizer and the
+data. Calibrated on the demo (tui-finetune train demo-cpu on a 2-core machine; see estimate_cpu_ram_gib)."""
+
+
+def estimate_cpu_ram_gib(recipe: RecipeSpec, longest_row_tokens: int | None = None) -> float:
+    """A CPU run's peak RAM (the worker's RSS) in GiB: the planner's tensors without the CUDA context and
+    the allocator's slack (the CPU has neither), plus the worker itself. A batch is padded to its longest
+    row, not to ``seq_len``, so the data's longest row (from the data check) sizes the logits when known."""
+    case, profile = _plan_case_of(recipe, None)
+    if longest_row_tokens:
+        case = replace(case, seq_len=max(1, min(case.seq_len, int(longest_row_tokens))))
+    estimate = estimate_peak_vram(case, profile)
+    tensors = estimate.total - estimate.parts.get("cuda_context", 0.0) - estimate.parts.get("slack", 0.0)
+    return tensors / GIB + WORKER_BASE_RAM_GIB
+
+
 def plan_recipe(recipe: RecipeSpec, card: CardSpec | None) -> RecipePlan:
     """The planner's verdict on ``recipe`` for ``card`` (None: no card, training on the CPU)."""
     case, profile = _plan_case_of(recipe, card)

@@ -6,6 +6,8 @@ loop's behaviour (gradient accumulation, resume, evaluation) stays Trainer's own
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -26,6 +28,33 @@ def _float(value: object) -> float | None:
         return float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return None
+
+
+def read_rss_mb() -> tuple[float | None, float | None]:
+    """This process's resident memory now and at its peak, in MB: what a CPU run costs the machine's RAM.
+
+    Linux reads ``/proc/self/statm``; elsewhere psutil when installed, else only the peak from
+    ``resource`` (POSIX). None where neither is available (Windows without psutil)."""
+    now = peak = None
+    try:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
+    except (ImportError, OSError):
+        pass
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        now = pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError, AttributeError):
+        try:
+            import psutil
+
+            now = psutil.Process().memory_info().rss / 2**20
+        except ImportError:
+            pass
+    if now is not None and (peak is None or peak < now):
+        peak = now
+    return now, peak
 
 
 class EventsCallback(TrainerCallback):
@@ -62,12 +91,13 @@ class EventsCallback(TrainerCallback):
         elapsed = now - self._start_time
         eta = elapsed / done * (state.max_steps - state.global_step) if done > 0 else None
         vram = read_vram()
+        rss, rss_peak = read_rss_mb()
         self.log.emit(StepEvent(
             step=state.global_step, total_steps=state.max_steps, epoch=float(state.epoch or 0.0),
             loss=_float(logs.get("loss")), lr=_float(logs.get("learning_rate")), grad_norm=_float(logs.get("grad_norm")),
             tokens_per_s=tokens_per_s, eta_s=eta, elapsed_s=elapsed,
             vram_reserved_mb=vram.reserved_mb, vram_peak_mb=vram.peak_mb,
-            nvml_used_mb=vram.nvml_used_mb, nvml_total_mb=vram.nvml_total_mb))
+            nvml_used_mb=vram.nvml_used_mb, nvml_total_mb=vram.nvml_total_mb, rss_mb=rss, rss_peak_mb=rss_peak))
 
 
 class StopCallback(TrainerCallback):

@@ -21,7 +21,8 @@ from tui_finetune.core.hardware import HardwareReport
 from tui_finetune.core.launch import launch_run, resume_run
 from tui_finetune.core.preferences import Preferences, load_preferences, save_preferences
 from tui_finetune.core.recipe import DataSpec, RecipeSpec
-from tui_finetune.core.runs import list_runs
+from tui_finetune.core.event_text import resume_wording
+from tui_finetune.core.runs import list_runs, resume_step
 from tui_finetune.core.suggest import CardSpec, RecipePlan
 from tui_finetune.ui.run_tail import VramSampler
 from tui_finetune.ui.screens.dataset import run_data_check
@@ -75,7 +76,10 @@ class TuiFinetuneApp(App):
     SUB_TITLE = "fine-tune an LLM on your own GPU"
     MODES = {"wizard": HardwareScreen, "runs": RunsScreen}
     BINDINGS = [Binding("f2", "show_runs", "Runs"), Binding("f3", "new_finetune", "New"),
-                Binding("ctrl+t", "toggle_theme", "Theme"), Binding("ctrl+q", "quit", "Quit", priority=True, show=False)]
+                Binding("ctrl+t", "toggle_theme", "Theme"), Binding("ctrl+q", "quit", "Quit", priority=True),
+                Binding("q", "quit", "Quit", show=False)]
+    """``ctrl+q`` quits anywhere and every footer shows it; ``q`` quits wherever no text field has focus
+    (a focused Input takes the letter as typing before any non-priority binding sees it)."""
 
     def __init__(self, context: AppContext | None = None, preferences: Preferences | None = None) -> None:
         super().__init__()
@@ -104,12 +108,22 @@ class TuiFinetuneApp(App):
                         "Reattach to its live view?")
             self.push_screen(ConfirmDialog(question, yes="Reattach", no="Not now"),
                              lambda yes: self.open_monitor(run.run_dir) if yes else None)
-        elif interrupted:
+        elif interrupted and interrupted[-1].run_id not in self.preferences.declined_resumes:
             run = interrupted[-1]
-            question = (f"Run [b]{run.run_id}[/b] was interrupted at step {run.step}.\n"
-                        "Resume it from its last checkpoint?")
-            self.push_screen(ConfirmDialog(question, yes="Resume", no="Not now"),
-                             lambda yes: self.resume_and_open(run.run_dir) if yes else None)
+            question = (f"Run [b]{run.run_id}[/b] was interrupted; resuming "
+                        f"{resume_wording(resume_step(run.run_dir))}.\nResume it now?")
+            self.push_screen(ConfirmDialog(question, yes="Resume", no="Not now", default_yes=False),
+                             lambda yes: self.answer_resume_offer(run.run_dir, bool(yes)))
+
+    def answer_resume_offer(self, run_dir: Path, yes: bool) -> None:
+        """Resume, or remember "Not now" for this run so the offer doesn't come back on every start."""
+        if yes:
+            self.resume_and_open(run_dir)
+            return
+        if run_dir.name not in self.preferences.declined_resumes:
+            self.preferences.declined_resumes.append(run_dir.name)
+            save_preferences(self.preferences)
+        self.notify(f"Not resuming {run_dir.name}; resume it any time from the Runs list (F2, then r).")
 
     # ------------------------------------------------------------ navigation
 
@@ -125,12 +139,13 @@ class TuiFinetuneApp(App):
         self.push_screen(MonitorScreen(run_dir))
 
     def resume_and_open(self, run_dir: Path) -> None:
+        step = resume_step(run_dir)
         try:
             self.context.resumer(run_dir)
         except Exception as err:  # noqa: BLE001 - a failed resume is a message
             self.notify(f"Could not resume {run_dir.name}: {err}", severity="error")
             return
-        self.notify(f"Resuming {run_dir.name} from its last checkpoint")
+        self.notify(f"Resuming {run_dir.name}: it {resume_wording(step)}")
         self.open_monitor(run_dir)
 
     def show_runs(self) -> None:

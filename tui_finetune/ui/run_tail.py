@@ -1,7 +1,9 @@
 """Follow a run folder: read new lines of ``events.jsonl`` from an offset and fold them into a snapshot.
 
 The monitor shows only what the folder says (docs/design.md: the folder is the truth). A ``RunTail``
-reads through core's ``EventFollower`` and keeps a few bounded series; ``poll`` returns a new immutable ``MonitorSnapshot`` when
+reads through core's ``EventFollower`` and keeps a few bounded series (``events.jsonl`` holds every
+attempt of a resumed run: a step that goes back in time starts a new attempt, and the chart drops
+the earlier attempt's points from that step on, so it draws the one line the run continues); ``poll`` returns a new immutable ``MonitorSnapshot`` when
 anything changed. Because each snapshot is complete, the UI may drop all but the newest one (the
 message's ``can_replace``), so a flood of step events can never queue up behind the screen.
 Textual-free and torch-free: the tail thread, the benchmark and the tests use it directly.
@@ -15,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from tui_finetune.core.event_text import PANEL_ONLY, EventFollower, EventLine, describe_event
-from tui_finetune.core.events import CheckpointEvent, EvalEvent, Event, PhaseEvent, StepEvent
-from tui_finetune.core.runs import RunError, read_run_info, read_run_recipe, shown_state
+from tui_finetune.core.event_text import PANEL_ONLY, EventFollower, EventLine, describe_event, worker_gone_line
+from tui_finetune.core.events import CheckpointEvent, EndEvent, EvalEvent, Event, PhaseEvent, StepEvent
+from tui_finetune.core.runs import FINAL_STATES, RunError, read_run_info, read_run_recipe, shown_state
 
 MAX_POINTS = 2000
 """Loss and VRAM points kept; when full, every other point is dropped (a chart is only so wide)."""
@@ -48,6 +50,10 @@ class MonitorSnapshot:
     vram_total_mb: float | None = None
     vram_peak_mb: float | None = None
     vram_history: tuple[float, ...] = ()
+    ram_used_mb: float | None = None
+    """The worker's RSS at its last step event (CPU runs; GPU runs carry it too)."""
+    ram_peak_mb: float | None = None
+    ram_history: tuple[float, ...] = ()
     checkpoint_step: int | None = None
     checkpoint_time: float | None = None
     log_lines: tuple[EventLine, ...] = ()
@@ -72,11 +78,18 @@ class RunTail:
     _train: list = field(default_factory=list)
     _eval: list = field(default_factory=list)
     _vram: list = field(default_factory=list)
+    """The card's used memory as the worker recorded it in its step events."""
+    _vram_live: list = field(default_factory=list)
+    """The app's own samples (NVML), shown only while the run is live."""
+    _recorded: dict = field(default_factory=dict)
+    _ram: list = field(default_factory=list)
     _log: deque = field(default_factory=lambda: deque(maxlen=MAX_LOG_LINES))
     _log_count: int = 0
     _events: int = 0
     _last: MonitorSnapshot | None = None
     _sampled_at: float = 0.0
+    _ended: bool = False
+    """An ``end`` event was read, or the worker's death was already logged."""
 
     def __post_init__(self) -> None:
         try:
@@ -99,14 +112,21 @@ class RunTail:
                               total_steps=self._snap.get("total_steps") or info.total_steps)
         except RunError:
             pass
-        if self.vram_sampler is not None and time.monotonic() - self._sampled_at >= SAMPLE_EVERY_S:
+        if self._snap.get("state") == "interrupted" and not self._ended:  # killed: no end event will come
+            self._ended = True
+            self._add_line(worker_gone_line(self.run_dir))
+        live = self.vram_sampler is not None and self._snap.get("state") not in FINAL_STATES
+        if live and time.monotonic() - self._sampled_at >= SAMPLE_EVERY_S:
             self._sampled_at = time.monotonic()
-            sample = self.vram_sampler()
+            sample = self.vram_sampler()  # type: ignore[misc]
             if sample is not None:
                 self._snap.update(vram_used_mb=sample[0], vram_total_mb=sample[1])
-                self._vram = _append(self._vram, sample[0])
+                self._vram_live = _append(self._vram_live, sample[0])
+        if not live:  # an ended run shows its own figures, never the card's state now
+            self._snap.update(vram_used_mb=self._recorded.get("used"), vram_total_mb=self._recorded.get("total"))
         snap = MonitorSnapshot(**self._snap, train_points=tuple(self._train), eval_points=tuple(self._eval),
-                               vram_history=tuple(self._vram), log_lines=tuple(self._log),
+                               vram_history=tuple(self._vram_live if live else self._vram),
+                               ram_history=tuple(self._ram), log_lines=tuple(self._log),
                                log_count=self._log_count, events_read=self._events)
         if snap == self._last:
             return None
@@ -118,14 +138,21 @@ class RunTail:
         if isinstance(event, StepEvent):
             s.update(step=event.step, total_steps=event.total_steps or s.get("total_steps", 0), epoch=event.epoch,
                      loss=event.loss, lr=event.lr, tokens_per_s=event.tokens_per_s, eta_s=event.eta_s)
+            if self._train and self._train[-1][0] >= event.step:  # a resumed attempt: drop what it redoes
+                self._train = [p for p in self._train if p[0] < event.step]
+                self._eval = [p for p in self._eval if p[0] < event.step]
             if event.loss is not None:
                 self._train = _append(self._train, (event.step, event.loss))
             if event.vram_peak_mb is not None:
                 s["vram_peak_mb"] = max(s.get("vram_peak_mb") or 0.0, event.vram_peak_mb)
             used = event.nvml_used_mb if event.nvml_used_mb is not None else event.vram_reserved_mb
-            if used is not None and self.vram_sampler is None:
-                s.update(vram_used_mb=used, vram_total_mb=event.nvml_total_mb or s.get("vram_total_mb"))
+            if used is not None:
+                self._recorded.update(used=used, total=event.nvml_total_mb or self._recorded.get("total"))
                 self._vram = _append(self._vram, used)
+            if event.rss_mb is not None:
+                peak = max(s.get("ram_peak_mb") or 0.0, event.rss_peak_mb or 0.0, event.rss_mb)
+                s.update(ram_used_mb=event.rss_mb, ram_peak_mb=peak)
+                self._ram = _append(self._ram, event.rss_mb)
             return
         if isinstance(event, EvalEvent) and event.eval_loss is not None:
             self._eval.append((event.step, event.eval_loss))
@@ -133,10 +160,16 @@ class RunTail:
             s.update(checkpoint_step=event.step, checkpoint_time=event.time)
         elif isinstance(event, PhaseEvent):
             s["phase"] = event.phase
+            self._ended = False  # a new attempt (a resume) is under way
+        elif isinstance(event, EndEvent):
+            self._ended = True
         line = None if isinstance(event, PANEL_ONLY) else describe_event(event)
         if line is not None:
-            self._log.append(line)
-            self._log_count += 1
+            self._add_line(line)
+
+    def _add_line(self, line: EventLine) -> None:
+        self._log.append(line)
+        self._log_count += 1
 
 
 def checkpoint_age(snapshot: MonitorSnapshot, now: float | None = None) -> str:

@@ -10,7 +10,8 @@ from textual.widgets import Button, Input, Label, Static
 
 
 class ConfirmDialog(ModalScreen[bool]):
-    """A yes/no question; ``y``/Enter answers yes, ``n``/Escape no."""
+    """A yes/no question; ``y`` answers yes, ``n``/Escape no, Enter the focused button: yes, unless
+    ``default_yes`` is False for a question where a stray Enter must not start anything."""
 
     DEFAULT_CSS = """
     ConfirmDialog { align: center middle; }
@@ -21,9 +22,9 @@ class ConfirmDialog(ModalScreen[bool]):
     """
     BINDINGS = [Binding("y", "answer(True)", "Yes"), Binding("n,escape", "answer(False)", "No")]
 
-    def __init__(self, question: str, yes: str = "Yes", no: str = "No") -> None:
+    def __init__(self, question: str, yes: str = "Yes", no: str = "No", default_yes: bool = True) -> None:
         super().__init__()
-        self.question, self.yes, self.no = question, yes, no
+        self.question, self.yes, self.no, self.default_yes = question, yes, no, default_yes
 
     def compose(self) -> ComposeResult:
         with Vertical():
@@ -33,7 +34,7 @@ class ConfirmDialog(ModalScreen[bool]):
                 yield Button(f"{self.yes} (y)", id="yes", variant="primary")
 
     def on_mount(self) -> None:
-        self.query_one("#yes", Button).focus()
+        self.query_one("#yes" if self.default_yes else "#no", Button).focus()
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         self.dismiss(event.button.id == "yes")

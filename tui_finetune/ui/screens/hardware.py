@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from textual import work
 from textual.app import ComposeResult
+from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.widgets import Button, Input, Label, Static
 
@@ -15,7 +16,10 @@ from tui_finetune.ui.screens.base import WizardScreen
 
 
 class HardwareScreen(WizardScreen):
+    """The card-size field has focus from the start: typing goes there, Enter goes on (empty: this machine)."""
+
     STEP = 0
+    BINDINGS = [Binding("ctrl+n", "next", "Next · type GB to plan one", priority=True)]
 
     def compose_body(self) -> ComposeResult:
         with VerticalScroll(id="hardware-body", classes="wizard-body"):
@@ -62,7 +66,7 @@ class HardwareScreen(WizardScreen):
         warnings = "\n".join(f"[yellow]⚠ {w}[/]" for w in report.warnings)
         self.query_one("#hw-warnings", Static).update(warnings)
         self.update_target()
-        self.query_one("#next", Button).focus()
+        self.query_one("#plan-gb", Input).focus()
 
     def on_input_changed(self, event: Input.Changed) -> None:
         try:

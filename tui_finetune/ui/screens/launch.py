@@ -12,7 +12,8 @@ from textual.containers import VerticalScroll
 from textual.widgets import Button, Static
 
 from tui_finetune.core.paths import runs_dir
-from tui_finetune.core.suggest import FIT_COLOURS, plan_recipe
+from tui_finetune.core.hardware import machine_ram_bytes
+from tui_finetune.core.suggest import FIT_COLOURS, estimate_cpu_ram_gib, plan_recipe
 from tui_finetune.ui.planning import format_duration, rough_epoch_seconds
 from tui_finetune.ui.screens.base import WizardScreen
 from tui_finetune.ui.screens.dataset import launch_blocker
@@ -66,11 +67,15 @@ class LaunchScreen(WizardScreen):
                                 f"packing {'on' if recipe.data.packing else 'off'} · save every "
                                 f"{recipe.checkpoint.every_steps} steps")
         table.add_row("data", f"{s.data_path} · {data.get('format', '?')} · {data.get('kept', 0)} rows")
-        if plan is not None:
-            card = s.card.label if s.card else "the CPU (no GPU)"
-            table.add_row("peak VRAM", Text(f"≈ {plan.estimate.total_gib:.2f} GiB on {card} ({plan.fit})",
-                                            style=FIT_COLOURS[plan.fit]))
         lengths = data.get("lengths") or {}
+        if s.card is None:  # a CPU run: what it costs is RAM, and the worker's RSS shows it live
+            ram = estimate_cpu_ram_gib(recipe, lengths.get("max"))
+            machine = machine_ram_bytes()
+            of = f" of this machine's {machine / 2**30:.1f} GiB" if machine else ""
+            table.add_row("peak RAM", f"≈ {ram:.1f} GiB{of} (a CPU run: no GPU memory is used)")
+        elif plan is not None:
+            table.add_row("peak VRAM", Text(f"≈ {plan.estimate.total_gib:.2f} GiB on {s.card.label} ({plan.fit})",
+                                            style=FIT_COLOURS[plan.fit]))
         tokens = min(lengths.get("mean", 0), recipe.data.seq_len) * data.get("kept", 0) * (1 - recipe.data.eval_split)
         if tokens:
             seconds = rough_epoch_seconds(recipe, tokens, on_gpu=s.card is not None and not s.planned_gb)

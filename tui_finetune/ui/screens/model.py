@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from rich.text import Text
 from textual.app import ComposeResult
+from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.widgets import DataTable, Input, Label, Static
 
@@ -20,7 +21,12 @@ DEMO_KEY = "demo"
 
 
 class ModelScreen(WizardScreen):
+    """The Hub-id field has focus, so typing goes there; the arrows still move the suggestions' cursor
+    and Enter on an empty field takes the highlighted row."""
+
     STEP = 1
+    BINDINGS = [Binding("up", "move(-1)", "Pick · type a Hub id", key_display="↑↓"),
+                Binding("down", "move(1)", "Pick", show=False)]
 
     def compose_body(self) -> ComposeResult:
         with Vertical(classes="wizard-body"):
@@ -57,7 +63,11 @@ class ModelScreen(WizardScreen):
                       f"{demo.estimate.total_gib:.1f}", Text("cpu", style=FIT_COLOURS[NO_CARD]), "gemma", key=DEMO_KEY)
         if card is None:
             table.move_cursor(row=table.row_count - 1)
-        table.focus()
+        self.query_one("#custom-model", Input).focus()
+
+    def action_move(self, by: int) -> None:
+        table = self.query_one(DataTable)
+        table.move_cursor(row=max(0, min(table.cursor_row + by, table.row_count - 1)))
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
         key = event.row_key.value if event.row_key else None
@@ -88,6 +98,7 @@ class ModelScreen(WizardScreen):
         name = event.value.strip()
         error = self.query_one("#model-error", Static)
         if not name:
+            self.action_next()
             return
         try:
             spec = resolve_model_spec(name)

@@ -4,6 +4,7 @@ A thread worker tails ``RUN_DIR/events.jsonl`` (``RunTail``) and posts a complet
 something changed; ``RunUpdated.can_replace`` merges a backlog, so 1000 step events a second cost
 one redraw per poll. The screen holds no state the folder doesn't: reattaching replays the file.
 Keys: ``s`` stops and saves, ``d`` detaches (training continues), ``q`` quits the app (training continues).
+Once the run has ended, the footer offers neither stop nor "training continues": ``check_action`` hides them.
 """
 
 from __future__ import annotations
@@ -29,7 +30,10 @@ from tui_finetune.ui.widgets.vram_panel import VramPanel
 
 class MonitorScreen(Screen):
     BINDINGS = [Binding("s", "stop", "Stop & save"), Binding("d,escape", "detach", "Detach"),
-                Binding("q", "app.quit", "Quit (training continues)")]
+                Binding("q", "quit_live", "Quit (training continues)")]
+    LIVE_ONLY = ("stop", "quit_live")
+    VERTICAL_BREAKPOINTS = [(0, "-short"), (28, "-tall")]
+    """Under 28 rows (80x24) the sparkline and the epoch bar give way, so the checkpoint line stays."""
 
     def __init__(self, run_dir: Path) -> None:
         super().__init__()
@@ -64,9 +68,19 @@ class MonitorScreen(Screen):
                 self.post_message(RunUpdated(self.run_dir, snap))
             time.sleep(ctx.poll_interval if not snap or snap.state not in FINAL_STATES else ctx.poll_interval * 4)
 
+    @property
+    def live(self) -> bool:
+        return self.snapshot is None or self.snapshot.state not in FINAL_STATES
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        return self.live or action not in self.LIVE_ONLY
+
     def on_run_updated(self, message: RunUpdated) -> None:
         snap = message.snapshot
+        was_live = self.live
         self.snapshot = snap
+        if was_live != self.live:
+            self.refresh_bindings()
         self.updates += 1
         style = state_colour(snap.state)
         phase = f" · phase {snap.phase}" if snap.phase else ""
@@ -84,6 +98,9 @@ class MonitorScreen(Screen):
     def action_stop(self) -> None:
         info = request_stop(self.run_dir)
         self.notify(f"Stop requested: the worker saves a checkpoint and exits ({info.state}).")
+
+    async def action_quit_live(self) -> None:
+        await self.app.action_quit()
 
     def action_detach(self) -> None:
         self.app.show_runs()  # type: ignore[attr-defined]

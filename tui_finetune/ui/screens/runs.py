@@ -14,14 +14,14 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
 
-from tui_finetune.core.event_text import state_colour
-from tui_finetune.core.runs import RunSummary, list_runs
+from tui_finetune.core.event_text import resume_wording, state_colour
+from tui_finetune.core.runs import RunSummary, list_runs, resume_step
 
 
 class RunsScreen(Screen):
     BINDINGS = [Binding("enter", "open", "Open", show=True), Binding("r", "resume", "Resume"),
                 Binding("x", "delete", "Delete"), Binding("l", "logs", "Logs"),
-                Binding("n", "new", "New fine-tune"), Binding("q", "app.quit", "Quit")]
+                Binding("n", "new", "New fine-tune")]
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -32,7 +32,7 @@ class RunsScreen(Screen):
 
     def on_mount(self) -> None:
         table = self.query_one(DataTable)
-        table.add_columns("run", "model", "state", "step", "loss")
+        table.add_columns("run", "state", "step", "loss", "model")  # the model last: 80 columns cut it, not these
         self.runs: list[RunSummary] = []
         self.refresh_runs()
         self.set_interval(2.0, self.refresh_runs)
@@ -52,7 +52,7 @@ class RunsScreen(Screen):
         for r in runs:
             step = f"{r.step}/{r.total_steps}" if r.total_steps else str(r.step)
             loss = f"{r.last_loss:.4f}" if r.last_loss is not None else "-"
-            table.add_row(r.run_id, r.model, Text(r.state, style=state_colour(r.state)), step, loss,
+            table.add_row(r.run_id, Text(r.state, style=state_colour(r.state)), step, loss, r.model,
                           key=str(r.run_dir))
         if runs:
             table.move_cursor(row=min(cursor, len(runs) - 1))
@@ -69,8 +69,9 @@ class RunsScreen(Screen):
         if run is None:
             detail.update("")
             return
-        hint = {"running": "Enter: live view", "interrupted": "r: resume from the last checkpoint",
-                "completed": "Enter: history", "failed": "l: logs"}.get(run.state, "")
+        hint = {"running": "Enter: live view", "completed": "Enter: history", "failed": "l: logs"}.get(run.state, "")
+        if run.state == "interrupted":
+            hint = f"r: resume ({resume_wording(resume_step(run.run_dir))})"
         detail.update(f"{run.message or run.state} [dim]{hint}[/dim]")
 
     def current(self) -> RunSummary | None:

@@ -25,7 +25,7 @@ class RunStats(Vertical):
         with Horizontal():
             yield Label("step", classes="bar-label")
             yield ProgressBar(total=1, show_eta=False, id="step-bar")
-        with Horizontal():
+        with Horizontal(id="epoch-row"):
             yield Label("epoch", classes="bar-label")
             yield ProgressBar(total=1, show_eta=False, id="epoch-bar")
         yield Static("", id="stats-line")

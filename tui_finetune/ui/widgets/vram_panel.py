@@ -1,7 +1,8 @@
-"""The monitor's VRAM panel: the card's total and used memory, this run's peak, and a sparkline over time.
+"""The monitor's memory panel: the card's total and used memory, this run's peak, and a sparkline over time.
 
-Figures come from the run's step events (the worker samples NVML and torch) or, where the app has
-NVML, from its own sampler; on the CPU there are none and the panel says so.
+Figures come from the run's step events (the worker samples NVML and torch) or, while the run is live
+and the app has NVML, from its own sampler. A CPU run has no card: the panel shows the worker's RAM
+(its RSS, from the step events) against the machine's RAM instead.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import Sparkline, Static
 
+from tui_finetune.core.hardware import machine_ram_bytes
 from tui_finetune.ui.run_tail import MonitorSnapshot
 from tui_finetune.ui.widgets.vram_bar import Segment, VramBar
 
@@ -29,6 +31,8 @@ class VramPanel(Vertical):
     def show(self, snap: MonitorSnapshot) -> None:
         caption = self.query_one("#vram-caption", Static)
         if snap.vram_total_mb is None and snap.vram_used_mb is None and snap.vram_peak_mb is None:
+            if snap.ram_used_mb is not None:
+                self.show_ram(snap)
             return
         total = (snap.vram_total_mb or 0) / 1024
         used = (snap.vram_used_mb or 0) / 1024
@@ -38,3 +42,16 @@ class VramPanel(Vertical):
                                       Segment("peak above now", max(peak - used, 0), "magenta")],
                                      total or max(used, peak), legend=False)
         self.query_one(Sparkline).data = list(snap.vram_history[-120:])
+
+    def show_ram(self, snap: MonitorSnapshot) -> None:
+        """A CPU run: the worker's RSS now and at its peak, against the machine's RAM."""
+        self.border_title = "RAM (CPU run)"
+        used = (snap.ram_used_mb or 0) / 1024
+        peak = max(snap.ram_peak_mb or 0, snap.ram_used_mb or 0) / 1024
+        machine = (machine_ram_bytes() or 0) / 2**30
+        of = f" of {machine:.1f} GiB" if machine else ""
+        self.query_one("#vram-caption", Static).update(f"worker RAM {used:.1f} GiB · peak {peak:.1f} GiB{of}")
+        self.query_one(VramBar).show([Segment("used", used, "cyan"),
+                                      Segment("peak above now", max(peak - used, 0), "magenta")],
+                                     machine or peak, legend=False)
+        self.query_one(Sparkline).data = list(snap.ram_history[-120:])
