@@ -3,7 +3,8 @@
 A thread worker tails ``RUN_DIR/events.jsonl`` (``RunTail``) and posts a complete snapshot whenever
 something changed; ``RunUpdated.can_replace`` merges a backlog, so 1000 step events a second cost
 one redraw per poll. The screen holds no state the folder doesn't: reattaching replays the file.
-Keys: ``s`` stops and saves, ``d`` detaches (training continues), ``q`` quits the app (training continues).
+Keys: ``s`` stops and saves, ``d`` detaches (training continues), ``q`` quits the app (training continues);
+once the run completed, ``c`` chats with it and ``e`` exports it.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from tui_finetune.ui.widgets.vram_panel import VramPanel
 
 class MonitorScreen(Screen):
     BINDINGS = [Binding("s", "stop", "Stop & save"), Binding("d,escape", "detach", "Detach"),
-                Binding("q", "app.quit", "Quit (training continues)")]
+                Binding("q", "app.quit", "Quit (training continues)"),
+                Binding("c", "chat", "Chat"), Binding("e", "export", "Export")]
 
     def __init__(self, run_dir: Path) -> None:
         super().__init__()
@@ -66,6 +68,8 @@ class MonitorScreen(Screen):
 
     def on_run_updated(self, message: RunUpdated) -> None:
         snap = message.snapshot
+        if self.snapshot is None or self.snapshot.state != snap.state:
+            self.refresh_bindings()  # chat and export appear once the run completed
         self.snapshot = snap
         self.updates += 1
         style = state_colour(snap.state)
@@ -80,6 +84,21 @@ class MonitorScreen(Screen):
         for line in snap.log_lines[-new:] if 0 < new else ():
             log.write(line.to_text())
         self._log_shown = snap.log_count
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action in ("chat", "export"):
+            return self.snapshot is not None and self.snapshot.state == "completed"
+        return True
+
+    def action_chat(self) -> None:
+        from tui_finetune.ui.screens.chat import open_chat
+
+        open_chat(self.app, self.run_dir)
+
+    def action_export(self) -> None:
+        from tui_finetune.ui.screens.chat import open_export
+
+        open_export(self.app, self.run_dir)
 
     def action_stop(self) -> None:
         info = request_stop(self.run_dir)
