@@ -63,7 +63,8 @@ def test_the_cli_parser_imports_nothing_heavy():
     assert not loaded & set(HEAVY), loaded & set(HEAVY)
 
 
-@pytest.mark.parametrize("module", ["tui_finetune.cli.runs", "tui_finetune.cli.plan", "tui_finetune.cli.data"])
+@pytest.mark.parametrize("module", ["tui_finetune.cli.runs", "tui_finetune.cli.plan", "tui_finetune.cli.data",
+                                    "tui_finetune.cli.chat", "tui_finetune.cli.export"])
 def test_cli_command_modules_start_without_torch(module):
     assert "torch" not in _loaded_after_import([module])
 

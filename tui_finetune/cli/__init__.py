@@ -1,9 +1,9 @@
 """The ``tui-finetune`` command line: headless commands on the app's core, data and engine.
 
 One parser (``parser.py``) and this one ``main``; each command group is a module of its own
-(``doctor``, ``plan``, ``data``, ``runs`` for train/runs/logs/stop/resume) that does the rendering,
-while probes and logic stay in their layers. A command's module is imported only when it runs, so
-``tui-finetune --help`` and the TUI start without torch, datasets or transformers.
+(``doctor``, ``plan``, ``data``, ``runs`` for train/runs/logs/stop/resume, ``chat``, ``export``) that
+does the rendering, while probes and logic stay in their layers. A command's module is imported only
+when it runs, so ``tui-finetune --help`` and the TUI start without torch, datasets or transformers.
 """
 
 from __future__ import annotations
@@ -30,6 +30,14 @@ def main(argv: list[str] | None = None) -> int:
         from tui_finetune.cli.data import run_data_check_command
 
         return run_data_check_command(args)
+    if args.command == "chat":
+        from tui_finetune.cli.chat import run_chat_command
+
+        return run_chat_command(args)
+    if args.command == "export":
+        from tui_finetune.cli.export import run_export_command
+
+        return run_export_command(args)
     if args.command in RUN_COMMANDS:
         from tui_finetune.cli.runs import run_command
 

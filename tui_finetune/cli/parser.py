@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from tui_finetune.core.export_spec import QUANTS, TARGETS
+
 SET_HELP = "override a recipe value, e.g. --set train.max_steps=20 (repeatable)"
 
 
@@ -20,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan(sub)
     _add_data(sub)
     _add_run_commands(sub)
+    _add_after_training(sub)
     return parser
 
 
@@ -67,3 +70,22 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
                         help="change a recipe value for the rest of the run (needs --force unless it is a checkpoint.* key)")
     resume.add_argument("--force", action="store_true",
                         help="resume even though the recipe, model or data changed since the checkpoint")
+
+
+def _add_after_training(sub: argparse._SubParsersAction) -> None:
+    chat = sub.add_parser("chat", help="talk to a finished run's fine-tune (or its base model with --base)")
+    chat.add_argument("run", help="run id (or a unique part of it, 'last', or a run folder)")
+    chat.add_argument("--base", action="store_true", help="answer with the base model (the adapter switched off)")
+    chat.add_argument("--prompt", help="print one answer to this message and exit (for scripts)")
+    chat.add_argument("--max-new-tokens", type=int, default=256, help="longest reply in tokens (default 256)")
+    chat.add_argument("--temperature", type=float, default=0.7,
+                      help="sampling temperature of the interactive chat (default 0.7; --prompt is always greedy)")
+    export = sub.add_parser("export", help="export a finished run (adapter, merged, GGUF, Ollama), checked before done")
+    export.add_argument("run", help="run id (or a unique part of it, 'last', or a run folder)")
+    export.add_argument("--to", required=True, choices=TARGETS,
+                        help="adapter: peft folder; merged: 16-bit safetensors; gguf: one .gguf file; "
+                             "ollama: a GGUF plus a Modelfile")
+    export.add_argument("--quant", default="f16", choices=QUANTS,
+                        help="gguf/ollama format: f16 (exact), q8_0 (half the size), q4_k_m (needs llama-quantize)")
+    export.add_argument("--out", help="output folder (default: RUN/exports/TARGET[-QUANT])")
+    export.add_argument("--no-check", action="store_true", help="skip reloading and checking the export (not advised)")

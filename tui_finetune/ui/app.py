@@ -17,6 +17,7 @@ from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.screen import Screen
 
+from tui_finetune.core.chat_client import ChatClient
 from tui_finetune.core.hardware import HardwareReport
 from tui_finetune.core.launch import launch_run, resume_run
 from tui_finetune.core.preferences import Preferences, load_preferences, save_preferences
@@ -50,6 +51,8 @@ class AppContext:
     resumer: Callable[[Path], int] = resume_run
     data_checker: Callable[[str, DataSpec, str], dict] = run_data_check
     """(data path, the recipe's [data] table, model) -> the data check's JSON object."""
+    chat_client: Callable[[Path], ChatClient] = ChatClient
+    """Starts the chat worker process for a run (screens/chat.py); snapshots pass a scripted one."""
     poll_interval: float = 0.25
     offer_on_start: bool = True
     """Offer to reattach to a running run, or resume an interrupted one, on start-up."""

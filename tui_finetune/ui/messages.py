@@ -36,3 +36,52 @@ class RunUpdated(Message):
 
     def can_replace(self, message: Message) -> bool:
         return isinstance(message, RunUpdated) and message.run_dir == self.run_dir
+
+
+# ---------------------------------------------------------------- chat and export (screens/chat.py, export_dialog.py)
+
+@dataclass
+class ChatReady(Message):
+    """The chat worker loaded the model: its ``ready`` event (run, device, template)."""
+
+    info: dict[str, Any]
+
+
+@dataclass
+class ChatToken(Message):
+    """One streamed piece of a reply; never merged, since every piece is part of the text."""
+
+    side: str
+    """``tuned`` or ``base``."""
+    text: str
+
+
+@dataclass
+class ChatDone(Message):
+    """A reply ended: its ``done`` event (text, tokens, stopped) or an ``error`` event."""
+
+    side: str
+    event: dict[str, Any]
+
+
+@dataclass
+class ChatFailed(Message):
+    """The chat worker could not start, or died; the message says why."""
+
+    message: str
+
+
+@dataclass
+class ExportLine(Message):
+    """One progress line of the export subprocess."""
+
+    text: str
+
+
+@dataclass
+class ExportEnded(Message):
+    """The export subprocess exited; ``output`` is what it printed on stdout (the error, if it failed)."""
+
+    returncode: int
+    output: str
+    started_at: float

@@ -4,7 +4,8 @@ A thread worker tails ``RUN_DIR/events.jsonl`` (``RunTail``) and posts a complet
 something changed; ``RunUpdated.can_replace`` merges a backlog, so 1000 step events a second cost
 one redraw per poll. The screen holds no state the folder doesn't: reattaching replays the file.
 Keys: ``s`` stops and saves, ``d`` detaches (training continues), ``q`` quits the app (training continues).
-Once the run has ended, the footer offers neither stop nor "training continues": ``check_action`` hides them.
+Once the run has ended, the footer offers neither stop nor "training continues", and once it completed,
+``c`` chats with it and ``e`` exports it: ``check_action`` decides.
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ from tui_finetune.ui.widgets.vram_panel import VramPanel
 
 class MonitorScreen(Screen):
     BINDINGS = [Binding("s", "stop", "Stop & save"), Binding("d,escape", "detach", "Detach"),
-                Binding("q", "quit_live", "Quit (training continues)")]
+                Binding("q", "quit_live", "Quit (training continues)"),
+                Binding("c", "chat", "Chat"), Binding("e", "export", "Export")]
     LIVE_ONLY = ("stop", "quit_live")
+    COMPLETED_ONLY = ("chat", "export")
     VERTICAL_BREAKPOINTS = [(0, "-short"), (28, "-tall")]
     """Under 28 rows (80x24) the sparkline and the epoch bar give way, so the checkpoint line stays."""
 
@@ -73,13 +76,15 @@ class MonitorScreen(Screen):
         return self.snapshot is None or self.snapshot.state not in FINAL_STATES
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action in self.COMPLETED_ONLY:
+            return self.snapshot is not None and self.snapshot.state == "completed"
         return self.live or action not in self.LIVE_ONLY
 
     def on_run_updated(self, message: RunUpdated) -> None:
         snap = message.snapshot
-        was_live = self.live
+        changed = self.snapshot is None or self.snapshot.state != snap.state
         self.snapshot = snap
-        if was_live != self.live:
+        if changed:  # stop/quit go once the run ends; chat and export come once it completed
             self.refresh_bindings()
         self.updates += 1
         style = state_colour(snap.state)
@@ -94,6 +99,16 @@ class MonitorScreen(Screen):
         for line in snap.log_lines[-new:] if 0 < new else ():
             log.write(line.to_text())
         self._log_shown = snap.log_count
+
+    def action_chat(self) -> None:
+        from tui_finetune.ui.screens.chat import open_chat
+
+        open_chat(self.app, self.run_dir)
+
+    def action_export(self) -> None:
+        from tui_finetune.ui.screens.chat import open_export
+
+        open_export(self.app, self.run_dir)
 
     def action_stop(self) -> None:
         info = request_stop(self.run_dir)

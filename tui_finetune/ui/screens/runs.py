@@ -1,7 +1,8 @@
 """All runs with their state, from the run folders (``core.runs.list_runs``).
 
 Enter opens a run's monitor (live when it is running, history otherwise); ``r`` resumes an
-interrupted run, ``x`` deletes one after a yes/no dialog, ``l`` shows its logs.
+interrupted run, ``x`` deletes one after a yes/no dialog, ``l`` shows its logs; ``c`` chats with a
+completed run and ``e`` exports it (screens/chat.py, screens/export_dialog.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from tui_finetune.core.runs import RunSummary, list_runs, resume_step
 class RunsScreen(Screen):
     BINDINGS = [Binding("enter", "open", "Open", show=True), Binding("r", "resume", "Resume"),
                 Binding("x", "delete", "Delete"), Binding("l", "logs", "Logs"),
+                Binding("c", "chat", "Chat"), Binding("e", "export", "Export"),
                 Binding("n", "new", "New fine-tune")]
 
     def compose(self) -> ComposeResult:
@@ -69,7 +71,8 @@ class RunsScreen(Screen):
         if run is None:
             detail.update("")
             return
-        hint = {"running": "Enter: live view", "completed": "Enter: history", "failed": "l: logs"}.get(run.state, "")
+        hint = {"running": "Enter: live view", "completed": "Enter: history · c: chat · e: export",
+                "failed": "l: logs"}.get(run.state, "")
         if run.state == "interrupted":
             hint = f"r: resume ({resume_wording(resume_step(run.run_dir))})"
         detail.update(f"{run.message or run.state} [dim]{hint}[/dim]")
@@ -122,6 +125,20 @@ class RunsScreen(Screen):
         run = self.current()
         if run is not None:
             self.app.push_screen(LogsScreen(run.run_dir))
+
+    def action_chat(self) -> None:
+        from tui_finetune.ui.screens.chat import open_chat
+
+        run = self.current()
+        if run is not None:
+            open_chat(self.app, run.run_dir)
+
+    def action_export(self) -> None:
+        from tui_finetune.ui.screens.chat import open_export
+
+        run = self.current()
+        if run is not None:
+            open_export(self.app, run.run_dir)
 
     def action_new(self) -> None:
         self.app.new_finetune()  # type: ignore[attr-defined]

@@ -1,0 +1,60 @@
+"""``tui-finetune chat`` and ``tui-finetune export`` on a tiny finished run (tests/export_support.py):
+one answer that stops, each export target written, checked and reported with how to use it, and a
+run without an adapter refused with the fix."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from export_support import make_finished_run
+from tui_finetune.cli import main
+from tui_finetune.core.export_spec import read_exports
+from tui_finetune.core.runs import ADAPTER_DIR, update_run_info
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory) -> Path:
+    return make_finished_run(tmp_path_factory.mktemp("cli-run"), "llama")
+
+
+def test_chat_prompt_prints_one_answer_that_stops(cli_run, capsys):
+    assert main(["chat", str(cli_run), "--prompt", "What is 3 + 2?", "--max-new-tokens", "40"]) == 0
+    tuned = capsys.readouterr()
+    assert tuned.out.strip()
+    assert "cut at" not in tuned.err  # it reached an end token before 40 tokens
+    assert main(["chat", str(cli_run), "--base", "--prompt", "What is 3 + 2?", "--max-new-tokens", "40"]) == 0
+    assert capsys.readouterr().out != tuned.out  # the base (adapter off) answers differently
+
+
+@pytest.mark.parametrize("target, quant, uses", [
+    ("adapter", "f16", "PeftModel.from_pretrained"),
+    ("merged", "f16", "AutoModelForCausalLM.from_pretrained"),
+    ("gguf", "f16", "llama-cli -m"),
+    ("ollama", "q8_0", "ollama create"),
+])
+def test_export_writes_checks_and_says_how_to_use_each_target(cli_run, capsys, target, quant, uses):
+    assert main(["export", str(cli_run), "--to", target, "--quant", quant]) == 0
+    out = capsys.readouterr()
+    result = next(r for r in read_exports(cli_run) if r.target == target)
+    assert result.passed and result.checks and Path(result.path).exists()
+    assert "passed its checks" in out.out and result.path in out.out
+    for check in result.checks:  # every recorded check is shown with its verdict
+        assert f"[{'skip' if check.skipped else 'ok'}] {check.name}: {check.detail}" in out.out
+    assert uses in out.out
+    assert "measuring the fine-tune" in out.err  # progress went to stderr
+
+
+def test_a_run_without_an_adapter_is_refused_with_the_fix(cli_run, tmp_path, capsys):
+    unfinished = Path(shutil.copytree(cli_run, tmp_path / "unfinished"))
+    shutil.rmtree(unfinished / ADAPTER_DIR)
+    update_run_info(unfinished, state="interrupted")
+    assert main(["chat", str(unfinished), "--prompt", "hi"]) == 1
+    out = capsys.readouterr()
+    assert "has no adapter yet" in out.err and not out.out  # stdout carries only answers
+    assert main(["export", str(unfinished), "--to", "merged"]) == 1
+    out = capsys.readouterr()
+    assert "has no adapter yet" in out.out and "resume" in out.out
+    assert not (unfinished / "exports").exists()
