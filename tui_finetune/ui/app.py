@@ -113,8 +113,8 @@ class TuiFinetuneApp(App):
                              lambda yes: self.open_monitor(run.run_dir) if yes else None)
         elif interrupted and interrupted[-1].run_id not in self.preferences.declined_resumes:
             run = interrupted[-1]
-            question = (f"Run [b]{run.run_id}[/b] was interrupted; resuming "
-                        f"{resume_wording(resume_step(run.run_dir))}.\nResume it now?")
+            question = (f"Run [b]{run.run_id}[/b] was interrupted. Resume it now? It "
+                        f"{resume_wording(resume_step(run.run_dir))}.")
             self.push_screen(ConfirmDialog(question, yes="Resume", no="Not now", default_yes=False),
                              lambda yes: self.answer_resume_offer(run.run_dir, bool(yes)))
 
