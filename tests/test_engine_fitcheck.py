@@ -137,7 +137,7 @@ def test_in_train_the_check_runs_once_before_the_first_step_and_changes_no_loss(
         trainer = trainer_for(model, data, tmp_path / str(checked), callbacks=[losses])
         results = []
         if checked:
-            check = FitCheckCallback(trainer, longest_rows(data, 2), PaddingCollator(0),
+            check = FitCheckCallback(trainer, data, PaddingCollator(0),
                                      lambda result, results=results, losses=losses: (results.append(result), losses.order.append("fit")))
             trainer.callback_handler.callbacks.insert(0, check)
         trainer.train()

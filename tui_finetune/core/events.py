@@ -236,3 +236,10 @@ def iter_events(path: str | Path) -> Iterator[Event]:
     """All complete events in a file, oldest first."""
     events, _ = read_events(path)
     yield from events
+
+
+def first_line(err: BaseException, limit: int = 200) -> str:
+    """An error's first line, cut to ``limit`` characters (its type's name when it has no message): what
+    an event, run.json or a fallback reason quotes of an exception, so no event carries a traceback."""
+    text = str(err)
+    return text.splitlines()[0][:limit] if text.strip() else type(err).__name__

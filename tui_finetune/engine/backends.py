@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from tui_finetune.core.events import first_line
 from tui_finetune.core.recipe import MemorySpec, RecipeSpec
 from tui_finetune.engine import lean
 from tui_finetune.engine.loading import DeviceFacts, add_lora, compute_dtype, load_base_model
@@ -70,7 +71,7 @@ def prepare_process(setting: str, excluded: dict[str, str] | None = None) -> Non
     try:
         import unsloth  # noqa: F401
     except Exception as err:  # noqa: BLE001 - any failure means: not this backend
-        _unsloth_import_error = f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
+        _unsloth_import_error = f"{type(err).__name__}: {first_line(err, 160)}"
 
 
 def model_type_of(folder: Path) -> str:
@@ -153,7 +154,7 @@ class LigerBackend(UniversalBackend):
         try:
             from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
         except Exception as err:  # noqa: BLE001 - a Liger that doesn't import with this transformers
-            return f"failed to import ({type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''})"
+            return f"failed to import ({type(err).__name__}: {first_line(err, 160)})"
         if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
             return f"no Liger kernels for the '{model_type or 'unknown'}' architecture"
         return None
@@ -317,7 +318,7 @@ def load_for_training(folder: Path, recipe: RecipeSpec, device: DeviceFacts,
         except Exception as err:  # noqa: BLE001 - any failure of an accelerated backend means: fall back
             if is_oom(err) or name == "universal":
                 raise
-            failure = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+            failure = f"{type(err).__name__}: {first_line(err)}"
         if failure:
             free_memory()  # outside the except block, so the traceback's frames no longer hold the model
             raise BackendFailed(name, failure)

@@ -195,23 +195,25 @@ def release_memory() -> None:
 
 
 class FitCheckCallback(TrainerCallback):
-    """Runs the fit-check when ``Trainer.train`` begins, on the ``micro_batch`` longest of ``rows``.
+    """Runs the fit-check when ``Trainer.train`` begins, on the longest batch of ``dataset`` at the
+    trainer's micro-batch (``longest_batch``).
 
     ``on_checked(result)`` gets the measurement (the worker writes the ``fit`` phase and its peak).
     ``passed`` tells an out-of-memory in the check from one in a later step.
     """
 
-    def __init__(self, trainer: Any, rows: list[dict[str, Any]], collator: Callable[[list[dict[str, Any]]], Any],
+    def __init__(self, trainer: Any, dataset: Any, collator: Callable[[list[dict[str, Any]]], Any],
                  on_checked: Callable[[FitCheckResult], None]) -> None:
         self.trainer = trainer
-        self.rows = rows
+        self.dataset = dataset
         self.collator = collator
         self.on_checked = on_checked
         self.passed = False
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.passed or not self.rows:
+        if self.passed or not len(self.dataset):
             return
-        result = fit_check_step(self.trainer, self.collator(self.rows[:args.per_device_train_batch_size]))
+        result = fit_check_step(self.trainer, longest_batch(self.dataset, self.collator,
+                                                            args.per_device_train_batch_size))
         self.passed = True
         self.on_checked(result)

@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from tui_finetune.core.events import first_line
 from tui_finetune.core.recipe import MemorySpec, RecipeSpec
 from tui_finetune.engine import lean
 from tui_finetune.engine.checkpoints import STAGING
@@ -208,12 +209,6 @@ def is_oom(err: BaseException) -> bool:
     oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
                                   getattr(torch.cuda, "OutOfMemoryError", None)) if t is not None)
     return isinstance(err, oom_types) or "out of memory" in str(err).lower() and "cuda" in str(err).lower()
-
-
-def first_line(err: BaseException, limit: int = 200) -> str:
-    """An error's first line, cut to ``limit`` characters (its type when it has no message): for events."""
-    text = str(err)
-    return text.splitlines()[0][:limit] if text.strip() else type(err).__name__
 
 
 def free_cuda_memory() -> None:

@@ -25,19 +25,19 @@ from typing import Any, Callable
 from transformers import set_seed
 
 from tui_finetune.core.autofit import next_micro_batch
-from tui_finetune.core.events import EventLog, PhaseEvent, WarningEvent
+from tui_finetune.core.events import EventLog, PhaseEvent, WarningEvent, first_line
 from tui_finetune.core.recipe import RecipeSpec
 from tui_finetune.core.runs import CHECKPOINTS_DIR, mark_phase_failed, read_run_info, update_run_info
 from tui_finetune.data.collate import make_collator
 from tui_finetune.engine.backends import Backend, BackendFailed
 from tui_finetune.engine.callbacks import EventsCallback, SealCheckpointCallback, StepHooksCallback, StopCallback
 from tui_finetune.engine.checkpoints import clear_staging, find_resume_checkpoint
-from tui_finetune.engine.fitcheck import FitCheckCallback, FitCheckResult, longest_rows
+from tui_finetune.engine.fitcheck import FitCheckCallback, FitCheckResult, row_lengths
 from tui_finetune.core.advice import memory_advice
 from tui_finetune.engine.fitting import MAX_OOM_SHRINKS, OomGiveUp, SequenceTooLong
 from tui_finetune.engine.memory import reset_phase_peak
 from tui_finetune.engine.post_training import record_peak
-from tui_finetune.engine.training import build_trainer, build_training_args, first_line, free_cuda_memory, is_oom
+from tui_finetune.engine.training import build_trainer, build_training_args, free_cuda_memory, is_oom
 
 
 class TrainingLoop:
@@ -73,7 +73,6 @@ class TrainingLoop:
         seal_cb = SealCheckpointCallback(checkpoints, recipe.checkpoint.keep_last, self.log, recipe, data.data_hash)
         has_eval = data.eval is not None and len(data.eval) > 0 and "eval" not in info.failed_phases
         collator = make_collator(tokenizer, recipe.data.packing)
-        rows = longest_rows(data.train, micro)
         train_message = f"{total_steps} steps" + (f", resuming from {resume.name}" if resume else "")
         while True:
             args = build_training_args(recipe, run_dir, device, total_steps, has_eval, micro, accum,
@@ -81,7 +80,7 @@ class TrainingLoop:
             trainer = build_trainer(model, tokenizer, args, data.train, data.eval if has_eval else None, collator,
                                     [events_cb, stop_cb, seal_cb, hooks_cb], recipe.memory, self._eval_shrunk,
                                     self.backend, self._eval_skipped)
-            fit_cb = FitCheckCallback(trainer, rows, collator,
+            fit_cb = FitCheckCallback(trainer, data.train, collator,
                                       lambda result, m=micro, msg=train_message: self._fit_checked(result, m, msg))
             trainer.callback_handler.callbacks.insert(0, fit_cb)  # before the others see training begin
             hooks_cb.trainer = trainer
@@ -101,10 +100,9 @@ class TrainingLoop:
                                                         f"{'fit-check' if in_check else 'training'}: {first_line(err)}"))
                 resume = find_resume_checkpoint(checkpoints).path
                 if micro <= 1 and resume is None:  # no checkpoint yet, so the sequence length may still change
-                    raise SequenceTooLong(max((len(r["input_ids"]) for r in rows), default=0), first_line(err),
+                    raise SequenceTooLong(max(row_lengths(data.train), default=0), first_line(err),
                                           "the fit-check" if in_check else "training") from None
                 micro, accum = self.shrink_after_oom(err, micro, accum, in_check)
-                rows = longest_rows(data.train, micro)
                 if resume is None:  # no checkpoint yet: start over from the very same initial adapter
                     model.load_state_dict(initial, strict=False)
                     set_seed(recipe.train.seed)
@@ -154,4 +152,3 @@ class TrainingLoop:
         update_run_info(self.run_dir, eval_batch=new)
         self.log.emit(WarningEvent(message=f"CUDA out of memory in evaluation: eval batch {old} -> {new} "
                                            "(training batch unchanged)"))
-

@@ -27,7 +27,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from tui_finetune.core.events import EndEvent, ErrorEvent, EventLog, PhaseEvent, SampleEvent, WarningEvent
+from tui_finetune.core.events import EndEvent, ErrorEvent, EventLog, PhaseEvent, SampleEvent, WarningEvent, first_line
 from tui_finetune.core.recipe import RecipeError, check_recipe_fits_machine
 from tui_finetune.core.runs import (
     ADAPTER_DIR, CHECKPOINTS_DIR, EVENTS_FILE, STOP_FILE, mark_interrupted_phase_failed, read_run_info, read_run_recipe,
@@ -141,7 +141,7 @@ class Worker:
         if type(err).__name__ == "DataError":
             return self._fail(str(err), "fix the data file at the line named, or see 'tui-finetune data check'", "data")
         if _is_oom(err):
-            return self._fail(f"CUDA out of memory: {str(err).splitlines()[0][:200]}", memory_advice(self.recipe), "oom")
+            return self._fail(f"CUDA out of memory: {first_line(err)}", memory_advice(self.recipe), "oom")
         return self._fail(f"{type(err).__name__}: {err}",
                           f"the traceback is in {self.run_dir / 'worker.log'}; please report it", "crash")
 
@@ -267,8 +267,6 @@ class Worker:
         """Out of memory while loading: measured, the weights don't fit. An accelerated backend may load
         differently, so it is dropped first; on the universal path the run is refused with what to change."""
         from tui_finetune.engine.backends import BackendFailed
-        from tui_finetune.engine.training import first_line
-
         if backend != "universal":
             self._restart_without(BackendFailed(backend, f"CUDA out of memory while loading: {first_line(err)}"))
         raise FitRefused(f"the model doesn't fit this card: CUDA out of memory while loading its weights "
