@@ -75,6 +75,12 @@ class DataSpec:
     """Fraction of rows held out for evaluation (0 disables evaluation)."""
     format: str = "auto"
     """Dataset format: auto, alpaca, sharegpt, messages, prompt_completion or text."""
+    columns: str = ""
+    """Which file columns feed which fields, e.g. ``prompt=question,reply=answer`` (fields: prompt, input,
+    reply, system, messages, text); empty: the format's own column names. ``--columns`` on the CLI."""
+    max_drop_fraction: float = 0.05
+    """Refuse the data when more than this fraction of its rows is unusable (a broken export shouldn't
+    train on what is left by accident); 1.0 accepts any loss. ``--allow-drop`` on the CLI sets 1.0."""
 
 
 @dataclass
@@ -195,6 +201,8 @@ def check_recipe_values(recipe: RecipeSpec, source: str = "recipe") -> None:
     _check_range(f"{source}: lora.dropout", recipe.lora.dropout, 0.0, 0.9)
     _check_range(f"{source}: data.seq_len", recipe.data.seq_len, 16, 1_048_576)
     _check_range(f"{source}: data.eval_split", recipe.data.eval_split, 0.0, 0.5)
+    _check_range(f"{source}: data.max_drop_fraction", recipe.data.max_drop_fraction, 0.0, 1.0)
+    _check_columns(f"{source}: data.columns", recipe.data.columns)
     _check_range(f"{source}: train.micro_batch", recipe.train.micro_batch, 1, 4096)
     _check_range(f"{source}: train.grad_accum", recipe.train.grad_accum, 1, 65536)
     _check_range(f"{source}: train.learning_rate", recipe.train.learning_rate, 1e-8, 1.0)
@@ -208,6 +216,14 @@ def check_recipe_values(recipe: RecipeSpec, source: str = "recipe") -> None:
         raise RecipeError(f"{source}: train.epochs must be above 0 when train.max_steps is 0")
     if not str(recipe.model).strip():
         raise RecipeError(f"{source}: model is empty: give a catalog key such as 'phi-2', a Hub id or a folder")
+
+
+def _check_columns(where: str, value: str) -> None:
+    """The shape only (FIELD=COLUMN, comma-separated); the data layer checks the field names."""
+    for part in filter(str.strip, value.split(",")):
+        if "=" not in part or not part.split("=", 1)[1].strip():
+            raise RecipeError(f"{where}: '{part.strip()}' is not FIELD=COLUMN: write it like "
+                              "prompt=question,reply=answer")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,165 @@
+"""A newcomer's first hour on the command line (issue 13): the data check's advice can be pasted into
+``train``, and bad data is refused before a run exists. No worker is started: ``launch.start_worker_detached`` is replaced."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from tui_finetune.cli import main
+from tui_finetune.core import launch
+from tui_finetune.core.recipe import DataSpec, RecipeError, load_recipe
+from tui_finetune.core.runs import RECIPE_FILE, runs_dir
+
+REPO = Path(__file__).resolve().parents[1]
+BROKEN = REPO / "tests" / "data" / "broken"
+QWEN = REPO / "tests" / "data" / "tokenizers" / "qwen2.5-chatml"
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("TUI_FINETUNE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("TUI_FINETUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "no-hf-cache"))
+    monkeypatch.setattr(launch, "start_worker_detached", lambda run_dir, env=None: 0)
+    monkeypatch.chdir(REPO)
+    return tmp_path / "home"
+
+
+def qa_csv(path: Path, rows: int = 20, empty_answers: int = 0) -> Path:
+    lines = ["question,answer"]
+    lines += [f"What is {i} plus {i}?,{'' if i < empty_answers else 2 * i}" for i in range(rows)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def run_ids() -> list[str]:
+    return sorted(p.name for p in runs_dir().glob("*")) if runs_dir().is_dir() else []
+
+
+def stored_data(home: Path) -> DataSpec:
+    [run] = run_ids()
+    return load_recipe(runs_dir() / run / RECIPE_FILE).data
+
+
+# ---------------------------------------------------------------- item 1: columns and the drop limit
+
+def test_the_doctors_columns_advice_can_be_pasted_into_train(home, tmp_path, capsys):
+    data = qa_csv(tmp_path / "qa.csv")
+    assert main(["train", "demo-cpu", "--data", str(data), "--detach"]) == 2
+    out = capsys.readouterr().out
+    advice = re.search(r"--columns (\S+)", out)
+    assert advice, out
+    assert run_ids() == []
+    assert main(["train", "demo-cpu", "--data", str(data), "--detach", "--columns", advice.group(1)]) == 0
+    assert stored_data(home).columns == "prompt=question,reply=answer"
+
+
+def test_train_takes_data_columns_and_the_drop_limit_as_set_keys(home, tmp_path):
+    data = qa_csv(tmp_path / "qa.csv", rows=20, empty_answers=6)  # 30% unusable
+    common = ["train", "demo-cpu", "--data", str(data), "--detach", "--set", "data.columns=prompt=question,reply=answer"]
+    assert main(common) == 2  # over the default 5% limit
+    assert main([*common, "--set", "data.max_drop_fraction=0.4"]) == 0
+    stored = stored_data(home)
+    assert (stored.columns, stored.max_drop_fraction) == ("prompt=question,reply=answer", 0.4)
+
+
+def test_allow_drop_on_train_is_stored_so_a_resume_keeps_it(home, tmp_path, capsys):
+    data = qa_csv(tmp_path / "qa.csv", rows=20, empty_answers=6)
+    assert main(["train", "demo-cpu", "--data", str(data), "--detach", "--columns", "prompt=question,reply=answer"]) == 2
+    assert "pass --allow-drop" in capsys.readouterr().out
+    assert main(["train", "demo-cpu", "--data", str(data), "--detach", "--columns", "prompt=question,reply=answer",
+                 "--allow-drop"]) == 0
+    assert stored_data(home).max_drop_fraction == 1.0
+
+
+def test_data_check_takes_the_same_keys_as_train(home, tmp_path, capsys):
+    data = qa_csv(tmp_path / "qa.csv", rows=20, empty_answers=6)
+    assert main(["data", "check", str(data), "--model", str(QWEN)]) == 1
+    assert main(["data", "check", str(data), "--model", str(QWEN), "--set", "data.columns=prompt=question,reply=answer",
+                 "--set", "data.max_drop_fraction=0.5"]) == 0
+    assert main(["data", "check", str(data), "--model", str(QWEN), "--columns", "prompt=question,reply=answer",
+                 "--allow-drop"]) == 0
+    assert "✓ usable: 14 rows" in capsys.readouterr().out
+
+
+def test_the_run_prepares_data_with_the_recipes_columns_and_limit(tmp_path, data_qwen_tokenizer):
+    """The worker passes only the recipe's [data] table to prepare_datasets: the mapping must come from it."""
+    from tui_finetune.data.errors import DataError
+    from tui_finetune.data.prepare import prepare_datasets
+
+    data = qa_csv(tmp_path / "qa.csv", rows=20, empty_answers=6)
+    with pytest.raises(DataError):
+        prepare_datasets(data, data_qwen_tokenizer, DataSpec(columns="prompt=question,reply=answer"), 0,
+                         cache_dir=tmp_path / "c1")
+    spec = DataSpec(columns="prompt=question,reply=answer", max_drop_fraction=0.5, eval_split=0)
+    prepared = prepare_datasets(data, data_qwen_tokenizer, spec, 0, cache_dir=tmp_path / "c2")
+    assert len(prepared.train) == 14
+
+
+def test_the_wizards_advice_names_its_own_field_and_switch(tmp_path):
+    from tui_finetune.data.check_json import check
+
+    unmapped = check(str(qa_csv(tmp_path / "qa.csv")), DataSpec(), str(QWEN))
+    assert "--columns" not in unmapped["error"]
+    assert "prompt=question,reply=answer in the Columns field" in unmapped["error"]
+    dropping = check(str(qa_csv(tmp_path / "qa2.csv", empty_answers=6)),
+                     DataSpec(columns="prompt=question,reply=answer"), str(QWEN))
+    assert dropping["refused"] and "--allow-drop" not in dropping["refusal"]
+    assert "Allow dropping rows" in dropping["refusal"]
+    allowed = check(str(tmp_path / "qa2.csv"), DataSpec(columns="prompt=question,reply=answer", max_drop_fraction=1.0),
+                    str(QWEN))
+    assert not allowed["refused"] and allowed["kept"] == 14
+
+
+def test_a_bad_columns_value_is_refused_on_load():
+    with pytest.raises(RecipeError, match="data.columns: 'prompt' is not FIELD=COLUMN"):
+        load_recipe(REPO / "recipes" / "demo-cpu.toml", ["data.columns=prompt"])
+
+
+# ---------------------------------------------------------------- item 6: bad data before anything
+
+def _binary(tmp_path: Path) -> Path:
+    path = tmp_path / "photo.jsonl"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)) * 8)
+    return path
+
+
+def _empty_folder(tmp_path: Path) -> Path:
+    (tmp_path / "nothing").mkdir()
+    return tmp_path / "nothing"
+
+
+BAD_DATA = {
+    "empty file": (lambda tmp: BROKEN / "empty.jsonl", "empty.jsonl: file is empty"),
+    "empty folder": (_empty_folder, "no data files in this folder"),
+    "binary file": (_binary, "photo.jsonl: binary, not text"),
+    "mixed folder": (lambda tmp: BROKEN / "mixed_folder", "mixed file types in one folder"),
+    "unmapped csv": (lambda tmp: qa_csv(tmp / "qa.csv"), "qa.csv:2: no known format in these columns"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_DATA))
+def test_bad_data_is_refused_in_seconds_and_leaves_no_run(home, tmp_path, capsys, case):
+    make, message = BAD_DATA[case]
+    data = make(tmp_path)
+    start = time.perf_counter()
+    rc = main(["train", "demo-cpu", "--data", str(data), "--detach"])
+    elapsed = time.perf_counter() - start
+    out = capsys.readouterr().out
+    assert rc == 2, out
+    assert message in " ".join(out.split()), out
+    assert "no run folder was created" in out
+    assert run_ids() == []
+    assert elapsed < 5
+
+
+def test_a_binary_file_is_one_problem_not_a_guess_per_line(tmp_path):
+    from tui_finetune.data.validate import validate_dataset
+
+    report = validate_dataset(_binary(tmp_path))
+    assert report.refused and [p.kind for p in report.problems] == ["binary"]
+    assert "binary, not text" in report.message() and "UTF-8" not in report.message()
