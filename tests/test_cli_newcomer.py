@@ -1,5 +1,7 @@
 """A newcomer's first hour on the command line (issue 13): the data check's advice can be pasted into
-``train``, bad data is refused before a run exists, and the demo's tokenizer is found by name. No worker is started: ``launch.start_worker_detached`` is replaced."""
+``train``, bad data is refused before a run exists, the demo's tokenizer is found by name, and the small
+things (``logs`` alone, a bad ``--set`` blamed on itself, "an 8 GB card", eval's own interval, a worker
+whose folder was deleted). No worker is started: ``launch.start_worker_detached`` is replaced."""
 
 from __future__ import annotations
 
@@ -7,13 +9,16 @@ import re
 import shutil
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from tui_finetune.cli import main
+from tui_finetune.cli.parser import build_parser
 from tui_finetune.core import launch
+from tui_finetune.core.events import EventLog, WarningEvent
 from tui_finetune.core.recipe import DataSpec, RecipeError, load_recipe
-from tui_finetune.core.runs import RECIPE_FILE, runs_dir
+from tui_finetune.core.runs import RECIPE_FILE, create_run, runs_dir
 
 REPO = Path(__file__).resolve().parents[1]
 BROKEN = REPO / "tests" / "data" / "broken"
@@ -177,3 +182,82 @@ def test_data_check_finds_the_converted_demo_tokenizer_by_any_catalog_name(home,
     loaded, note = tokenizer_for_check(name)
     assert note == ""
     assert not loaded.is_fallback and str(demo) in loaded.name
+
+
+# ---------------------------------------------------------------- item 11: smaller things
+
+def test_logs_without_an_argument_shows_the_last_run(home, capsys):
+    assert build_parser().parse_args(["logs"]).run == "last"
+    run_dir = create_run(load_recipe(REPO / "recipes" / "demo-cpu.toml"), REPO / "recipes" / "demo-cpu.jsonl")
+    with EventLog(run_dir / "events.jsonl") as log:
+        log.emit(WarningEvent(message="install it: pip install 'tui-finetune[unsloth]'", advice="see [b]x[/b]"))
+    assert main(["logs"]) == 0
+    out = capsys.readouterr().out
+    assert "pip install 'tui-finetune[unsloth]'" in out and "[b]x[/b]" in out  # item 5: text, never markup
+
+
+def test_a_bad_set_value_is_blamed_on_the_set_not_the_preset():
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(REPO / "recipes" / "demo-cpu.toml", ["train.micro_batch=abc"])
+    assert str(caught.value).startswith("--set train.micro_batch=abc: train.micro_batch: expected a whole number")
+    assert "demo-cpu.toml" not in str(caught.value)
+
+
+@pytest.mark.parametrize("gb, words", [(8, "an 8 GB card"), (11, "an 11 GB card"), (18, "an 18 GB card"),
+                                       (6, "a 6 GB card"), (12, "a 12 GB card"), (80, "an 80 GB card")])
+def test_card_sizes_take_the_article_they_are_spoken_with(gb, words):
+    from tui_finetune.core.hardware import a_card_of
+
+    assert a_card_of(gb) == words
+
+
+def test_plan_says_an_8_gb_card(home, capsys):
+    assert main(["plan", "--vram", "8", "--model", "gemma-3-270m"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "an 8 GB card" in out and "a 8 GB" not in out
+
+
+def test_eval_has_its_own_interval_and_defaults_to_the_checkpoints(tmp_path):
+    from tui_finetune.engine.training import build_training_args
+    from tui_finetune.engine.loading import DeviceFacts
+
+    base = load_recipe(REPO / "recipes" / "demo-cpu.toml", ["checkpoint.every_steps=10"])
+    device = DeviceFacts(has_cuda=False, supports_bf16=False, name="CPU")
+    same = build_training_args(base, tmp_path, device, 40, has_eval=True)
+    assert (same.eval_steps, same.save_steps) == (10, 10)
+    own = build_training_args(load_recipe(REPO / "recipes" / "demo-cpu.toml",
+                                          ["checkpoint.every_steps=10", "eval.every_steps=4"]),
+                              tmp_path, device, 40, has_eval=True)
+    assert (own.eval_steps, own.save_steps) == (4, 10)
+
+
+def test_a_worker_whose_run_folder_was_deleted_stops(tmp_path):
+    from tui_finetune.engine.callbacks import RunFolderGone, StopCallback
+
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / ".staging").mkdir(parents=True)
+    callback = StopCallback(lambda: False, every_minutes=0)
+    args = SimpleNamespace(output_dir=str(run_dir / "checkpoints" / ".staging"))
+    control = SimpleNamespace(should_save=False, should_training_stop=False)
+    callback.on_step_end(args, SimpleNamespace(global_step=1), control)  # the folder is there: trains on
+    shutil.rmtree(run_dir)
+    with pytest.raises(RunFolderGone):
+        callback.on_substep_end(args, SimpleNamespace(global_step=1), control)
+    with pytest.raises(RunFolderGone):
+        callback.on_step_end(args, SimpleNamespace(global_step=1), control)
+
+
+def test_train_output_prints_run_messages_as_text_not_markup(home, capsys):
+    """``train`` follows the run with follow_run (item 5): bracketed text in a message must survive."""
+    from tui_finetune.cli.runs import follow_run
+    from tui_finetune.core.events import EndEvent, PhaseEvent
+
+    run_dir = create_run(load_recipe(REPO / "recipes" / "demo-cpu.toml"), REPO / "recipes" / "demo-cpu.jsonl")
+    with EventLog(run_dir / "events.jsonl") as log:
+        log.emit(PhaseEvent(phase="load", message="[b]load[/b] the model"))
+        log.emit(WarningEvent(message="install it: pip install 'tui-finetune[unsloth]'", advice="[red]x[/red]"))
+        log.emit(EndEvent(state="failed", message="stopped [bold]here[/bold]"))
+    assert follow_run(run_dir, progress_bar=False, poll_s=0.01) == 1
+    out = capsys.readouterr().out
+    for text in ("[b]load[/b]", "pip install 'tui-finetune[unsloth]'", "[red]x[/red]", "[bold]here[/bold]"):
+        assert text in out, out

@@ -60,7 +60,7 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--detach", action="store_true", help="start the run, print its id and return at once")
     sub.add_parser("runs", help="list runs: id, model, state, step, last loss, age")
     logs = sub.add_parser("logs", help="print a run's events")
-    logs.add_argument("run", help="run id (or a unique part of it, or 'last')")
+    logs.add_argument("run", nargs="?", default="last", help="run id (or a unique part of it); default: the last run")
     logs.add_argument("-f", "--follow", action="store_true", help="keep following until the run ends")
     stop = sub.add_parser("stop", help="stop a run: it saves a checkpoint and exits (resume it later)")
     stop.add_argument("run")

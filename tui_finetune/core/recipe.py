@@ -116,6 +116,13 @@ class CheckpointSpec:
 
 
 @dataclass
+class EvalSpec:
+    every_steps: int = 0
+    """Evaluate on the held-out rows every this many optimizer steps; 0 = as often as checkpoints are
+    saved (``checkpoint.every_steps``). Evaluation costs time, saving costs disk: each has its own knob."""
+
+
+@dataclass
 class MemorySpec:
     """The engine's memory techniques, each switchable; the planner models exactly these."""
 
@@ -159,8 +166,14 @@ class RecipeSpec:
     data: DataSpec = field(default_factory=DataSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
     checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
+    eval: EvalSpec = field(default_factory=EvalSpec)
     memory: MemorySpec = field(default_factory=MemorySpec)
     description: str = ""
+
+    @property
+    def eval_every_steps(self) -> int:
+        """Steps between evaluations: ``eval.every_steps``, or the checkpoint interval when that is 0."""
+        return self.eval.every_steps or self.checkpoint.every_steps
 
     @property
     def effective_batch(self) -> int:
@@ -212,6 +225,7 @@ def check_recipe_values(recipe: RecipeSpec, source: str = "recipe") -> None:
     _check_range(f"{source}: checkpoint.every_steps", recipe.checkpoint.every_steps, 1)
     _check_range(f"{source}: checkpoint.every_minutes", recipe.checkpoint.every_minutes, 0.0)
     _check_range(f"{source}: checkpoint.keep_last", recipe.checkpoint.keep_last, 1)
+    _check_range(f"{source}: eval.every_steps", recipe.eval.every_steps, 0)
     if recipe.train.max_steps == 0 and recipe.train.epochs <= 0:
         raise RecipeError(f"{source}: train.epochs must be above 0 when train.max_steps is 0")
     if not str(recipe.model).strip():
@@ -332,9 +346,11 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> RecipeS
         raise RecipeError(f"{path}: invalid TOML ({err}): fix the line it names") from None
     if "model" not in data:
         raise RecipeError(f"{path}: model: missing: add a line such as model = \"phi-2\"")
-    for item in overrides or []:
+    recipe = recipe_from_dict(data, str(path))
+    for item in overrides or []:  # one at a time, so a bad value is blamed on its --set, not on the file
         apply_override(data, item, str(path))
-    return recipe_from_dict(data, str(path))
+        recipe = recipe_from_dict(data, f"--set {item.strip()}")
+    return recipe
 
 
 def _parse_override_value(raw: str) -> Any:
