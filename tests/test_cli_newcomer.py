@@ -261,3 +261,21 @@ def test_train_output_prints_run_messages_as_text_not_markup(home, capsys):
     out = capsys.readouterr().out
     for text in ("[b]load[/b]", "pip install 'tui-finetune[unsloth]'", "[red]x[/red]", "[bold]here[/bold]"):
         assert text in out, out
+
+
+# ---------------------------------------------------------------- item 10: the README
+
+def test_the_readme_lists_every_command_and_links_only_inside_the_repo():
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    parser = build_parser()
+    [commands] = [a for a in parser._actions if a.dest == "command"]
+    for name in commands.choices:
+        assert f"`tui-finetune {name}" in readme, name
+    assert "`tui-finetune data check" in readme
+    for target in re.findall(r"\]\(([^)]+)\)", readme):
+        assert "://" not in target, target
+        assert (REPO / target.split("#")[0]).exists(), target
+    for fmt in ("alpaca", "sharegpt", "messages", "prompt_completion", "text"):
+        assert fmt.replace("_", "/").split("/")[0] in readme.lower(), fmt
+    assert "AutoPeftModelForCausalLM" in readme
+    assert 'pip install torch==2.13.0 && pip install -e ".[test,demo]" && pytest -q' in readme
