@@ -279,3 +279,25 @@ def test_the_readme_lists_every_command_and_links_only_inside_the_repo():
         assert fmt.replace("_", "/").split("/")[0] in readme.lower(), fmt
     assert "AutoPeftModelForCausalLM" in readme
     assert 'pip install torch==2.13.0 && pip install -e ".[test,demo]" && pytest -q' in readme
+
+
+# ---------------------------------------------------------------- item 12: the demo's timing script
+
+def test_demo_time_splits_the_run_into_phases(tmp_path):
+    """benchmarks/demo_time.py measures (not a timed test): its phase arithmetic on a known timeline."""
+    import json
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from demo_time import phase_durations, report
+
+    lines = [{"type": "phase", "phase": "load", "time": 100.0}, {"type": "phase", "phase": "train", "time": 104.0},
+             {"type": "step", "step": 40, "time": 180.0}, {"type": "eval", "time": 183.0},
+             {"type": "phase", "phase": "done", "time": 190.0}, {"type": "end", "time": 190.5}]
+    events = tmp_path / "events.jsonl"
+    events.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    phases, inside = phase_durations(events)
+    assert phases == [("load", 4.0), ("train", 86.0), ("done", 0.5)]
+    assert inside == {"steps": 40.0, "evals": 1.0, "worker_s": 90.5}
+    text = report(200.0, 0, phases, inside, (0.2, 1.0))
+    assert "**200 s** (OVER the recipe's 3-minute promise)" in text and "| train | 86.0 |" in text
