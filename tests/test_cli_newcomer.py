@@ -221,7 +221,7 @@ def test_eval_has_its_own_interval_and_defaults_to_the_checkpoints(tmp_path):
     from tui_finetune.engine.training import build_training_args
     from tui_finetune.engine.loading import DeviceFacts
 
-    base = load_recipe(REPO / "recipes" / "demo-cpu.toml", ["checkpoint.every_steps=10"])
+    base = load_recipe(REPO / "recipes" / "demo-cpu.toml", ["checkpoint.every_steps=10", "eval.every_steps=0"])
     device = DeviceFacts(has_cuda=False, supports_bf16=False, name="CPU")
     same = build_training_args(base, tmp_path, device, 40, has_eval=True)
     assert (same.eval_steps, same.save_steps) == (10, 10)
@@ -229,6 +229,9 @@ def test_eval_has_its_own_interval_and_defaults_to_the_checkpoints(tmp_path):
                                           ["checkpoint.every_steps=10", "eval.every_steps=4"]),
                               tmp_path, device, 40, has_eval=True)
     assert (own.eval_steps, own.save_steps) == (4, 10)
+    demo = build_training_args(load_recipe(REPO / "recipes" / "demo-cpu.toml", ["checkpoint.every_steps=5"]),
+                               tmp_path, device, 40, has_eval=True)
+    assert (demo.eval_steps, demo.save_steps) == (40, 5)  # the demo evaluates once, however often it saves
 
 
 def test_a_worker_whose_run_folder_was_deleted_stops(tmp_path):
