@@ -110,8 +110,12 @@ class DatasetScreen(WizardScreen):
             self.check(event.value.strip())
 
     def on_checkbox_changed(self, event: Checkbox.Changed) -> None:
-        if event.checkbox.id == "data-allow-drop":
-            self.set_data_option(max_drop_fraction=ANY_DROP if event.value else DEFAULT_DROP_LIMIT)
+        recipe = self.state.recipe
+        if event.checkbox.id != "data-allow-drop" or recipe is None:
+            return
+        if event.value and recipe.data.max_drop_fraction > DEFAULT_DROP_LIMIT:
+            return  # a recipe's own higher limit (e.g. 0.3) already allows drops: keep it
+        self.set_data_option(max_drop_fraction=ANY_DROP if event.value else DEFAULT_DROP_LIMIT)
 
     def set_data_option(self, **change: object) -> None:
         """Put a column mapping or the drop limit into the recipe (and so into the run), then check again."""
