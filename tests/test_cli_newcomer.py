@@ -304,3 +304,25 @@ def test_demo_time_splits_the_run_into_phases(tmp_path):
     assert inside == {"steps": 40.0, "evals": 1.0, "worker_s": 90.5}
     text = report(200.0, 0, phases, inside, (0.2, 1.0))
     assert "**200 s** (OVER the recipe's 3-minute promise)" in text and "| train | 86.0 |" in text
+
+
+def test_only_tokens_that_carry_loss_go_through_the_lm_head(monkeypatch):
+    """The demo's time went mostly to Gemma's 262k-entry lm_head on prompt and padding tokens, which carry no
+    loss: the chunked loss now skips them, with the same loss and gradients."""
+    import torch
+    import torch.nn.functional as F
+
+    from tui_finetune.engine import lean
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(2, 9, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 9))
+    labels[:, :6] = -100  # the prompt
+    expected = F.cross_entropy(head(hidden)[:, :-1].reshape(-1, 50), labels[:, 1:].reshape(-1), ignore_index=-100)
+    rows: list[int] = []
+    real_linear = F.linear
+    monkeypatch.setattr(lean.F, "linear", lambda x, *a: rows.append(x.shape[0]) or real_linear(x, *a))
+    loss = lean.chunked_causal_lm_loss(hidden, head, labels)
+    assert torch.allclose(loss, expected, atol=1e-6)
+    assert sum(rows) == int((labels[:, 1:] != -100).sum())  # 6 of 16 shifted positions, not all 18
