@@ -29,6 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RESULT = REPO / "benchmarks" / "results" / "demo-time.md"
 PROMISE_S = 180.0
+DEMO = REPO / "recipes" / "demo-cpu.toml"
 HEAVY = ("torch", "transformers", "datasets", "textual", "rich")
 
 
@@ -51,7 +52,8 @@ def run_demo(home: Path) -> tuple[float, int]:
     """Run ``train demo-cpu`` to its end; (wall seconds, exit code)."""
     env = {**os.environ, "TUI_FINETUNE_HOME": str(home), "PYTHONPATH": str(REPO)}
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "tui_finetune.cli", "train", "demo-cpu"], cwd=REPO, env=env,
+    # The preset by path: by name, an editable install elsewhere may answer with its own recipes/ folder.
+    proc = subprocess.run([sys.executable, "-m", "tui_finetune.cli", "train", str(DEMO)], cwd=REPO, env=env,
                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - start, proc.returncode
 
