@@ -13,6 +13,8 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
+from tui_finetune.cli.data_options import data_overrides
+from tui_finetune.core.recipe import DataSpec
 from tui_finetune.data.check import DataCheckResult, LengthStats, check_dataset
 from tui_finetune.data.errors import DataError, format_problems
 from tui_finetune.data.validate import ValidationReport
@@ -24,26 +26,40 @@ BAR = 40
 
 def run_data_check_command(args: Namespace) -> int:
     console = Console(file=sys.stdout, highlight=False, soft_wrap=True)
-    from tui_finetune.core.recipe import DataSpec
-    from tui_finetune.data.formats import parse_columns
+    from tui_finetune.core.recipe import RecipeError
     from tui_finetune.data.tokenizer import tokenizer_for_check
 
     try:
-        columns = parse_columns(getattr(args, "columns", None))
-        spec = DataSpec(seq_len=args.seq, format=getattr(args, "format", "auto") or "auto")
+        spec = data_spec_from_args(args)
+    except RecipeError as err:
+        console.print(Text(f"error: {err}", style="red"))
+        return 2
+    try:
         loaded, note = tokenizer_for_check(getattr(args, "model", None))
         if note:
             console.print(Text(f"warning: {note}", style="yellow"))
         tokenizer, name = loaded.tokenizer, loaded.name
-        result = check_dataset(args.file, tokenizer, name, spec, columns=columns,
-                               validation_path=getattr(args, "validation", None),
-                               allow_drop=bool(getattr(args, "allow_drop", False)))
+        result = check_dataset(args.file, tokenizer, name, spec, validation_path=getattr(args, "validation", None))
     except DataError as err:
         console.print(Text(str(err), style="red"))
         console.print(Text("✗ refused", style="bold red"))
         return 1
     print_result(console, result)
     return 0 if result.usable else 1
+
+
+def data_spec_from_args(args: Namespace) -> DataSpec:
+    """The [data] table ``train`` would use with the same options: defaults, ``--seq``, ``--set data.*``,
+    then the shorthands ``--columns``, ``--format``, ``--allow-drop`` (cli/data_options.py)."""
+    from tui_finetune.core.recipe import RecipeError, apply_override, recipe_from_dict
+
+    items = data_overrides(args)
+    raw: dict[str, Any] = {"model": "data-check", "data": {"seq_len": getattr(args, "seq", None) or 1024}}
+    for item in items:
+        if not item.strip().startswith("data."):
+            raise RecipeError(f"--set {item}: data check takes only data.* keys, e.g. --set data.columns=prompt=q,reply=a")
+        apply_override(raw, item, "data check")
+    return recipe_from_dict(raw, "data check").data
 
 
 def print_result(console: Console, result: DataCheckResult) -> None:

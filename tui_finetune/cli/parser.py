@@ -11,6 +11,9 @@ import argparse
 from tui_finetune.core.export_spec import QUANTS, TARGETS
 
 SET_HELP = "override a recipe value, e.g. --set train.max_steps=20 (repeatable)"
+COLUMNS_HELP = "column mapping, e.g. prompt=question,reply=answer (the recipe's data.columns)"
+ALLOW_DROP_HELP = "train on the usable rows even when more than data.max_drop_fraction (5%%) are dropped"
+FORMAT_HELP = "force a format: alpaca, sharegpt, messages, prompt_completion, text (the recipe's data.format)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,10 +44,12 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     check.add_argument("file", help="a data file or a folder of data files")
     check.add_argument("--model", help="tokenizer to measure with: catalog key, Hub id or local folder")
     check.add_argument("--seq", type=int, default=1024, help="sequence length cutoff (default 1024)")
-    check.add_argument("--format", default="auto", help="force a format: alpaca, sharegpt, messages, prompt_completion, text")
-    check.add_argument("--columns", help="column mapping, e.g. prompt=instruction,reply=output")
+    check.add_argument("--format", help=FORMAT_HELP)
+    check.add_argument("--columns", help=COLUMNS_HELP)
     check.add_argument("--validation", help="a separate validation file")
-    check.add_argument("--allow-drop", action="store_true", help="accept dropping more than 5%% of the rows")
+    check.add_argument("--allow-drop", action="store_true", help=ALLOW_DROP_HELP)
+    check.add_argument("--set", dest="overrides", action="append", default=[], metavar="data.KEY=VALUE",
+                       help="a [data] recipe value, as train takes it, e.g. --set data.columns=prompt=q,reply=a")
 
 
 def _add_run_commands(sub: argparse._SubParsersAction) -> None:
@@ -52,10 +57,13 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
     train.add_argument("recipe", help="a recipe file or a preset name (e.g. demo-cpu)")
     train.add_argument("--data", help="the training data file (a preset may ship its own sample data)")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
+    train.add_argument("--columns", help=COLUMNS_HELP)
+    train.add_argument("--allow-drop", action="store_true", help=ALLOW_DROP_HELP)
+    train.add_argument("--format", help=FORMAT_HELP)
     train.add_argument("--detach", action="store_true", help="start the run, print its id and return at once")
     sub.add_parser("runs", help="list runs: id, model, state, step, last loss, age")
     logs = sub.add_parser("logs", help="print a run's events")
-    logs.add_argument("run", help="run id (or a unique part of it, or 'last')")
+    logs.add_argument("run", nargs="?", default="last", help="run id (or a unique part of it); default: the last run")
     logs.add_argument("-f", "--follow", action="store_true", help="keep following until the run ends")
     stop = sub.add_parser("stop", help="stop a run: it saves a checkpoint and exits (resume it later)")
     stop.add_argument("run")

@@ -14,7 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from tui_finetune.core.catalog import UnknownModelError
-from tui_finetune.core.hardware import best_gpu, detect_hardware
+from tui_finetune.core.hardware import a_card_of, best_gpu, detect_hardware
 from tui_finetune.core.model_source import resolve_model_spec
 from tui_finetune.core.planner import PlanCase, VramEstimate, profile_from_memory
 from tui_finetune.core.presets import find_recipe, list_presets, preset_card_gb
@@ -26,7 +26,7 @@ from tui_finetune.core.suggest import (
 def card_for_plan(vram_gb: float | None) -> tuple[CardSpec | None, str]:
     """The card to plan for: ``--vram`` if given, else the best GPU here. Returns (card, note)."""
     if vram_gb is not None:
-        return CardSpec(total_gib=vram_gb), f"Planning for a {vram_gb:g} GB card (--vram)."
+        return CardSpec(total_gib=vram_gb), f"Planning for {a_card_of(vram_gb)} (--vram)."
     report = detect_hardware()
     gpu = best_gpu(report)
     if gpu is None:

@@ -18,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from tui_finetune.cli.data_options import data_overrides
 from tui_finetune.core.event_text import EventFollower, describe_event, resume_wording, state_colour, worker_gone_line
 from tui_finetune.core.events import EndEvent, Event, SampleEvent, StepEvent, read_events
 from tui_finetune.core.launch import launch_run, resume_run
@@ -32,10 +33,16 @@ console = Console(highlight=False)
 
 
 def run_command(args: argparse.Namespace) -> int:
+    from tui_finetune.data.errors import DataError
+
     try:
         return {"train": _train, "runs": _runs, "logs": _logs, "stop": _stop, "resume": _resume}[args.command](args)
     except (RecipeError, RunError) as err:
         console.print(Text.assemble(("error:", "red"), f" {err}"))
+        return 2
+    except DataError as err:
+        console.print(Text(str(err), style="red"))
+        console.print(Text("✗ refused: nothing was started (no run folder was created)", style="bold red"))
         return 2
 
 
@@ -48,13 +55,18 @@ def default_data_for(recipe_path: Path) -> Path | None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    """Check the recipe, then the data (seconds, no tokenizer), and only then create the run and its worker:
+    bad data must not cost a model load or leave a failed run behind."""
+    from tui_finetune.data.validate import refuse_unusable_data
+
     recipe_path = find_recipe(args.recipe)
-    recipe = load_recipe(recipe_path, args.overrides)
+    recipe = load_recipe(recipe_path, data_overrides(args))
     data = Path(args.data) if args.data else default_data_for(recipe_path)
     if data is None:
         raise RecipeError(f"{recipe_path}: no --data given and the recipe ships no sample data: pass --data FILE")
     if not data.exists():
-        raise RecipeError(f"--data {data}: no such file")
+        raise RecipeError(f"--data {data}: no such file or folder")
+    refuse_unusable_data(data, recipe.data)
     run_dir = launch_run(recipe, data)
     if args.detach:
         console.print(run_dir.name)

@@ -140,6 +140,12 @@ def machine_facts(report: HardwareReport, bitsandbytes_ok: bool | None = None) -
     return MachineFacts(has_cuda=True, supports_bf16=gpu.supports_bf16, bitsandbytes_ok=bnb, device_name=gpu.name)
 
 
+def a_card_of(gb: float) -> str:
+    """``a 6 GB card``, ``an 8 GB card``, ``an 11 GB card``: the article as the number is spoken."""
+    spoken_vowel = f"{gb:g}".startswith("8") or f"{gb:g}".split(".")[0] in ("11", "18")
+    return f"{'an' if spoken_vowel else 'a'} {gb:g} GB card"
+
+
 def format_gb(n_bytes: int) -> str:
     return f"{n_bytes / GIB:.1f} GB"
 

@@ -75,6 +75,12 @@ class DataSpec:
     """Fraction of rows held out for evaluation (0 disables evaluation)."""
     format: str = "auto"
     """Dataset format: auto, alpaca, sharegpt, messages, prompt_completion or text."""
+    columns: str = ""
+    """Which file columns feed which fields, e.g. ``prompt=question,reply=answer`` (fields: prompt, input,
+    reply, system, messages, text); empty: the format's own column names. ``--columns`` on the CLI."""
+    max_drop_fraction: float = 0.05
+    """Refuse the data when more than this fraction of its rows is unusable (a broken export shouldn't
+    train on what is left by accident); 1.0 accepts any loss. ``--allow-drop`` on the CLI sets 1.0."""
 
 
 @dataclass
@@ -107,6 +113,13 @@ class CheckpointSpec:
     every_minutes: float = 10.0
     """Also save on wall-clock time: on a slow card a step interval alone can lose hours."""
     keep_last: int = 3
+
+
+@dataclass
+class EvalSpec:
+    every_steps: int = 0
+    """Evaluate on the held-out rows every this many optimizer steps; 0 = as often as checkpoints are
+    saved (``checkpoint.every_steps``). Evaluation costs time, saving costs disk: each has its own knob."""
 
 
 @dataclass
@@ -153,8 +166,14 @@ class RecipeSpec:
     data: DataSpec = field(default_factory=DataSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
     checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
+    eval: EvalSpec = field(default_factory=EvalSpec)
     memory: MemorySpec = field(default_factory=MemorySpec)
     description: str = ""
+
+    @property
+    def eval_every_steps(self) -> int:
+        """Steps between evaluations: ``eval.every_steps``, or the checkpoint interval when that is 0."""
+        return self.eval.every_steps or self.checkpoint.every_steps
 
     @property
     def effective_batch(self) -> int:
@@ -195,6 +214,8 @@ def check_recipe_values(recipe: RecipeSpec, source: str = "recipe") -> None:
     _check_range(f"{source}: lora.dropout", recipe.lora.dropout, 0.0, 0.9)
     _check_range(f"{source}: data.seq_len", recipe.data.seq_len, 16, 1_048_576)
     _check_range(f"{source}: data.eval_split", recipe.data.eval_split, 0.0, 0.5)
+    _check_range(f"{source}: data.max_drop_fraction", recipe.data.max_drop_fraction, 0.0, 1.0)
+    _check_columns(f"{source}: data.columns", recipe.data.columns)
     _check_range(f"{source}: train.micro_batch", recipe.train.micro_batch, 1, 4096)
     _check_range(f"{source}: train.grad_accum", recipe.train.grad_accum, 1, 65536)
     _check_range(f"{source}: train.learning_rate", recipe.train.learning_rate, 1e-8, 1.0)
@@ -204,10 +225,19 @@ def check_recipe_values(recipe: RecipeSpec, source: str = "recipe") -> None:
     _check_range(f"{source}: checkpoint.every_steps", recipe.checkpoint.every_steps, 1)
     _check_range(f"{source}: checkpoint.every_minutes", recipe.checkpoint.every_minutes, 0.0)
     _check_range(f"{source}: checkpoint.keep_last", recipe.checkpoint.keep_last, 1)
+    _check_range(f"{source}: eval.every_steps", recipe.eval.every_steps, 0)
     if recipe.train.max_steps == 0 and recipe.train.epochs <= 0:
         raise RecipeError(f"{source}: train.epochs must be above 0 when train.max_steps is 0")
     if not str(recipe.model).strip():
         raise RecipeError(f"{source}: model is empty: give a catalog key such as 'phi-2', a Hub id or a folder")
+
+
+def _check_columns(where: str, value: str) -> None:
+    """The shape only (FIELD=COLUMN, comma-separated); the data layer checks the field names."""
+    for part in filter(str.strip, value.split(",")):
+        if "=" not in part or not part.split("=", 1)[1].strip():
+            raise RecipeError(f"{where}: '{part.strip()}' is not FIELD=COLUMN: write it like "
+                              "prompt=question,reply=answer")
 
 
 @dataclass(frozen=True)
@@ -316,9 +346,11 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> RecipeS
         raise RecipeError(f"{path}: invalid TOML ({err}): fix the line it names") from None
     if "model" not in data:
         raise RecipeError(f"{path}: model: missing: add a line such as model = \"phi-2\"")
-    for item in overrides or []:
+    recipe = recipe_from_dict(data, str(path))
+    for item in overrides or []:  # one at a time, so a bad value is blamed on its --set, not on the file
         apply_override(data, item, str(path))
-    return recipe_from_dict(data, str(path))
+        recipe = recipe_from_dict(data, f"--set {item.strip()}")
+    return recipe
 
 
 def _parse_override_value(raw: str) -> Any:

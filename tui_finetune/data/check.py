@@ -18,7 +18,8 @@ from tui_finetune.core.recipe import DataSpec
 from tui_finetune.data.errors import SHOW_PROBLEMS, Problem
 from tui_finetune.data.prepare import RenderStats, iter_rendered
 from tui_finetune.data.render import IGNORE_INDEX, TemplateChoice, resolve_template, token_segments
-from tui_finetune.data.validate import (MAX_DROP_FRACTION, ValidationReport, iter_examples, new_report,
+from tui_finetune.data.formats import parse_columns
+from tui_finetune.data.validate import (ValidationReport, drop_limit, drop_refusal, iter_examples, new_report,
                                         open_source, validate_dataset)
 
 MAX_RENDERED = 20_000
@@ -79,11 +80,16 @@ class DataCheckResult:
 def check_dataset(data_path: str | Path, tokenizer: Any, tokenizer_name: str, spec: DataSpec, *,
                   columns: dict[str, str] | None = None, validation_path: str | Path | None = None,
                   allow_drop: bool = False, max_rendered: int = MAX_RENDERED) -> DataCheckResult:
-    """Everything ``data check`` shows. Raises DataError only for a bad path, format name or columns."""
-    report = validate_dataset(data_path, spec.format, columns, allow_drop=allow_drop)
+    """Everything ``data check`` shows. Raises DataError only for a bad path, format name or columns.
+
+    The column mapping and the drop limit are the spec's (``data.columns``, ``data.max_drop_fraction``),
+    as a run uses them; ``columns`` replaces the spec's mapping, ``allow_drop`` lifts its limit."""
+    columns = parse_columns(spec.columns) if columns is None else columns
+    limit = drop_limit(allow_drop, spec.max_drop_fraction)
+    report = validate_dataset(data_path, spec.format, columns, max_drop_fraction=limit)
     result = DataCheckResult(report, tokenizer_name)
     if validation_path:
-        result.eval_report = validate_dataset(validation_path, spec.format, columns, allow_drop=allow_drop)
+        result.eval_report = validate_dataset(validation_path, spec.format, columns, max_drop_fraction=limit)
     try:
         result.template = resolve_template(tokenizer, spec.template)
     except ValueError as err:
@@ -91,7 +97,7 @@ def check_dataset(data_path: str | Path, tokenizer: Any, tokenizer_name: str, sp
         return result
     if report.kept:
         _render(result, data_path, tokenizer, spec, columns, max_rendered)
-    result.refusal = _refusal(result, allow_drop)
+    result.refusal = _refusal(result, limit)
     result.usable = not result.refusal
     return result
 
@@ -155,7 +161,7 @@ def eos_check(tokenizer: Any, stats: RenderStats, truncated: int) -> EosCheck:
     return EosCheck(truncated == 0, message)
 
 
-def _refusal(result: DataCheckResult, allow_drop: bool) -> str:
+def _refusal(result: DataCheckResult, limit: float) -> str:
     report = result.report
     if report.refused:
         return report.refusal
@@ -164,8 +170,4 @@ def _refusal(result: DataCheckResult, allow_drop: bool) -> str:
     lost = sum(result.render_dropped.values())
     if report.kept and lost >= report.kept:
         return "no row can be rendered for training: fix the problems above"
-    dropped = report.dropped + lost
-    if report.rows and dropped / report.rows > MAX_DROP_FRACTION and not allow_drop:
-        return (f"{dropped / report.rows:.1%} of the rows would be dropped (the limit is {MAX_DROP_FRACTION:.0%}): "
-                "fix the lines above, or pass --allow-drop to train on the rest")
-    return ""
+    return drop_refusal(report.dropped + lost, report.rows, limit)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from dataclasses import asdict, fields
 from typing import Any
@@ -22,8 +23,28 @@ from tui_finetune.data.check import DataCheckResult, check_dataset
 from tui_finetune.data.errors import DataError, format_problems
 
 
+WIZARD_WORDS = (
+    (re.compile(r"pass --allow-drop"), "switch on 'Allow dropping rows'"),
+    (re.compile(r"(?:with )?--columns (\S+?)([.,;:)]?(?:\s|$))"), r"with \1 in the Columns field\2"),
+    (re.compile(r"--columns"), "the Columns field"),
+    (re.compile(r"--format (\w+)"), r"data.format = \1 in the recipe"),
+    (re.compile(r"; pass --model for real token counts"), ""),
+)
+"""The data layer's advice names the command line's options (which ``train`` and ``data check`` take);
+the wizard has fields instead, and advice may only name what the place showing it accepts."""
+WORDED_KEYS = ("error", "refusal", "summary", "evidence", "tokenizer")
+
+
+def wizard_wording(text: str) -> str:
+    """Advice in the wizard's terms: its Columns field and its 'Allow dropping rows' switch."""
+    for pattern, replacement in WIZARD_WORDS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
 def check(path: str, spec: DataSpec, model: str | None) -> dict[str, Any]:
-    """The whole check as a JSON-ready dict (an ``error`` key when the path or format is unusable)."""
+    """The whole check as a JSON-ready dict (an ``error`` key when the path or format is unusable),
+    its advice worded for the wizard."""
     from tui_finetune.data.tokenizer import tokenizer_for_check
 
     out: dict[str, Any] = {"path": path, "seq_len": spec.seq_len, "spec": asdict(spec), "model": model or ""}
@@ -31,8 +52,16 @@ def check(path: str, spec: DataSpec, model: str | None) -> dict[str, Any]:
     try:
         result = check_dataset(path, loaded.tokenizer, loaded.name, spec)
     except DataError as err:
-        return {**out, "error": str(err), "refused": True, "problems": [str(p) for p in err.problems]}
-    return {**out, **result_json(result), "tokenizer": loaded.name + (f": {note}" if note else "")}
+        out = {**out, "error": str(err), "refused": True, "problems": [str(p) for p in err.problems]}
+    else:
+        out = {**out, **result_json(result), "tokenizer": loaded.name + (f": {note}" if note else "")}
+    for key in WORDED_KEYS:
+        if isinstance(out.get(key), str):
+            out[key] = wizard_wording(out[key])
+    out["problems"] = [wizard_wording(p) for p in out.get("problems", [])]
+    if "eos" in out:
+        out["eos"]["message"] = wizard_wording(out["eos"]["message"])
+    return out
 
 
 def result_json(result: DataCheckResult) -> dict[str, Any]:

@@ -28,6 +28,8 @@ SUPPORTED = ".jsonl, .json, .csv, .tsv, .parquet, .txt or .md"
 MAX_LINE_BYTES = 8 * 1024 * 1024
 """Longest line (or text document) accepted; longer ones are reported and skipped unread."""
 _BOM = b"\xef\xbb\xbf"
+SNIFF_BYTES = 8192
+"""Bytes read from a file's start to tell text from binary."""
 _WS = re.compile(r"[ \t\n\r]*")
 
 
@@ -87,7 +89,12 @@ def iter_rows(source: DataSource, max_line_bytes: int = MAX_LINE_BYTES) -> Itera
         if file.stat().st_size == 0:
             yield Problem(name, None, "file is empty", "add rows or remove the file", "empty-file", row=False)
             continue
-        head = file.open("rb").read(4)
+        with file.open("rb") as f:
+            head = f.read(SNIFF_BYTES)
+        if source.kind != "parquet" and looks_binary(head):
+            yield Problem(name, None, "binary, not text (it holds bytes no text file has, such as NUL)",
+                          f"point at the text export of your data ({SUPPORTED})", "binary", row=False)
+            continue
         if head[:2] in (b"\xff\xfe", b"\xfe\xff"):
             yield Problem(name, 1, f"file is UTF-16 (it starts with the byte order mark 0x{head[0]:02X} 0x{head[1]:02X})",
                           "re-save it as UTF-8 (in Notepad: Save as, Encoding: UTF-8)", "not-utf8", row=False)
@@ -111,6 +118,22 @@ def iter_rows(source: DataSource, max_line_bytes: int = MAX_LINE_BYTES) -> Itera
 
 
 # ---------------------------------------------------------------- bytes to text
+
+def looks_binary(head: bytes) -> bool:
+    """True for the start of a file that is not text in any encoding: NUL bytes (other than UTF-16's
+    every-other-byte pattern) or many control characters. Such a file is refused as a whole, rather
+    than with a guessed encoding for every line."""
+    if not head:
+        return False
+    if head[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return False
+    if b"\x00" in head:
+        even, odd = head[0::2].count(0), head[1::2].count(0)
+        utf16 = min(even, odd) == 0 and max(even, odd) > len(head) // 4
+        return not utf16
+    control = sum(b < 32 and b not in b"\t\n\r\f\b\x1b" for b in head)
+    return control > len(head) // 10
+
 
 def guess_encoding(raw: bytes) -> tuple[str, str]:
     """(description, iconv name) of the likely encoding of bytes that are not UTF-8."""

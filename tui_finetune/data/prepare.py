@@ -4,7 +4,8 @@ Order of work: validate every row (streaming, refuses before any model work), ha
 render and tokenize each usable row into an Arrow file on disk (``Dataset.from_generator``, so
 a large dataset is never held in Python lists), then split train/eval deterministically from the
 seed. Rows that can't be rendered (the prompt alone over ``seq_len``, a template that refuses a
-conversation) count as dropped, under the same 5% rule as validation.
+conversation) count as dropped, under the same limit as validation (``data.max_drop_fraction``).
+The column mapping is the recipe's ``data.columns``, so a resumed run reads the file the same way.
 
 The columns are ``input_ids``, ``labels`` (-100 on masked tokens), ``length`` (tokens after
 truncation) and ``sample_id`` (the source row's position among all rows read, stable while the
@@ -28,7 +29,8 @@ from tui_finetune.core.recipe import DataSpec
 from tui_finetune.data.errors import DataError, Problem, format_problems
 from tui_finetune.data.loading import MAX_LINE_BYTES, find_data_files
 from tui_finetune.data.render import RenderProblem, TemplateChoice, render_example, resolve_template
-from tui_finetune.data.validate import (MAX_DROP_FRACTION, ValidationReport, iter_examples, new_report,
+from tui_finetune.data.formats import parse_columns
+from tui_finetune.data.validate import (ValidationReport, drop_limit, drop_refusal, iter_examples, new_report,
                                         open_source, raise_if_refused)
 
 _CHUNK = 1 << 20
@@ -81,24 +83,29 @@ def prepare_datasets(data_path: str | Path, tokenizer: Any, data_spec: DataSpec,
                      validation_path: str | Path | None = None, columns: dict[str, str] | None = None,
                      allow_drop: bool = False, cache_dir: str | Path | None = None,
                      max_line_bytes: int = MAX_LINE_BYTES) -> PreparedData:
-    """Validate, render, tokenize and split. Raises DataError (the full file:line message) when refused."""
+    """Validate, render, tokenize and split. Raises DataError (the full file:line message) when refused.
+
+    ``columns`` (default: the spec's ``data.columns``) maps the file's columns; ``allow_drop`` lifts the
+    spec's ``data.max_drop_fraction``."""
+    columns = parse_columns(data_spec.columns) if columns is None else columns
+    limit = drop_limit(allow_drop, data_spec.max_drop_fraction)
     try:
         template = resolve_template(tokenizer, data_spec.template)
     except ValueError as err:
         raise DataError(str(err)) from None
-    report = _validated(data_path, data_spec, columns, allow_drop, max_line_bytes)
-    eval_report = _validated(validation_path, data_spec, columns, allow_drop, max_line_bytes) if validation_path else None
+    report = _validated(data_path, data_spec, columns, limit, max_line_bytes)
+    eval_report = _validated(validation_path, data_spec, columns, limit, max_line_bytes) if validation_path else None
     data_hash = hash_data_files(data_path, validation_path)
     cache = Path(cache_dir) if cache_dir else _temporary_cache()
 
     stats = RenderStats()
     dataset = _build(data_path, tokenizer, template, data_spec, columns, cache, stats, max_line_bytes)
-    _refuse_if_too_many_dropped(report, stats, allow_drop)
+    _refuse_if_too_many_dropped(report, stats, limit)
     warnings = _warnings(stats, data_spec)
     if eval_report is not None:
         eval_stats = RenderStats()
         eval_set = _build(validation_path, tokenizer, template, data_spec, columns, cache, eval_stats, max_line_bytes)
-        _refuse_if_too_many_dropped(eval_report, eval_stats, allow_drop)
+        _refuse_if_too_many_dropped(eval_report, eval_stats, limit)
         train = dataset
     else:
         train, eval_set = split_train_eval(dataset, data_spec.eval_split, seed)
@@ -107,11 +114,11 @@ def prepare_datasets(data_path: str | Path, tokenizer: Any, data_spec: DataSpec,
     return PreparedData(train, eval_set, data_hash, report, stats.truncated, template, eval_report, stats, warnings)
 
 
-def _validated(path: str | Path, spec: DataSpec, columns: dict[str, str] | None, allow_drop: bool,
+def _validated(path: str | Path, spec: DataSpec, columns: dict[str, str] | None, limit: float,
                max_line_bytes: int) -> ValidationReport:
     from tui_finetune.data.validate import validate_dataset
 
-    report = validate_dataset(path, spec.format, columns, allow_drop=allow_drop, max_line_bytes=max_line_bytes)
+    report = validate_dataset(path, spec.format, columns, max_drop_fraction=limit, max_line_bytes=max_line_bytes)
     raise_if_refused(report)
     return report
 
@@ -168,14 +175,13 @@ def iter_rendered(examples: Iterator[Any], tokenizer: Any, template: TemplateCho
         yield example, rendered
 
 
-def _refuse_if_too_many_dropped(report: ValidationReport, stats: RenderStats, allow_drop: bool) -> None:
+def _refuse_if_too_many_dropped(report: ValidationReport, stats: RenderStats, limit: float) -> None:
     dropped = report.dropped + sum(stats.dropped.values())
     if stats.rows and stats.rows == sum(stats.dropped.values()):
         refusal = "no row can be rendered for training: fix the problems above"
-    elif report.rows and dropped / report.rows > MAX_DROP_FRACTION and not allow_drop:
-        refusal = (f"{dropped / report.rows:.1%} of the rows would be dropped (the limit is {MAX_DROP_FRACTION:.0%}): "
-                   "fix the lines above, or pass --allow-drop to train on the rest")
     else:
+        refusal = drop_refusal(dropped, report.rows, limit)
+    if not refusal:
         return
     lines = format_problems(report.problems + stats.problems, report.problem_count + sum(stats.dropped.values()))
     why = ", ".join(f"{k}: {n}" for k, n in sorted({**report.drop_reasons, **stats.dropped}.items()))

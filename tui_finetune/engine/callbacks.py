@@ -100,8 +100,15 @@ class EventsCallback(TrainerCallback):
             nvml_used_mb=vram.nvml_used_mb, nvml_total_mb=vram.nvml_total_mb, rss_mb=rss, rss_peak_mb=rss_peak))
 
 
+class RunFolderGone(SystemExit):
+    """The run folder was deleted under a running worker: nobody can see or resume this run, so it ends
+    at once. A SystemExit, so the worker's failure handling (which writes into the folder) is skipped."""
+
+
 class StopCallback(TrainerCallback):
-    """Ends training cleanly on a stop request, saving a checkpoint first; also saves every N minutes."""
+    """Ends training cleanly on a stop request, saving a checkpoint first; also saves every N minutes.
+    Exits the worker when its run folder has been deleted (checked every micro-batch, so within a
+    step's time, rather than training on for the rest of the run)."""
 
     def __init__(self, stop_requested: Callable[[], bool], every_minutes: float) -> None:
         self.stop_requested = stop_requested
@@ -109,7 +116,12 @@ class StopCallback(TrainerCallback):
         self._last_save = time.time()
         self.stopped_at: int | None = None
 
+    def on_substep_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       **kw: object) -> None:
+        exit_if_run_folder_gone(args)
+
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: object) -> None:
+        exit_if_run_folder_gone(args)
         if self.every_s > 0 and time.time() - self._last_save >= self.every_s:
             control.should_save = True
         if self.stop_requested():
@@ -119,6 +131,14 @@ class StopCallback(TrainerCallback):
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: object) -> None:
         self._last_save = time.time()
+
+
+def exit_if_run_folder_gone(args: TrainingArguments) -> None:
+    """Trainer's output folder is ``RUN/checkpoints/.staging``: no RUN, no run."""
+    run_dir = Path(args.output_dir).parents[1]
+    if not run_dir.is_dir():
+        print(f"the run folder {run_dir} was deleted: stopping this worker", file=sys.stderr, flush=True)
+        raise RunFolderGone(3)
 
 
 class SealCheckpointCallback(TrainerCallback):

@@ -231,13 +231,18 @@ def chunked_causal_lm_loss(hidden_states: torch.Tensor, lm_head: torch.nn.Module
     ignored, and the sum is divided by ``num_items_in_batch`` when the Trainer passes it (correct
     gradient accumulation), else by the number of counted tokens. ``chunk_tokens`` 0 sizes the
     chunk to the vocabulary (``loss_chunk_size``), as the planner assumes. Training goes through
-    ``FusedLinearCrossEntropy``; without gradients (evaluation) the chunks are plain.
+    ``FusedLinearCrossEntropy``; without gradients (evaluation) the chunks are plain. Tokens with
+    label -100 (prompt, padding) are dropped before the lm_head: the same loss and gradients, less work.
     """
     weight = lm_head.weight
     bias = getattr(lm_head, "bias", None)
     chunk = chunk_tokens or loss_chunk_size(weight.shape[0])
     shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1).to(hidden_states.device)
     flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+    # Only the tokens that carry loss go through the lm_head: prompt and padding tokens add nothing to the
+    # loss or its gradient, and on a 256k vocabulary their matmul was most of the loss's time.
+    counted = shifted != IGNORE_INDEX
+    flat, shifted = flat[counted], shifted[counted]
     needs_grad = torch.is_grad_enabled() and (flat.requires_grad or weight.requires_grad or
                                              (bias is not None and bias.requires_grad))
     if needs_grad:

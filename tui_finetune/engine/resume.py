@@ -15,9 +15,9 @@ from typing import Any
 from tui_finetune.core.recipe import RecipeSpec, recipe_diff, recipe_from_dict
 from tui_finetune.engine.checkpoints import read_run_state
 
-IGNORED_PREFIXES = ("checkpoint.", "description", "memory.backend", "memory.offload_activations",
+IGNORED_PREFIXES = ("checkpoint.", "eval.", "description", "memory.backend", "memory.offload_activations",
                     "memory.mlp_chunk_tokens", "memory.loss_chunk_tokens", "memory.chunked_loss", "memory.attention")
-"""Keys a resume may change freely: how often to save does not change what is learnt, and neither do
+"""Keys a resume may change freely: how often to save or evaluate does not change what is learnt, and neither do
 the kernels or the memory techniques that compute the same maths (``memory.adapter_dtype`` and the
 fp32 upcast change precision, so they still count). The worker's advice after a backend failure,
 ``--set memory.backend=universal``, must not get the resume refused."""

@@ -7,7 +7,7 @@ The verdict on a recipe (estimate, fit, advice) is core's ``suggest.plan_recipe`
 from __future__ import annotations
 
 from tui_finetune.core.catalog import CATALOG
-from tui_finetune.core.hardware import HardwareReport, best_gpu
+from tui_finetune.core.hardware import HardwareReport, a_card_of, best_gpu
 from tui_finetune.core.model_source import resolve_model_spec
 from tui_finetune.core.planner import MIN_SEQ_LEN
 from tui_finetune.core.presets import list_presets, presets_dir
@@ -24,7 +24,7 @@ CPU_EFFECTIVE_FLOPS = 0.1e12
 def card_from_report(report: HardwareReport, planned_gb: float | None = None) -> CardSpec | None:
     """The card to plan for: the typed size when the user plans for another card, else the best GPU."""
     if planned_gb:
-        return CardSpec(total_gib=planned_gb, name=f"a {planned_gb:g} GB card (planned)")
+        return CardSpec(total_gib=planned_gb, name=f"{a_card_of(planned_gb)} (planned)")
     gpu = best_gpu(report)
     if gpu is None:
         return None

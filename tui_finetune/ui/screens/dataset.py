@@ -1,6 +1,8 @@
 """Step 4: the dataset. A file picker that opens in the last folder used; the detected format and its
 evidence, file:line problems, the token-length histogram against the cutoff, and the first example
-with trained and masked tokens. The check runs ``python -m tui_finetune.data.check_json`` (the same
+with trained and masked tokens. Two recipe values live here because the check's advice names them: the
+Columns field (``data.columns``, e.g. prompt=question,reply=answer) and 'Allow dropping rows'
+(``data.max_drop_fraction`` = 1); both go into the run's recipe.toml. The check runs ``python -m tui_finetune.data.check_json`` (the same
 check as ``tui-finetune data check``, with the recipe's ``DataSpec``) in a subprocess from a thread
 worker, so tokenizing never freezes the UI and never loads torch here."""
 
@@ -9,14 +11,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from rich.markup import escape
 from textual import work
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.widgets import DirectoryTree, Input, Static
+from textual.widgets import Checkbox, DirectoryTree, Input, Static
 
 from tui_finetune.core.preferences import save_preferences
 from tui_finetune.core.recipe import DataSpec
@@ -27,6 +29,8 @@ from tui_finetune.ui.widgets.example_view import ExampleView
 from tui_finetune.ui.widgets.token_histogram import TokenHistogram
 
 CHECK_TIMEOUT_S = 600
+DEFAULT_DROP_LIMIT = DataSpec().max_drop_fraction
+ANY_DROP = 1.0
 
 
 def data_check_command(path: str, spec: DataSpec, model: str) -> list[str]:
@@ -69,6 +73,8 @@ class DatasetScreen(WizardScreen):
         with Horizontal(classes="wizard-body", id="dataset-body"):
             with Vertical(id="dataset-left"):
                 yield Input(placeholder="path to a data file (Enter), or pick below", id="data-path", compact=True)
+                yield Input(placeholder="Columns, e.g. prompt=q,reply=a", id="data-columns", compact=True)
+                yield Checkbox("Allow dropping rows", id="data-allow-drop", compact=True)
                 yield DataFileTree(start, id="data-tree")
             with VerticalScroll(id="dataset-right"):
                 yield Static("Pick a data file: .jsonl, .json, .csv, .tsv, .parquet, .txt or .md", id="data-status")
@@ -78,6 +84,10 @@ class DatasetScreen(WizardScreen):
 
     def on_mount(self) -> None:
         self.query_one("#data-example", ExampleView).display = False
+        if self.state.recipe is not None:
+            self.query_one("#data-columns", Input).value = self.state.recipe.data.columns
+            self.query_one("#data-allow-drop", Checkbox).value = \
+                self.state.recipe.data.max_drop_fraction > DEFAULT_DROP_LIMIT
         if self.state.data_path and self.state.data_result is not None:
             self.query_one("#data-path", Input).value = self.state.data_path
             self.show_result(self.state.data_result)
@@ -94,8 +104,27 @@ class DatasetScreen(WizardScreen):
         self.check(str(event.path))
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
-        if event.value.strip():
+        if event.input.id == "data-columns":
+            self.set_data_option(columns=event.value.strip())
+        elif event.value.strip():
             self.check(event.value.strip())
+
+    def on_checkbox_changed(self, event: Checkbox.Changed) -> None:
+        recipe = self.state.recipe
+        if event.checkbox.id != "data-allow-drop" or recipe is None:
+            return
+        if event.value and recipe.data.max_drop_fraction > DEFAULT_DROP_LIMIT:
+            return  # a recipe's own higher limit (e.g. 0.3) already allows drops: keep it
+        self.set_data_option(max_drop_fraction=ANY_DROP if event.value else DEFAULT_DROP_LIMIT)
+
+    def set_data_option(self, **change: object) -> None:
+        """Put a column mapping or the drop limit into the recipe (and so into the run), then check again."""
+        recipe = self.state.recipe
+        if recipe is None or all(getattr(recipe.data, k) == v for k, v in change.items()):
+            return
+        self.state.recipe = replace(recipe, data=replace(recipe.data, **change))
+        if self.state.data_path:
+            self.check(self.state.data_path)
 
     def check(self, path: str) -> None:
         recipe = self.state.recipe

@@ -13,7 +13,7 @@ from textual.containers import Horizontal, VerticalScroll
 from textual.widgets import Input, Label, OptionList, Select, Static, Switch
 
 from tui_finetune.core.catalog import UnknownModelError
-from tui_finetune.core.hardware import machine_facts
+from tui_finetune.core.hardware import a_card_of, machine_facts
 from tui_finetune.core.recipe import (
     METHODS, OPTIMIZERS, MachineFacts, RecipeError, RecipeSpec, check_recipe_fits_machine, check_recipe_values,
     save_recipe)
@@ -121,7 +121,7 @@ class RecipeScreen(WizardScreen):
 
     def machine(self) -> MachineFacts:
         if self.state.planned_gb:  # planning for a card that isn't here: judge it as a CUDA card
-            return MachineFacts(has_cuda=True, supports_bf16=True, device_name=f"a {self.state.planned_gb:g} GB card")
+            return MachineFacts(has_cuda=True, supports_bf16=True, device_name=a_card_of(self.state.planned_gb))
         return machine_facts(self.state.report) if self.state.report else MachineFacts(False, False, False)
 
     def on_input_changed(self, event: Input.Changed) -> None:
