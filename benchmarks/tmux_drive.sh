@@ -13,18 +13,9 @@ APP="cd '$REPO' && TUI_FINETUNE_HOME='$HOME_DIR' '$PY' -m tui_finetune.cli"
 mkdir -p "$OUT"
 command -v tmux >/dev/null || { echo "tmux is missing: apt-get install -y tmux"; exit 1; }
 
-capture() {  # capture NAME: the visible screen as text
-  tmux capture-pane -p -t "$SESSION" > "$OUT/$1.txt"
-  echo "captured $1"
-}
-keys() { for k in "$@"; do tmux send-keys -t "$SESSION" "$k"; sleep 0.4; done; }
-wait_for() {  # wait_for TEXT SECONDS
-  local deadline=$((SECONDS + $2))
-  until tmux capture-pane -p -t "$SESSION" | grep -q -- "$1"; do
-    if (( SECONDS > deadline )); then echo "timed out waiting for: $1"; capture "timeout"; exit 1; fi
-    sleep 1
-  done
-}
+CAPTURE_PREFIX=""
+# shellcheck source=benchmarks/tmux_lib.sh
+source "$REPO/benchmarks/tmux_lib.sh"
 
 tmux kill-session -t "$SESSION" 2>/dev/null || true
 tmux new-session -d -s "$SESSION" -x 100 -y 30 "bash --norc"
@@ -43,7 +34,7 @@ tmux send-keys -t "$SESSION" "$APP" Enter
 wait_for "Reattach" 20;                       capture 09-startup-offer
 keys y; wait_for "loss [0-9]" 30; sleep 2;    capture 10-reattached
 keys s; sleep 1;                              capture 11-stop-requested
-wait_for "interrupted\|completed" 120; sleep 1; capture 12-stopped
+wait_for "interrupted|completed" 120; sleep 1; capture 12-stopped
 keys d; sleep 1;                              capture 13-runs
 keys C-q; sleep 1
 tmux kill-session -t "$SESSION"

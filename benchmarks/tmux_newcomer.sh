@@ -17,18 +17,9 @@ APP="cd '$REPO' && $ENVS '$PY' -m tui_finetune.cli"
 mkdir -p "$OUT"
 command -v tmux >/dev/null || { echo "tmux is missing: apt-get install -y tmux"; exit 1; }
 
-capture() {  # capture NAME: the visible screen as text
-  tmux capture-pane -p -t "$SESSION" > "$OUT/newcomer-$1.txt"
-  echo "captured $1"
-}
-keys() { for k in "$@"; do tmux send-keys -t "$SESSION" "$k"; sleep 0.4; done; }
-wait_for() {  # wait_for REGEX SECONDS
-  local deadline=$((SECONDS + $2))
-  until tmux capture-pane -p -t "$SESSION" | grep -E -q -- "$1"; do
-    if (( SECONDS > deadline )); then echo "timed out waiting for: $1"; capture "timeout"; exit 1; fi
-    sleep 1
-  done
-}
+CAPTURE_PREFIX="newcomer-"
+# shellcheck source=benchmarks/tmux_lib.sh
+source "$REPO/benchmarks/tmux_lib.sh"
 run_dir() { ls -d "$HOME_DIR"/runs/*/ | head -1; }
 py_json() { "$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))$2)" "$1"; }
 
