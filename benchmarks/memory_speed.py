@@ -1,24 +1,32 @@
-"""Issue #7: peak VRAM, tokens/s and the first 50 losses of our engine's backends against the baseline
-stack and Unsloth, in the same run on the same card, with the planner's prediction checked.
+"""Issues #7 and #14: peak VRAM, tokens/s (all and useful) and the first 50 losses of our engine's
+backends against the baseline stack and Unsloth, in the same run on the same card, with the
+planner's prediction checked.
 
-Each case is ``model:method:seq:batch[:capGB]``: a catalog key, qlora|lora, sequence length, micro-batch
-and optionally the cap in GiB that torch may reserve (``torch.cuda.set_per_process_memory_fraction``;
-for an N GB card, N - 0.45 leaves the CUDA context its room). ``--cap-gb`` is the default cap. Random
-weights of the real architecture are built once per model; then every stack trains the case in its
-own process (so peaks don't mix) on the same random tokens with the same seed:
+Each case is ``model:method:seq:batch[:capGB][:real]``: a catalog key, qlora|lora, sequence length,
+micro-batch, optionally the cap in GiB that torch may reserve (``torch.cuda.set_per_process_memory_fraction``;
+for an N GB card, N - 0.45 leaves the CUDA context its room), and optionally ``real``: rows of
+chat-like lengths instead of ``seq`` tokens each (benchmarks/batches.py says which lengths and how
+each stack batches them). ``--cap-gb`` is the default cap. Random weights of the real architecture
+are built once per model; then every stack trains the case in its own process (so peaks don't mix)
+on the same random token rows with the same seed:
 
-  ours[:backend]  our engine through engine/backends.py; backend auto (the default), universal, liger
-                  or unsloth; --set changes its recipe (e.g. --set memory.offload_activations=true)
-  baseline        transformers + peft + bitsandbytes (prepare_model_for_kbit_training)
-  unsloth         Unsloth's own FastLanguageModel
+  ours[:backend][:packed]  our engine through engine/backends.py; backend auto (the default), universal,
+                  liger or unsloth; ``:packed`` sets data.packing = true (padding-free rows); --set
+                  changes its recipe (e.g. --set memory.offload_activations=true, --set data.packing=true)
+  baseline        transformers + peft + bitsandbytes (prepare_model_for_kbit_training); on real
+                  lengths each batch padded to its longest row, as HF Trainer's defaults do
+  unsloth         Unsloth's own FastLanguageModel (batched like the baseline)
 
-Each row records peak max_memory_reserved, tokens/s (without the first 3 steps), every loss, and for
-ours the backend chosen and why, and the planner's torch peak against the measured one (goal: within
-10%). Parity is the worst relative difference of the first 50 losses from the baseline's (goal: 1%).
-Results go to ``--out`` as ``<tag>.json`` and ``<tag>.md``, rewritten after every row, with the card,
-the date, the package versions and the exact command. See benchmarks/README.md for a GPU machine.
+Each row records peak max_memory_reserved, tokens/s and useful (non-pad) tokens/s (without the first
+3 steps), every loss, and for ours the backend chosen and why, and the planner's torch peak against
+the measured one (goal: within 10%). Parity is the worst relative difference of the first 50 losses
+from the baseline's (goal: 1%). ``--repeat N`` runs the stacks N times in turn (A, B, A, B, ...) and
+reports each stack's mean and spread. Results go to ``--out`` as ``<tag>.json`` and ``<tag>.md``,
+rewritten after every row, with the card, the date, the package versions and the exact command. See
+benchmarks/README.md for a GPU machine.
 
   python -m benchmarks.memory_speed --cases phi-2:qlora:2048:1:3.55 --stacks ours,baseline,unsloth
+  python -m benchmarks.memory_speed --cases gemma-2b:qlora:1024:4:real --stacks ours,ours:packed,baseline --repeat 3
   python -m benchmarks.memory_speed --smoke --out /tmp/bench   # tests the script on the CPU
 """
 
@@ -35,13 +43,13 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import report, stacks
+from benchmarks import batches, report, stacks
 
 METHODS = ("qlora", "lora")
 OURS_BACKENDS = ("auto", "universal", "liger", "unsloth")
 OTHER_STACKS = ("baseline", "unsloth")
-SMOKE_CASE = f"{stacks.SMOKE_MODEL}:lora:64:2"
-SMOKE_STACKS = "ours:universal,baseline"
+SMOKE_CASE = f"{stacks.SMOKE_MODEL}:lora:512:4:real"
+SMOKE_STACKS = f"ours:universal,ours:universal:{stacks.PACKED},baseline"
 SMOKE_STEPS = 6
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECORDED_ENV = ("UNSLOTH_COMPILE_DISABLE", "PYTORCH_CUDA_ALLOC_CONF", "TUIFT_BENCH_SCRATCH", "CUDA_VISIBLE_DEVICES")
@@ -53,10 +61,12 @@ class CaseError(ValueError):
 
 
 def parse_case(text: str, default_cap: float | None = None) -> dict:
-    """``model:method:seq:batch[:capGB]`` -> {model, method, seq, batch, cap_gb}."""
+    """``model:method:seq:batch[:capGB][:real]`` -> {model, method, seq, batch, cap_gb, lengths}."""
     parts = text.strip().split(":")
+    lengths = parts.pop() if len(parts) > 4 and parts[-1] in batches.LENGTH_MODES else "fixed"
     if len(parts) not in (4, 5):
-        raise CaseError(f"case '{text}': expected model:method:seq:batch[:capGB], e.g. gemma-2b:qlora:1024:1:3.55")
+        raise CaseError(f"case '{text}': expected model:method:seq:batch[:capGB][:real], "
+                        "e.g. gemma-2b:qlora:1024:1:3.55 or gemma-2b:qlora:1024:4:real")
     model, method, seq, batch = parts[:4]
     if method not in METHODS:
         raise CaseError(f"case '{text}': method '{method}' is not one of {', '.join(METHODS)}")
@@ -64,30 +74,33 @@ def parse_case(text: str, default_cap: float | None = None) -> dict:
         seq_n, batch_n = int(seq), int(batch)
         cap = float(parts[4]) if len(parts) == 5 and parts[4] else default_cap
     except ValueError:
-        raise CaseError(f"case '{text}': seq and batch must be whole numbers and capGB a number, "
+        raise CaseError(f"case '{text}': seq and batch must be whole numbers, capGB a number and the last "
+                        f"field a number or one of {', '.join(batches.LENGTH_MODES)}, "
                         "e.g. mistral-7b:qlora:2048:1:15.55") from None
     if seq_n < 2 or batch_n < 1 or (cap is not None and cap <= 0):
         raise CaseError(f"case '{text}': seq must be at least 2, batch at least 1 and capGB above 0")
-    return {"model": model, "method": method, "seq": seq_n, "batch": batch_n, "cap_gb": cap}
+    return {"model": model, "method": method, "seq": seq_n, "batch": batch_n, "cap_gb": cap, "lengths": lengths}
 
 
 def case_text(case: dict) -> str:
     parts = [case["model"], case["method"], str(case["seq"]), str(case["batch"])]
-    return ":".join(parts + ([f"{case['cap_gb']:g}"] if case.get("cap_gb") else []))
+    parts += [f"{case['cap_gb']:g}"] if case.get("cap_gb") else []
+    return ":".join(parts + ([case["lengths"]] if case.get("lengths", "fixed") != "fixed" else []))
 
 
 def parse_stack(text: str) -> str:
-    """``ours`` -> ``ours:auto``; ``ours:<backend>``, ``baseline`` and ``unsloth`` as they are."""
+    """``ours`` -> ``ours:auto``, ``ours:packed`` -> ``ours:auto:packed``; ``ours:<backend>[:packed]``,
+    ``baseline`` and ``unsloth`` as they are."""
     name = text.strip()
-    if name == "ours":
-        return "ours:auto"
-    kind, _, backend = name.partition(":")
-    if kind == "ours" and backend in OURS_BACKENDS:
-        return name
     if name in OTHER_STACKS:
         return name
+    kind, *rest = name.split(":")
+    packed = bool(rest) and rest[-1] == stacks.PACKED
+    rest = rest[:-1] if packed else rest
+    if kind == "ours" and len(rest) <= 1 and (rest or ["auto"])[0] in OURS_BACKENDS:
+        return ":".join(["ours", (rest or ["auto"])[0]] + ([stacks.PACKED] if packed else []))
     choices = ", ".join([f"ours:{b}" for b in OURS_BACKENDS] + list(OTHER_STACKS))
-    raise CaseError(f"stack '{text}': expected ours (= ours:auto), {choices}")
+    raise CaseError(f"stack '{text}': expected ours (= ours:auto), {choices}, or ours[:backend]:packed")
 
 
 def parse_stacks(text: str) -> list[str]:
@@ -200,10 +213,11 @@ def run_all(cases: list[dict], stack_names: list[str], args: argparse.Namespace)
                 report.write_results(rows, command, args.steps, Path(args.out), args.tag)
                 continue
             built.add(case["model"])
-        for stack in stack_names:
-            rows.append(measure(case, stack, args, common))
-            print(json.dumps({k: v for k, v in rows[-1].items() if k != "losses"}), flush=True)
-            report.write_results(rows, command, args.steps, Path(args.out), args.tag)  # a killed run keeps its rows
+        for rep in range(1, args.repeat + 1):  # A, B, A, B, ...: drift on the machine hits every stack alike
+            for stack in stack_names:
+                rows.append(measure(case, stack, args, common) | ({"rep": rep} if args.repeat > 1 else {}))
+                print(json.dumps({k: v for k, v in rows[-1].items() if k != "losses"}), flush=True)
+                report.write_results(rows, command, args.steps, Path(args.out), args.tag)  # a killed run keeps its rows
     if args.drop_models:
         for key in built:
             shutil.rmtree(stacks.model_folder(key), ignore_errors=True)
@@ -215,9 +229,13 @@ def run_all(cases: list[dict], stack_names: list[str], args: argparse.Namespace)
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.memory_speed", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", help="comma-separated model:method:seq:batch[:capGB]")
+    parser.add_argument("--cases", help="comma-separated model:method:seq:batch[:capGB][:real]")
     parser.add_argument("--stacks", help="comma-separated: ours (= ours:auto), ours:universal, ours:liger, "
-                                         "ours:unsloth, baseline, unsloth (default: ours,baseline)")
+                                         "ours:unsloth, each optionally :packed (ours:packed = ours:auto:packed), "
+                                         "baseline, unsloth (default: ours,baseline)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run the stacks N times in turn (A, B, A, B, ...); the report gives each stack's "
+                             "mean and spread, and ratios as the mean over the runs of the same round")
     parser.add_argument("--steps", type=int, help=f"optimizer steps per stack (default {report.PARITY_STEPS})")
     parser.add_argument("--cap-gb", type=float, default=None, help="default cap in GiB for cases without one")
     parser.add_argument("--set", action="append", default=[], help="recipe override for ours (key=value)")
@@ -244,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     args.stacks, args.steps = args.stacks or "ours,baseline", args.steps or report.PARITY_STEPS
     if not args.cases:
         parser.error("--cases is required (or --smoke)")
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
     try:
         cases = [parse_case(c, args.cap_gb) for c in args.cases.split(",") if c.strip()]
         stack_names = parse_stacks(args.stacks)

@@ -6,7 +6,13 @@ Plain Python (no torch), so the arithmetic is unit-tested on its own:
   baseline row of the same case; the issue #7 goal is ``PARITY_GOAL`` (1%).
 * planner error: (planner's ``torch_peak`` - measured max_memory_reserved) / measured, for our
   engine's rows; the goal is ``PLANNER_GOAL`` (10%).
-* speed: tokens/s over the baseline's and over Unsloth's, in the same case.
+* speed: useful (non-pad) tokens/s over the baseline's and over Unsloth's, in the same case and round
+  (``--repeat``); with fixed lengths nothing is padded and useful tokens/s is tokens/s.
+* memory beside speed (issue #14 item 4): each ratio is shown with the reference's peak, and marked
+  when the two peaks differ by more than ``MEMORY_FLAG`` (1.3x) either way: a speed-up bought with
+  memory (or lost to a saving) is not a like-for-like speed-up.
+* repeats: each stack's mean useful tokens/s, its spread ((max - min) / mean), and the mean of its
+  per-round ratios, for runs made with ``--repeat``.
 """
 
 from __future__ import annotations
@@ -24,20 +30,43 @@ from benchmarks.stacks import WARMUP_STEPS
 PARITY_STEPS = 50
 PARITY_GOAL = 0.01
 PLANNER_GOAL = 0.10
+MEMORY_FLAG = 1.3
+"""Peaks further apart than this factor make a speed ratio a comparison at unequal memory."""
+UNEQUAL_MARK = "†"
 PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "triton", "liger-kernel", "unsloth",
             "unsloth_zoo")
 
 
 def case_key(row: dict) -> tuple:
-    return (row["model"], row["method"], row["seq"], row["batch"], row.get("cap_gb"))
+    return (row["model"], row["method"], row["seq"], row["batch"], row.get("cap_gb"), row.get("lengths", "fixed"))
 
 
 def case_label(row: dict) -> str:
-    return f"{row['model']} {row['method']} seq {row['seq']} x{row['batch']}"
+    real = " real lengths" if row.get("lengths", "fixed") != "fixed" else ""
+    return f"{row['model']} {row['method']} seq {row['seq']} x{row['batch']}{real}"
+
+
+def stack_label(row: dict) -> str:
+    return row["stack"] + (f" #{row['rep']}" if "rep" in row else "")
 
 
 def row_label(row: dict) -> str:
-    return f"{case_label(row)} {row['stack']}"
+    return f"{case_label(row)} {stack_label(row)}"
+
+
+def useful_speed(row: dict) -> float:
+    """Non-pad tokens/s; rows from before issue #14 have only tokens/s (fixed lengths: the same)."""
+    return row.get("useful_tokens_per_s", row["tokens_per_s"])
+
+
+def memory_ratio(reference: dict, row: dict) -> float | None:
+    """The reference's peak over ours; None without both GPU peaks."""
+    ref, ours = reference.get("peak_reserved_gib"), row.get("peak_reserved_gib")
+    return ref / ours if ref and ours else None
+
+
+def unequal_memory(ratio: float | None) -> bool:
+    return ratio is not None and not (1 / MEMORY_FLAG <= ratio <= MEMORY_FLAG)
 
 
 def relative_error(predicted: float | None, measured: float | None) -> float | None:
@@ -68,22 +97,26 @@ def within(value: float | None, goal: float) -> bool | None:
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    """Add parity, planner and speed comparisons to each row, in place; returns the rows."""
+    """Add parity, planner, speed and memory comparisons to each row, in place; returns the rows.
+    A row is compared with the baseline and Unsloth rows of its own case and round (``rep``)."""
     by_case: dict[tuple, dict[str, dict]] = {}
     for row in rows:
         if "error" not in row:
-            by_case.setdefault(case_key(row), {})[row["stack"]] = row
+            by_case.setdefault((case_key(row), row.get("rep")), {})[row["stack"]] = row
     for row in rows:
         if "error" in row:
             continue
-        peers = by_case[case_key(row)]
+        peers = by_case[(case_key(row), row.get("rep"))]
         base, uns = peers.get("baseline"), peers.get("unsloth")
         if row["stack"] != "baseline":
             row["parity_max_rel"] = parity_max_rel(row["losses"], base["losses"]) if base else None
             row["parity_ok"] = within(row["parity_max_rel"], PARITY_GOAL)
-            row["speed_vs_baseline"] = row["tokens_per_s"] / base["tokens_per_s"] if base else None
+            row["speed_vs_baseline"] = useful_speed(row) / useful_speed(base) if base else None
+            row["baseline_peak_gib"] = base.get("peak_reserved_gib") if base else None
+            row["baseline_memory_ratio"] = memory_ratio(base, row) if base else None
         if row["stack"] != "unsloth":
-            row["speed_vs_unsloth"] = row["tokens_per_s"] / uns["tokens_per_s"] if uns else None
+            row["speed_vs_unsloth"] = useful_speed(row) / useful_speed(uns) if uns else None
+            row["unsloth_memory_ratio"] = memory_ratio(uns, row) if uns else None
         if "planner_torch_gib" in row:
             row["planner_error"] = relative_error(row["planner_torch_gib"], row.get("peak_reserved_gib"))
             row["planner_ok"] = within(row["planner_error"], PLANNER_GOAL)
@@ -137,25 +170,108 @@ def _backend_cell(row: dict) -> str:
     return row["backend"] if asked in (None, "auto", row["backend"]) else f"{row['backend']} (asked {asked})"
 
 
+def _ratio_cell(ratio: float | None, memory: float | None) -> str:
+    return _num(ratio, ".2f") + (UNEQUAL_MARK if ratio is not None and unequal_memory(memory) else "")
+
+
+TABLE_COLUMNS = ["case", "card cap", "stack", "backend", "peak reserved GiB", "tok/s", "useful tok/s", "x baseline",
+                 "baseline peak GiB", "x Unsloth", "planner GiB", "planner error", "parity max rel"]
+
+
 def table_lines(rows: list[dict], steps: int) -> list[str]:
     last = min(PARITY_STEPS, steps)
-    lines = [f"| case | card cap | stack | backend | peak reserved GiB | tok/s | x baseline | x Unsloth | planner GiB "
-             f"| planner error | parity max rel | loss 1 / loss {last} |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    columns = [*TABLE_COLUMNS, f"loss 1 / loss {last}"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
         cap = "-" if not r.get("cap_gb") else f"{r['cap_gb']:g} GiB" if r.get("cap_applied", True) else "uncapped"
-        head = f"| {case_label(r)} | {cap} | {r['stack']} |"
+        head = f"| {case_label(r)} | {cap} | {stack_label(r)} |"
         if "error" in r:
-            lines.append(f"{head} - | {r['error']} | | | | | | | |")
+            lines.append(f"{head} - | {r['error']} |" + " |" * (len(columns) - 5))
             continue
         losses = r["losses"]
         loss_cell = f"{losses[0]:.4f} / {losses[min(last, len(losses)) - 1]:.4f}" if losses else "-"
         lines.append(
             f"{head} {_backend_cell(r)} | {_num(r.get('peak_reserved_gib'), '.2f')} | {r['tokens_per_s']:.0f} | "
-            f"{_num(r.get('speed_vs_baseline'), '.2f')} | {_num(r.get('speed_vs_unsloth'), '.2f')} | "
+            f"{useful_speed(r):.0f} | {_ratio_cell(r.get('speed_vs_baseline'), r.get('baseline_memory_ratio'))} | "
+            f"{_num(r.get('baseline_peak_gib'), '.2f')} | "
+            f"{_ratio_cell(r.get('speed_vs_unsloth'), r.get('unsloth_memory_ratio'))} | "
             f"{_num(r.get('planner_torch_gib'), '.2f')} | {_num(_pct(r.get('planner_error')), '+.1f', '%')} | "
             f"{_num(_pct(r.get('parity_max_rel')), '.3f', '%')} | {loss_cell} |")
     return lines
+
+
+def memory_lines(rows: list[dict]) -> list[str]:
+    """Every speed ratio whose two peaks are more than ``MEMORY_FLAG`` apart (issue #14 item 4), so none is
+    read as a like-for-like speed-up; nothing without GPU peaks."""
+    if not any(r.get("peak_reserved_gib") for r in rows if "error" not in r):
+        return []
+    notes = []
+    for r in rows:
+        for ref, speed_key, memory_key in (("baseline", "speed_vs_baseline", "baseline_memory_ratio"),
+                                          ("Unsloth", "speed_vs_unsloth", "unsloth_memory_ratio")):
+            ratio = r.get(memory_key)
+            if r.get(speed_key) is None or not unequal_memory(ratio):
+                continue
+            ours = r["peak_reserved_gib"]
+            who = f"the {ref} reserved {ratio:.2f}x ours" if ratio > 1 else f"we reserved {1 / ratio:.2f}x the {ref}'s"
+            notes.append(f"- {row_label(r)}: {r[speed_key]:.2f}x the {ref}'s useful tokens/s, but {who} "
+                         f"({ours * ratio:.2f} against {ours:.2f} GiB)")
+    lines = ["## Speed at equal memory", "",
+             f"A ratio marked {UNEQUAL_MARK} compares two runs whose peaks differ by more than {MEMORY_FLAG}x: "
+             "it is not a like-for-like speed-up. The speed our engine would reach with the reference's memory "
+             "(its setting for that budget) is not measured by this run.", ""]
+    return lines + (notes or [f"- every ratio compares peaks within {MEMORY_FLAG}x of each other"]) + [""]
+
+
+def repeat_summary(rows: list[dict]) -> list[dict]:
+    """Per (case, stack) of a ``--repeat`` run: runs, failures, useful tokens/s mean / min / max / spread,
+    the mean and range of its per-round ratios, and its largest peak."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if "rep" in r:
+            groups.setdefault((case_key(r), r["stack"]), []).append(r)
+    out = []
+    for (_, stack), runs in groups.items():
+        ok = [r for r in runs if "error" not in r]
+        speeds = [useful_speed(r) for r in ok]
+        mean = sum(speeds) / len(speeds) if speeds else None
+        peaks = [r["peak_reserved_gib"] for r in ok if r.get("peak_reserved_gib")]
+        out.append({"case": case_label(runs[0]), "stack": stack, "runs": len(ok), "failed": len(runs) - len(ok),
+                    "useful_mean": mean, "useful_min": min(speeds, default=None),
+                    "useful_max": max(speeds, default=None),
+                    "spread": (max(speeds) - min(speeds)) / mean if mean else None,
+                    "vs_baseline": _mean_range([r.get("speed_vs_baseline") for r in ok]),
+                    "vs_unsloth": _mean_range([r.get("speed_vs_unsloth") for r in ok]),
+                    "peak_max_gib": max(peaks, default=None)})
+    return out
+
+
+def _mean_range(values: list[float | None]) -> list[float] | None:
+    """[mean, min, max] of the values there are; None when there are none."""
+    present = [v for v in values if v is not None]
+    return [sum(present) / len(present), min(present), max(present)] if present else None
+
+
+def _range_cell(stats: list[float] | None) -> str:
+    return "-" if stats is None else f"{stats[0]:.2f} ({stats[1]:.2f}-{stats[2]:.2f})"
+
+
+def repeat_lines(summary: list[dict]) -> list[str]:
+    if not summary:
+        return []
+    lines = ["## Repeats", "",
+             "The stacks ran in turn (A, B, A, B, ...). Spread = (max - min) / mean of useful tokens/s; a ratio is "
+             "the mean over the rounds of this stack's useful tokens/s over the reference's in the same round "
+             "(min-max in brackets).", "",
+             "| case | stack | runs | useful tok/s mean | min-max | spread | x baseline | x Unsloth | peak GiB (max) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for s in summary:
+        runs = f"{s['runs']}" + (f" ({s['failed']} failed)" if s["failed"] else "")
+        lines.append(f"| {s['case']} | {s['stack']} | {runs} | {_num(s['useful_mean'], '.0f')} | "
+                     f"{_num(s['useful_min'], '.0f')}-{_num(s['useful_max'], '.0f')} | "
+                     f"{_num(_pct(s['spread']), '.1f', '%')} | {_range_cell(s['vs_baseline'])} | "
+                     f"{_range_cell(s['vs_unsloth'])} | {_num(s['peak_max_gib'], '.2f')} |")
+    return lines + [""]
 
 
 def backend_lines(rows: list[dict]) -> list[str]:
@@ -205,12 +321,13 @@ def _verdict(misses: list[str], checked: int) -> str:
 def write_results(rows: list[dict], command: str, steps: int, out_dir: Path, tag: str) -> Path:
     """``<tag>.json`` (every row, all losses) and ``<tag>.md``; returns the markdown's path."""
     summarize(rows)
+    repeats = repeat_summary(rows)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     card = card_name(rows)
     cuda = sorted({r["cuda"] for r in rows if r.get("cuda")})
     payload = {"date": stamp, "card": card, "cuda": ", ".join(cuda) or None, "versions": versions(),
                "command": command, "steps": steps, "parity_steps": PARITY_STEPS, "parity_goal": PARITY_GOAL,
-               "planner_goal": PLANNER_GOAL, "rows": rows}
+               "planner_goal": PLANNER_GOAL, "memory_flag": MEMORY_FLAG, "repeats": repeats, "rows": rows}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{tag}.json").write_text(json.dumps(payload, indent=1))
     versions_text = ", ".join(f"{k} {v}" for k, v in payload["versions"].items())
@@ -221,7 +338,10 @@ def write_results(rows: list[dict], command: str, steps: int, out_dir: Path, tag
              f"- command: `{command}`",
              f"- {steps} steps per stack, one micro-batch each; tokens/s leaves out the first {WARMUP_STEPS}; peak is "
              "torch.cuda.max_memory_reserved (add ~0.45 GiB of CUDA context for a real card)",
-             "", *table_lines(rows, steps), "", *backend_lines(rows), *goal_lines(rows, steps)]
+             "- tok/s counts every token of the batches, padding included; useful tok/s only the rows' own tokens; "
+             "x baseline and x Unsloth are ratios of useful tok/s",
+             "", *table_lines(rows, steps), "", *memory_lines(rows), *repeat_lines(repeats), *backend_lines(rows),
+             *goal_lines(rows, steps)]
     path = out_dir / f"{tag}.md"
     path.write_text("\n".join(lines) + "\n")
     return path

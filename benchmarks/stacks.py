@@ -5,14 +5,17 @@ stack, so peaks don't mix). Imports of torch, transformers and peft stay inside 
 engine's backends and Unsloth must be imported before transformers.
 
   ours:<backend>  our engine through ``tui_finetune.engine.backends`` (universal, liger, unsloth or
-                  auto), the default recipe plus --set overrides, the backend's own loss
+                  auto), the default recipe plus --set overrides, the backend's own loss;
+                  ``ours:<backend>:packed`` also sets ``data.packing = true`` (as --set does)
   baseline        transformers + peft + bitsandbytes: prepare_model_for_kbit_training (QLoRA),
                   non-reentrant checkpointing, SDPA, the model's own loss
   unsloth         Unsloth's FastLanguageModel with use_gradient_checkpointing="unsloth"
 
 All stacks use LoRA r16 / alpha 32 on all linear layers, seeded with ``SEED`` just before the
-adapters are made (so the first 50 losses can be compared), and the same random tokens. On a GPU
-the optimizer is bitsandbytes' paged AdamW 8-bit; in --smoke mode (CPU) it is torch's AdamW.
+adapters are made (so the first 50 losses can be compared), and the same random token rows, batched
+as ``batches.py`` says (fixed or real lengths; padded to the longest row, or packed for ours with
+``data.packing``). On a GPU the optimizer is bitsandbytes' paged AdamW 8-bit; in --smoke mode (CPU)
+it is torch's AdamW.
 """
 
 from __future__ import annotations
@@ -23,12 +26,16 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from benchmarks import batches
+
 GIB = 1024**3
 SEED = 42
 """The recipe's default ``train.seed``: our backends seed LoRA with it, so the other stacks do too."""
 LEARNING_RATE = 2e-4
 WARMUP_STEPS = 3
 """Steps left out of tokens/s: kernel compilation, the allocator's first growth, paged-optimizer set-up."""
+PACKED = "packed"
+"""The stack variant ``ours:<backend>:packed``: the recipe with ``data.packing = true``."""
 SMOKE_MODEL = "smoke-llama"
 """The --smoke model: a 2-layer Llama (hidden 64, vocabulary 512) built locally with random weights."""
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -101,23 +108,21 @@ def save_stand_in_tokenizer(folder: Path, vocab_size: int) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def random_batches(vocab: int, seq: int, batch: int, steps: int, device: Any):
-    """The same token ids for every stack: a fixed generator on the CPU, then moved."""
-    import torch
-
-    g = torch.Generator().manual_seed(1234)
-    for _ in range(steps):
-        ids = torch.randint(0, vocab, (batch, seq), generator=g).to(device)
-        yield {"input_ids": ids, "labels": ids}
-
-
 # ---------------------------------------------------------------- the stacks
 
 LossFn = Callable[[Any, dict], Any]
 
 
-def ours_recipe(folder: Path, case: dict, backend: str, overrides: list[str], smoke: bool) -> Any:
-    """The default recipe for the case, --set overrides applied, then the stack's backend."""
+def split_stack(stack: str) -> tuple[str, str, bool]:
+    """``ours:universal:packed`` -> ("ours", "universal", True); ``baseline`` -> ("baseline", "", False)."""
+    kind, _, rest = stack.partition(":")
+    backend, _, variant = rest.partition(":")
+    return kind, backend, variant == PACKED
+
+
+def ours_recipe(folder: Path, case: dict, backend: str, overrides: list[str], smoke: bool,
+                packed: bool = False) -> Any:
+    """The default recipe for the case, --set overrides applied, then the stack's backend (and packing)."""
     from tui_finetune.core.recipe import RecipeSpec, apply_override, recipe_from_dict
 
     raw = RecipeSpec(model=str(folder), method=case["method"]).to_dict()
@@ -128,6 +133,8 @@ def ours_recipe(folder: Path, case: dict, backend: str, overrides: list[str], sm
     for item in overrides:
         apply_override(raw, item, "benchmark recipe")
     raw["memory"]["backend"] = backend
+    if packed:
+        raw["data"]["packing"] = True
     return recipe_from_dict(raw, "benchmark recipe")
 
 
@@ -189,11 +196,11 @@ def setup_unsloth(folder: Path, case: dict) -> tuple[Any, LossFn, dict]:
 
 def run_one(case: dict, stack: str, steps: int, overrides: list[str], smoke: bool) -> dict:
     """Train one case on one stack in this process; returns the row (losses, peak, tokens/s, planner)."""
-    kind, _, backend = stack.partition(":")
+    kind, backend, packed = split_stack(stack)
     folder = model_folder(case["model"])
     recipe = None
     if kind == "ours":
-        recipe = ours_recipe(folder, case, backend, overrides, smoke)  # plain Python: no transformers yet
+        recipe = ours_recipe(folder, case, backend, overrides, smoke, packed)  # plain Python: no transformers yet
         from tui_finetune.engine import backends
 
         backends.prepare_process(recipe.memory.backend)  # imports Unsloth first when it may be used
@@ -219,9 +226,11 @@ def run_one(case: dict, stack: str, steps: int, overrides: list[str], smoke: boo
     else:
         model, loss_fn, info = setup_unsloth(folder, case)
     load_s = time.perf_counter() - started
-    measured = train_and_measure(model, loss_fn, case, steps, gpu)
+    packing = bool(recipe and recipe.data.packing)
+    collate = batches.collator_for(kind, packing, case, folder)
+    measured = train_and_measure(model, loss_fn, case, steps, gpu, collate)
     row = {"stack": stack, **case, "steps": steps, "device": torch.cuda.get_device_name(0) if gpu else "CPU",
-           "cuda": torch.version.cuda if gpu else None, "load_s": load_s, **info, **measured}
+           "cuda": torch.version.cuda if gpu else None, "load_s": load_s, "packing": packing, **info, **measured}
     if recipe is not None:
         row.update(plan_peak(case["model"], recipe, info.get("backend", "")))
     return row
@@ -237,9 +246,14 @@ def make_optimizer(params: list, gpu: bool) -> Any:
     return torch.optim.AdamW(params, lr=LEARNING_RATE)
 
 
-def train_and_measure(model: Any, loss_fn: LossFn, case: dict, steps: int, gpu: bool) -> dict:
+def train_and_measure(model: Any, loss_fn: LossFn, case: dict, steps: int, gpu: bool,
+                      collate: batches.Collate | None = None) -> dict:
     """``steps`` optimizer steps of one micro-batch each; the peak counts from the first step on
-    (weights included, loading transients not)."""
+    (weights included, loading transients not).
+
+    Speeds leave out the first ``WARMUP_STEPS``: ``tokens_per_s`` counts every token of the input
+    tensors (padding included), ``useful_tokens_per_s`` only the rows' own tokens, and
+    ``loss_tokens_per_s`` those that carry loss. With fixed lengths and no padding the first two are equal."""
     import torch
 
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], gpu)
@@ -249,8 +263,8 @@ def train_and_measure(model: Any, loss_fn: LossFn, case: dict, steps: int, gpu: 
     if gpu:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    losses, times = [], []
-    for batch in random_batches(vocab, case["seq"], case["batch"], steps, device):
+    losses, times, tokens, useful, counted = [], [], [], [], []
+    for batch, real_tokens, carrying in batches.step_batches(case, steps, vocab, collate, device):
         if gpu:
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -262,11 +276,18 @@ def train_and_measure(model: Any, loss_fn: LossFn, case: dict, steps: int, gpu: 
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
         losses.append(float(loss.detach()))
-    timed = times[WARMUP_STEPS:] or times
+        tokens.append(int(batch["input_ids"].numel()))
+        useful.append(real_tokens)
+        counted.append(carrying)
+    first = WARMUP_STEPS if len(times) > WARMUP_STEPS else 0
+    seconds = sum(times[first:])
     return {
         "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB if gpu else None,
         "peak_allocated_gib": torch.cuda.max_memory_allocated() / GIB if gpu else None,
-        "tokens_per_s": case["seq"] * case["batch"] * len(timed) / sum(timed),
+        "tokens_per_s": sum(tokens[first:]) / seconds,
+        "useful_tokens_per_s": sum(useful[first:]) / seconds,
+        "loss_tokens_per_s": sum(counted[first:]) / seconds,
+        "useful_share": sum(useful) / sum(tokens),
         "losses": losses,
     }
 

@@ -32,7 +32,7 @@ GIB = 1024**3
 
 def test_case_without_a_cap_takes_the_default_cap():
     assert parse_case("gemma-2b:qlora:1024:1") == {"model": "gemma-2b", "method": "qlora", "seq": 1024, "batch": 1,
-                                                   "cap_gb": None}
+                                                   "cap_gb": None, "lengths": "fixed"}
     assert parse_case("gemma-2b:qlora:1024:1", default_cap=3.55)["cap_gb"] == 3.55
 
 
@@ -157,29 +157,38 @@ def _backends_missing() -> bool:
 
 @pytest.mark.skipif(_backends_missing(), reason="tui_finetune.engine.backends (the engine's backend interface, "
                     "which the benchmark's ours:<backend> stacks load through) is not there yet")
-def test_smoke_run_trains_both_stacks_on_the_cpu_and_writes_results(tmp_path):
+def test_smoke_run_trains_the_real_length_case_padded_and_packed_on_the_cpu(tmp_path):
+    """The CPU smoke is the real-length case (issue #14): ours padded, ours packed and the baseline, whose
+    batches are padded to their longest row; the fixed-length path is tested in-process
+    (tests/test_benchmarks_real_lengths.py)."""
     env = {**os.environ, "TUIFT_BENCH_SCRATCH": str(tmp_path / "scratch")}
     proc = subprocess.run([sys.executable, "-m", "benchmarks.memory_speed", "--smoke", "--out", str(tmp_path / "out"),
                            "--tag", "smoke"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     payload = json.loads((tmp_path / "out" / "smoke.json").read_text())
     rows = {row["stack"]: row for row in payload["rows"]}
-    assert set(rows) == {"ours:universal", "baseline"}, payload["rows"]
+    assert set(rows) == {"ours:universal", "ours:universal:packed", "baseline"}, payload["rows"]
     for row in rows.values():
         assert "error" not in row, row
+        assert row["lengths"] == "real"
         assert len(row["losses"]) == payload["steps"] and all(math.isfinite(x) for x in row["losses"])
-        assert row["tokens_per_s"] > 0
-    ours = rows["ours:universal"]
-    assert ours["backend"] == "universal" and ours["backend_reason"]
-    assert ours["planner_torch_gib"] > 0 and ours["planner_error"] is None  # no GPU peak on the CPU
-    # fp32 on the CPU, same seed, same LoRA initialisation: the chunked loss equals transformers' loss
-    assert ours["parity_max_rel"] is not None and ours["parity_max_rel"] < 1e-4 and ours["parity_ok"] is True
-    assert ours["speed_vs_baseline"] > 0
+        assert row["tokens_per_s"] > 0 and row["useful_tokens_per_s"] > row["loss_tokens_per_s"] > 0
+    padded, packed, base = rows["ours:universal"], rows["ours:universal:packed"], rows["baseline"]
+    assert padded["packing"] is False and packed["packing"] is True and base["packing"] is False
+    # the same rows, padded to the longest of each batch: a share of every batch is padding
+    assert padded["useful_share"] == base["useful_share"] < 0.9
+    assert packed["useful_share"] == 1.0 and packed["useful_tokens_per_s"] == packed["tokens_per_s"]
+    assert padded["backend"] == "universal" and padded["backend_reason"]
+    assert padded["planner_torch_gib"] > 0 and padded["planner_error"] is None  # no GPU peak on the CPU
+    # fp32 on the CPU, same seed, same rows: the chunked loss equals transformers' loss, padded or packed
+    for ours in (padded, packed):
+        assert ours["parity_max_rel"] is not None and ours["parity_max_rel"] < 1e-4 and ours["parity_ok"] is True
+        assert ours["speed_vs_baseline"] == pytest.approx(ours["useful_tokens_per_s"] / base["useful_tokens_per_s"])
     md = (tmp_path / "out" / "smoke.md").read_text()
     for line in ("- date: ", "- card: CPU", "- versions: python ", "- command: `"):
         assert line in md
-    assert "--smoke" in md and "| smoke-llama lora seq 64 x2 | - | ours:universal | universal |" in md
-    assert "## Goals" in md
+    assert "--smoke" in md and "| smoke-llama lora seq 512 x4 real lengths | - | ours:universal:packed | universal |" in md
+    assert "## Goals" in md and "Speed at equal memory" not in md  # no GPU peaks, nothing to compare
 
 
 # ---------------------------------------------------------------- the card simulator (benchmarks/cards.py)

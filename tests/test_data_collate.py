@@ -1,4 +1,5 @@
-"""Collators: padding, and padding-free packing that keeps examples apart in attention."""
+"""Collators: padding, and padding-free packing that keeps examples apart in attention and gives the same
+per-token loss through the engine's loss (engine/lean.py) as padding does."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from tui_finetune.core.recipe import MemorySpec
 from tui_finetune.data.collate import PaddingCollator, TokenBudgetBatchSampler, make_collator
 from tui_finetune.data.render import IGNORE_INDEX
+from tui_finetune.engine.lean import lean_causal_lm_loss
 
 ROWS = [
     {"input_ids": [5, 6, 7, 8, 9], "labels": [-100, -100, 7, 8, 9], "length": 5, "sample_id": 0},
@@ -72,6 +75,45 @@ def test_padded_rows_give_the_same_logits_as_unpadded(data_qwen_tokenizer) -> No
         for i, row in enumerate(ROWS):
             alone = model(input_ids=torch.tensor([row["input_ids"]])).logits[0]
             torch.testing.assert_close(padded[i, :len(row["input_ids"])], alone, rtol=1e-4, atol=1e-5)
+
+
+def _token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each counted token's cross-entropy, in order (labels shift left by one, -100 is dropped)."""
+    flat_logits, flat_labels = logits[..., :-1, :].reshape(-1, logits.shape[-1]), labels[..., 1:].reshape(-1)
+    keep = flat_labels != IGNORE_INDEX
+    return torch.nn.functional.cross_entropy(flat_logits[keep], flat_labels[keep], reduction="none")
+
+
+def test_packing_gives_the_same_per_token_loss_and_gradients_as_padding(data_qwen_tokenizer) -> None:
+    """Issue #14's condition for packing: the loss is unchanged. Per token (from the logits), and as the
+    engine trains it: lean_causal_lm_loss with loss chunks (4 tokens) that straddle example boundaries,
+    against transformers' own loss on the padded batch; the gradients too."""
+    model = tiny_llama("sdpa").train()
+    padded = make_collator(data_qwen_tokenizer, packing=False)(ROWS)
+    packed = make_collator(data_qwen_tokenizer, packing=True)(ROWS)
+    with torch.no_grad():
+        per_padded = _token_losses(model(**{k: v for k, v in padded.items() if k != "labels"}).logits,
+                                   padded["labels"])
+        per_packed = _token_losses(model(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
+                                         use_cache=False).logits, packed["labels"])
+    assert per_padded.numel() == 6  # the tokens that carry loss: 3 + 2 + 1
+    torch.testing.assert_close(per_packed, per_padded, rtol=1e-5, atol=1e-6)
+
+    memory = MemorySpec(loss_chunk_tokens=4)
+    grads = []
+    for batch in (padded, packed):
+        model.zero_grad(set_to_none=True)
+        loss = lean_causal_lm_loss(model, batch, memory)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    reference = model(**padded).loss
+    torch.testing.assert_close(grads[0][0], reference.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[1][0], reference.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[1][0], per_padded.mean(), rtol=1e-5, atol=1e-6)
+    for from_padded, from_packed in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(from_packed, from_padded, rtol=1e-4, atol=1e-6)
+    unmasked = {"input_ids": packed["input_ids"], "labels": packed["labels"]}  # no position_ids: examples leak
+    assert not torch.allclose(lean_causal_lm_loss(model, unmasked, memory).detach(), reference.detach(), atol=1e-4)
 
 
 def test_token_budget_sampler_uses_every_example_once_within_the_budget() -> None:
