@@ -21,7 +21,8 @@ Each row records peak max_memory_reserved, tokens/s and useful (non-pad) tokens/
 3 steps), every loss, and for ours the backend chosen and why, and the planner's torch peak against
 the measured one (goal: within 10%). Parity is the worst relative difference of the first 50 losses
 from the baseline's (goal: 1%). ``--repeat N`` runs the stacks N times in turn (A, B, A, B, ...) and
-reports each stack's mean and spread. Results go to ``--out`` as ``<tag>.json`` and ``<tag>.md``,
+reports each stack's mean and spread; ``--append`` adds the rounds to those already in the tag's
+results, so rounds can be spread over several calls. Results go to ``--out`` as ``<tag>.json`` and ``<tag>.md``,
 rewritten after every row, with the card, the date, the package versions and the exact command. See
 benchmarks/README.md for a GPU machine.
 
@@ -198,9 +199,25 @@ def measure(case: dict, stack: str, args: argparse.Namespace, common: list[str])
     return row
 
 
+def previous_results(out_dir: Path, tag: str) -> tuple[list[dict], str]:
+    """--append: the rows and command(s) of ``<out>/<tag>.json``, each row in a round (``rep``; 1 if it had none)."""
+    path = out_dir / f"{tag}.json"
+    if not path.exists():
+        return [], ""
+    payload = json.loads(path.read_text(encoding="utf-8"))
+    rows = [{"rep": 1, **row} for row in payload["rows"]]
+    return rows, payload["command"]
+
+
+def next_round(rows: list[dict], case: dict) -> int:
+    """The first round number after the case's rounds so far (1 for a case with none)."""
+    return 1 + max((r.get("rep", 1) for r in rows if report.case_key(r) == report.case_key(case)), default=0)
+
+
 def run_all(cases: list[dict], stack_names: list[str], args: argparse.Namespace) -> list[dict]:
-    rows: list[dict] = []
-    command = recorded_command()
+    rows, before = previous_results(Path(args.out), args.tag) if args.append else ([], "")
+    command = "; ".join(c for c in (before, recorded_command()) if c)
+    rounds = args.repeat > 1 or args.append  # a single run's rows carry no round
     common = ["--steps", str(args.steps)] + (["--smoke"] if args.smoke else [])
     for item in args.set:
         common += ["--set", item]
@@ -213,9 +230,10 @@ def run_all(cases: list[dict], stack_names: list[str], args: argparse.Namespace)
                 report.write_results(rows, command, args.steps, Path(args.out), args.tag)
                 continue
             built.add(case["model"])
-        for rep in range(1, args.repeat + 1):  # A, B, A, B, ...: drift on the machine hits every stack alike
+        first = next_round(rows, case)
+        for rep in range(first, first + args.repeat):  # A, B, A, B, ...: drift on the machine hits every stack alike
             for stack in stack_names:
-                rows.append(measure(case, stack, args, common) | ({"rep": rep} if args.repeat > 1 else {}))
+                rows.append(measure(case, stack, args, common) | ({"rep": rep} if rounds else {}))
                 print(json.dumps({k: v for k, v in rows[-1].items() if k != "losses"}), flush=True)
                 report.write_results(rows, command, args.steps, Path(args.out), args.tag)  # a killed run keeps its rows
     if args.drop_models:
@@ -236,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeat", type=int, default=1,
                         help="run the stacks N times in turn (A, B, A, B, ...); the report gives each stack's "
                              "mean and spread, and ratios as the mean over the runs of the same round")
+    parser.add_argument("--append", action="store_true",
+                        help="keep the rows of <out>/<tag>.json and add this call's as further rounds, so rounds "
+                             "spread over several calls (each under a time limit) report together")
     parser.add_argument("--steps", type=int, help=f"optimizer steps per stack (default {report.PARITY_STEPS})")
     parser.add_argument("--cap-gb", type=float, default=None, help="default cap in GiB for cases without one")
     parser.add_argument("--set", action="append", default=[], help="recipe override for ours (key=value)")

@@ -131,9 +131,13 @@ def _row(stack: str, useful: float, peak: float | None = None, rep: int | None =
 def test_ratios_use_useful_tokens_and_compare_each_round_with_its_own_baseline():
     rows = [_row("ours:universal", 3000, rep=1), _row("baseline", 2000, rep=1),
             _row("ours:universal", 3300, rep=2), _row("baseline", 3000, rep=2),
-            {**_row("baseline", 1000), "lengths": "fixed"}]  # another case: never a peer
+            {**_row("baseline", 1000), "lengths": "fixed"},  # another case: never a peer
+            _row("ours:auto", 3000, rep=3, losses=[10.0, 9.9]), _row("unsloth", 2500, rep=3)]  # a round without baseline
     report.summarize(rows)
     assert rows[0]["speed_vs_baseline"] == pytest.approx(1.5) and rows[2]["speed_vs_baseline"] == pytest.approx(1.1)
+    auto = rows[5]
+    assert auto["speed_vs_baseline"] is None and auto["speed_vs_unsloth"] == pytest.approx(1.2)
+    assert auto["parity_max_rel"] == pytest.approx(0.1)  # against the case's first baseline (round 1)
     old = {**_row("ours:auto", 0), "tokens_per_s": 500.0}
     del old["useful_tokens_per_s"]
     assert report.useful_speed(old) == 500.0  # results from before issue #14: fixed lengths, nothing padded
@@ -197,6 +201,30 @@ def test_a_single_run_has_no_rounds(monkeypatch, tmp_path):
     rows = memory_speed.run_all([parse_case("gemma-2b:qlora:1024:1")], ["ours:auto", "baseline"], options)
     assert all("rep" not in r for r in rows)
     assert "## Repeats" not in (tmp_path / "latest.md").read_text()
+
+
+def test_append_adds_rounds_to_the_tag_so_calls_under_a_time_limit_report_together(monkeypatch, tmp_path):
+    monkeypatch.setattr(memory_speed, "run_child", lambda args, smoke, timeout: (
+        {"stack": args[args.index("--one") + 1], **parse_case(args[args.index("--cases") + 1]),
+         "tokens_per_s": 100.0, "losses": [1.0]}, ""))
+    case = parse_case("gemma-2b:qlora:1024:4:real")
+    other = parse_case("phi-2:qlora:2048:1")
+
+    def call(*extra: str) -> list[dict]:
+        options = memory_speed.build_parser().parse_args(["--smoke", "--steps", "1", "--out", str(tmp_path), *extra])
+        return memory_speed.run_all([case, other], ["ours:auto", "baseline"], options)
+
+    call()  # a single run: no rounds in its rows
+    rows = call("--append", "--repeat", "2")
+    assert [(r["model"], r["rep"]) for r in rows] == [
+        ("gemma-2b", 1), ("gemma-2b", 1), ("phi-2", 1), ("phi-2", 1),  # the first call's rows, now round 1
+        ("gemma-2b", 2), ("gemma-2b", 2), ("gemma-2b", 3), ("gemma-2b", 3),
+        ("phi-2", 2), ("phi-2", 2), ("phi-2", 3), ("phi-2", 3)]
+    payload = json.loads((tmp_path / "latest.json").read_text())
+    assert len(payload["rows"]) == 12 and payload["command"].count("python -m benchmarks.memory_speed") == 2
+    gemma = next(s for s in payload["repeats"] if s["case"].startswith("gemma-2b") and s["stack"] == "ours:auto")
+    assert gemma["runs"] == 3 and gemma["vs_baseline"] == pytest.approx([1.0, 1.0, 1.0])
+    assert len(call()) == 4  # without --append the tag starts over
 
 
 # ---------------------------------------------------------------- the fixed-length path, in-process
