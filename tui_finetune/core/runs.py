@@ -257,6 +257,9 @@ class RunSummary:
     last_loss: float | None
     created_at: float
     message: str = ""
+    effective_batch: int = 0
+    """Sequences a step (micro-batch x accumulation x world size); 0 before training started."""
+    world_size: int = 1
 
 
 def summarize_run(run_dir: Path) -> RunSummary:
@@ -267,7 +270,8 @@ def summarize_run(run_dir: Path) -> RunSummary:
         run_id=info.run_id, run_dir=run_dir, model=info.model, state=shown_state(info),
         step=last_step.step if last_step else 0,
         total_steps=(last_step.total_steps if last_step else 0) or info.total_steps,
-        last_loss=last_step.loss if last_step else None, created_at=info.created_at, message=info.message)
+        last_loss=last_step.loss if last_step else None, created_at=info.created_at, message=info.message,
+        effective_batch=info.effective_batch, world_size=info.world_size)
 
 
 def list_runs(base: Path | None = None) -> list[RunSummary]:
