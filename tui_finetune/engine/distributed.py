@@ -113,6 +113,17 @@ def any_rank(*flags: bool) -> tuple[bool, ...]:
     return tuple(bool(v) for v in tensor.tolist())
 
 
+def failing_rank(failed: bool) -> int | None:
+    """Whether any rank failed, and which (the highest, when several did): every rank learns it at once."""
+    if not _active():
+        return 0 if failed else None
+    import torch.distributed as dist
+
+    tensor = torch.tensor([float(dist.get_rank() + 1 if failed else 0)], device=_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item()) - 1 if tensor.item() > 0 else None
+
+
 def min_over_ranks(value: float) -> float:
     """The smallest ``value`` of any rank (auto-fit's free VRAM: the smallest card decides)."""
     if not _active():

@@ -238,6 +238,8 @@ class FitCheckCallback(TrainerCallback):
             if not is_oom(err):
                 raise
             failed = str(err).splitlines()[0] if str(err) else type(err).__name__
-        if distributed.any_rank(bool(failed))[0] or result is None:
-            raise torch.OutOfMemoryError(failed or "CUDA out of memory in the fit-check on another rank")
+        rank = distributed.failing_rank(bool(failed))
+        if rank is not None or result is None:
+            raise torch.OutOfMemoryError(failed if failed.startswith("CUDA out of memory on rank") else
+                                         f"CUDA out of memory on rank {rank}" + (f": {failed}" if failed else ""))
         return result

@@ -163,9 +163,9 @@ class LeanTrainer(Trainer):
         """End of a step's micro-batches on every rank: all raise together when any ran out of memory (the
         one OOM rule then shrinks every rank alike), else the gradients are averaged as DDP would have."""
         mine, self.rank_oom = self.rank_oom, ""
-        if distributed.any_rank(bool(mine))[0]:
-            where = f"rank {self.args.process_index}: {mine}" if mine else "on another rank"
-            raise torch.OutOfMemoryError(f"CUDA out of memory {where}")
+        rank = distributed.failing_rank(bool(mine))
+        if rank is not None:
+            raise torch.OutOfMemoryError(f"CUDA out of memory on rank {rank}" + (f": {mine}" if mine else ""))
         distributed.average_gradients(model.parameters())
 
     def _micro_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
@@ -204,8 +204,9 @@ class LeanTrainer(Trainer):
             if not is_oom(err):
                 raise
             out, failed = None, first_line(err)
-        if distributed.any_rank(bool(failed))[0]:
-            raise torch.OutOfMemoryError(f"CUDA out of memory in evaluation {'here: ' + failed if failed else 'on another rank'}")
+        rank = distributed.failing_rank(bool(failed))
+        if rank is not None:
+            raise torch.OutOfMemoryError(f"CUDA out of memory in evaluation on rank {rank}" + (f": {failed}" if failed else ""))
         return out
 
     def _predict(self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool,
