@@ -223,9 +223,9 @@ class LeanTrainer(Trainer):
         return loss.detach(), None, None
 
     def _bare(self, model: Any) -> Any:
-        """The model without its DDP wrapper: the lean loss reaches into its decoder and head, and with the
-        gradients averaged by ``_sync_ranks`` DDP's forward has nothing left to do."""
-        return self.accelerator.unwrap_model(model) if self.args.world_size > 1 else model
+        """The model without a DDP wrapper (torchrun wraps even one process): the lean loss reaches into its
+        decoder and head, and with the gradients averaged by ``_sync_ranks`` DDP's forward has nothing to do."""
+        return self.accelerator.unwrap_model(model)
 
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
         """Trainer's evaluate; a CUDA OOM halves the eval batch and tries again (training is untouched),
