@@ -140,7 +140,9 @@ class Worker:
             if not self.ranks.is_main:  # its traceback goes to worker.log; rank 0 says how the run ended
                 traceback.print_exc()
                 return 1
-            if self.ranks.distributed and (self.stop.signalled or _is_peer_failure(err)):
+            # the error must say a peer is gone; torchrun's SIGTERM alone is no proof: when the other rank failed
+            # first on the same data, this one fails the same way a moment later, and must say so
+            if self.ranks.distributed and _is_peer_failure(err):
                 return self._another_rank_ended(err)
             return self._fail_from(err)
         if stopped:
