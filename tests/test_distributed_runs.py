@@ -144,3 +144,17 @@ def test_a_kill_9_of_rank_1_leaves_the_run_interrupted_and_resume_completes_from
     steps = [s.step for s in events_of(run, StepEvent)]
     resumed_at = len(steps) - 1 - steps[::-1].index(step + 1)
     assert steps[resumed_at:] == list(range(step + 1, 11))  # the resumed attempt goes on from the checkpoint
+
+
+def test_a_bad_row_fails_a_two_process_run_with_the_data_advice_not_as_interrupted(tiny, tmp_path):
+    """Both ranks meet the bad row; whichever dies first, torchrun ends the other, and the run must still
+    say what to fix rather than offer a resume that would fail the same way."""
+    from tui_finetune.core.events import ErrorEvent
+
+    model, _ = tiny
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "hi", "output": "ho"}\n{"instruction": \n', encoding="utf-8")
+    run = launch(_recipe(model, devices=2, micro=2, accum=1, steps=4), bad, tmp_path / "home")
+    assert wait_dead(run) == "failed", (run / "worker.log").read_text()[-3000:]
+    [error] = events_of(run, ErrorEvent)
+    assert error.kind == "data" and "bad.jsonl:2" in error.message

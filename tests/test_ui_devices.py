@@ -14,8 +14,8 @@ SIZE = (110, 40)
 MIXED_GPUS = HardwareReport(gpus=[GpuInfo(0, "NVIDIA GeForce RTX 3060", 12 * GIB, GIB, 11 * GIB, (8, 6)),
                                   GpuInfo(1, "NVIDIA GeForce RTX 4090", 24 * GIB, GIB, 23 * GIB, (8, 9))],
                             driver_version="550.54", cuda_driver_version="12.4")
-TWIN_GPUS = HardwareReport(gpus=[GpuInfo(i, "NVIDIA GeForce RTX 3090", 24 * GIB, GIB, 23 * GIB, (8, 6)) for i in (0, 1)],
-                           driver_version="550.54", cuda_driver_version="12.4")
+TWIN_GPUS = HardwareReport(gpus=[GpuInfo(i, "NVIDIA GeForce RTX 3090", 24 * GIB, GIB, 23 * GIB, (8, 6))
+                                 for i in (0, 1)], driver_version="550.54", cuda_driver_version="12.4")
 
 
 async def _to_launch(pilot) -> None:

@@ -31,9 +31,10 @@ DEVICES_NOTE = (" (another number of GPUs: each step's rows are dealt out differ
 def checkpoint_state(recipe: RecipeSpec, data_hash: str, micro_batch: int, grad_accum: int, step: int,
                      eval_loss: float | None, world_size: int = 1) -> dict[str, Any]:
     """The body of ``run_state.json`` for a checkpoint saved at ``step`` by ``world_size`` ranks."""
+    effective = micro_batch * grad_accum * world_size
     return {"step": step, "model": recipe.model, "data_hash": data_hash, "micro_batch": micro_batch,
-            "grad_accum": grad_accum, "world_size": world_size, "effective_batch": micro_batch * grad_accum * world_size,
-            "eval_loss": eval_loss, "recipe": recipe.to_dict()}
+            "grad_accum": grad_accum, "world_size": world_size, "effective_batch": effective, "eval_loss": eval_loss,
+            "recipe": recipe.to_dict()}
 
 
 def resume_differences(checkpoint: Path, recipe: RecipeSpec, data_hash: str | None = None) -> list[str]:

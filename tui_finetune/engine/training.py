@@ -206,7 +206,8 @@ class LeanTrainer(Trainer):
             out, failed = None, first_line(err)
         rank = distributed.failing_rank(bool(failed))
         if rank is not None:
-            raise torch.OutOfMemoryError(f"CUDA out of memory in evaluation on rank {rank}" + (f": {failed}" if failed else ""))
+            raise torch.OutOfMemoryError(f"CUDA out of memory in evaluation on rank {rank}"
+                                         + (f": {failed}" if failed else ""))
         return out
 
     def _predict(self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool,

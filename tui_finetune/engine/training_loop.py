@@ -151,8 +151,8 @@ class TrainingLoop:
         update_run_info(self.run_dir, micro_batch=new_micro, grad_accum=new_accum, oom_shrinks=shrinks)
         self.log.emit(WarningEvent(
             message=f"CUDA out of memory{' in the fit-check' if in_check else ''}: micro-batch {micro} -> {new_micro}, "
-                    f"gradient accumulation {accum} -> {new_accum} (effective batch {new_micro * new_accum * self.world_size} "
-                    "unchanged); nothing partial was saved",
+                    f"gradient accumulation {accum} -> {new_accum} (effective batch "
+                    f"{new_micro * new_accum * self.world_size} unchanged); nothing partial was saved",
             advice=f"to skip this next time: --set train.micro_batch={new_micro} train.grad_accum={new_accum}"))
         return new_micro, new_accum
 

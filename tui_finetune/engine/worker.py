@@ -245,7 +245,8 @@ class Worker:
                                   backends.expected_backend(source.folder, recipe, device, failures))
         model, self.backend = loaded.model, loaded.backend
         reason = loaded.choice.reason if not ranks.distributed else "pure PyTorch: multi-GPU runs train on it"
-        update_run_info(run_dir, backend=loaded.choice.name, backend_reason=reason, backend_skipped=loaded.choice.skipped)
+        update_run_info(run_dir, backend=loaded.choice.name, backend_reason=reason,
+                        backend_skipped=loaded.choice.skipped)
         trainable, total = loading.count_parameters(model)
         self.phase("tokenize", f"{trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters train "
                                f"({100 * trainable / max(total, 1):.2f}%) on the {loaded.choice.name} backend "
