@@ -143,3 +143,34 @@ def test_a_follower_rank_never_writes_the_run_folder(tmp_path):
     assert out.returncode == 0, out.stderr
     assert ((run_dir / "run.json").read_bytes(), (run_dir / "recipe.toml").read_bytes()) == before
     assert read_run_info(run_dir).state == "running" and read_run_recipe(run_dir).model == "m"
+
+
+def test_resume_on_another_number_of_gpus_is_refused_without_force_and_says_why(tmp_path, monkeypatch, capsys):
+    """The CLI end of it, on a run folder with one sealed checkpoint; no worker is started."""
+    from tui_finetune.cli import main
+    from tui_finetune.core import launch
+    from tui_finetune.core.runs import RECIPE_FILE, create_run, read_run_info, read_run_recipe, update_run_info
+    from tui_finetune.engine.checkpoints import STAGING, finalize_checkpoint
+    from tui_finetune.engine.resume import checkpoint_state
+
+    monkeypatch.setenv("TUI_FINETUNE_HOME", str(tmp_path / "home"))
+    started = []
+    monkeypatch.setattr(launch, "start_worker_detached", lambda run_dir, env=None: started.append(run_dir) or 0)
+    data = tmp_path / "d.jsonl"
+    data.write_text("{}\n", encoding="utf-8")
+    recipe = RecipeSpec(model="m", method="lora", train=TrainSpec(devices=2, micro_batch=2, grad_accum=1))
+    run_dir = create_run(recipe, data)
+    staged = run_dir / "checkpoints" / STAGING / "checkpoint-4"
+    staged.mkdir(parents=True)
+    (staged / "run_state.json").write_text(json.dumps(checkpoint_state(recipe, "", 2, 1, 4, None, 2)), encoding="utf-8")
+    finalize_checkpoint(staged, run_dir / "checkpoints", 4)
+    update_run_info(run_dir, state="interrupted", world_size=2)
+
+    assert main(["resume", run_dir.name, "--devices", "1", "--detach"]) == 2
+    out = capsys.readouterr().out
+    assert "train.devices: 2 -> 1" in out and "data order changes" in out and "--force" in out
+    assert not started and read_run_recipe(run_dir).train.devices == 2  # nothing changed
+
+    assert main(["resume", run_dir.name, "--devices", "1", "--detach", "--force"]) == 0
+    assert started == [run_dir] and read_run_recipe(run_dir).train.devices == 1
+    assert read_run_info(run_dir).resume_force and (run_dir / RECIPE_FILE).read_text().count("devices = 1") == 1
