@@ -70,6 +70,7 @@ def test_a_single_device_run_on_a_multi_gpu_machine_is_pinned_to_the_best_card()
     assert pin_gpus({}, MIXED, 3)["CUDA_VISIBLE_DEVICES"] == "0,1,2"
     assert "CUDA_VISIBLE_DEVICES" not in pin_gpus({}, HardwareReport(gpus=[_gpu(0, 8)]), 1)  # nothing to choose
     assert pin_gpus({"CUDA_VISIBLE_DEVICES": "3, 5,7"}, MIXED, 1)["CUDA_VISIBLE_DEVICES"] == "3"  # the user's wins
+    assert pin_gpus({"CUDA_VISIBLE_DEVICES": ""}, MIXED, 1)["CUDA_VISIBLE_DEVICES"] == ""  # even "no GPU"
 
 
 def test_a_multi_gpu_run_is_planned_for_its_smallest_card():

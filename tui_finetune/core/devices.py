@@ -64,7 +64,7 @@ def pin_gpus(env: dict[str, str], report: HardwareReport, count: int) -> dict[st
     Unchanged on a machine with at most one GPU (nothing to choose). The user's own
     ``CUDA_VISIBLE_DEVICES`` wins: the run takes its first ``count`` entries."""
     env = dict(env)
-    if env.get(VISIBLE, "").strip():
+    if VISIBLE in env:  # set, even empty (no GPU at all): the user's choice
         visible = [part.strip() for part in env[VISIBLE].split(",") if part.strip()]
         env[VISIBLE] = ",".join(visible[:count])
         return env
