@@ -73,6 +73,14 @@ def test_a_single_device_run_on_a_multi_gpu_machine_is_pinned_to_the_best_card()
     assert pin_gpus({"CUDA_VISIBLE_DEVICES": ""}, MIXED, 1)["CUDA_VISIBLE_DEVICES"] == ""  # even "no GPU"
 
 
+def test_the_users_cuda_visible_devices_limits_the_gpus_a_run_may_use():
+    from tui_finetune.core.devices import visible_gpu_count
+
+    assert visible_gpu_count(MIXED, {}) == 3
+    assert visible_gpu_count(MIXED, {"CUDA_VISIBLE_DEVICES": "2"}) == 1
+    assert visible_gpu_count(MIXED, {"CUDA_VISIBLE_DEVICES": ""}) == 0
+
+
 def test_a_multi_gpu_run_is_planned_for_its_smallest_card():
     assert [g.index for g in pick_gpus(MIXED, 2)] == [1, 2]
     assert smallest_gpu(MIXED, 2).index == 2  # 24 GB, but 4 GB of it held by another program

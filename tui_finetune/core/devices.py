@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Mapping
 
 from tui_finetune.core.hardware import GpuInfo, HardwareReport
 from tui_finetune.core.recipe import RecipeError
@@ -44,6 +45,14 @@ def settle_devices(value: int | str, gpu_count: int) -> int:
         raise RecipeError(f"train.devices = {value} but this machine has {gpu_count} NVIDIA GPU"
                           f"{'s' if gpu_count > 1 else ''}: use --devices {gpu_count} (or \"all\"), or fewer")
     return value
+
+
+def visible_gpu_count(report: HardwareReport, env: Mapping[str, str]) -> int:
+    """GPUs a run may use: NVML's count, or fewer when the user's ``CUDA_VISIBLE_DEVICES`` names fewer
+    (NVML ignores that variable; CUDA doesn't)."""
+    if VISIBLE in env:
+        return min(len(report.gpus), len([part for part in env[VISIBLE].split(",") if part.strip()]))
+    return len(report.gpus)
 
 
 def pick_gpus(report: HardwareReport, count: int) -> list[GpuInfo]:

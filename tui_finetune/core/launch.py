@@ -22,7 +22,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from tui_finetune.core.devices import pin_gpus, settle_devices, worker_command
+from tui_finetune.core.devices import pin_gpus, settle_devices, visible_gpu_count, worker_command
 from tui_finetune.core.hardware import HardwareReport, detect_hardware, machine_facts
 from tui_finetune.core.recipe import MachineFacts, RecipeSpec, check_recipe_fits_machine, resolve_precision
 from tui_finetune.core.runs import STOP_FILE, WORKER_LOG, create_run, read_run_recipe, update_run_info
@@ -43,7 +43,7 @@ def start_worker_detached(run_dir: Path, env: dict[str, str] | None = None,
     package_root = str(Path(__file__).resolve().parents[2])
     child_env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, child_env.get("PYTHONPATH", "")) if p)
     report = report or detect_hardware()
-    processes = settle_devices(read_run_recipe(run_dir).train.devices, len(report.gpus))
+    processes = settle_devices(read_run_recipe(run_dir).train.devices, visible_gpu_count(report, child_env))
     child_env = pin_gpus(child_env, report, processes)
     (run_dir / STOP_FILE).unlink(missing_ok=True)  # a stale STOP would end the resumed run at once
     with (run_dir / WORKER_LOG).open("ab") as log:
@@ -71,7 +71,7 @@ def prepare_recipe(recipe: RecipeSpec, facts: MachineFacts | None = None,
 
 def settle_recipe_devices(recipe: RecipeSpec, report: HardwareReport) -> RecipeSpec:
     """``train.devices`` as the number of processes it means here (``"all"`` resolved; too many refused)."""
-    devices = settle_devices(recipe.train.devices, len(report.gpus))
+    devices = settle_devices(recipe.train.devices, visible_gpu_count(report, os.environ))
     return replace(recipe, train=replace(recipe.train, devices=devices))
 
 
