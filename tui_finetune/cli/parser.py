@@ -14,6 +14,8 @@ SET_HELP = "override a recipe value, e.g. --set train.max_steps=20 (repeatable)"
 COLUMNS_HELP = "column mapping, e.g. prompt=question,reply=answer (the recipe's data.columns)"
 ALLOW_DROP_HELP = "train on the usable rows even when more than data.max_drop_fraction (5%%) are dropped"
 FORMAT_HELP = "force a format: alpaca, sharegpt, messages, prompt_completion, text (the recipe's data.format)"
+DEVICES_HELP = ("GPUs to train on, data-parallel: a number or 'all' (the recipe's train.devices; default 1). Every GPU "
+                "holds the whole model: more GPUs train faster, they don't fit a bigger model")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,8 +62,9 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--columns", help=COLUMNS_HELP)
     train.add_argument("--allow-drop", action="store_true", help=ALLOW_DROP_HELP)
     train.add_argument("--format", help=FORMAT_HELP)
+    train.add_argument("--devices", metavar="N|all", help=DEVICES_HELP)
     train.add_argument("--detach", action="store_true", help="start the run, print its id and return at once")
-    sub.add_parser("runs", help="list runs: id, model, state, step, last loss, age")
+    sub.add_parser("runs", help="list runs: id, model, state, step, last loss, batch (sequences a step), age")
     logs = sub.add_parser("logs", help="print a run's events")
     logs.add_argument("run", nargs="?", default="last", help="run id (or a unique part of it); default: the last run")
     logs.add_argument("-f", "--follow", action="store_true", help="keep following until the run ends")
@@ -78,6 +81,9 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
                         help="change a recipe value for the rest of the run (needs --force unless it is a checkpoint.* key)")
     resume.add_argument("--force", action="store_true",
                         help="resume even though the recipe, model or data changed since the checkpoint")
+    resume.add_argument("--devices", metavar="N|all",
+                        help="resume on another number of GPUs (needs --force: the data order changes, and so does "
+                             "the effective batch unless you change train.grad_accum too)")
 
 
 def _add_after_training(sub: argparse._SubParsersAction) -> None:

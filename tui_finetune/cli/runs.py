@@ -9,6 +9,7 @@ a checkpoint); a second Ctrl+C only detaches. No torch import here.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -21,12 +22,13 @@ from rich.text import Text
 from tui_finetune.cli.data_options import data_overrides
 from tui_finetune.core.event_text import EventFollower, describe_event, resume_wording, state_colour, worker_gone_line
 from tui_finetune.core.events import EndEvent, Event, SampleEvent, StepEvent, read_events
-from tui_finetune.core.launch import launch_run, resume_run
+from tui_finetune.core.hardware import detect_hardware
+from tui_finetune.core.launch import launch_run, resume_run, settle_recipe_devices
 from tui_finetune.core.recipe import (
     RecipeError, load_recipe, save_recipe)
 from tui_finetune.core.presets import find_recipe
 from tui_finetune.core.runs import (
-    CHECKPOINTS_DIR, EVENTS_FILE, RECIPE_FILE, RunError, find_run, list_runs, pid_alive,
+    CHECKPOINTS_DIR, EVENTS_FILE, RECIPE_FILE, RunError, RunSummary, find_run, list_runs, pid_alive,
     read_run_info, request_stop, shown_state, update_run_info)
 
 console = Console(highlight=False)
@@ -60,7 +62,7 @@ def _train(args: argparse.Namespace) -> int:
     from tui_finetune.data.validate import refuse_unusable_data
 
     recipe_path = find_recipe(args.recipe)
-    recipe = load_recipe(recipe_path, data_overrides(args))
+    recipe = load_recipe(recipe_path, data_overrides(args) + devices_override(args))
     data = Path(args.data) if args.data else default_data_for(recipe_path)
     if data is None:
         raise RecipeError(f"{recipe_path}: no --data given and the recipe ships no sample data: pass --data FILE")
@@ -86,7 +88,8 @@ def _resume(args: argparse.Namespace) -> int:
         raise RunError(f"{run_dir.name} is still {state}: follow it with 'tui-finetune logs -f {run_dir.name}'")
     if state == "completed":
         raise RunError(f"{run_dir.name} already completed: its adapter is in {run_dir / 'adapter'}")
-    recipe = load_recipe(run_dir / RECIPE_FILE, args.overrides)
+    overrides = list(args.overrides) + devices_override(args)
+    recipe = settle_recipe_devices(load_recipe(run_dir / RECIPE_FILE, overrides), detect_hardware())
     try:
         choice = find_resume_checkpoint(run_dir / CHECKPOINTS_DIR, args.from_step)
     except CheckpointError as err:
@@ -97,10 +100,10 @@ def _resume(args: argparse.Namespace) -> int:
     if diffs and not args.force:
         raise RunError(f"{run_dir.name}: {refusal_message(choice.path, diffs, run_dir.name)}")
     changes: dict = {"resume_from_step": args.from_step, "resume_force": bool(args.force)}
-    if args.overrides:
+    if overrides:
         save_recipe(recipe, run_dir / RECIPE_FILE, f"Resolved recipe of run {run_dir.name}, changed on resume: "
-                    + " ".join(args.overrides))
-        if any(o.split("=", 1)[0].strip() in ("train.micro_batch", "train.grad_accum") for o in args.overrides):
+                    + " ".join(overrides))
+        if any(o.split("=", 1)[0].strip() in ("train.micro_batch", "train.grad_accum") for o in overrides):
             changes.update(micro_batch=0, grad_accum=0)  # the new recipe's batch replaces an OOM-shrunk one
     update_run_info(run_dir, **changes)
     resume_run(run_dir)
@@ -111,6 +114,14 @@ def _resume(args: argparse.Namespace) -> int:
         return 0
     console.print(plan)
     return follow_run(run_dir, from_end=True)
+
+
+def devices_override(args: argparse.Namespace) -> list[str]:
+    """``--devices N|all`` as the ``--set train.devices=...`` it stands for."""
+    value = getattr(args, "devices", None)
+    if not value:
+        return []
+    return [f"train.devices={int(value) if value.strip().isdigit() else json.dumps(value.strip())}"]
 
 
 def _age(seconds: float) -> str:
@@ -126,17 +137,24 @@ def _runs(args: argparse.Namespace) -> int:
         console.print("no runs yet: start one with 'tui-finetune train demo-cpu' (CPU demo) or 'tui-finetune train RECIPE --data FILE'")
         return 0
     table = Table(show_header=True, header_style="bold")
-    for column in ("id", "model", "state", "step", "last loss", "age"):  # an id is copied whole: never cut
-        table.add_column(column, justify="right" if column in ("step", "last loss") else "left",
+    for column in ("id", "model", "state", "step", "last loss", "batch", "age"):  # an id is copied whole: never cut
+        table.add_column(column, justify="right" if column in ("step", "last loss", "batch") else "left",
                          no_wrap=column == "id", min_width=max((len(r.run_id) for r in rows), default=2)
                          if column == "id" else None, overflow="fold" if column != "id" else "ignore")
     now = time.time()
     for row in rows:
         table.add_row(row.run_id, row.model, Text(row.state, style=state_colour(row.state)),
                       f"{row.step}/{row.total_steps}", "-" if row.last_loss is None else f"{row.last_loss:.4f}",
-                      _age(now - row.created_at))
+                      _batch_text(row), _age(now - row.created_at))
     console.print(table)
     return 0
+
+
+def _batch_text(row: RunSummary) -> str:
+    """Sequences a step, with the number of processes when more than one trains: ``16 (x2)``."""
+    if not row.effective_batch:
+        return "-"
+    return f"{row.effective_batch}" + (f" (x{row.world_size})" if row.world_size > 1 else "")
 
 
 def _logs(args: argparse.Namespace) -> int:

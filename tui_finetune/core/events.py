@@ -14,6 +14,8 @@ Every line has ``type`` (one of the names below) and ``time`` (Unix seconds). Th
 - ``progress``: progress within a phase (bytes downloaded, rows tokenized); ``total`` may be 0 if unknown.
 - ``step``: one logged optimizer step: loss, lr, grad-norm, tokens/s, epoch, step of total, ETA and VRAM
   (torch reserved and peak on this process, NVML used and total for the whole card; None on the CPU).
+  With several GPUs the loss is the mean over the ranks, tokens/s counts all of them, and
+  ``rank_vram_peak_mb`` has every rank's peak.
 - ``eval``: an evaluation on the validation split.
 - ``checkpoint``: a checkpoint became complete (its marker exists).
 - ``sample``: a generation on a held-out prompt, ``label`` before or after training.
@@ -81,6 +83,8 @@ class StepEvent(Event):
     """The worker's resident memory (RSS): what a CPU run uses of the machine's RAM."""
     rss_peak_mb: float | None = None
     """The worker's highest RSS so far (since the process started)."""
+    rank_vram_peak_mb: list[float] | None = None
+    """A multi-GPU run's ``vram_peak_mb`` of every rank, rank 0 first (the other figures are rank 0's)."""
 
 
 @dataclass

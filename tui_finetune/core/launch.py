@@ -1,7 +1,8 @@
 """Create a run and start its worker detached: the one way the UI and ``train --detach`` launch.
 
-The worker is ``python -m tui_finetune.engine.worker RUN_DIR``; starting it as a command keeps this
-module (and so the UI) free of torch and of the engine package. POSIX: a new session
+The worker is ``python -m tui_finetune.engine.worker RUN_DIR``, or torchrun starting one per GPU when
+``train.devices`` is more than 1 (core/devices.py: the command, and which cards); starting it as a
+command keeps this module (and so the UI) free of torch and of the engine package. POSIX: a new session
 (``start_new_session``), so the terminal's hangup and Ctrl+C never reach it. Windows: a new process
 group detached from the console. stdin is closed and stdout/stderr go to ``RUN_DIR/worker.log``.
 The pid goes into ``run.json`` at once, so a reader never sees a run without its pid.
@@ -9,8 +10,8 @@ The pid goes into ``run.json`` at once, so a reader never sees a run without its
 ``launch_run`` is the one way a run starts (the wizard, ``train``, the tests), so it also settles the
 recipe the same way for all of them before it is stored: ``prepare_recipe`` makes a local model
 folder's path absolute (the worker runs in the run folder), refuses what this machine can't run, and
-replaces ``auto`` precisions with this machine's. The stored recipe.toml then doesn't depend on where
-the run was started.
+replaces ``auto`` precisions with this machine's, and ``train.devices = "all"`` with the number of GPUs.
+The stored recipe.toml then doesn't depend on where the run was started.
 """
 
 from __future__ import annotations
@@ -21,19 +22,18 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from tui_finetune.core.hardware import detect_hardware, machine_facts
+from tui_finetune.core.devices import pin_gpus, settle_devices, visible_gpu_count, worker_command
+from tui_finetune.core.hardware import HardwareReport, detect_hardware, machine_facts
 from tui_finetune.core.recipe import MachineFacts, RecipeSpec, check_recipe_fits_machine, resolve_precision
-from tui_finetune.core.runs import STOP_FILE, WORKER_LOG, create_run, update_run_info
-
-WORKER_MODULE = "tui_finetune.engine.worker"
+from tui_finetune.core.runs import STOP_FILE, WORKER_LOG, create_run, read_run_recipe, update_run_info
 
 
-def worker_command(run_dir: Path, python: str | None = None) -> list[str]:
-    return [python or sys.executable, "-m", WORKER_MODULE, str(run_dir)]
+def start_worker_detached(run_dir: Path, env: dict[str, str] | None = None,
+                          report: HardwareReport | None = None) -> int:
+    """Start the worker on ``run_dir`` in its own session; returns its pid (also written to run.json).
 
-
-def start_worker_detached(run_dir: Path, env: dict[str, str] | None = None) -> int:
-    """Start the worker on ``run_dir`` in its own session; returns its pid (also written to run.json)."""
+    With ``train.devices`` above 1 the pid is torchrun's, the parent of every rank: it lives as long as
+    any of them, and it ends the others when one dies (run.json's ``world_size`` says how many)."""
     kwargs: dict = {}
     if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
         kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.DETACHED_PROCESS
@@ -42,24 +42,37 @@ def start_worker_detached(run_dir: Path, env: dict[str, str] | None = None) -> i
     child_env = dict(os.environ if env is None else env)
     package_root = str(Path(__file__).resolve().parents[2])
     child_env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, child_env.get("PYTHONPATH", "")) if p)
+    report = report or detect_hardware()
+    processes = settle_devices(read_run_recipe(run_dir).train.devices, visible_gpu_count(report, child_env))
+    child_env = pin_gpus(child_env, report, processes)
     (run_dir / STOP_FILE).unlink(missing_ok=True)  # a stale STOP would end the resumed run at once
     with (run_dir / WORKER_LOG).open("ab") as log:
-        proc = subprocess.Popen(worker_command(run_dir), stdin=subprocess.DEVNULL, stdout=log,
+        proc = subprocess.Popen(worker_command(run_dir, processes), stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=subprocess.STDOUT, cwd=str(run_dir), env=child_env, close_fds=True, **kwargs)
-    update_run_info(run_dir, pid=proc.pid, state="running")
+    update_run_info(run_dir, pid=proc.pid, state="running", world_size=processes)
     return proc.pid
 
 
-def prepare_recipe(recipe: RecipeSpec, facts: MachineFacts | None = None) -> RecipeSpec:
+def prepare_recipe(recipe: RecipeSpec, facts: MachineFacts | None = None,
+                   report: HardwareReport | None = None) -> RecipeSpec:
     """The recipe as a run stores it: absolute local model path, checked against this machine (raises
-    ``RecipeError`` with the fix), ``auto`` precisions resolved. ``facts`` default to this machine's."""
-    if facts is None:
-        facts = machine_facts(detect_hardware())
+    ``RecipeError`` with the fix), ``auto`` precisions resolved, ``train.devices`` a number.
+    ``facts`` and ``report`` default to this machine's."""
+    if facts is None or report is None:
+        report = report or detect_hardware()
+        facts = facts or machine_facts(report)
     local_model = Path(recipe.model).expanduser()
     if local_model.is_dir():
         recipe = replace(recipe, model=str(local_model.resolve()))
     check_recipe_fits_machine(recipe, facts, None)
+    recipe = settle_recipe_devices(recipe, report)
     return resolve_precision(recipe, facts)
+
+
+def settle_recipe_devices(recipe: RecipeSpec, report: HardwareReport) -> RecipeSpec:
+    """``train.devices`` as the number of processes it means here (``"all"`` resolved; too many refused)."""
+    devices = settle_devices(recipe.train.devices, visible_gpu_count(report, os.environ))
+    return replace(recipe, train=replace(recipe.train, devices=devices))
 
 
 def launch_run(recipe: RecipeSpec, data_path: str | Path, base: Path | None = None,

@@ -105,6 +105,11 @@ class TrainSpec:
     """Recompute activations in the backward pass: much less memory for about 30% more time."""
     logging_steps: int = 1
     seed: int = 42
+    devices: int | str = 1
+    """GPUs to train on, data-parallel (torchrun): 1, a number, or ``"all"``. Every GPU holds the whole
+    model and trains its own share of each step's rows, so the effective batch is micro_batch x
+    grad_accum x devices; a model that doesn't fit one card is not split across cards. Without a GPU,
+    N processes on the CPU (what the tests use)."""
 
 
 @dataclass
@@ -177,7 +182,10 @@ class RecipeSpec:
 
     @property
     def effective_batch(self) -> int:
-        return self.train.micro_batch * self.train.grad_accum
+        """Sequences per optimizer step: micro-batch x accumulation x devices (``"all"`` counts as 1 until
+        the launch settles it to a number)."""
+        devices = self.train.devices if isinstance(self.train.devices, int) else 1
+        return self.train.micro_batch * self.train.grad_accum * devices
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -222,6 +230,9 @@ def check_recipe_values(recipe: RecipeSpec, source: str = "recipe") -> None:
     _check_range(f"{source}: train.warmup_ratio", recipe.train.warmup_ratio, 0.0, 0.5)
     _check_range(f"{source}: train.max_steps", recipe.train.max_steps, 0)
     _check_range(f"{source}: train.logging_steps", recipe.train.logging_steps, 1)
+    if recipe.train.devices != "all" and not (isinstance(recipe.train.devices, int) and recipe.train.devices >= 1):
+        raise RecipeError(f"{source}: train.devices: {recipe.train.devices!r} must be a number of GPUs (1, 2, ...) "
+                          "or \"all\"")
     _check_range(f"{source}: checkpoint.every_steps", recipe.checkpoint.every_steps, 1)
     _check_range(f"{source}: checkpoint.every_minutes", recipe.checkpoint.every_minutes, 0.0)
     _check_range(f"{source}: checkpoint.keep_last", recipe.checkpoint.keep_last, 1)
@@ -300,6 +311,10 @@ def _coerce(where: str, value: Any, hint: Any) -> Any:
         if isinstance(value, str):
             return value
         raise RecipeError(f"{where}: expected a string in quotes, got {value!r}")
+    if hint == int | str:  # train.devices: a number or "all"
+        if isinstance(value, (int, str)) and not isinstance(value, bool):
+            return value
+        raise RecipeError(f"{where}: expected a whole number or a string in quotes, got {value!r}")
     # list[str] | str (LoRA target modules)
     if isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
         return value

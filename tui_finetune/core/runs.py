@@ -11,7 +11,8 @@ Layout of ``runs_dir()/<run-id>/``::
 
 Run ids read and sort by time: ``20261126-091630-gemma-3-270m``. Any process may read a run; only
 its worker (and ``request_stop``) writes ``run.json``, always by atomic replace, so a reader never
-sees half a file. A ``running`` run whose pid is gone is shown as ``interrupted``.
+sees half a file; of a multi-GPU run's ranks only rank 0 writes (``make_run_folders_read_only``).
+A ``running`` run whose pid is gone is shown as ``interrupted``.
 Plain Python: no torch here.
 """
 
@@ -101,6 +102,13 @@ class RunInfo:
     resume_from_step: int | None = None
     resume_force: bool = False
     """Set by ``resume --from STEP`` / ``--force`` for the next worker, which clears them once read."""
+    world_size: int = 1
+    """Processes training the run (``train.devices`` settled at launch): above 1, ``pid`` is torchrun's,
+    the parent of the ranks, and a stop is the STOP file alone (every rank reads it)."""
+    rank_pids: list[int] = field(default_factory=list)
+    """Each rank's pid, rank 0 first (multi-process runs)."""
+    effective_batch: int = 0
+    """Sequences per optimizer step now: micro-batch x accumulation x world size (0 until training starts)."""
 
 
 def make_run_id(model: str, now: datetime | None = None) -> str:
@@ -149,8 +157,21 @@ def read_run_info(run_dir: Path) -> RunInfo:
     return RunInfo(**{k: v for k, v in data.items() if k in known})
 
 
+_read_only = False
+
+
+def make_run_folders_read_only() -> None:
+    """From now on this process reads run folders but never writes ``run.json`` or ``recipe.toml``: it is a
+    rank other than 0 of a multi-process run, which trains in step with rank 0 but leaves the folder to it.
+    One switch here, rather than a condition at every writer, so no code path can forget it."""
+    global _read_only
+    _read_only = True
+
+
 def write_run_info(run_dir: Path, info: RunInfo) -> None:
     """Write run.json by atomic replace: readers see the old or the new file, never a torn one."""
+    if _read_only:
+        return
     tmp = run_dir / f".{RUN_FILE}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(asdict(info), indent=2), encoding="utf-8")
     os.replace(tmp, run_dir / RUN_FILE)
@@ -169,6 +190,8 @@ def read_run_recipe(run_dir: Path) -> RecipeSpec:
 def write_run_recipe(run_dir: Path, recipe: RecipeSpec, data_path: str | Path | None = None) -> None:
     """Write the run's resolved recipe by atomic replace: the worker rewrites it when auto-fit changes
     a value, so that a resume trains with the same values."""
+    if _read_only:
+        return
     data = data_path if data_path is not None else read_run_info(run_dir).data_path
     header = (f"Resolved recipe of run {run_dir.name}. "
               f"Start again with: tui-finetune train {run_dir / RECIPE_FILE} --data {data}")
@@ -234,6 +257,9 @@ class RunSummary:
     last_loss: float | None
     created_at: float
     message: str = ""
+    effective_batch: int = 0
+    """Sequences a step (micro-batch x accumulation x world size); 0 before training started."""
+    world_size: int = 1
 
 
 def summarize_run(run_dir: Path) -> RunSummary:
@@ -244,7 +270,8 @@ def summarize_run(run_dir: Path) -> RunSummary:
         run_id=info.run_id, run_dir=run_dir, model=info.model, state=shown_state(info),
         step=last_step.step if last_step else 0,
         total_steps=(last_step.total_steps if last_step else 0) or info.total_steps,
-        last_loss=last_step.loss if last_step else None, created_at=info.created_at, message=info.message)
+        last_loss=last_step.loss if last_step else None, created_at=info.created_at, message=info.message,
+        effective_batch=info.effective_batch, world_size=info.world_size)
 
 
 def list_runs(base: Path | None = None) -> list[RunSummary]:
@@ -283,12 +310,15 @@ def find_run(ref: str, base: Path | None = None) -> Path:
 
 
 def request_stop(run_dir: Path) -> RunInfo:
-    """Ask a worker to save a checkpoint and exit: a STOP file (works everywhere) plus SIGINT on POSIX."""
+    """Ask a worker to save a checkpoint and exit: a STOP file (works everywhere) plus SIGINT on POSIX.
+
+    Not the signal for a multi-process run: its pid is torchrun's, which would pass the signal on and kill
+    every rank 30 s later, saved or not; each rank reads the STOP file and they stop together instead."""
     info = read_run_info(run_dir)
     (run_dir / STOP_FILE).write_text(f"stop requested at {time.time():.0f}\n", encoding="utf-8")
     if info.state == "running" and pid_alive(info.pid):
         info = update_run_info(run_dir, state="stopping")
-        if sys.platform != "win32" and info.pid:
+        if sys.platform != "win32" and info.pid and info.world_size <= 1:
             try:
                 os.kill(info.pid, signal.SIGINT)
             except OSError:

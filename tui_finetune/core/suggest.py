@@ -14,6 +14,7 @@ from typing import Iterable
 
 from tui_finetune.core.advice import MemoryTip, fit_advice, fitting_tips
 from tui_finetune.core.catalog import CATALOG, ModelSpec
+from tui_finetune.core.devices import DATA_PARALLEL_NOTE
 from tui_finetune.core.hardware import GpuInfo
 from tui_finetune.core.model_source import resolve_model_spec
 from tui_finetune.core.planner import (
@@ -192,4 +193,7 @@ def plan_recipe(recipe: RecipeSpec, card: CardSpec | None) -> RecipePlan:
         return plan_case(changed_case, card, changed_profile).fit != WONT_FIT
 
     tips = tuple(fitting_tips(recipe, fits)) if option.fit == WONT_FIT else ()
-    return RecipePlan(option.estimate, option.fit, card.usable_gib - option.estimate.total_gib, option.reason, tips)
+    reason = option.reason
+    if recipe.train.devices != 1:  # several GPUs: the same verdict per card, and no promise of more room
+        reason += f"; planned per card, because {DATA_PARALLEL_NOTE} (no FSDP)"
+    return RecipePlan(option.estimate, option.fit, card.usable_gib - option.estimate.total_gib, reason, tips)

@@ -1,7 +1,9 @@
 """Our TrainerCallbacks: live events, stop requests, wall-clock checkpoints, sealing checkpoints, the trace.
 
 Trainer keeps the loop (DESIGN.md); these hooks only observe it and set ``control`` flags, so the
-loop's behaviour (gradient accumulation, resume, evaluation) stays Trainer's own.
+loop's behaviour (gradient accumulation, resume, evaluation) stays Trainer's own. Trainer calls them on
+every rank of a multi-GPU run: what must be decided together (stop, save) is agreed over the ranks
+(engine/distributed.py), and only rank 0 seals checkpoints or writes events.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from tui_finetune.core.events import CheckpointEvent, EvalEvent, EventLog, StepEvent, WarningEvent
 from tui_finetune.core.recipe import RecipeSpec
+from tui_finetune.engine import distributed
 from tui_finetune.engine.checkpoints import (
     RUN_STATE, STAGING, clear_staging, finalize_checkpoint, rotate_checkpoints, write_json_atomic)
 from tui_finetune.engine.faults import fault_point
@@ -91,13 +94,15 @@ class EventsCallback(TrainerCallback):
         elapsed = now - self._start_time
         eta = elapsed / done * (state.max_steps - state.global_step) if done > 0 else None
         vram = read_vram()
+        rank_peaks = distributed.gather_from_ranks(vram.peak_mb or 0.0) if args.world_size > 1 else None
         rss, rss_peak = read_rss_mb()
         self.log.emit(StepEvent(
             step=state.global_step, total_steps=state.max_steps, epoch=float(state.epoch or 0.0),
             loss=_float(logs.get("loss")), lr=_float(logs.get("learning_rate")), grad_norm=_float(logs.get("grad_norm")),
             tokens_per_s=tokens_per_s, eta_s=eta, elapsed_s=elapsed,
             vram_reserved_mb=vram.reserved_mb, vram_peak_mb=vram.peak_mb,
-            nvml_used_mb=vram.nvml_used_mb, nvml_total_mb=vram.nvml_total_mb, rss_mb=rss, rss_peak_mb=rss_peak))
+            nvml_used_mb=vram.nvml_used_mb, nvml_total_mb=vram.nvml_total_mb, rss_mb=rss, rss_peak_mb=rss_peak,
+            rank_vram_peak_mb=rank_peaks if vram.peak_mb is not None else None))
 
 
 class RunFolderGone(SystemExit):
@@ -122,9 +127,11 @@ class StopCallback(TrainerCallback):
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: object) -> None:
         exit_if_run_folder_gone(args)
-        if self.every_s > 0 and time.time() - self._last_save >= self.every_s:
+        due = self.every_s > 0 and time.time() - self._last_save >= self.every_s
+        stop, due = distributed.any_rank(self.stop_requested(), due)  # every rank stops and saves at the same step
+        if due:
             control.should_save = True
-        if self.stop_requested():
+        if stop:
             self.stopped_at = state.global_step
             control.should_save = True
             control.should_training_stop = True
@@ -158,6 +165,12 @@ class SealCheckpointCallback(TrainerCallback):
         self.log.emit(WarningEvent(message=message, advice="close programs that may hold the folder open"))
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: object) -> None:
+        distributed.barrier()  # every rank's files (its RNG state) are in the staging folder
+        if args.process_index == 0:
+            self._seal(args, state)
+        distributed.barrier()  # and every rank sees the sealed checkpoint (the OOM rule resumes from it)
+
+    def _seal(self, args: TrainingArguments, state: TrainerState) -> None:
         step = state.global_step
         staged = self.checkpoints_dir / STAGING / f"checkpoint-{step}"
         if not staged.is_dir():
@@ -166,7 +179,7 @@ class SealCheckpointCallback(TrainerCallback):
                           if "eval_loss" in e and e.get("step") == step), None)
         write_json_atomic(staged / RUN_STATE, checkpoint_state(
             self.recipe, self.data_hash, args.per_device_train_batch_size, args.gradient_accumulation_steps,
-            step, eval_loss))
+            step, eval_loss, args.world_size))
         final = finalize_checkpoint(staged, self.checkpoints_dir, step)
         self.last_sealed = final
         clear_staging(self.checkpoints_dir, warn=self._warn)

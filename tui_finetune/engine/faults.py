@@ -17,7 +17,9 @@ environment, whether to die. Unset (every real run), it costs one dict lookup.
 - ``oom:eval:MB``                evaluation raises it while the eval batch exceeds MB
 - ``oom:sample`` / ``oom:save``  the before/after generation, or the final adapter save, raises it
 
-Without ``@S`` a fault fires at every step. ``TUI_FINETUNE_TRACE=FILE`` is the other hook: each
+Without ``@S`` a fault fires at every step. A ``#R`` suffix (``oom:train:1@3#1``) limits a fault to the
+rank R of a multi-process run (engine/distributed.py), so a test can fail one card of several.
+``TUI_FINETUNE_TRACE=FILE`` is the other hook: each
 optimizer step appends ``{"step", "ids", "loss"}`` (the sample ids it trained on, the exact loss
 as a hex float) to FILE, so a test can compare what a resumed run saw with an uninterrupted one.
 """
@@ -41,28 +43,31 @@ class Fault:
     point: str
     arg: int | None
     step: int | None
+    rank: int | None = None
+    """Only on this rank of a multi-process run (None: every process)."""
 
 
 def parse_faults(text: str) -> tuple[Fault, ...]:
-    """``exit:save-after-file:2@4,oom:train:2@1`` -> Faults; a malformed item raises ValueError."""
+    """``exit:save-after-file:2@4,oom:train:2@1#1`` -> Faults; a malformed item raises ValueError."""
     out = []
     for item in filter(None, (part.strip() for part in text.split(","))):
-        body, _, step = item.partition("@")
+        item_body, _, rank = item.partition("#")
+        body, _, step = item_body.partition("@")
         parts = body.split(":")
         if len(parts) not in (2, 3):
-            raise ValueError(f"{FAULT_ENV}: '{item}' is not ACTION:POINT[:ARG][@STEP]")
+            raise ValueError(f"{FAULT_ENV}: '{item}' is not ACTION:POINT[:ARG][@STEP][#RANK]")
         arg = int(parts[2]) if len(parts) == 3 else None
-        out.append(Fault(parts[0], parts[1], arg, int(step) if step else None))
+        out.append(Fault(parts[0], parts[1], arg, int(step) if step else None, int(rank) if rank else None))
     return tuple(out)
 
 
 @lru_cache(maxsize=1)
-def _faults(text: str) -> tuple[Fault, ...]:
-    return parse_faults(text)
+def _faults(text: str, rank: str) -> tuple[Fault, ...]:
+    return tuple(f for f in parse_faults(text) if f.rank is None or f.rank == int(rank or 0))
 
 
 def active_faults() -> tuple[Fault, ...]:
-    return _faults(os.environ.get(FAULT_ENV, ""))
+    return _faults(os.environ.get(FAULT_ENV, ""), os.environ.get("RANK", ""))
 
 
 def find_fault(action: str, point: str, step: int | None = None) -> Fault | None:

@@ -14,7 +14,9 @@ It leaves no trace: the LoRA weights and the optimizer's state are put back as t
 run's moments included), the gradients set to None, the RNG states and train/eval mode restored, and
 the allocator's cache emptied, so the run's numbers are those it would have had without the check
 and a backend's compile caches see the same step they will see in training. On the CPU it runs too
-(that is how it is tested), without memory figures.
+(that is how it is tested), without memory figures. With several ranks every rank checks the same
+longest batch on its own card, and an out-of-memory on any of them is raised on all (the smallest card
+decides, and the one OOM rule shrinks every rank alike).
 """
 
 from __future__ import annotations
@@ -106,6 +108,8 @@ def fit_check_step(trainer: Any, batch: dict[str, Any]) -> FitCheckResult:
     counted = int((labels[..., 1:] != -100).sum()) if torch.is_tensor(labels) else None
     if not hasattr(trainer, "current_gradient_accumulation_steps"):  # set by the loop from its first step on
         trainer.current_gradient_accumulation_steps = trainer.args.gradient_accumulation_steps
+    if hasattr(trainer, "begin_optimizer_step"):  # one micro-batch, then the ranks sync (training.py)
+        trainer.begin_optimizer_step(1)
     with _leaves_no_trace(model, optimizer):
         if cuda:
             torch.cuda.synchronize()
@@ -213,7 +217,29 @@ class FitCheckCallback(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.passed or not len(self.dataset):
             return
-        result = fit_check_step(self.trainer, longest_batch(self.dataset, self.collator,
-                                                            args.per_device_train_batch_size))
+        batch = longest_batch(self.dataset, self.collator, args.per_device_train_batch_size)
+        if args.world_size <= 1:
+            result = fit_check_step(self.trainer, batch)
+        else:
+            result = self._check_on_every_rank(batch)
         self.passed = True
         self.on_checked(result)
+
+    def _check_on_every_rank(self, batch: dict[str, Any]) -> FitCheckResult:
+        """The check on this rank; an out-of-memory on any rank (the headroom check is this card's own) is
+        raised on every rank, after the check's clean-up, so all of them shrink together."""
+        from tui_finetune.engine import distributed
+        from tui_finetune.engine.training import is_oom
+
+        result, failed = None, ""
+        try:
+            result = fit_check_step(self.trainer, batch)
+        except Exception as err:
+            if not is_oom(err):
+                raise
+            failed = str(err).splitlines()[0] if str(err) else type(err).__name__
+        rank = distributed.failing_rank(bool(failed))
+        if rank is not None or result is None:
+            raise torch.OutOfMemoryError(failed if failed.startswith("CUDA out of memory on rank") else
+                                         f"CUDA out of memory on rank {rank}" + (f": {failed}" if failed else ""))
+        return result

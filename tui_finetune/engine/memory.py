@@ -26,13 +26,17 @@ class VramFigures:
 
 @lru_cache(maxsize=1)
 def _nvml_handle() -> Any:
-    """The NVML handle of the card torch uses, or None where NVML is missing or broken."""
+    """The NVML handle of the card torch uses, or None where NVML is missing or broken. Found by its UUID:
+    torch's device number counts only the visible cards (a run pinned to NVML's GPU 1 calls it cuda:0)."""
     try:
         import pynvml
 
         pynvml.nvmlInit()
         index = torch.cuda.current_device()
-        return pynvml.nvmlDeviceGetHandleByIndex(index)
+        try:
+            return pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{torch.cuda.get_device_properties(index).uuid}")
+        except Exception:  # noqa: BLE001 - an older driver or torch without the UUID: the index, as before
+            return pynvml.nvmlDeviceGetHandleByIndex(index)
     except Exception:  # noqa: BLE001 - NVML is optional: no figures is better than no training
         return None
 

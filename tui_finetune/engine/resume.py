@@ -23,11 +23,17 @@ fp32 upcast change precision, so they still count). The worker's advice after a 
 ``--set memory.backend=universal``, must not get the resume refused."""
 
 
+DEVICES_NOTE = (" (another number of GPUs: each step's rows are dealt out differently, so the data order changes, "
+                "and the effective batch is micro_batch x grad_accum x devices)")
+"""A resume on another number of GPUs can't be exact, so it counts as a change: refused without --force."""
+
+
 def checkpoint_state(recipe: RecipeSpec, data_hash: str, micro_batch: int, grad_accum: int, step: int,
-                     eval_loss: float | None) -> dict[str, Any]:
-    """The body of ``run_state.json`` for a checkpoint saved at ``step``."""
+                     eval_loss: float | None, world_size: int = 1) -> dict[str, Any]:
+    """The body of ``run_state.json`` for a checkpoint saved at ``step`` by ``world_size`` ranks."""
+    effective = micro_batch * grad_accum * world_size
     return {"step": step, "model": recipe.model, "data_hash": data_hash, "micro_batch": micro_batch,
-            "grad_accum": grad_accum, "effective_batch": micro_batch * grad_accum, "eval_loss": eval_loss,
+            "grad_accum": grad_accum, "world_size": world_size, "effective_batch": effective, "eval_loss": eval_loss,
             "recipe": recipe.to_dict()}
 
 
@@ -37,7 +43,8 @@ def resume_differences(checkpoint: Path, recipe: RecipeSpec, data_hash: str | No
     if not state.get("recipe"):
         return []
     then = recipe_from_dict(state["recipe"], f"{checkpoint.name}/run_state.json")
-    diffs = [line for line in recipe_diff(then, recipe) if not line.startswith(IGNORED_PREFIXES)]
+    diffs = [line + (DEVICES_NOTE if line.startswith("train.devices:") else "")
+             for line in recipe_diff(then, recipe) if not line.startswith(IGNORED_PREFIXES)]
     if data_hash and state.get("data_hash") and data_hash != state["data_hash"]:
         diffs.append(f"data hash: {state['data_hash'][:12]} -> {data_hash[:12]} (the data file changed)")
     return diffs

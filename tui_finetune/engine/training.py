@@ -8,7 +8,9 @@ other), evaluation computes the same chunked loss as training (no phase builds f
 logits), an OOM in evaluation halves only the eval batch and at batch 1 skips evaluation with a
 warning instead of failing a run whose training went well, and the fault and trace hooks of
 engine/faults.py sit in Trainer's documented override points (``training_step``,
-``prediction_step``, ``get_batch_samples``).
+``prediction_step``, ``get_batch_samples``). With several ranks (engine/distributed.py) the
+micro-batches run without DDP's reducer and the gradients are averaged once per step, after every rank
+has agreed that none ran out of memory, so an OOM on one card shrinks the batch on all of them.
 """
 
 from __future__ import annotations
@@ -25,17 +27,18 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from tui_finetune.core.events import first_line
 from tui_finetune.core.recipe import MemorySpec, RecipeSpec
-from tui_finetune.engine import lean
+from tui_finetune.engine import distributed, lean
 from tui_finetune.engine.checkpoints import STAGING
 from tui_finetune.engine.faults import TRACE_ENV, oom_limit
 from tui_finetune.engine.loading import DeviceFacts, compute_dtype
 
 
-def plan_total_steps(recipe: RecipeSpec, train_rows: int) -> int:
-    """Optimizer steps the run will take, computed the way Trainer does (partial last accumulation counts)."""
+def plan_total_steps(recipe: RecipeSpec, train_rows: int, world_size: int = 1) -> int:
+    """Optimizer steps the run will take, computed the way Trainer does (partial last accumulation counts;
+    with several ranks each takes every ``world_size``-th micro-batch, the last round padded)."""
     if recipe.train.max_steps > 0:
         return recipe.train.max_steps
-    batches = math.ceil(train_rows / recipe.train.micro_batch)
+    batches = math.ceil(math.ceil(train_rows / recipe.train.micro_batch) / world_size)
     per_epoch = max(math.ceil(batches / recipe.train.grad_accum), 1)
     return max(math.ceil(recipe.train.epochs * per_epoch), 1)
 
@@ -85,6 +88,11 @@ def build_training_args(recipe: RecipeSpec, run_dir: Path, device: DeviceFacts, 
         # evaluation is a loss, never logits: LeanTrainer.prediction_step computes it in chunks
         prediction_loss_only=True,
     )
+    if distributed.read_rank_facts().distributed:
+        # every LoRA weight takes part in every step; buffers (rotary tables) are the same on every rank, so
+        # no collective runs inside the forward, where an OOM on one rank would leave the others waiting
+        kwargs.update(ddp_backend="nccl" if device.has_cuda else "gloo", ddp_find_unused_parameters=False,
+                      ddp_broadcast_buffers=False)
     return TrainingArguments(**kwargs)
 
 
@@ -114,15 +122,53 @@ class LeanTrainer(Trainer):
         self.trace_path = os.environ.get(TRACE_ENV) or None
         self.step_sample_ids: list[int] = []
         self.step_loss = 0.0
+        self.micro_steps_left = 0
+        """Micro-batches of this optimizer step still to run on this rank: at 0 the ranks sync."""
+        self.rank_oom = ""
+        """This rank's out-of-memory in the current step ('' for none), until all ranks have heard of it."""
 
     # ------------------------------------------------ hooks: injected OOMs, the trace of each step
 
     def get_batch_samples(self, *args: Any, **kwargs: Any) -> Any:
         """Fetches one optimizer step's micro-batches: a new step's trace starts here."""
         self.step_sample_ids, self.step_loss = [], 0.0
-        return super().get_batch_samples(*args, **kwargs)
+        batches, num_items = super().get_batch_samples(*args, **kwargs)
+        self.begin_optimizer_step(len(batches))
+        return batches, num_items
+
+    def begin_optimizer_step(self, micro_steps: int) -> None:
+        """The next ``micro_steps`` calls of ``training_step`` make one optimizer step (the fit-check's is 1)."""
+        self.micro_steps_left = micro_steps
 
     def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        if self.args.world_size <= 1:
+            return self._micro_step(model, inputs, num_items_in_batch)
+        self.micro_steps_left -= 1
+        with self.accelerator.no_sync(model):  # no collective inside forward or backward: see the module docstring
+            try:
+                loss = self._micro_step(model, inputs, num_items_in_batch)
+            except Exception as err:
+                if not is_oom(err):
+                    raise
+                self.rank_oom = self.rank_oom or first_line(err)
+                loss = None
+        if loss is None:  # outside the except block, so its frames no longer hold the failed step's tensors
+            free_cuda_memory()
+            loss = torch.zeros((), device=self.args.device)
+        if self.micro_steps_left <= 0:
+            self._sync_ranks(model)
+        return loss
+
+    def _sync_ranks(self, model: Any) -> None:
+        """End of a step's micro-batches on every rank: all raise together when any ran out of memory (the
+        one OOM rule then shrinks every rank alike), else the gradients are averaged as DDP would have."""
+        mine, self.rank_oom = self.rank_oom, ""
+        rank = distributed.failing_rank(bool(mine))
+        if rank is not None:
+            raise torch.OutOfMemoryError(f"CUDA out of memory on rank {rank}" + (f": {mine}" if mine else ""))
+        distributed.average_gradients(model.parameters())
+
+    def _micro_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         traced = inputs.pop(TracingCollator.KEY, None)
         if traced is not None:
             self.step_sample_ids.extend(int(i) for i in traced.tolist())
@@ -138,9 +184,11 @@ class LeanTrainer(Trainer):
     def write_trace(self) -> None:
         """Append what this optimizer step trained on (test hook, ``TUI_FINETUNE_TRACE``)."""
         if self.trace_path:
+            record = {"step": self.state.global_step, "ids": self.step_sample_ids, "loss": float(self.step_loss).hex()}
+            if self.args.world_size > 1:
+                record["rank"] = self.args.process_index
             with open(self.trace_path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps({"step": self.state.global_step, "ids": self.step_sample_ids,
-                                         "loss": float(self.step_loss).hex()}) + "\n")
+                handle.write(json.dumps(record) + "\n")
 
     def prediction_step(self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool,
                         ignore_keys: list[str] | None = None) -> Any:
@@ -148,6 +196,22 @@ class LeanTrainer(Trainer):
         loss (Trainer's default here) builds the full-vocabulary logits, 1 GiB in fp32 for Gemma's 256k
         vocabulary at 1024 tokens, which is more than a 4 GB card has left after training."""
         inputs.pop(TracingCollator.KEY, None)
+        if self.args.world_size <= 1:
+            return self._predict(model, inputs, prediction_loss_only, ignore_keys)
+        try:  # every rank learns of an OOM on any, at the same batch, before the losses are gathered
+            out, failed = self._predict(model, inputs, prediction_loss_only, ignore_keys), ""
+        except Exception as err:
+            if not is_oom(err):
+                raise
+            out, failed = None, first_line(err)
+        rank = distributed.failing_rank(bool(failed))
+        if rank is not None:
+            raise torch.OutOfMemoryError(f"CUDA out of memory in evaluation on rank {rank}"
+                                         + (f": {failed}" if failed else ""))
+        return out
+
+    def _predict(self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool,
+                 ignore_keys: list[str] | None) -> Any:
         limit = oom_limit("eval", self.state.global_step)
         if limit is not None and self.args.per_device_eval_batch_size > limit:
             raise torch.OutOfMemoryError(f"CUDA out of memory (injected by the test hook at eval batch "
@@ -156,8 +220,13 @@ class LeanTrainer(Trainer):
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
-            loss = lean.lean_causal_lm_loss(model, inputs, self.memory)
+            loss = lean.lean_causal_lm_loss(self._bare(model), inputs, self.memory)
         return loss.detach(), None, None
+
+    def _bare(self, model: Any) -> Any:
+        """The model without a DDP wrapper (torchrun wraps even one process): the lean loss reaches into its
+        decoder and head, and with the gradients averaged by ``_sync_ranks`` DDP's forward has nothing to do."""
+        return self.accelerator.unwrap_model(model)
 
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
         """Trainer's evaluate; a CUDA OOM halves the eval batch and tries again (training is untouched),
@@ -186,7 +255,12 @@ class LeanTrainer(Trainer):
         if return_outputs or "labels" not in inputs or self.backend.uses_model_loss(self.memory):
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
-        return self.backend.loss(model, inputs, self.memory, num_items_in_batch)
+        loss = self.backend.loss(self._bare(model), inputs, self.memory, num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None and self.args.world_size > 1:
+            # as Trainer.compute_loss: num_items_in_batch counts every rank's tokens, and the gradients are
+            # averaged over the ranks, so each rank's share is scaled back up (the logged loss is then the mean)
+            loss = loss * self.accelerator.num_processes
+        return loss
 
 
 class TracingCollator:

@@ -14,6 +14,11 @@ begins, so an out-of-memory there and one in any later step reach the same handl
    (``OomGiveUp``).
 
 Evaluation's own OOMs shrink only the eval batch, and at batch 1 turn evaluation off (training.py).
+
+With several ranks an OOM on any of them is raised on all of them at the same step (training.py,
+fitcheck.py), so each rank reaches this rule with the same values and takes the same decision; rank 0
+alone records it (the others' run folder is read-only), and every value the ranks must agree on is kept
+here in memory rather than read back from run.json, which rank 0 may not have written yet.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import Any, Callable
 from transformers import set_seed
 
 from tui_finetune.core.autofit import next_micro_batch
+from tui_finetune.core.devices import describe_batch
 from tui_finetune.core.events import EventLog, PhaseEvent, WarningEvent, first_line
 from tui_finetune.core.recipe import RecipeSpec
 from tui_finetune.core.runs import CHECKPOINTS_DIR, mark_phase_failed, read_run_info, update_run_info
@@ -44,8 +50,11 @@ class TrainingLoop:
     """One run's training, from its first step (or its checkpoint) to its last, through any OOM."""
 
     def __init__(self, run_dir: Path, log: EventLog, recipe: RecipeSpec, backend: Backend | None,
-                 stop_requested: Callable[[], bool], restart_without: Callable[[BackendFailed], None]) -> None:
+                 stop_requested: Callable[[], bool], restart_without: Callable[[BackendFailed], None],
+                 world_size: int = 1) -> None:
         self.run_dir = run_dir
+        self.world_size = world_size
+        """Ranks training together: the effective batch is micro-batch x accumulation x this."""
         self.log = log
         self.recipe = recipe
         self.backend = backend
@@ -68,15 +77,18 @@ class TrainingLoop:
         checkpoints = run_dir / CHECKPOINTS_DIR
         info = read_run_info(run_dir)
         micro, accum = info.micro_batch or recipe.train.micro_batch, info.grad_accum or recipe.train.grad_accum
+        self.eval_batch = info.eval_batch or None
         initial = {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if "lora_" in k}
         stop_cb, events_cb, hooks_cb = StopCallback(self.stop_requested, recipe.checkpoint.every_minutes), EventsCallback(self.log), StepHooksCallback()
         seal_cb = SealCheckpointCallback(checkpoints, recipe.checkpoint.keep_last, self.log, recipe, data.data_hash)
         has_eval = data.eval is not None and len(data.eval) > 0 and "eval" not in info.failed_phases
         collator = make_collator(tokenizer, recipe.data.packing)
-        train_message = f"{total_steps} steps" + (f", resuming from {resume.name}" if resume else "")
+        unit = "GPUs" if device.has_cuda else "processes"
+        train_message = (f"{total_steps} steps of {describe_batch(micro, accum, self.world_size, unit)}"
+                         + (f", resuming from {resume.name}" if resume else ""))
         while True:
-            args = build_training_args(recipe, run_dir, device, total_steps, has_eval, micro, accum,
-                                       read_run_info(run_dir).eval_batch or None)
+            update_run_info(run_dir, effective_batch=micro * accum * self.world_size)
+            args = build_training_args(recipe, run_dir, device, total_steps, has_eval, micro, accum, self.eval_batch)
             trainer = build_trainer(model, tokenizer, args, data.train, data.eval if has_eval else None, collator,
                                     [events_cb, stop_cb, seal_cb, hooks_cb], recipe.memory, self._eval_shrunk,
                                     self.backend, self._eval_skipped)
@@ -94,7 +106,8 @@ class TrainingLoop:
                 in_check = not fit_cb.passed
                 del trainer
                 free_cuda_memory()
-                clear_staging(checkpoints)
+                if self.world_size <= 1 or args.process_index == 0:
+                    clear_staging(checkpoints)
                 if self.backend is not None and self.backend.name != "universal":
                     self.restart_without(BackendFailed(self.backend.name, f"CUDA out of memory in the "
                                                         f"{'fit-check' if in_check else 'training'}: {first_line(err)}"))
@@ -106,7 +119,7 @@ class TrainingLoop:
                 if resume is None:  # no checkpoint yet: start over from the very same initial adapter
                     model.load_state_dict(initial, strict=False)
                     set_seed(recipe.train.seed)
-                train_message = (f"continuing at micro-batch {micro} x accumulation {accum} from "
+                train_message = (f"continuing with {describe_batch(micro, accum, self.world_size, unit)} from "
                                  + (resume.name if resume else "the start"))
                 reset_phase_peak()
         self.evaluated_steps = set(events_cb.eval_steps)
@@ -138,8 +151,8 @@ class TrainingLoop:
         update_run_info(self.run_dir, micro_batch=new_micro, grad_accum=new_accum, oom_shrinks=shrinks)
         self.log.emit(WarningEvent(
             message=f"CUDA out of memory{' in the fit-check' if in_check else ''}: micro-batch {micro} -> {new_micro}, "
-                    f"gradient accumulation {accum} -> {new_accum} (effective batch {new_micro * new_accum} "
-                    "unchanged); nothing partial was saved",
+                    f"gradient accumulation {accum} -> {new_accum} (effective batch "
+                    f"{new_micro * new_accum * self.world_size} unchanged); nothing partial was saved",
             advice=f"to skip this next time: --set train.micro_batch={new_micro} train.grad_accum={new_accum}"))
         return new_micro, new_accum
 
@@ -149,6 +162,7 @@ class TrainingLoop:
                                    advice="training goes on; a smaller data.seq_len makes evaluation fit"))
 
     def _eval_shrunk(self, old: int, new: int) -> None:
+        self.eval_batch = new
         update_run_info(self.run_dir, eval_batch=new)
         self.log.emit(WarningEvent(message=f"CUDA out of memory in evaluation: eval batch {old} -> {new} "
                                            "(training batch unchanged)"))

@@ -13,6 +13,11 @@ first step, and recovers from a CUDA OOM anywhere in it: an accelerated backend 
 re-executes itself without it), else the micro-batch shrinks with the effective batch unchanged. The
 adapter is saved before anything else happens after training, and evaluation and the samples can
 fail without failing the run (engine/post_training.py).
+
+Started by torchrun (``train.devices`` above 1), each process is one rank (engine/distributed.py): all
+of them load the model on their own card and train; rank 0 alone writes the run folder, runs the
+samples and saves the adapter; the evaluation runs on all of them. When another rank dies, torchrun
+ends the rest and rank 0 records the run as ``interrupted``: it resumes like any other.
 """
 
 from __future__ import annotations
@@ -30,8 +35,8 @@ from typing import Any
 from tui_finetune.core.events import EndEvent, ErrorEvent, EventLog, PhaseEvent, SampleEvent, WarningEvent, first_line
 from tui_finetune.core.recipe import RecipeError, check_recipe_fits_machine
 from tui_finetune.core.runs import (
-    ADAPTER_DIR, CHECKPOINTS_DIR, EVENTS_FILE, STOP_FILE, mark_interrupted_phase_failed, read_run_info, read_run_recipe,
-    update_run_info)
+    ADAPTER_DIR, CHECKPOINTS_DIR, EVENTS_FILE, STOP_FILE, make_run_folders_read_only, mark_interrupted_phase_failed,
+    read_run_info, read_run_recipe, update_run_info)
 from tui_finetune.core.advice import memory_advice
 from tui_finetune.engine.fitting import FitRefused
 
@@ -84,15 +89,28 @@ def _is_oom(err: BaseException) -> bool:
     return is_oom(err)
 
 
+def _is_peer_failure(err: BaseException) -> bool:
+    from tui_finetune.engine.distributed import is_peer_failure
+
+    return is_peer_failure(err)
+
+
 class Worker:
     """One training run, from the folder to a final state. ``setup / train / save`` as in torchtune."""
 
     def __init__(self, run_dir: Path) -> None:
+        from tui_finetune.engine.distributed import SilentEventLog, read_rank_facts
+
         self.run_dir = run_dir
-        self.log = EventLog(run_dir / EVENTS_FILE)
+        self.ranks = read_rank_facts()
         self.stop = StopSignal(run_dir)
         self.recipe = read_run_recipe(run_dir)
         self.info = read_run_info(run_dir)
+        if self.ranks.is_main:
+            self.log = EventLog(run_dir / EVENTS_FILE)
+        else:  # the run folder has one author, rank 0
+            make_run_folders_read_only()
+            self.log = SilentEventLog(run_dir / EVENTS_FILE)
         self.checkpoint_bytes = 0
         self.backend: Any = None
 
@@ -101,11 +119,15 @@ class Worker:
         self.log.emit(PhaseEvent(phase=name, message=message))
 
     def run(self) -> int:
-        (self.run_dir / STOP_FILE).unlink(missing_ok=True)
+        if self.ranks.is_main:
+            (self.run_dir / STOP_FILE).unlink(missing_ok=True)
         self.stop.install()
         mark_interrupted_phase_failed(self.run_dir)
-        update_run_info(self.run_dir, state="running", pid=os.getpid(), started_at=time.time(), ended_at=None,
-                        versions=_versions())
+        started: dict[str, Any] = dict(state="running", started_at=time.time(), ended_at=None, versions=_versions(),
+                                       world_size=self.ranks.world_size)
+        if not self.ranks.under_torchrun:  # else run.json keeps torchrun's pid, the parent of every rank
+            started["pid"] = os.getpid()
+        update_run_info(self.run_dir, **started)
         try:
             stopped = self._train()
         except StopRequested:
@@ -115,6 +137,13 @@ class Worker:
         except FitRefused as err:  # OomGiveUp too
             return self._fail(str(err), err.advice, "oom")
         except Exception as err:  # noqa: BLE001 - every failure must end as a state with advice
+            if not self.ranks.is_main:  # its traceback goes to worker.log; rank 0 says how the run ended
+                traceback.print_exc()
+                return 1
+            # the error must say a peer is gone; torchrun's SIGTERM alone is no proof: when the other rank failed
+            # first on the same data, this one fails the same way a moment later, and must say so
+            if self.ranks.distributed and _is_peer_failure(err):
+                return self._another_rank_ended(err)
             return self._fail_from(err)
         if stopped:
             return self._end("interrupted", f"stopped; resume with 'tui-finetune resume {self.run_dir.name}'")
@@ -145,6 +174,14 @@ class Worker:
         return self._fail(f"{type(err).__name__}: {err}",
                           f"the traceback is in {self.run_dir / 'worker.log'}; please report it", "crash")
 
+    def _another_rank_ended(self, err: BaseException) -> int:
+        """Another rank was killed or crashed, and torchrun ended this one: nothing of this rank failed, and
+        the newest checkpoint is intact, so the run is interrupted and resumes like any other."""
+        traceback.print_exc()
+        return self._end("interrupted", f"another process of this {self.ranks.world_size}-process run ended (killed, "
+                                        f"or crashed: see {self.run_dir / 'worker.log'}); resume with "
+                                        f"'tui-finetune resume {self.run_dir.name}'")
+
     def _fail(self, message: str, advice: str, kind: str) -> int:
         self.log.emit(ErrorEvent(message=message, advice=advice, kind=kind))
         return self._end("failed", message)
@@ -164,8 +201,10 @@ class Worker:
         from tui_finetune.engine import backends
 
         failures = dict(self.info.backend_failures)
+        if self.ranks.distributed:
+            self._keep_to_the_universal_backend()
         backends.prepare_process(self.recipe.memory.backend, failures)  # Unsloth must come before transformers
-        from tui_finetune.engine import fitting, loading, samples
+        from tui_finetune.engine import distributed, fitting, loading, samples
         from tui_finetune.engine.post_training import run_optional_phase, save_adapter
         from tui_finetune.engine.fitting import SequenceTooLong
         from tui_finetune.engine.training_loop import TrainingLoop
@@ -173,22 +212,26 @@ class Worker:
         from tui_finetune.engine.model_source import resolve_model
         from tui_finetune.engine.training import plan_total_steps
 
-        recipe, run_dir = self.recipe, self.run_dir
+        recipe, run_dir, ranks = self.recipe, self.run_dir, self.ranks
+        distributed.start_process_group(ranks)
+        if ranks.distributed:
+            update_run_info(run_dir, rank_pids=[int(pid) for pid in distributed.gather_from_ranks(os.getpid())])
         device = loading.detect_device()
         check_recipe_fits_machine(recipe, device.machine(), None)
-        update_run_info(run_dir, device=device.name)
+        update_run_info(run_dir, device=device.name + (f" x {ranks.world_size}" if ranks.distributed else ""))
 
         self.phase("download", f"finding {recipe.model}")
         source = resolve_model(recipe.model, self.log)
         if device.has_cuda and not list_checkpoints(run_dir / CHECKPOINTS_DIR):  # auto-fit a fresh run only
-            recipe = self.recipe = fitting.auto_fit_run(run_dir, recipe, str(source.folder),
-                                                        fitting.free_vram_bytes(), self.log,
+            free = distributed.min_over_ranks(fitting.free_vram_bytes())  # every rank fits the smallest card
+            recipe = self.recipe = fitting.auto_fit_run(run_dir, recipe, str(source.folder), free, self.log,
                                                         backends.expected_backend(source.folder, recipe, device, failures),
                                                         device.machine())
         self.phase("load", f"loading {source.folder} on {device.name}")
         tokenizer = loading.load_tokenizer(source.folder, recipe)
         if recipe.method == "qlora":
             self.phase("quantize", f"quantizing to 4-bit {recipe.quant.quant_type} while loading")
+        load_oom: BaseException | None = None
         try:
             loaded = backends.load_for_training(source.folder, recipe, device, failures)
         except backends.BackendFailed as err:
@@ -196,40 +239,47 @@ class Worker:
         except Exception as err:
             if not _is_oom(err):
                 raise
-            self._refuse_load_oom(err, backends.expected_backend(source.folder, recipe, device, failures))
+            load_oom = err
+        if distributed.any_rank(load_oom is not None)[0]:  # the smallest card refuses for all of them
+            self._refuse_load_oom(load_oom or RuntimeError("CUDA out of memory on another GPU of this run"),
+                                  backends.expected_backend(source.folder, recipe, device, failures))
         model, self.backend = loaded.model, loaded.backend
-        update_run_info(run_dir, backend=loaded.choice.name, backend_reason=loaded.choice.reason,
+        reason = loaded.choice.reason if not ranks.distributed else "pure PyTorch: multi-GPU runs train on it"
+        update_run_info(run_dir, backend=loaded.choice.name, backend_reason=reason,
                         backend_skipped=loaded.choice.skipped)
         trainable, total = loading.count_parameters(model)
         self.phase("tokenize", f"{trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters train "
                                f"({100 * trainable / max(total, 1):.2f}%) on the {loaded.choice.name} backend "
-                               f"({loaded.choice.reason}); preparing data")
+                               f"({reason}); preparing data")
         data = self._prepare_data(tokenizer)
-        total_steps = plan_total_steps(recipe, len(data.train))
+        total_steps = plan_total_steps(recipe, len(data.train), ranks.world_size)
         update_run_info(run_dir, total_steps=total_steps, data_hash=data.data_hash)
 
         resume = self._choose_checkpoint(data.data_hash, trainable)
         prompt = samples.held_out_prompt(data.eval)
-        if prompt and resume is None:
+        if prompt and resume is None and ranks.is_main:
             run_optional_phase(run_dir, self.log, "sample-before", "a generation before training",
                                lambda: self._sample(model, tokenizer, prompt, "before"))
         while True:
             try:
-                loop = TrainingLoop(run_dir, self.log, recipe, self.backend, self.stop, self._restart_without)
+                loop = TrainingLoop(run_dir, self.log, recipe, self.backend, self.stop, self._restart_without,
+                                    ranks.world_size)
                 trainer = loop.run(model, tokenizer, data, device, total_steps, resume)
                 break
             except SequenceTooLong as err:  # OOM at micro-batch 1, no checkpoint yet: shorter rows, tokenized again
                 recipe = self.recipe = fitting.shorten_sequence(run_dir, recipe, err.longest, err.error, self.log, err.where)
                 data = self._prepare_data(tokenizer)
-                total_steps = plan_total_steps(recipe, len(data.train))
+                total_steps = plan_total_steps(recipe, len(data.train), ranks.world_size)
                 update_run_info(run_dir, total_steps=total_steps)
         if trainer is None:
             return True
         # The adapter first: nothing after training (evaluation, the sample) may cost it.
-        save_adapter(run_dir, model, tokenizer, self.log)
+        if ranks.is_main:
+            save_adapter(run_dir, model, tokenizer, self.log)
+        distributed.barrier()  # rank 0's writes so far are what every rank reads next (failed_phases)
         if trainer.eval_dataset is not None and trainer.state.global_step not in loop.evaluated_steps:
-            run_optional_phase(run_dir, self.log, "eval", "the final evaluation", trainer.evaluate)
-        if prompt:
+            run_optional_phase(run_dir, self.log, "eval", "the final evaluation", trainer.evaluate)  # on every rank
+        if prompt and ranks.is_main:
             run_optional_phase(run_dir, self.log, "sample-after", "a generation after training",
                                lambda: self._sample(model, tokenizer, prompt, "after"))
         return False
@@ -242,7 +292,8 @@ class Worker:
         from tui_finetune.engine.resume import refusal_message, resume_differences
 
         checkpoints = self.run_dir / CHECKPOINTS_DIR
-        clear_staging(checkpoints)
+        if self.ranks.is_main:
+            clear_staging(checkpoints)
         from_step, force = self.info.resume_from_step, self.info.resume_force
         choice = find_resume_checkpoint(checkpoints, from_step)
         for message in choice.messages():
@@ -262,6 +313,19 @@ class Worker:
         update_run_info(self.run_dir, resume_from_step=None, resume_force=False,
                         resumed_from=choice.path.name if choice.path else "")
         return choice.path
+
+    def _keep_to_the_universal_backend(self) -> None:
+        """A multi-GPU run trains on the universal path: an accelerated backend that fails restarts its
+        process (``_restart_without``), which one rank of a torchrun group can't do alone."""
+        from dataclasses import replace
+
+        if self.recipe.memory.backend in ("auto", "universal"):
+            self.recipe = replace(self.recipe, memory=replace(self.recipe.memory, backend="universal"))
+            return
+        self.log.emit(WarningEvent(message=f"memory.backend = {self.recipe.memory.backend!r} is for one GPU: this "
+                                           f"{self.ranks.world_size}-process run trains on the universal path",
+                                   advice='set memory.backend = "auto" to leave the choice to the worker'))
+        self.recipe = replace(self.recipe, memory=replace(self.recipe.memory, backend="universal"))
 
     def _refuse_load_oom(self, err: BaseException, backend: str) -> None:
         """Out of memory while loading: measured, the weights don't fit. An accelerated backend may load
@@ -311,7 +375,12 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m tui_finetune.engine.worker RUN_DIR", file=sys.stderr)
         return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return Worker(Path(argv[0])).run()
+    try:
+        return Worker(Path(argv[0])).run()
+    finally:
+        from tui_finetune.engine.distributed import stop_process_group
+
+        stop_process_group()
 
 
 if __name__ == "__main__":

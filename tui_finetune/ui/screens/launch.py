@@ -1,19 +1,23 @@
 """Step 5: everything on one page (model, recipe, data, estimated peak VRAM, rough time per epoch), then
 start. The run is created and its worker started detached by ``core.launch.launch_run``, the same code
-as ``tui-finetune train --detach``."""
+as ``tui-finetune train --detach``. On a machine with more than one NVIDIA GPU it also asks how many to
+train on (``train.devices``): the plan is then for the smallest of them, since each holds the whole model."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 from rich.table import Table
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import VerticalScroll
-from textual.widgets import Button, Static
+from textual.containers import Horizontal, VerticalScroll
+from textual.widgets import Button, Label, Select, Static
 
+from tui_finetune.core.devices import DATA_PARALLEL_NOTE, smallest_gpu
 from tui_finetune.core.paths import runs_dir
 from tui_finetune.core.hardware import machine_ram_bytes
-from tui_finetune.core.suggest import FIT_COLOURS, estimate_cpu_ram_gib, plan_recipe
+from tui_finetune.core.suggest import FIT_COLOURS, CardSpec, card_from_gpu, estimate_cpu_ram_gib, plan_recipe
 from tui_finetune.ui.planning import format_duration, rough_epoch_seconds
 from tui_finetune.ui.screens.base import WizardScreen
 from tui_finetune.ui.screens.dataset import launch_blocker
@@ -22,21 +26,52 @@ from tui_finetune.ui.screens.dataset import launch_blocker
 class LaunchScreen(WizardScreen):
     STEP = 4
     BINDINGS = [Binding("ctrl+n", "next", "Start training", priority=True)]
+    plan_card: CardSpec | None = None
+    """The card the plan is for: the wizard's, or the smallest of the GPUs chosen."""
 
     def compose_body(self) -> ComposeResult:
         with VerticalScroll(classes="wizard-body", id="launch-body"):
+            gpus = self.gpu_count()
+            if gpus > 1:
+                with Horizontal(classes="form-row"):
+                    yield Label("Train on:")
+                    yield Select([(f"{n} GPU{'s' if n > 1 else ''}", n) for n in range(1, gpus + 1)],
+                                 value=self.devices(), allow_blank=False, id="devices")
             yield Static(id="launch-summary")
             yield Static(id="launch-blocker")
             yield Button("Start training (Enter)", id="start", variant="success")
 
+    def gpu_count(self) -> int:
+        """GPUs a run could use: those found here, unless the wizard plans for another card."""
+        report = self.state.report
+        return 0 if report is None or self.state.planned_gb else len(report.gpus)
+
+    def devices(self) -> int:
+        recipe = self.state.recipe
+        devices = recipe.train.devices if recipe is not None else 1
+        return max(1, min(devices if isinstance(devices, int) else self.gpu_count(), max(self.gpu_count(), 1)))
+
+    def on_select_changed(self, event: Select.Changed) -> None:
+        if event.select.id == "devices" and self.state.recipe is not None and isinstance(event.value, int):
+            self.state.recipe = replace(self.state.recipe, train=replace(self.state.recipe.train, devices=event.value))
+            self.refresh_plan()
+
     def on_mount(self) -> None:
-        if self.state.recipe is not None:  # plan what is launched, never a stale estimate
-            self.state.plan = plan_recipe(self.state.recipe, self.state.card)
+        self.refresh_plan()
+        self.query_one("#start", Button).focus()
+
+    def refresh_plan(self) -> None:
+        """Plan what is launched, never a stale estimate: on several GPUs, for the smallest of them."""
+        self.plan_card = self.state.card
+        if self.gpu_count() > 1 and self.devices() > 1 and self.state.report is not None:
+            gpu = smallest_gpu(self.state.report, self.devices())
+            self.plan_card = card_from_gpu(gpu) if gpu is not None else self.plan_card
+        if self.state.recipe is not None:
+            self.state.plan = plan_recipe(self.state.recipe, self.plan_card)
         self.query_one("#launch-summary", Static).update(self.summary())
         blocker = self.blocker()
         self.query_one("#launch-blocker", Static).update(f"[red b]✗ Can't start: {blocker}[/]" if blocker else "")
         self.query_one("#start", Button).disabled = bool(blocker)
-        self.query_one("#start", Button).focus()
 
     def blocker(self) -> str:
         state = self.state
@@ -59,8 +94,9 @@ class LaunchScreen(WizardScreen):
         table.add_column()
         table.add_row("model", recipe.model)
         table.add_row("method", f"{recipe.method} · r {recipe.lora.r} · alpha {recipe.lora.alpha}")
+        gpus = f" × {t.devices} GPUs" if isinstance(t.devices, int) and t.devices > 1 else ""
         table.add_row("batch", f"seq {recipe.data.seq_len} × micro-batch {t.micro_batch} × accumulation "
-                               f"{t.grad_accum} = {recipe.effective_batch} sequences a step")
+                               f"{t.grad_accum}{gpus} = {recipe.effective_batch} sequences a step")
         length = f"{t.max_steps} steps" if t.max_steps else f"{t.epochs:g} epochs"
         table.add_row("schedule", f"{length} · lr {t.learning_rate:g} ({t.scheduler}) · {t.optimizer}")
         table.add_row("memory", f"gradient checkpointing {'on' if t.gradient_checkpointing else 'off'} · "
@@ -74,8 +110,11 @@ class LaunchScreen(WizardScreen):
             of = f" of this machine's {machine / 2**30:.1f} GiB" if machine else ""
             table.add_row("peak RAM", f"≈ {ram:.1f} GiB{of} (a CPU run: no GPU memory is used)")
         elif plan is not None:
-            table.add_row("peak VRAM", Text(f"≈ {plan.estimate.total_gib:.2f} GiB on {s.card.label} ({plan.fit})",
+            card = self.plan_card or s.card
+            table.add_row("peak VRAM", Text(f"≈ {plan.estimate.total_gib:.2f} GiB on {card.label} ({plan.fit})",
                                             style=FIT_COLOURS[plan.fit]))
+            if gpus:
+                table.add_row("GPUs", f"planned for the smallest card: {DATA_PARALLEL_NOTE}")
         tokens = min(lengths.get("mean", 0), recipe.data.seq_len) * data.get("kept", 0) * (1 - recipe.data.eval_split)
         if tokens:
             seconds = rough_epoch_seconds(recipe, tokens, on_gpu=s.card is not None and not s.planned_gb)
