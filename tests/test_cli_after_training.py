@@ -59,3 +59,26 @@ def test_a_run_without_an_adapter_is_refused_with_the_fix(cli_run, tmp_path, cap
     out = capsys.readouterr()
     assert "has no adapter yet" in out.out and "resume" in out.out
     assert not (unfinished / "exports").exists()
+
+
+def test_gpu_chat_export_script_runs_each_step_and_prints_export_json(tmp_path):
+    """benchmarks/chat_export_gpu.sh on the CPU with a tiny run: the lead's GPU script works before the GPU."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    home = tmp_path / "home"
+    run = make_finished_run(home, "llama")  # its runs/ folder is home/runs, as under TUI_FINETUNE_HOME
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TUI_FINETUNE_HOME": str(home), "PYTHON": sys.executable, "PYTHONPATH": str(root),
+           "LOG": str(tmp_path / "log.txt")}
+    done = subprocess.run(["bash", str(root / "benchmarks" / "chat_export_gpu.sh"), "last", "What is 3 + 2?"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for step in ("chat (fine-tune)", "chat (base)", "export merged"):
+        assert f"### {step}: exit 0, " in done.stdout
+    recorded = json.loads(done.stdout.split("export.json\n", 1)[1])["exports"]
+    assert [(r["target"], r["passed"]) for r in recorded] == [("merged", True)]
+    assert (tmp_path / "log.txt").read_text() == done.stdout
+    assert (run / "exports" / "merged").is_dir()
