@@ -92,7 +92,8 @@ def _gemma3_problem(config: Any) -> str:
     types = getattr(config, "layer_types", None) or expected
     params = getattr(config, "rope_parameters", None) or {}
     local = params.get("sliding_attention") if isinstance(params, dict) else None
-    local_theta = float((local or {}).get("rope_theta") or getattr(config, "rope_local_base_freq", GEMMA3_SWA_THETA))
+    local_theta = float((local or {}).get("rope_theta") or getattr(config, "rope_local_base_freq", None)
+                        or GEMMA3_SWA_THETA)
     # llama.cpp scales queries by 1/sqrt(head_dim), or 1/sqrt(hidden/heads) for the 62-layer 27B
     scalar = config.hidden_size // config.num_attention_heads if layers == 62 else head_dim(config)
     if getattr(config, "attn_logit_softcapping", None):
@@ -102,7 +103,7 @@ def _gemma3_problem(config: Any) -> str:
     if local_theta != GEMMA3_SWA_THETA or (local or {}).get("rope_type", "default") != "default":
         return (f"a local RoPE base of {local_theta:g} or scaled local RoPE, where llama.cpp assumes "
                 f"{GEMMA3_SWA_THETA:g} unscaled")
-    if float(getattr(config, "query_pre_attn_scalar", scalar)) != scalar:
+    if float(getattr(config, "query_pre_attn_scalar", None) or scalar) != scalar:
         return (f"query_pre_attn_scalar {config.query_pre_attn_scalar:g}, where llama.cpp scales queries by "
                 f"1/sqrt({scalar})")
     return ""

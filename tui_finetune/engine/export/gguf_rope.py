@@ -165,7 +165,8 @@ def full_attention_inv_freq(model: Any) -> Any:
 
 def apply_file_rope(model: Any, rope: FileRope) -> bool:
     """Give a transformers model the scaled RoPE the GGUF describes (its full-attention layers only, as
-    llama.cpp scales them); False, and nothing changed, when the file has no scaling."""
+    llama.cpp scales them); False, and nothing changed, when the file has no scaling. A table of another
+    size is left alone: the file's rope.dimension_count is then wrong, which the RoPE check reports."""
     import torch
 
     if rope.factors is None:
@@ -174,8 +175,7 @@ def apply_file_rope(model: Any, rope: FileRope) -> bool:
     for module, name in _rotary_buffers(model):
         current = getattr(module, name)
         if current.shape != inv_freq.shape:
-            raise ExportError(f"the GGUF's RoPE has {len(inv_freq)} frequencies and the model "
-                              f"{current.shape[0]}: the file's rope.dimension_count is wrong")
+            continue
         current.copy_(inv_freq.to(current.device, current.dtype))
         original = getattr(module, name.replace("inv_freq", "original_inv_freq"), None)
         if isinstance(original, torch.Tensor):

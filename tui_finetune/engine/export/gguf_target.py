@@ -1,6 +1,9 @@
 """``--to gguf``: write the merged fine-tune as F16 or Q8_0 GGUF (or Q4_K_M through llama-quantize), then
 check it twice: read back with the gguf package's reader, and loaded by transformers' own GGUF loader
-(an independent reading of the same conventions, for the architectures it knows).
+(an independent reading of the same conventions, for the architectures it knows). Both run with the
+file's own RoPE (transformers' loader reads no RoPE scaling), and that RoPE is compared on its own with
+the frequencies transformers computes from the base config: on a short check prompt, a wrong Llama 3
+``rope_freqs`` changes the logits by less than the F16 tolerance, so only that comparison catches it.
 """
 
 from __future__ import annotations
