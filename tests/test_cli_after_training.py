@@ -82,3 +82,25 @@ def test_gpu_chat_export_script_runs_each_step_and_prints_export_json(tmp_path):
     assert [(r["target"], r["passed"]) for r in recorded] == [("merged", True)]
     assert (tmp_path / "log.txt").read_text() == done.stdout
     assert (run / "exports" / "merged").is_dir()
+
+
+def test_a_run_trained_by_the_worker_chats_and_exports_a_checked_gguf(tmp_path, capsys):
+    """Issue 12's Done-means on a run our own worker trained (the other tests use a hand-made adapter):
+    what the trainer leaves in adapter/ is all that chat and export need."""
+    from engine_runs import start, tiny_recipe, wait_for_end
+    from export_support import build_tiny_model, write_chat_data
+
+    base = build_tiny_model(tmp_path / "base", "llama")
+    # a gentle rate: the tiny model's end-of-turn channel is a lever training pulls first (2e-3 ends every turn at once)
+    recipe = tiny_recipe(base, train={"max_steps": 4, "learning_rate": 1e-4})
+    run = start(recipe, write_chat_data(tmp_path / "chat.jsonl", rows=16), tmp_path / "home")
+    assert wait_for_end(run, timeout=300) == "completed", (run / "worker.log").read_text()[-3000:]
+
+    assert main(["chat", str(run), "--prompt", "What is 3 + 2?", "--max-new-tokens", "40"]) == 0
+    answer = capsys.readouterr()
+    assert answer.out.strip() and "cut at" not in answer.err
+    assert main(["export", str(run), "--to", "gguf"]) == 0
+    result = next(r for r in read_exports(run) if r.target == "gguf")
+    checks = {c.name: c for c in result.checks}
+    assert result.passed and not checks["transformers reload: greedy replies match"].skipped
+    assert checks["transformers reload: greedy replies match"].passed and checks["does it stop"].passed

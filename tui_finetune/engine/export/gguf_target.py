@@ -107,7 +107,7 @@ def check_gguf(run: RunFinetune, path: Path, reference: checks.Behaviour, prompt
     got = checks.measure(model, prompts, stops, run.tokenizer.pad_token_id, spec.max_new_tokens)
     del model
     results = [rope_check, _renamed(checks.compare_logits(reference, got, fmt), "gguf reader: "),
-               _renamed(checks.compare_replies(reference, got, required=fmt == "f16"), "gguf reader: "),
+               _renamed(checks.compare_replies(reference, got, required=fmt == "f16", fmt=fmt), "gguf reader: "),
                checks.check_stops(got, spec.max_new_tokens, names)]
     vocab = run.tokenizer.get_vocab()
     tokens = meta["tokens"] or []
@@ -137,7 +137,7 @@ def _check_with_transformers(run: RunFinetune, path: Path, reference: checks.Beh
     if rope_applied:
         logits.detail += " (with the file's RoPE scaling, which transformers' GGUF loader doesn't read)"
     results = [_renamed(logits, "transformers reload: "),
-               _renamed(checks.compare_replies(reference, got, required=fmt == "f16"), "transformers reload: ")]
+               _renamed(checks.compare_replies(reference, got, required=fmt == "f16", fmt=fmt), "transformers reload: ")]
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as err:  # an older transformers may not rebuild every tokenizer; the template still counts
