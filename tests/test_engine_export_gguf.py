@@ -75,6 +75,18 @@ def test_rope_freqs_is_one_over_transformers_llama3_frequency_ratio(llama3_gguf,
     assert not [k for k in reader.fields if k.startswith("llama.rope.scaling")]
 
 
+def test_tied_llama3_like_llama_3_2_in_q8_0_has_no_output_tensor_and_passes_its_checks(tmp_path):
+    import gguf
+
+    result = _export(make_finished_run(tmp_path, "llama3-tied"), "gguf", "q8_0")
+    assert result.passed, [f"{c.name}: {c.detail}" for c in result.checks if not (c.passed or c.skipped)]
+    tensors = {t.name: t for t in gguf.GGUFReader(result.path).tensors}
+    assert "output.weight" not in tensors and "token_embd.weight" in tensors  # llama.cpp reuses the embedding
+    assert tensors["rope_freqs.weight"].tensor_type == gguf.GGMLQuantizationType.F32  # never quantized
+    reload = next(c for c in result.checks if c.name == "transformers reload: logits match the fine-tune")
+    assert reload.passed and "with the file's RoPE scaling" in reload.detail
+
+
 def _greedy(model, prompt: list[int], stops: list[int], new: int = 40) -> list[int]:
     import torch
 
