@@ -16,8 +16,13 @@ from pathlib import Path
 from engine_runs import tiny_recipe
 
 TOKENIZERS = Path(__file__).resolve().parent / "data" / "tokenizers"
-ARCHS = ("llama", "qwen2", "gemma3", "mistral", "gemma", "phi")
-"""model_type of each tiny model; the tokenizer is llama-3's for llama, ChatML (Qwen2.5) for the rest."""
+ARCHS = ("llama", "llama3", "llama3-tied", "qwen2", "gemma3", "mistral", "gemma", "phi")
+"""The tiny models: a model_type, or llama3 (a Llama with Llama 3.1's RoPE scaling, tied or not); the tokenizer is
+llama-3's for the Llamas, ChatML (Qwen2.5) for the rest."""
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+"""Llama 3.1's scaling with a 64-token original context, so the tiny model's 8 rotary frequencies
+(wavelengths 6 to 20,000 tokens) fall in all three of its bands: kept, blended and divided by 8."""
 
 
 def _config(arch: str, vocab: int, tokenizer):
@@ -29,6 +34,8 @@ def _config(arch: str, vocab: int, tokenizer):
                   pad_token_id=tokenizer.pad_token_id)
     if arch == "llama":
         return tf.LlamaConfig(**common, tie_word_embeddings=False)
+    if arch in ("llama3", "llama3-tied"):  # Llama 3.1 8B, and Llama 3.2 3B with its tied embeddings
+        return tf.LlamaConfig(**common, tie_word_embeddings=arch.endswith("tied"), rope_parameters=dict(LLAMA3_ROPE))
     if arch == "mistral":
         return tf.MistralConfig(**common, tie_word_embeddings=False, sliding_window=None)
     if arch == "qwen2":
@@ -36,8 +43,10 @@ def _config(arch: str, vocab: int, tokenizer):
     if arch == "gemma":
         return tf.GemmaConfig(**common, head_dim=16)
     if arch == "gemma3":
-        # query_pre_attn_scalar and layer_types keep their defaults: a GGUF stores neither (llama.cpp derives them)
-        return tf.Gemma3TextConfig(**common, head_dim=16, sliding_window=64)
+        # head_dim 256 as in every Gemma 3 below 27B: a GGUF stores neither query_pre_attn_scalar (256) nor
+        # layer_types (every 6th global), and llama.cpp and transformers' GGUF loader derive them the same way
+        # 6 layers, so the last one is global (RoPE base 1e6) and the GGUF's freq_base is used
+        return tf.Gemma3TextConfig(**{**common, "num_hidden_layers": 6}, head_dim=256, sliding_window=64)
     if arch == "phi":
         return tf.PhiConfig(**{k: v for k, v in common.items() if k != "num_key_value_heads"},
                             num_key_value_heads=4, partial_rotary_factor=0.5, tie_word_embeddings=False)
@@ -63,15 +72,18 @@ def _wire_stop_channel(model, stop_id: int, strength: float) -> None:
             embed[stop_id, 0] = strength
 
 
-STOP_STRENGTH = {"llama": 0.6, "mistral": 0.55, "qwen2": 0.55, "phi": 0.6, "gemma": 1.5, "gemma3": 8.0}
-"""Measured: each arch stops within a few tokens on the tests' prompts, not at the first one every time."""
+STOP_STRENGTH = {"llama": 0.6, "llama3": 0.6, "mistral": 0.55, "qwen2": 0.55, "phi": 2.0, "gemma": 1.5, "gemma3": 6.0,
+                 "llama3-tied": 1.5}
+"""Measured: each arch stops within a few tokens on the tests' prompts, not at the first one every time;
+except Phi-2 (its random biases) and the tied Llama, which stop either at once or never (these values are
+well inside "at once")."""
 
 
 def build_tiny_model(folder: Path, arch: str = "llama", seed: int = 0, stop_strength: float | None = None) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-    source = TOKENIZERS / ("llama-3" if arch == "llama" else "qwen2.5-chatml")
+    source = TOKENIZERS / ("llama-3" if arch.startswith("llama") else "qwen2.5-chatml")
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(source), local_files_only=True)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -79,6 +91,10 @@ def build_tiny_model(folder: Path, arch: str = "llama", seed: int = 0, stop_stre
     tokenizer.save_pretrained(folder)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(_config(arch, len(tokenizer), tokenizer), dtype=torch.float32)
+    with torch.no_grad():  # transformers starts biases at zero, where a misplaced or misnamed one can't show
+        for name, param in model.named_parameters():
+            if name.endswith(".bias") and "norm" not in name:
+                param.normal_(0.0, 0.02)
     _wire_stop_channel(model, tokenizer.eos_token_id, stop_strength or STOP_STRENGTH[arch])
     model.save_pretrained(folder)
     return folder

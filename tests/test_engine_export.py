@@ -5,6 +5,7 @@ export are refused or leave nothing half-written."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -147,16 +148,35 @@ def test_unsupported_architecture_is_refused_with_a_message(tmp_path, llama_run)
     assert not (run / "exports").exists()
 
 
+@pytest.mark.parametrize("target", ["merged", "gguf"])
 @pytest.mark.parametrize("reader", ["free_disk_bytes", "free_ram_bytes"])
-def test_preflight_refuses_before_writing_and_says_what_is_needed(reader, llama_run, monkeypatch, tmp_path):
+def test_preflight_refuses_before_writing_and_says_what_is_needed(reader, target, llama_run, monkeypatch, tmp_path):
     from tui_finetune.engine.export import preflight
+    from tui_finetune.engine.run_model import count_parameters, stored_dtype
 
     monkeypatch.setattr(preflight, reader, lambda *args: 1024)
-    out = tmp_path / "out"
-    with pytest.raises(ExportError, match="GiB" ) as err:
-        _export(llama_run, "merged", out_dir=str(out))
-    assert ("disk" in str(err.value)) == (reader == "free_disk_bytes")
-    assert not out.exists()
+    base = Path(read_run_recipe(llama_run).model)
+    spec = ExportSpec(target, out_dir=str(tmp_path / "out"))
+    needs = preflight.estimate_needs(spec, count_parameters(base), 0, stored_dtype(base).itemsize)
+    needed = needs.disk_bytes if reader == "free_disk_bytes" else needs.ram_bytes
+    with pytest.raises(ExportError) as err:
+        _export(llama_run, target, out_dir=spec.out_dir)
+    message = str(err.value)
+    assert ("disk" in message) == (reader == "free_disk_bytes") and f"--to {target}" in message
+    assert f"{needed / preflight.GIB:.1f} GiB" in message and "0.0 GiB" in message  # needed, and what is free
+    assert not (tmp_path / "out").exists()
+
+
+def test_estimates_grow_with_the_format_and_a_merge_needs_ram_for_the_16_bit_model():
+    from tui_finetune.engine.export.preflight import GIB, estimate_needs
+
+    params = 8_000_000_000  # an 8B model stored in bf16
+    needs = {q: estimate_needs(ExportSpec("gguf", quant=q), params, 0, 2) for q in ("q8_0", "f16", "q4_k_m")}
+    merged = estimate_needs(ExportSpec("merged"), params, 0, 2)
+    assert needs["q8_0"].disk_bytes < needs["f16"].disk_bytes < needs["q4_k_m"].disk_bytes
+    assert 15 * GIB < merged.disk_bytes < 17 * GIB  # 16 GB of bf16 safetensors, a little spare
+    assert merged.ram_bytes > params * 2  # the whole 16-bit model is in memory while it merges
+    assert estimate_needs(ExportSpec("adapter"), params, 100 << 20, 2).disk_bytes < GIB
 
 
 def test_interrupted_gguf_export_leaves_no_half_written_file(llama_run, monkeypatch, tmp_path):
@@ -196,7 +216,55 @@ class _Crashing:
         raise KeyboardInterrupt
 
 
+def test_interrupted_adapter_export_leaves_nothing_behind(llama_run, monkeypatch, tmp_path):
+    from tui_finetune.engine.export import adapter
+
+    copied = []
+
+    def copy_then_die(src, dst):
+        if copied:
+            raise KeyboardInterrupt
+        copied.append(shutil.copyfile(src, dst))
+
+    monkeypatch.setattr(adapter.shutil, "copy2", copy_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        _export(llama_run, "adapter", out_dir=str(tmp_path / "adapter"))
+    assert copied and list(tmp_path.iterdir()) == []  # one file was written, then all of it went away
+
+
+def test_q4_k_m_through_llama_quantize_on_path_is_written_checked_and_cleaned_up(llama_run, monkeypatch, tmp_path):
+    """A stand-in llama-quantize (it copies its input): the call, the rename and the cleanup are ours to test."""
+    tool = tmp_path / "bin" / "llama-quantize"
+    tool.parent.mkdir()
+    tool.write_text('#!/bin/sh\necho "$@" > "$(dirname "$0")/args"\ncp "$1" "$2"\n')
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tool.parent}:{os.environ['PATH']}")
+    out = tmp_path / "out"
+    result = _export(llama_run, "gguf", "q4_k_m", out_dir=str(out))
+    assert result.passed, _failed(result)
+    assert [p.name for p in out.iterdir()] == [f"{llama_run.name}-q4_k_m.gguf"]  # the f16 input is gone
+    source, written, kind = (tool.parent / "args").read_text().split()
+    assert source.endswith("-f16.gguf") and kind == "Q4_K_M" and Path(written).parent == out
+
+
 def test_q4_k_m_without_llama_quantize_is_refused(llama_run, monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(ExportError, match="llama-quantize"):
         _export(llama_run, "gguf", "q4_k_m")
+
+
+@pytest.mark.parametrize("margin, passes", [(1e-5, True), (0.5, False)])
+def test_a_greedy_divergence_passes_only_where_the_fine_tune_nearly_tied(margin, passes):
+    """Rounding may flip a near-tie (seen on a run the worker trained); a real difference still fails F16."""
+    import torch
+
+    from tui_finetune.engine.export.checks import Behaviour, compare_replies
+
+    logits = torch.zeros(3, 10)
+    logits[:, 0] = 8.0
+    reference = Behaviour(logits, [[5, 6, 2], [7, 2]], [True, True], margins=[[1.0, margin, 1.0], [1.0, 1.0]])
+    export = Behaviour(logits + 1e-3, [[5, 9, 2], [7, 2]], [True, True])  # parts at the second token
+    result = compare_replies(reference, export, required=True, fmt="f16")
+    assert result.passed == passes
+    assert ("nearly tie" in result.detail) == passes and "1 of 2 greedy replies identical" in result.detail
+    assert not compare_replies(Behaviour(logits, reference.replies, [True, True]), export, True, "f16").passed

@@ -48,6 +48,6 @@ def check_adapter(run: RunFinetune, dest: Path, reference: checks.Behaviour, pro
     stops = stop_token_ids(tokenizer, model)
     got = checks.measure(model, prompts, stops, tokenizer.pad_token_id, spec.max_new_tokens)
     fmt = "fp32" if dtype == torch.float32 else "bf16"
-    return [checks.compare_logits(reference, got, fmt), checks.compare_replies(reference, got, required=True),
+    return [checks.compare_logits(reference, got, fmt), checks.compare_replies(reference, got, required=True, fmt=fmt),
             checks.check_template_roundtrip(run, tokenizer.chat_template, tokenizer),
             checks.check_stops(got, spec.max_new_tokens, checks.stop_names(tokenizer, stops))]

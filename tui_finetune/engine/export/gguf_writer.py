@@ -41,11 +41,13 @@ def write_gguf(model: Any, arch: ArchSpec, dest: Path, quant: str, *, name: str,
     names = tensor_names(arch, config, list(state))
     with staged_file(dest) as tmp:
         writer = gguf.GGUFWriter(str(tmp), arch.gguf_arch, use_temp_file=True)
-        write_hparams(writer, arch, config, name)
+        extra = write_hparams(writer, arch, config, name)
         file_type = gguf.LlamaFileType.MOSTLY_Q8_0 if quant == "q8_0" else gguf.LlamaFileType.MOSTLY_F16
         writer.add_file_type(file_type)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         write_vocab(writer, arch, tokenizer_folder, tokenizer, chat_template, stop_ids, config.vocab_size)
+        for gguf_name, data in extra.items():  # rope_freqs: F32 whatever the format, as llama.cpp's converter keeps it
+            writer.add_tensor(gguf_name, data.astype(np.float32))
         for count, (hf_name, gguf_name) in enumerate(names.items(), 1):
             data = to_gguf(arch, config, hf_name, state[hf_name].float().cpu().numpy())
             array, raw = encode_tensor(data, quant)

@@ -36,6 +36,6 @@ def check_merged(run: RunFinetune, dest: Path, reference: checks.Behaviour, prom
     stored = stored_dtype(run.base_folder)
     fmt = "fp32" if stored == torch.float32 else ("bf16" if stored == torch.bfloat16 else "f16")
     return [checks.compare_logits(reference, got, fmt),
-            checks.compare_replies(reference, got, required=fmt == "fp32"),
+            checks.compare_replies(reference, got, required=fmt == "fp32", fmt=fmt),
             checks.check_template_roundtrip(run, tokenizer.chat_template, tokenizer),
             checks.check_stops(got, spec.max_new_tokens, checks.stop_names(tokenizer, stops))]

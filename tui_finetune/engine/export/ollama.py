@@ -112,6 +112,7 @@ def read_modelfile(path: Path) -> tuple[str, list[str]]:
 def check_modelfile(run: RunFinetune, modelfile: Path, gguf_file: Path, prompts: list[list[int]],
                     spec: ExportSpec) -> list[CheckResult]:
     """The Modelfile's template renders a training turn to the same tokens; its stops alone end every reply."""
+    from tui_finetune.engine.export.gguf_rope import apply_file_rope
     from tui_finetune.engine.export.gguf_target import load_with_reader
 
     template, stops = read_modelfile(modelfile)
@@ -131,7 +132,8 @@ def check_modelfile(run: RunFinetune, modelfile: Path, gguf_file: Path, prompts:
                                    f"{len(want)} tokens from the run's template, {len(got)} from the Modelfile's"))
     vocab = run.tokenizer.get_vocab()
     stop_ids = sorted(vocab[s] for s in stops if s in vocab)
-    model, _ = load_with_reader(run, gguf_file)
+    model, meta = load_with_reader(run, gguf_file)
+    apply_file_rope(model, meta["rope"])
     got_behaviour = checks.measure(model, prompts, stop_ids, run.tokenizer.pad_token_id, spec.max_new_tokens)
     result = checks.check_stops(got_behaviour, spec.max_new_tokens, stops)
     result.name = "Modelfile stops: " + result.name
