@@ -30,6 +30,9 @@ class RunFinetune:
     adapter_dir: Path
     tokenizer: Any
     template: TemplateChoice
+    check_dtype: torch.dtype = torch.float32
+    """What an export's checks compute in: the reference (adapter on base) and every reload alike, so a
+    difference is the format's rounding and not the arithmetic's. fp32 where RAM allows (preflight picks)."""
 
     def render_prompt(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of a conversation up to the assistant's turn, as training rendered it."""

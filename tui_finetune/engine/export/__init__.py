@@ -23,6 +23,8 @@ def run_export(run_dir: Path, spec: ExportSpec, progress: Progress | None = None
     from tui_finetune.engine.run_model import count_parameters, load_reference, open_run, stored_dtype
     from tui_finetune.engine.samples import stop_token_ids
 
+    import torch
+
     say = progress or (lambda message: None)
     start = time.time()
     run = open_run(run_dir)
@@ -35,10 +37,12 @@ def run_export(run_dir: Path, spec: ExportSpec, progress: Progress | None = None
     bytes_per_param = stored_dtype(run.base_folder).itemsize
     adapter_bytes = sum(p.stat().st_size for p in run.adapter_dir.iterdir() if p.is_file())
     preflight.check_room(spec, preflight.estimate_needs(spec, params, adapter_bytes, bytes_per_param), dest)
+    run.check_dtype = {4: torch.float32, 2: stored_dtype(run.base_folder)}[
+        preflight.check_bytes_per_param(params, bytes_per_param)]
 
-    say("measuring the fine-tune (adapter on base) on the check prompts")
+    say(f"measuring the fine-tune (adapter on base, {str(run.check_dtype).removeprefix('torch.')}) on the check prompts")
     prompts = checks.check_prompts(run)
-    reference_model = load_reference(run, stored_dtype(run.base_folder))
+    reference_model = load_reference(run, run.check_dtype)
     stops = stop_token_ids(run.tokenizer, reference_model)
     reference = checks.measure(reference_model, prompts, stops, run.tokenizer.pad_token_id, spec.max_new_tokens)
     del reference_model

@@ -11,7 +11,7 @@ from tui_finetune.core.catalog import CATALOG
 from tui_finetune.core.export_spec import CheckResult, ExportSpec
 from tui_finetune.engine.export import checks
 from tui_finetune.engine.export.staging import staged_folder
-from tui_finetune.engine.run_model import RunFinetune, stored_dtype
+from tui_finetune.engine.run_model import RunFinetune
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 
@@ -40,7 +40,7 @@ def check_adapter(run: RunFinetune, dest: Path, reference: checks.Behaviour, pro
 
     from tui_finetune.engine.samples import stop_token_ids
 
-    dtype = stored_dtype(run.base_folder)
+    dtype = run.check_dtype
     base = AutoModelForCausalLM.from_pretrained(str(run.base_folder), dtype=dtype,
                                                 trust_remote_code=run.recipe.trust_remote_code)
     model = PeftModel.from_pretrained(base, str(dest))

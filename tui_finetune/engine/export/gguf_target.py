@@ -78,7 +78,7 @@ def load_with_reader(run: RunFinetune, path: Path) -> tuple[Any, dict[str, Any]]
 
     arch = arch_for(run.base_folder)
     config = AutoConfig.from_pretrained(str(run.base_folder))
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=run.check_dtype)
     names = {g: h for h, g in tensor_names(arch, config, list(model.state_dict())).items()}
     reader = gguf.GGUFReader(str(path))
     state = {}
@@ -128,7 +128,7 @@ def _check_with_transformers(run: RunFinetune, path: Path, reference: checks.Beh
         why = f"transformers has no GGUF reader for {arch.model_type}; checked with the gguf reader only"
         return [CheckResult("transformers reload", False, why, skipped=True),
                 checks.check_template_roundtrip(run, meta["chat_template"], run.tokenizer)]
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=run.check_dtype)
     rope_applied = apply_file_rope(model, meta["rope"])  # transformers' GGUF loader reads no RoPE scaling
     stops = declared_stops(meta)
     got = checks.measure(model, prompts, stops, run.tokenizer.pad_token_id, spec.max_new_tokens)

@@ -24,11 +24,11 @@ def write_merged(run: RunFinetune, dest: Path, stop_ids: list[int]) -> list[str]
 
 def check_merged(run: RunFinetune, dest: Path, reference: checks.Behaviour, prompts: list[list[int]],
                  spec: ExportSpec) -> list[CheckResult]:
-    """Reload with plain transformers; stop only at the end tokens the export itself declares."""
+    """Reload with plain transformers (in the reference's dtype); stop only at the end tokens the export declares."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(str(dest), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(dest), dtype=run.check_dtype)
     tokenizer = AutoTokenizer.from_pretrained(str(dest))
     declared = model.generation_config.eos_token_id
     stops = [declared] if isinstance(declared, int) else list(declared or [])
