@@ -312,7 +312,7 @@ def test_only_tokens_that_carry_loss_go_through_the_lm_head(monkeypatch):
     import torch
     import torch.nn.functional as F
 
-    from tui_finetune.engine import lean
+    from tui_finetune.engine import memory_techniques
 
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 50, bias=False)
@@ -322,7 +322,7 @@ def test_only_tokens_that_carry_loss_go_through_the_lm_head(monkeypatch):
     expected = F.cross_entropy(head(hidden)[:, :-1].reshape(-1, 50), labels[:, 1:].reshape(-1), ignore_index=-100)
     rows: list[int] = []
     real_linear = F.linear
-    monkeypatch.setattr(lean.F, "linear", lambda x, *a: rows.append(x.shape[0]) or real_linear(x, *a))
-    loss = lean.chunked_causal_lm_loss(hidden, head, labels)
+    monkeypatch.setattr(memory_techniques.F, "linear", lambda x, *a: rows.append(x.shape[0]) or real_linear(x, *a))
+    loss = memory_techniques.chunked_causal_lm_loss(hidden, head, labels)
     assert torch.allclose(loss, expected, atol=1e-6)
     assert sum(rows) == int((labels[:, 1:] != -100).sum())  # 6 of 16 shifted positions, not all 18

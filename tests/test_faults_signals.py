@@ -126,7 +126,7 @@ def test_oom_gives_up_at_micro_batch_1_and_after_three_shrinks_with_advice(tiny,
     import torch
 
     from tui_finetune.core.events import EventLog
-    from tui_finetune.engine.fitting import OomGiveUp
+    from tui_finetune.engine.recipe_refit import OomGiveUp
     from tui_finetune.engine.training_loop import TrainingLoop
 
     model, data = tiny

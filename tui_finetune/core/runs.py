@@ -89,7 +89,7 @@ class RunInfo:
     """Each OOM recovery: time, micro_batch [old, new], grad_accum [old, new], the error's first line."""
     autofit: list[str] = field(default_factory=list)
     """What auto-fit and the fit-check changed before training, one sentence each with its ``--set``
-    (engine/fitting.py); the changed values are in recipe.toml."""
+    (engine/recipe_refit.py); the changed values are in recipe.toml."""
     phase_peaks_gib: dict[str, float] = field(default_factory=dict)
     """Peak VRAM torch reserved in each phase that touches the GPU (fit, train, save, eval, sample-before,
     sample-after), in GiB, as the worker last measured it: the evidence that every phase fits the card."""

@@ -15,7 +15,7 @@ from typing import Iterable
 from tui_finetune.core.advice import MemoryTip, fit_advice, fitting_tips
 from tui_finetune.core.catalog import CATALOG, ModelSpec
 from tui_finetune.core.hardware import GpuInfo
-from tui_finetune.core.model_source import resolve_model_spec
+from tui_finetune.core.model_shape import resolve_model_spec
 from tui_finetune.core.planner import (
     GIB,
     LEAN,

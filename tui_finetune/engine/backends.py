@@ -1,6 +1,6 @@
 """Kernel backends behind one interface: the engine picks the fastest that works and says why.
 
-* ``universal``: pure PyTorch (engine/lean.py): no Triton, so it runs everywhere, Windows included.
+* ``universal``: pure PyTorch (engine/memory_techniques.py): no Triton, so it runs everywhere, Windows included.
 * ``liger``: Liger's Triton kernels (RMSNorm, SwiGLU/GeGLU, RoPE) patched into the same
   transformers + peft model; the loss and everything else is the universal path.
 * ``unsloth``: Unsloth's ``FastLanguageModel`` where it is installed (an optional extra, as in
@@ -30,7 +30,7 @@ import torch
 
 from tui_finetune.core.events import first_line
 from tui_finetune.core.recipe import MemorySpec, RecipeSpec
-from tui_finetune.engine import lean
+from tui_finetune.engine import memory_techniques
 from tui_finetune.engine.loading import DeviceFacts, add_lora, compute_dtype, load_base_model
 
 AUTO_ORDER = ("unsloth", "universal")
@@ -127,7 +127,7 @@ class UniversalBackend(Backend):
     def loss(self, model: Any, inputs: dict[str, Any], memory: MemorySpec,
              num_items_in_batch: int | torch.Tensor | None = None) -> torch.Tensor:
         if memory.chunked_loss:
-            return lean.lean_causal_lm_loss(model, inputs, memory, num_items_in_batch)
+            return memory_techniques.lean_causal_lm_loss(model, inputs, memory, num_items_in_batch)
         return model(**inputs).loss
 
 
@@ -177,7 +177,7 @@ class LigerBackend(UniversalBackend):
         tokens x hidden / vocab (8 tokens a chunk for Gemma's 256k vocabulary at seq 1024), which made
         the whole Gemma-2B step 8% slower than the universal path on an H100 (benchmarks/results/
         h100-gemma-backends.md); ours sizes them to a fixed 128 MiB of logits."""
-        return lean.lean_causal_lm_loss(model, inputs, memory, num_items_in_batch)
+        return memory_techniques.lean_causal_lm_loss(model, inputs, memory, num_items_in_batch)
 
 
 class UnslothBackend(Backend):

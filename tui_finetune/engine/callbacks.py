@@ -19,7 +19,7 @@ from tui_finetune.core.recipe import RecipeSpec
 from tui_finetune.engine.checkpoints import (
     RUN_STATE, STAGING, clear_staging, finalize_checkpoint, rotate_checkpoints, write_json_atomic)
 from tui_finetune.engine.faults import fault_point
-from tui_finetune.engine.memory import read_vram
+from tui_finetune.engine.vram_figures import read_vram
 from tui_finetune.engine.resume import checkpoint_state
 
 

@@ -1,6 +1,6 @@
 """Load the base model for training: 4-bit for QLoRA, bf16/fp16 for LoRA on a GPU, fp32 on the CPU; then LoRA.
 
-The memory techniques (no fp32 upcast, adapter dtype, checkpointing) come from engine/lean.py, which
+The memory techniques (no fp32 upcast, adapter dtype, checkpointing) come from engine/memory_techniques.py, which
 the planner models; this module only decides dtypes and wires them together.
 
 The precision rules live here so the worker and the tests agree: bitsandbytes is never imported on
@@ -90,10 +90,10 @@ def load_base_model(folder: Path, recipe: RecipeSpec, device: DeviceFacts) -> An
 
 
 def add_lora(model: Any, recipe: RecipeSpec, device: DeviceFacts) -> Any:
-    """Freeze the base and set up checkpointing (engine/lean.py), then wrap it in peft LoRA."""
+    """Freeze the base and set up checkpointing (engine/memory_techniques.py), then wrap it in peft LoRA."""
     from peft import LoraConfig, get_peft_model
 
-    from tui_finetune.engine.lean import prepare_for_training, set_adapter_dtype
+    from tui_finetune.engine.memory_techniques import prepare_for_training, set_adapter_dtype
 
     if recipe.method == "full":
         return model

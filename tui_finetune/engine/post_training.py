@@ -22,7 +22,7 @@ from tui_finetune.core.events import EventLog, PhaseEvent, WarningEvent, first_l
 from tui_finetune.core.runs import ADAPTER_DIR, CHECKPOINTS_DIR, mark_phase_failed, read_run_info, update_run_info
 from tui_finetune.engine.checkpoints import find_resume_checkpoint
 from tui_finetune.engine.faults import raise_injected_oom
-from tui_finetune.engine.memory import phase_peak_gib, reset_phase_peak
+from tui_finetune.engine.vram_figures import phase_peak_gib, reset_phase_peak
 from tui_finetune.engine.training import free_cuda_memory, is_oom
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")

@@ -1,6 +1,6 @@
 """A finished run's fine-tune, loaded back the way it trained: for chat and for every export.
 
-The base is found as the worker found it (engine/model_source.py) and loaded with engine/loading.py,
+The base is found as the worker found it (engine/model_folder.py) and loaded with engine/loading.py,
 so a QLoRA run chats on its 4-bit base on a GPU and a CPU run on fp32. The tokenizer is the one saved
 next to the adapter, and the chat template is the one training rendered with (data/render.py): a
 tokenizer without a template trained on the ChatML fallback, so chat and exports use that too.
@@ -41,7 +41,7 @@ class RunFinetune:
 def open_run(run_dir: Path) -> RunFinetune:
     """Read a run's recipe, find its base and load its tokenizer; refuse a run with no adapter yet."""
     from tui_finetune.engine.loading import load_tokenizer
-    from tui_finetune.engine.model_source import resolve_model
+    from tui_finetune.engine.model_folder import resolve_model
 
     adapter = run_dir / ADAPTER_DIR
     if not (adapter / "adapter_config.json").is_file():

@@ -25,7 +25,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from tui_finetune.core.events import first_line
 from tui_finetune.core.recipe import MemorySpec, RecipeSpec
-from tui_finetune.engine import lean
+from tui_finetune.engine import memory_techniques
 from tui_finetune.engine.checkpoints import STAGING
 from tui_finetune.engine.faults import TRACE_ENV, oom_limit
 from tui_finetune.engine.loading import DeviceFacts, compute_dtype
@@ -64,7 +64,7 @@ def build_training_args(recipe: RecipeSpec, run_dir: Path, device: DeviceFacts, 
         bf16=bool(mixed and dtype == torch.bfloat16),
         fp16=bool(mixed and dtype == torch.float16),
         use_cpu=not device.has_cuda,
-        # checkpointing is switched on by engine/lean.py when the model is prepared (non-reentrant)
+        # checkpointing is switched on by engine/memory_techniques.py when the model is prepared (non-reentrant)
         gradient_checkpointing=False,
         logging_steps=train.logging_steps,
         logging_first_step=True,
@@ -90,7 +90,7 @@ def build_training_args(recipe: RecipeSpec, run_dir: Path, device: DeviceFacts, 
 
 class LeanTrainer(Trainer):
     """Trainer whose loss is the backend's (engine/backends.py): the fused chunked cross-entropy of
-    engine/lean.py (universal and Liger), or the model's own (Unsloth's); no full fp32 logits in any.
+    engine/memory_techniques.py (universal and Liger), or the model's own (Unsloth's); no full fp32 logits in any.
 
     ``compute_loss`` is Trainer's documented override point; everything else is Trainer's own.
     The loss is normalised by ``num_items_in_batch`` exactly like transformers' ForCausalLMLoss,
@@ -156,7 +156,7 @@ class LeanTrainer(Trainer):
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
-            loss = lean.lean_causal_lm_loss(model, inputs, self.memory)
+            loss = memory_techniques.lean_causal_lm_loss(model, inputs, self.memory)
         return loss.detach(), None, None
 
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:

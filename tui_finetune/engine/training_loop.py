@@ -1,6 +1,6 @@
 """The training loop: ``Trainer.train`` with the fit-check first, and one recovery rule for a CUDA OOM.
 
-The fit-check (engine/fitcheck.py) runs the run's own training step on its longest batch as training
+The fit-check (engine/fit_check.py) runs the run's own training step on its longest batch as training
 begins, so an out-of-memory there and one in any later step reach the same handler:
 
 1. on an accelerated backend (Liger, Unsloth), the backend is dropped: the worker records it and
@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from transformers import set_seed
 
-from tui_finetune.core.autofit import next_micro_batch
+from tui_finetune.core.fit_levers import next_micro_batch
 from tui_finetune.core.events import EventLog, PhaseEvent, WarningEvent, first_line
 from tui_finetune.core.recipe import RecipeSpec
 from tui_finetune.core.runs import CHECKPOINTS_DIR, mark_phase_failed, read_run_info, update_run_info
@@ -32,10 +32,10 @@ from tui_finetune.data.collate import make_collator
 from tui_finetune.engine.backends import Backend, BackendFailed
 from tui_finetune.engine.callbacks import EventsCallback, SealCheckpointCallback, StepHooksCallback, StopCallback
 from tui_finetune.engine.checkpoints import clear_staging, find_resume_checkpoint
-from tui_finetune.engine.fitcheck import FitCheckCallback, FitCheckResult, row_lengths
+from tui_finetune.engine.fit_check import FitCheckCallback, FitCheckResult, row_lengths
 from tui_finetune.core.advice import memory_advice
-from tui_finetune.engine.fitting import MAX_OOM_SHRINKS, OomGiveUp, SequenceTooLong
-from tui_finetune.engine.memory import reset_phase_peak
+from tui_finetune.engine.recipe_refit import MAX_OOM_SHRINKS, OomGiveUp, SequenceTooLong
+from tui_finetune.engine.vram_figures import reset_phase_peak
 from tui_finetune.engine.post_training import record_peak
 from tui_finetune.engine.training import build_trainer, build_training_args, free_cuda_memory, is_oom
 
@@ -56,7 +56,7 @@ class TrainingLoop:
         """The steps Trainer evaluated, so the worker doesn't evaluate the last one twice."""
 
     def run(self, model: Any, tokenizer: Any, data: Any, device: Any, total_steps: int, resume: Path | None) -> Any:
-        """Trainer.train, which fit-checks the longest batch first (engine/fitcheck.py); the Trainer that
+        """Trainer.train, which fit-checks the longest batch first (engine/fit_check.py); the Trainer that
         finished, or None when a stop ended training early.
 
         One rule for a CUDA OOM, in the fit-check or in any later step: an accelerated backend is

@@ -7,7 +7,7 @@ with the adapter in ``adapter/``, ``interrupted`` with a sealed checkpoint after
 SIGINT/SIGTERM/SIGHUP, or ``failed`` with an error event that says what to change. Starting it again
 on an interrupted run resumes from the newest valid checkpoint (or the one ``resume --from`` named,
 recorded in run.json), after checking that the recipe, model and data are those it was saved with.
-On a GPU, a fresh run's recipe is first fitted to the free VRAM (auto-fit, engine/fitting.py). Training
+On a GPU, a fresh run's recipe is first fitted to the free VRAM (auto-fit, engine/recipe_refit.py). Training
 (engine/training_loop.py) fit-checks the longest batch with the run's own training step before the
 first step, and recovers from a CUDA OOM anywhere in it: an accelerated backend is dropped (this process
 re-executes itself without it), else the micro-batch shrinks with the effective batch unchanged. The
@@ -33,7 +33,7 @@ from tui_finetune.core.runs import (
     ADAPTER_DIR, CHECKPOINTS_DIR, EVENTS_FILE, STOP_FILE, mark_interrupted_phase_failed, read_run_info, read_run_recipe,
     update_run_info)
 from tui_finetune.core.advice import memory_advice
-from tui_finetune.engine.fitting import FitRefused
+from tui_finetune.engine.recipe_refit import FitRefused
 
 
 class StopRequested(Exception):
@@ -122,7 +122,7 @@ class Worker:
 
     def _fail_from(self, err: BaseException) -> int:
         from tui_finetune.engine.demo_model import DemoModelMissing
-        from tui_finetune.engine.model_source import ModelAccessError
+        from tui_finetune.engine.model_folder import ModelAccessError
 
         from tui_finetune.engine.checkpoints import CheckpointError, clear_staging, disk_full_message
 
@@ -165,12 +165,12 @@ class Worker:
 
         failures = dict(self.info.backend_failures)
         backends.prepare_process(self.recipe.memory.backend, failures)  # Unsloth must come before transformers
-        from tui_finetune.engine import fitting, loading, samples
+        from tui_finetune.engine import loading, recipe_refit, samples
         from tui_finetune.engine.post_training import run_optional_phase, save_adapter
-        from tui_finetune.engine.fitting import SequenceTooLong
+        from tui_finetune.engine.recipe_refit import SequenceTooLong
         from tui_finetune.engine.training_loop import TrainingLoop
         from tui_finetune.engine.checkpoints import list_checkpoints
-        from tui_finetune.engine.model_source import resolve_model
+        from tui_finetune.engine.model_folder import resolve_model
         from tui_finetune.engine.training import plan_total_steps
 
         recipe, run_dir = self.recipe, self.run_dir
@@ -181,10 +181,10 @@ class Worker:
         self.phase("download", f"finding {recipe.model}")
         source = resolve_model(recipe.model, self.log)
         if device.has_cuda and not list_checkpoints(run_dir / CHECKPOINTS_DIR):  # auto-fit a fresh run only
-            recipe = self.recipe = fitting.auto_fit_run(run_dir, recipe, str(source.folder),
-                                                        fitting.free_vram_bytes(), self.log,
-                                                        backends.expected_backend(source.folder, recipe, device, failures),
-                                                        device.machine())
+            recipe = self.recipe = recipe_refit.auto_fit_run(run_dir, recipe, str(source.folder),
+                                                             recipe_refit.free_vram_bytes(), self.log,
+                                                             backends.expected_backend(source.folder, recipe, device, failures),
+                                                             device.machine())
         self.phase("load", f"loading {source.folder} on {device.name}")
         tokenizer = loading.load_tokenizer(source.folder, recipe)
         if recipe.method == "qlora":
@@ -219,7 +219,7 @@ class Worker:
                 trainer = loop.run(model, tokenizer, data, device, total_steps, resume)
                 break
             except SequenceTooLong as err:  # OOM at micro-batch 1, no checkpoint yet: shorter rows, tokenized again
-                recipe = self.recipe = fitting.shorten_sequence(run_dir, recipe, err.longest, err.error, self.log, err.where)
+                recipe = self.recipe = recipe_refit.shorten_sequence(run_dir, recipe, err.longest, err.error, self.log, err.where)
                 data = self._prepare_data(tokenizer)
                 total_steps = plan_total_steps(recipe, len(data.train))
                 update_run_info(run_dir, total_steps=total_steps)

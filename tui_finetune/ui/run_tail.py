@@ -174,7 +174,7 @@ class RunTail:
 
 def checkpoint_age(snapshot: MonitorSnapshot, now: float | None = None) -> str:
     """``step 200, 3m 05s ago``; the clock is passed in so screenshots stay the same."""
-    from tui_finetune.ui.planning import format_duration
+    from tui_finetune.ui.durations import format_duration
 
     if snapshot.checkpoint_step is None:
         return "none yet"

@@ -14,7 +14,7 @@ from textual.widgets import Button, Static
 from tui_finetune.core.paths import runs_dir
 from tui_finetune.core.hardware import machine_ram_bytes
 from tui_finetune.core.suggest import FIT_COLOURS, estimate_cpu_ram_gib, plan_recipe
-from tui_finetune.ui.planning import format_duration, rough_epoch_seconds
+from tui_finetune.ui.durations import format_duration, rough_epoch_seconds
 from tui_finetune.ui.screens.base import WizardScreen
 from tui_finetune.ui.screens.dataset import launch_blocker
 

@@ -7,7 +7,7 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Label, ProgressBar, Static
 
-from tui_finetune.ui.planning import format_duration
+from tui_finetune.ui.durations import format_duration
 from tui_finetune.ui.run_tail import MonitorSnapshot, checkpoint_age
 
 

@@ -1,14 +1,14 @@
-"""The worker's memory decisions around the fit-check, on a real run folder.
+"""Refitting a run's recipe to the card: the worker's memory decisions, written to the run's recipe.toml.
 
 * ``auto_fit_run``, before the model loads on a fresh CUDA run: the planner's estimate against the
-  free VRAM (core/autofit.py). Changed values go into the run's recipe.toml, so a resume trains with
+  free VRAM (core/fit_levers.py). Changed values go into the run's recipe.toml, so a resume trains with
   the same ones; each change is a warning event with the ``--set`` that pins it, and the list is kept
   in run.json (``autofit``). Auto-fit never shortens sequences on an estimate: the planner leans high
   and a shorter sequence truncates data. It refuses a run on the estimate only when the model's
   weights alone are over the budget by more than the planner's own error (``PLANNER_TOLERANCE``);
   anything nearer is measured: the fit-check shortens the sequences down to the floor, and a refusal
   then names what it measured.
-* ``shorten_sequence``, when the fit-check (engine/fitcheck.py, inside ``Trainer.train``) ran out of
+* ``shorten_sequence``, when the fit-check (engine/fit_check.py, inside ``Trainer.train``) ran out of
   memory at micro-batch 1 on a fresh run: the sequence length is halved in recipe.toml and the worker
   tokenizes again; below the floor the run is refused on that measurement.
 
@@ -21,10 +21,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from tui_finetune.core.autofit import auto_fit
+from tui_finetune.core.fit_levers import auto_fit
 from tui_finetune.core.catalog import UnknownModelError
 from tui_finetune.core.events import EventLog, WarningEvent
-from tui_finetune.core.model_source import resolve_model_spec
+from tui_finetune.core.model_shape import resolve_model_spec
 from tui_finetune.core.planner import CUDA_CONTEXT_GROWTH_GIB, GIB, MIN_SEQ_LEN, PLANNER_TOLERANCE, profile_from_memory
 from tui_finetune.core.recipe import MachineFacts, RecipeSpec, resolve_precision
 from tui_finetune.core.runs import read_run_info, update_run_info, write_run_recipe

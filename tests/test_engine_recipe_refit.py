@@ -12,7 +12,7 @@ from tui_finetune.core.planner import GIB
 from tui_finetune.core.presets import find_recipe
 from tui_finetune.core.recipe import load_recipe, recipe_from_dict
 from tui_finetune.core.runs import EVENTS_FILE, RECIPE_FILE, create_run, read_run_info, read_run_recipe
-from tui_finetune.engine.fitting import FitRefused, auto_fit_run, shorten_sequence, split_change
+from tui_finetune.engine.recipe_refit import FitRefused, auto_fit_run, shorten_sequence, split_change
 
 
 def events(run_dir, cls):
@@ -71,7 +71,7 @@ def test_auto_fit_of_a_model_of_unknown_shape_warns_and_goes_on(mistral_run, tmp
 def test_an_over_budget_estimate_goes_to_the_measured_fit_check_instead_of_a_refusal(mistral_run):
     """The 4 GB Gemma case of issue 11: the planner leans high, so an estimate over the budget is not
     grounds to refuse while the weights themselves fit. The savers apply, and the fit-check measures."""
-    from tui_finetune.core.autofit import auto_fit
+    from tui_finetune.core.fit_levers import auto_fit
     from tui_finetune.core.catalog import CATALOG
     from tui_finetune.core.planner import CUDA_CONTEXT_GROWTH_GIB
 
@@ -88,7 +88,7 @@ def test_an_over_budget_estimate_goes_to_the_measured_fit_check_instead_of_a_ref
 
 def test_the_free_figure_already_lacks_the_workers_cuda_context(mistral_run):
     """The worker reads the free memory after its CUDA context started: the context is not counted twice."""
-    from tui_finetune.core.autofit import auto_fit
+    from tui_finetune.core.fit_levers import auto_fit
     from tui_finetune.core.catalog import CATALOG
     from tui_finetune.core.planner import CUDA_CONTEXT_GROWTH_GIB
 
