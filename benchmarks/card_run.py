@@ -28,8 +28,9 @@ from benchmarks.memory_speed import REPO_ROOT, kill_tree
 from tui_finetune.core.events import (
     CheckpointEvent, ErrorEvent, PhaseEvent, StepEvent, WarningEvent, read_events)
 from tui_finetune.core.recipe import load_recipe
-from tui_finetune.core.runs import (
-    EVENTS_FILE, RECIPE_FILE, RUN_FILE, RunError, pid_alive, read_run_info, shown_state)
+from tui_finetune.core.run_folder.info import RunError, read_run_info
+from tui_finetune.core.run_folder.layout import EVENTS_FILE, RECIPE_FILE, RUN_FILE
+from tui_finetune.core.run_folder.listing import pid_alive, shown_state
 
 SAMPLE_S = 0.2
 KILL_POLL_S = 0.05

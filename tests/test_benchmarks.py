@@ -339,7 +339,7 @@ def test_worker_watch_keeps_the_peaks_of_the_worker_and_the_card():
 
 def _fake_run(tmp_path: Path, events: list, **info) -> Path:
     from tui_finetune.core.recipe import RecipeSpec
-    from tui_finetune.core.runs import create_run, update_run_info
+    from tui_finetune.core.run_folder.info import create_run, update_run_info
 
     run_dir = create_run(RecipeSpec(model="gemma-2b"), tmp_path / "data.jsonl", base=tmp_path / "runs")
     update_run_info(run_dir, state=info.pop("state", "failed"), pid=None, **info)

@@ -16,8 +16,8 @@ from engine_tiny import build_tiny_llama, write_alpaca
 from tui_finetune.core.events import (
     CheckpointEvent, EndEvent, ErrorEvent, EvalEvent, PhaseEvent, SampleEvent, StepEvent)
 from tui_finetune.core.recipe import recipe_to_toml
-from tui_finetune.core.runs import read_run_info
-from tui_finetune.engine.checkpoints import check_checkpoint, list_checkpoints
+from tui_finetune.core.run_folder.info import read_run_info
+from tui_finetune.core.run_folder.checkpoints import check_checkpoint, list_checkpoints
 
 RUN_FILES = {"recipe.toml", "run.json", "events.jsonl", "worker.log", "checkpoints", "adapter"}
 ADAPTER_FILES = {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json"}

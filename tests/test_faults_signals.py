@@ -17,8 +17,9 @@ from engine_runs import cli, events_of, wait_for
 from engine_tiny import build_tiny_llama, write_alpaca
 from faults_support import fault_recipe, launch, read_trace, relaunch, wait_dead
 from tui_finetune.core.events import CheckpointEvent, ErrorEvent, PhaseEvent, StepEvent, WarningEvent
-from tui_finetune.core.runs import create_run, read_run_info
-from tui_finetune.engine.checkpoints import check_checkpoint, list_checkpoints, step_of
+from tui_finetune.core.run_folder.info import create_run, read_run_info
+from tui_finetune.core.run_folder.checkpoints import check_checkpoint, list_checkpoints
+from tui_finetune.core.run_folder.layout import step_of
 
 pytestmark = pytest.mark.faults
 

@@ -21,13 +21,12 @@ from rich.text import Text
 from tui_finetune.cli.data_options import data_overrides
 from tui_finetune.core.event_text import EventFollower, describe_event, resume_wording, state_colour, worker_gone_line
 from tui_finetune.core.events import EndEvent, Event, SampleEvent, StepEvent, read_events
-from tui_finetune.core.launch import launch_run, resume_run
-from tui_finetune.core.recipe import (
-    RecipeError, load_recipe, save_recipe)
 from tui_finetune.core.presets import find_recipe
-from tui_finetune.core.runs import (
-    CHECKPOINTS_DIR, EVENTS_FILE, RECIPE_FILE, RunError, find_run, list_runs, pid_alive,
-    read_run_info, request_stop, shown_state, update_run_info)
+from tui_finetune.core.recipe import RecipeError, load_recipe, save_recipe
+from tui_finetune.core.run_folder.control import launch_run, request_stop, resume_run
+from tui_finetune.core.run_folder.info import RunError, read_run_info, update_run_info
+from tui_finetune.core.run_folder.layout import CHECKPOINTS_DIR, EVENTS_FILE, RECIPE_FILE
+from tui_finetune.core.run_folder.listing import find_run, list_runs, pid_alive, shown_state
 
 console = Console(highlight=False)
 
@@ -77,8 +76,9 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _resume(args: argparse.Namespace) -> int:
-    from tui_finetune.engine.checkpoints import CheckpointError, find_resume_checkpoint, step_of
-    from tui_finetune.engine.resume import refusal_message, resume_differences
+    from tui_finetune.core.run_folder.checkpoints import CheckpointError
+    from tui_finetune.core.run_folder.layout import step_of
+    from tui_finetune.core.run_folder.resume import find_resume_checkpoint, refusal_message, resume_differences
 
     run_dir = find_run(args.run)
     state = shown_state(read_run_info(run_dir))

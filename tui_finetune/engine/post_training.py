@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tui_finetune.core.events import EventLog, PhaseEvent, WarningEvent, first_line
-from tui_finetune.core.runs import ADAPTER_DIR, CHECKPOINTS_DIR, mark_phase_failed, read_run_info, update_run_info
-from tui_finetune.engine.checkpoints import find_resume_checkpoint
+from tui_finetune.core.run_folder.info import mark_phase_failed, read_run_info, update_run_info
+from tui_finetune.core.run_folder.layout import ADAPTER_DIR, CHECKPOINTS_DIR
+from tui_finetune.core.run_folder.resume import find_resume_checkpoint
 from tui_finetune.engine.faults import raise_injected_oom
 from tui_finetune.engine.vram_figures import phase_peak_gib, reset_phase_peak
 from tui_finetune.engine.training import free_cuda_memory, is_oom

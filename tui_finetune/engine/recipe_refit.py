@@ -27,7 +27,7 @@ from tui_finetune.core.events import EventLog, WarningEvent
 from tui_finetune.core.model_shape import resolve_model_spec
 from tui_finetune.core.planner import CUDA_CONTEXT_GROWTH_GIB, GIB, MIN_SEQ_LEN, PLANNER_TOLERANCE, profile_from_memory
 from tui_finetune.core.recipe import MachineFacts, RecipeSpec, resolve_precision
-from tui_finetune.core.runs import read_run_info, update_run_info, write_run_recipe
+from tui_finetune.core.run_folder.info import read_run_info, update_run_info, write_run_recipe
 
 
 MAX_OOM_SHRINKS = 3

@@ -16,7 +16,9 @@ import torch
 
 from tui_finetune.core.export_spec import ExportError
 from tui_finetune.core.recipe import RecipeSpec
-from tui_finetune.core.runs import ADAPTER_DIR, read_run_info, read_run_recipe, shown_state
+from tui_finetune.core.run_folder.info import read_run_info, read_run_recipe
+from tui_finetune.core.run_folder.layout import ADAPTER_DIR
+from tui_finetune.core.run_folder.listing import shown_state
 from tui_finetune.data.render import TemplateChoice, resolve_template
 
 

@@ -26,7 +26,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from tui_finetune.core.events import first_line
 from tui_finetune.core.recipe import MemorySpec, RecipeSpec
 from tui_finetune.engine import memory_techniques
-from tui_finetune.engine.checkpoints import STAGING
+from tui_finetune.core.run_folder.layout import STAGING
 from tui_finetune.engine.faults import TRACE_ENV, oom_limit
 from tui_finetune.engine.loading import DeviceFacts, compute_dtype
 

@@ -24,21 +24,22 @@ from typing import Any, Callable
 
 from transformers import set_seed
 
-from tui_finetune.core.fit_levers import next_micro_batch
+from tui_finetune.core.advice import memory_advice
 from tui_finetune.core.events import EventLog, PhaseEvent, WarningEvent, first_line
+from tui_finetune.core.fit_levers import next_micro_batch
 from tui_finetune.core.recipe import RecipeSpec
-from tui_finetune.core.runs import CHECKPOINTS_DIR, mark_phase_failed, read_run_info, update_run_info
+from tui_finetune.core.run_folder.checkpoints import clear_staging
+from tui_finetune.core.run_folder.info import mark_phase_failed, read_run_info, update_run_info
+from tui_finetune.core.run_folder.layout import CHECKPOINTS_DIR
+from tui_finetune.core.run_folder.resume import find_resume_checkpoint
 from tui_finetune.data.collate import make_collator
 from tui_finetune.engine.backends import Backend, BackendFailed
 from tui_finetune.engine.callbacks import EventsCallback, SealCheckpointCallback, StepHooksCallback, StopCallback
-from tui_finetune.engine.checkpoints import clear_staging, find_resume_checkpoint
 from tui_finetune.engine.fit_check import FitCheckCallback, FitCheckResult, row_lengths
-from tui_finetune.core.advice import memory_advice
-from tui_finetune.engine.recipe_refit import MAX_OOM_SHRINKS, OomGiveUp, SequenceTooLong
-from tui_finetune.engine.vram_figures import reset_phase_peak
 from tui_finetune.engine.post_training import record_peak
+from tui_finetune.engine.recipe_refit import MAX_OOM_SHRINKS, OomGiveUp, SequenceTooLong
 from tui_finetune.engine.training import build_trainer, build_training_args, free_cuda_memory, is_oom
-
+from tui_finetune.engine.vram_figures import reset_phase_peak
 
 class TrainingLoop:
     """One run's training, from its first step (or its checkpoint) to its last, through any OOM."""

@@ -29,9 +29,9 @@ from typing import Any
 
 from tui_finetune.core.events import EndEvent, ErrorEvent, EventLog, PhaseEvent, SampleEvent, WarningEvent, first_line
 from tui_finetune.core.recipe import RecipeError, check_recipe_fits_machine
-from tui_finetune.core.runs import (
-    ADAPTER_DIR, CHECKPOINTS_DIR, EVENTS_FILE, STOP_FILE, mark_interrupted_phase_failed, read_run_info, read_run_recipe,
-    update_run_info)
+from tui_finetune.core.run_folder.info import (
+    mark_interrupted_phase_failed, read_run_info, read_run_recipe, update_run_info)
+from tui_finetune.core.run_folder.layout import ADAPTER_DIR, CHECKPOINTS_DIR, EVENTS_FILE, STOP_FILE
 from tui_finetune.core.advice import memory_advice
 from tui_finetune.engine.recipe_refit import FitRefused
 
@@ -124,7 +124,7 @@ class Worker:
         from tui_finetune.engine.demo_model import DemoModelMissing
         from tui_finetune.engine.model_folder import ModelAccessError
 
-        from tui_finetune.engine.checkpoints import CheckpointError, clear_staging, disk_full_message
+        from tui_finetune.core.run_folder.checkpoints import CheckpointError, clear_staging, disk_full_message
 
         traceback.print_exc()
         checkpoints = self.run_dir / CHECKPOINTS_DIR
@@ -169,7 +169,7 @@ class Worker:
         from tui_finetune.engine.post_training import run_optional_phase, save_adapter
         from tui_finetune.engine.recipe_refit import SequenceTooLong
         from tui_finetune.engine.training_loop import TrainingLoop
-        from tui_finetune.engine.checkpoints import list_checkpoints
+        from tui_finetune.core.run_folder.checkpoints import list_checkpoints
         from tui_finetune.engine.model_folder import resolve_model
         from tui_finetune.engine.training import plan_total_steps
 
@@ -236,10 +236,9 @@ class Worker:
 
     def _choose_checkpoint(self, data_hash: str, trainable: int) -> Path | None:
         """The checkpoint to resume from, checked against the run as it is now; also the disk check."""
-        from tui_finetune.engine.checkpoints import (
-            CheckpointError, check_free_disk, clear_staging, estimate_checkpoint_bytes, find_resume_checkpoint,
-            folder_size)
-        from tui_finetune.engine.resume import refusal_message, resume_differences
+        from tui_finetune.core.run_folder.checkpoints import (
+            CheckpointError, check_free_disk, clear_staging, estimate_checkpoint_bytes, folder_size)
+        from tui_finetune.core.run_folder.resume import find_resume_checkpoint, refusal_message, resume_differences
 
         checkpoints = self.run_dir / CHECKPOINTS_DIR
         clear_staging(checkpoints)

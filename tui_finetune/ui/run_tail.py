@@ -19,7 +19,8 @@ from typing import Callable
 
 from tui_finetune.core.event_text import PANEL_ONLY, EventFollower, EventLine, describe_event, worker_gone_line
 from tui_finetune.core.events import CheckpointEvent, EndEvent, EvalEvent, Event, PhaseEvent, StepEvent
-from tui_finetune.core.runs import FINAL_STATES, RunError, read_run_info, read_run_recipe, shown_state
+from tui_finetune.core.run_folder.info import FINAL_STATES, RunError, read_run_info, read_run_recipe
+from tui_finetune.core.run_folder.listing import shown_state
 
 MAX_POINTS = 2000
 """Loss and VRAM points kept; when full, every other point is dropped (a chart is only so wide)."""

@@ -35,7 +35,7 @@ class Behaviour:
 
 def training_conversation(run: RunFinetune) -> list[dict[str, str]]:
     """The run's first chat example (its data file's first usable row), or a fixed one."""
-    from tui_finetune.core.runs import read_run_info
+    from tui_finetune.core.run_folder.info import read_run_info
     from tui_finetune.data.validate import iter_examples, open_source
 
     try:

@@ -1,5 +1,5 @@
 """Step 5: everything on one page (model, recipe, data, estimated peak VRAM, rough time per epoch), then
-start. The run is created and its worker started detached by ``core.launch.launch_run``, the same code
+start. The run is created and its worker started detached by ``core.run_folder.control.launch_run``, the same code
 as ``tui-finetune train --detach``."""
 
 from __future__ import annotations

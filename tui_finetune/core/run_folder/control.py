@@ -1,4 +1,4 @@
-"""Create a run and start its worker detached: the one way the UI and ``train --detach`` launch.
+"""Start, resume and stop a run's worker: the one way the UI and ``train --detach`` launch a run.
 
 The worker is ``python -m tui_finetune.engine.worker RUN_DIR``; starting it as a command keeps this
 module (and so the UI) free of torch and of the engine package. POSIX: a new session
@@ -16,14 +16,18 @@ the run was started.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
 from tui_finetune.core.hardware import detect_hardware, machine_facts
 from tui_finetune.core.recipe import MachineFacts, RecipeSpec, check_recipe_fits_machine, resolve_precision
-from tui_finetune.core.runs import STOP_FILE, WORKER_LOG, create_run, update_run_info
+from tui_finetune.core.run_folder.info import RunInfo, create_run, read_run_info, update_run_info
+from tui_finetune.core.run_folder.layout import STOP_FILE, WORKER_LOG
+from tui_finetune.core.run_folder.listing import pid_alive
 
 WORKER_MODULE = "tui_finetune.engine.worker"
 
@@ -40,7 +44,7 @@ def start_worker_detached(run_dir: Path, env: dict[str, str] | None = None) -> i
     else:
         kwargs["start_new_session"] = True
     child_env = dict(os.environ if env is None else env)
-    package_root = str(Path(__file__).resolve().parents[2])
+    package_root = str(Path(__file__).resolve().parents[3])  # the folder that holds tui_finetune/
     child_env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, child_env.get("PYTHONPATH", "")) if p)
     (run_dir / STOP_FILE).unlink(missing_ok=True)  # a stale STOP would end the resumed run at once
     with (run_dir / WORKER_LOG).open("ab") as log:
@@ -73,3 +77,17 @@ def launch_run(recipe: RecipeSpec, data_path: str | Path, base: Path | None = No
 def resume_run(run_dir: Path, env: dict[str, str] | None = None) -> int:
     """Start the worker again on an interrupted run: it resumes from the newest valid checkpoint."""
     return start_worker_detached(run_dir, env)
+
+
+def request_stop(run_dir: Path) -> RunInfo:
+    """Ask a worker to save a checkpoint and exit: a STOP file (works everywhere) plus SIGINT on POSIX."""
+    info = read_run_info(run_dir)
+    (run_dir / STOP_FILE).write_text(f"stop requested at {time.time():.0f}\n", encoding="utf-8")
+    if info.state == "running" and pid_alive(info.pid):
+        info = update_run_info(run_dir, state="stopping")
+        if sys.platform != "win32" and info.pid:
+            try:
+                os.kill(info.pid, signal.SIGINT)
+            except OSError:
+                pass
+    return info

@@ -1,18 +1,9 @@
-"""Run folders: a run is a folder, and the folder is the truth (DESIGN.md).
-
-Layout of ``runs_dir()/<run-id>/``::
-
-    recipe.toml      the fully resolved recipe: everything needed to start again
-    run.json         RunInfo: state, pid, versions, the data file's hash, times
-    events.jsonl     append-only events (core/events.py)
-    checkpoints/     step-NNNNNN/ folders, each complete only once its marker exists
-    adapter/         the final LoRA adapter (safetensors + adapter config + tokenizer), on completion
-    STOP             present while a stop has been requested
+"""A run's own records: run.json (``RunInfo``) and the run's recipe.toml, and creating a run folder.
 
 Run ids read and sort by time: ``20261126-091630-gemma-3-270m``. Any process may read a run; only
 its worker (and ``request_stop``) writes ``run.json``, always by atomic replace, so a reader never
-sees half a file. A ``running`` run whose pid is gone is shown as ``interrupted``.
-Plain Python: no torch here.
+sees half a file. recipe.toml is the run's recipe as it trains now: auto-fit, the fit-check and OOM
+recovery rewrite it (also by atomic replace), so every reader and a resume see the values in effect.
 """
 
 from __future__ import annotations
@@ -20,31 +11,18 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from tui_finetune.core.events import EndEvent, StepEvent, read_events
 from tui_finetune.core.paths import runs_dir
 from tui_finetune.core.recipe import RecipeSpec, load_recipe, recipe_to_toml
+from tui_finetune.core.run_folder.layout import CHECKPOINTS_DIR, EVENTS_FILE, RECIPE_FILE, RUN_FILE
 
 STATES = ("running", "stopping", "completed", "failed", "interrupted")
 FINAL_STATES = ("completed", "failed", "interrupted")
-RECIPE_FILE = "recipe.toml"
-RUN_FILE = "run.json"
-EVENTS_FILE = "events.jsonl"
-CHECKPOINTS_DIR = "checkpoints"
-ADAPTER_DIR = "adapter"
-STOP_FILE = "STOP"
-WORKER_LOG = "worker.log"
-"""The worker's own stdout/stderr: library warnings and, if all else fails, a traceback."""
-CHECKPOINT_MARKER = "COMPLETE.json"
-"""The file that seals a checkpoint (engine/checkpoints.py MARKER; a test holds the two equal)."""
-_CHECKPOINT_NAME = re.compile(r"^step-(\d{6,})$")
 
 
 class RunError(LookupError):
@@ -175,146 +153,6 @@ def write_run_recipe(run_dir: Path, recipe: RecipeSpec, data_path: str | Path | 
     tmp = run_dir / f".{RECIPE_FILE}.{os.getpid()}.tmp"
     tmp.write_text(recipe_to_toml(recipe, header), encoding="utf-8")
     os.replace(tmp, run_dir / RECIPE_FILE)
-
-
-def pid_alive(pid: int | None) -> bool:
-    """Whether a process with this pid exists and is not a zombie."""
-    if not pid or pid <= 0:
-        return False
-    if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
-        return _win_pid_alive(pid)
-    try:  # our own finished child (the CLI started it) must be reaped, or it looks alive as a zombie
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
-            return False
-    except ChildProcessError:
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # Linux: a finished child not yet reaped still answers kill(0)
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
-def _win_pid_alive(pid: int) -> bool:  # pragma: no cover
-    import ctypes
-
-    kernel32 = ctypes.windll.kernel32  # type: ignore[attr-defined]
-    handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
-    if not handle:
-        return False
-    code = ctypes.c_ulong()
-    kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
-    kernel32.CloseHandle(handle)
-    return code.value == 259  # STILL_ACTIVE
-
-
-def shown_state(info: RunInfo) -> str:
-    """The state to show: a running or stopping run whose worker is gone was interrupted."""
-    if info.state in ("running", "stopping") and not pid_alive(info.pid):
-        return "interrupted"
-    return info.state
-
-
-@dataclass
-class RunSummary:
-    """One row of ``tui-finetune runs``."""
-
-    run_id: str
-    run_dir: Path
-    model: str
-    state: str
-    step: int
-    total_steps: int
-    last_loss: float | None
-    created_at: float
-    message: str = ""
-
-
-def summarize_run(run_dir: Path) -> RunSummary:
-    info = read_run_info(run_dir)
-    events, _ = read_events(run_dir / EVENTS_FILE)
-    last_step = next((e for e in reversed(events) if isinstance(e, StepEvent)), None)
-    return RunSummary(
-        run_id=info.run_id, run_dir=run_dir, model=info.model, state=shown_state(info),
-        step=last_step.step if last_step else 0,
-        total_steps=(last_step.total_steps if last_step else 0) or info.total_steps,
-        last_loss=last_step.loss if last_step else None, created_at=info.created_at, message=info.message)
-
-
-def list_runs(base: Path | None = None) -> list[RunSummary]:
-    """Every readable run, oldest first (run ids sort by time)."""
-    base = base or runs_dir()
-    if not base.is_dir():
-        return []
-    out = []
-    for run_dir in sorted(p for p in base.iterdir() if (p / RUN_FILE).is_file()):
-        try:
-            out.append(summarize_run(run_dir))
-        except RunError:
-            continue
-    return out
-
-
-def find_run(ref: str, base: Path | None = None) -> Path:
-    """A run folder from its id, a unique prefix or suffix of it, ``last``, or a path."""
-    path = Path(ref)
-    if (path / RUN_FILE).is_file():
-        return path
-    base = base or runs_dir()
-    ids = sorted(p.name for p in base.iterdir() if (p / RUN_FILE).is_file()) if base.is_dir() else []
-    if not ids:
-        raise RunError(f"no runs under {base}: start one with 'tui-finetune train RECIPE --data FILE'")
-    if ref in ("last", "latest"):
-        return base / ids[-1]
-    if ref in ids:
-        return base / ref
-    matches = [i for i in ids if i.startswith(ref) or i.endswith(ref)]
-    if len(matches) == 1:
-        return base / matches[0]
-    if matches:
-        raise RunError(f"'{ref}' matches {len(matches)} runs ({', '.join(matches[:4])}...): give more of the id")
-    raise RunError(f"no run '{ref}' under {base}: list them with 'tui-finetune runs'")
-
-
-def request_stop(run_dir: Path) -> RunInfo:
-    """Ask a worker to save a checkpoint and exit: a STOP file (works everywhere) plus SIGINT on POSIX."""
-    info = read_run_info(run_dir)
-    (run_dir / STOP_FILE).write_text(f"stop requested at {time.time():.0f}\n", encoding="utf-8")
-    if info.state == "running" and pid_alive(info.pid):
-        info = update_run_info(run_dir, state="stopping")
-        if sys.platform != "win32" and info.pid:
-            try:
-                os.kill(info.pid, signal.SIGINT)
-            except OSError:
-                pass
-    return info
-
-
-def resume_step(run_dir: Path) -> int | None:
-    """The step a resume continues from: the newest sealed checkpoint, or None when it would start over.
-
-    Read from the folder names and their completion markers only (the worker also checks every file's
-    hash, and passes over a damaged checkpoint with a warning), so the UI and the CLI can say what a
-    resume will do without torch, the engine or hashing gigabytes."""
-    folder = run_dir / CHECKPOINTS_DIR
-    if not folder.is_dir():
-        return None
-    steps = [int(m.group(1)) for p in folder.iterdir()
-             if (m := _CHECKPOINT_NAME.match(p.name)) and (p / CHECKPOINT_MARKER).is_file()]
-    return max(steps, default=None)
-
-
-def final_state(run_dir: Path) -> str | None:
-    """The state from the ``end`` event, if the worker got to write one."""
-    events, _ = read_events(run_dir / EVENTS_FILE)
-    end = next((e for e in reversed(events) if isinstance(e, EndEvent)), None)
-    return end.state if end else None
 
 
 def mark_interrupted_phase_failed(run_dir: Path) -> None:
