@@ -26,7 +26,7 @@ from tui_finetune.core.recipe import RecipeError, load_recipe, save_recipe
 from tui_finetune.core.run_folder.control import launch_run, request_stop, resume_run
 from tui_finetune.core.run_folder.info import RunError, read_run_info, update_run_info
 from tui_finetune.core.run_folder.layout import CHECKPOINTS_DIR, EVENTS_FILE, RECIPE_FILE
-from tui_finetune.core.run_folder.listing import find_run, list_runs, pid_alive, shown_state
+from tui_finetune.core.run_folder.listing import RunSummary, find_run, list_runs, pid_alive, shown_state
 
 console = Console(highlight=False)
 
@@ -100,8 +100,6 @@ def _resume(args: argparse.Namespace) -> int:
     if args.overrides:
         save_recipe(recipe, run_dir / RECIPE_FILE, f"Resolved recipe of run {run_dir.name}, changed on resume: "
                     + " ".join(args.overrides))
-        if any(o.split("=", 1)[0].strip() in ("train.micro_batch", "train.grad_accum") for o in args.overrides):
-            changes.update(micro_batch=0, grad_accum=0)  # the new recipe's batch replaces an OOM-shrunk one
     update_run_info(run_dir, **changes)
     resume_run(run_dir)
     plan = f"resuming {run_dir.name}: it {resume_wording(step_of(choice.path) if choice.path else None)}"
@@ -120,20 +118,26 @@ def _age(seconds: float) -> str:
     return f"{seconds:.0f}s ago"
 
 
+def batch_words(row: RunSummary) -> str:
+    """``micro-batch x accumulation`` in effect (the run's recipe.toml, after any OOM shrink); '-' if unknown."""
+    return f"{row.micro_batch}x{row.grad_accum}" if row.micro_batch else "-"
+
+
 def _runs(args: argparse.Namespace) -> int:
     rows = list_runs()
     if not rows:
         console.print("no runs yet: start one with 'tui-finetune train demo-cpu' (CPU demo) or 'tui-finetune train RECIPE --data FILE'")
         return 0
     table = Table(show_header=True, header_style="bold")
-    for column in ("id", "model", "state", "step", "last loss", "age"):  # an id is copied whole: never cut
-        table.add_column(column, justify="right" if column in ("step", "last loss") else "left",
+    for column in ("id", "model", "state", "step", "batch", "last loss", "age"):  # an id is copied whole: never cut
+        table.add_column(column, justify="right" if column in ("step", "batch", "last loss") else "left",
                          no_wrap=column == "id", min_width=max((len(r.run_id) for r in rows), default=2)
                          if column == "id" else None, overflow="fold" if column != "id" else "ignore")
     now = time.time()
     for row in rows:
         table.add_row(row.run_id, row.model, Text(row.state, style=state_colour(row.state)),
-                      f"{row.step}/{row.total_steps}", "-" if row.last_loss is None else f"{row.last_loss:.4f}",
+                      f"{row.step}/{row.total_steps}", batch_words(row),
+                      "-" if row.last_loss is None else f"{row.last_loss:.4f}",
                       _age(now - row.created_at))
     console.print(table)
     return 0

@@ -97,6 +97,8 @@ def add_lora(model: Any, recipe: RecipeSpec, device: DeviceFacts) -> Any:
 
     if recipe.method == "full":
         return model
+    # The micro-batch in effect: the worker reads the run's recipe.toml, where an OOM's smaller one is written.
+    # A shrink later in this process only makes batches shorter, and auto chunking decides per batch.
     model = prepare_for_training(model, recipe.memory, recipe.train.gradient_checkpointing,
                                  seq_len=recipe.data.seq_len * recipe.train.micro_batch)
     config = LoraConfig(r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,

@@ -41,12 +41,11 @@ def plan_total_steps(recipe: RecipeSpec, train_rows: int) -> int:
 
 
 def build_training_args(recipe: RecipeSpec, run_dir: Path, device: DeviceFacts, total_steps: int,
-                        has_eval: bool, micro_batch: int | None = None, grad_accum: int | None = None,
-                        eval_batch: int | None = None) -> TrainingArguments:
-    """Trainer's arguments; ``micro_batch``/``grad_accum``/``eval_batch`` override the recipe after an OOM."""
+                        has_eval: bool, eval_batch: int | None = None) -> TrainingArguments:
+    """Trainer's arguments, from the recipe in effect (an OOM's smaller micro-batch is in it); ``eval_batch``
+    overrides the micro-batch for evaluation after an OOM there."""
     train, ckpt = recipe.train, recipe.checkpoint
-    micro_batch = micro_batch or train.micro_batch
-    grad_accum = grad_accum or train.grad_accum
+    micro_batch, grad_accum = train.micro_batch, train.grad_accum
     dtype = compute_dtype(recipe, device)
     mixed = device.has_cuda and dtype != torch.float32
     every = ckpt.every_steps

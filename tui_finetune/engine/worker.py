@@ -217,9 +217,11 @@ class Worker:
             try:
                 loop = TrainingLoop(run_dir, self.log, recipe, self.backend, self.stop, self._restart_without)
                 trainer = loop.run(model, tokenizer, data, device, total_steps, resume)
+                recipe = self.recipe = loop.recipe  # with an OOM's smaller micro-batch, as recipe.toml has it
                 break
             except SequenceTooLong as err:  # OOM at micro-batch 1, no checkpoint yet: shorter rows, tokenized again
-                recipe = self.recipe = recipe_refit.shorten_sequence(run_dir, recipe, err.longest, err.error, self.log, err.where)
+                recipe = self.recipe = recipe_refit.shorten_sequence(run_dir, loop.recipe, err.longest, err.error,
+                                                                     self.log, err.where)
                 data = self._prepare_data(tokenizer)
                 total_steps = plan_total_steps(recipe, len(data.train))
                 update_run_info(run_dir, total_steps=total_steps)

@@ -58,13 +58,11 @@ class RunInfo:
     device: str = ""
     resumed_from: str = ""
     """The checkpoint the worker last resumed from ('' for a fresh start)."""
-    micro_batch: int = 0
-    grad_accum: int = 0
-    """The micro-batch and accumulation in effect when an OOM changed them (0: the recipe's)."""
     eval_batch: int = 0
     """The eval batch after an OOM in evaluation halved it (0: the micro-batch)."""
     oom_shrinks: list[dict[str, Any]] = field(default_factory=list)
-    """Each OOM recovery: time, micro_batch [old, new], grad_accum [old, new], the error's first line."""
+    """The history of OOM recoveries: time, where (fit-check or training), micro_batch [old, new], grad_accum
+    [old, new], the error's first line. The values in effect are in recipe.toml, never here."""
     autofit: list[str] = field(default_factory=list)
     """What auto-fit and the fit-check changed before training, one sentence each with its ``--set``
     (engine/recipe_refit.py); the changed values are in recipe.toml."""
@@ -145,8 +143,9 @@ def read_run_recipe(run_dir: Path) -> RecipeSpec:
 
 
 def write_run_recipe(run_dir: Path, recipe: RecipeSpec, data_path: str | Path | None = None) -> None:
-    """Write the run's resolved recipe by atomic replace: the worker rewrites it when auto-fit changes
-    a value, so that a resume trains with the same values."""
+    """Write the run's resolved recipe by atomic replace: the worker rewrites it when auto-fit, the
+    fit-check or an OOM changes a value (engine/recipe_refit.py), so every reader and a resume see the
+    values in effect."""
     data = data_path if data_path is not None else read_run_info(run_dir).data_path
     header = (f"Resolved recipe of run {run_dir.name}. "
               f"Start again with: tui-finetune train {run_dir / RECIPE_FILE} --data {data}")

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from tui_finetune.core.events import EndEvent, StepEvent, read_events
 from tui_finetune.core.paths import runs_dir
-from tui_finetune.core.run_folder.info import RunError, RunInfo, read_run_info
+from tui_finetune.core.recipe import RecipeError
+from tui_finetune.core.run_folder.info import RunError, RunInfo, read_run_info, read_run_recipe
 from tui_finetune.core.run_folder.layout import EVENTS_FILE, RUN_FILE
 
 
@@ -74,17 +75,27 @@ class RunSummary:
     last_loss: float | None
     created_at: float
     message: str = ""
+    micro_batch: int = 0
+    grad_accum: int = 0
+    """The batch in effect, from the run's recipe.toml (an OOM's smaller micro-batch is written there);
+    0 when the recipe can't be read."""
 
 
 def summarize_run(run_dir: Path) -> RunSummary:
     info = read_run_info(run_dir)
     events, _ = read_events(run_dir / EVENTS_FILE)
     last_step = next((e for e in reversed(events) if isinstance(e, StepEvent)), None)
+    try:
+        train = read_run_recipe(run_dir).train
+        micro, accum = train.micro_batch, train.grad_accum
+    except (OSError, RecipeError):  # a hand-edited or missing recipe must not hide the run
+        micro = accum = 0
     return RunSummary(
         run_id=info.run_id, run_dir=run_dir, model=info.model, state=shown_state(info),
         step=last_step.step if last_step else 0,
         total_steps=(last_step.total_steps if last_step else 0) or info.total_steps,
-        last_loss=last_step.loss if last_step else None, created_at=info.created_at, message=info.message)
+        last_loss=last_step.loss if last_step else None, created_at=info.created_at, message=info.message,
+        micro_batch=micro, grad_accum=accum)
 
 
 def list_runs(base: Path | None = None) -> list[RunSummary]:

@@ -5,15 +5,18 @@ passed over a broken one; the UI and ``runs`` say where a resume would start wit
 (``resume_step``).
 
 A resume is only exact if it trains the same model on the same data with the same recipe. Each
-checkpoint therefore carries ``run_state.json``: the recipe as the run had it, the data hash, and the
-effective micro-batch and accumulation (an OOM may have shrunk the micro-batch). Before resuming, the worker and the ``resume`` command compare the run as it is now with
-that record and refuse on a difference, showing it (core.recipe.recipe_diff), unless ``--force``.
+checkpoint therefore carries ``run_state.json``: the recipe in effect when it was saved (an OOM's
+smaller micro-batch included, as the run's recipe.toml has it) and the data hash. Before resuming, the
+worker and the ``resume`` command compare the run's recipe.toml with that record and refuse on a
+difference, showing it (core.recipe.recipe_diff), unless ``--force``. The batch is compared as the
+effective batch: an OOM after the checkpoint may have split it differently (4 x 2 -> 2 x 4), which
+trains the same rows with the same maths, as OOM recovery does within one worker.
 Plain Python: no torch.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -91,13 +94,30 @@ def checkpoint_state(recipe: RecipeSpec, data_hash: str, micro_batch: int, grad_
             "recipe": recipe.to_dict()}
 
 
+BATCH_KEYS = ("train.micro_batch", "train.grad_accum")
+"""Compared as their product, the effective batch (``batch_difference``), not one by one."""
+
+
+def batch_difference(then: RecipeSpec, now: RecipeSpec) -> list[str]:
+    """The effective batch's change in words, or nothing when the product is the same."""
+    if then.effective_batch == now.effective_batch:
+        return []
+    return [f"effective batch (train.micro_batch x train.grad_accum): {then.train.micro_batch} x "
+            f"{then.train.grad_accum} = {then.effective_batch} -> {now.train.micro_batch} x {now.train.grad_accum} "
+            f"= {now.effective_batch}"]
+
+
 def resume_differences(checkpoint: Path, recipe: RecipeSpec, data_hash: str | None = None) -> list[str]:
-    """``key: then -> now`` for each change since ``checkpoint`` was saved (recipe, model, data)."""
+    """``key: then -> now`` for each change since ``checkpoint`` was saved (recipe, effective batch, model,
+    data); ``recipe`` is the run's recipe.toml as it is now, with the batch in effect."""
     state = read_run_state(checkpoint)
     if not state.get("recipe"):
         return []
     then = recipe_from_dict(state["recipe"], f"{checkpoint.name}/run_state.json")
-    diffs = [line for line in recipe_diff(then, recipe) if not line.startswith(IGNORED_PREFIXES)]
+    if state.get("micro_batch") and state.get("grad_accum"):  # the batch Trainer used; older records kept it only here
+        then = replace(then, train=replace(then.train, micro_batch=state["micro_batch"], grad_accum=state["grad_accum"]))
+    diffs = [line for line in recipe_diff(then, recipe) if not line.startswith(IGNORED_PREFIXES + BATCH_KEYS)]
+    diffs += batch_difference(then, recipe)
     if data_hash and state.get("data_hash") and data_hash != state["data_hash"]:
         diffs.append(f"data hash: {state['data_hash'][:12]} -> {data_hash[:12]} (the data file changed)")
     return diffs
