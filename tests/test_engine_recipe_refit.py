@@ -140,7 +140,7 @@ def test_auto_fit_leaves_sequence_cuts_to_the_measuring_fit_check(mistral_run):
 def test_on_a_card_without_bf16_auto_fit_does_not_count_on_compute_dtype_adapters(mistral_run):
     """The engine keeps LoRA weights fp32 under fp16 (the grad scaler refuses fp16 gradients), so on an
     RTX 20xx that saver would be a change on paper only."""
-    from tui_finetune.core.recipe import MachineFacts
+    from tui_finetune.core.recipe_machine import MachineFacts
 
     run_dir, recipe, log = mistral_run
     turing = MachineFacts(has_cuda=True, supports_bf16=False, bitsandbytes_ok=True, device_name="GeForce RTX 2060")

@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from tui_finetune.core.recipe import MachineFacts, RecipeSpec, RecipeError
+from tui_finetune.core.recipe import RecipeError, RecipeSpec
+from tui_finetune.core.recipe_machine import MachineFacts
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

@@ -32,7 +32,8 @@ from tui_finetune.core.events import EventLog, WarningEvent
 from tui_finetune.core.fit_levers import auto_fit, with_smaller_micro_batch
 from tui_finetune.core.model_shape import resolve_model_spec
 from tui_finetune.core.planner import CUDA_CONTEXT_GROWTH_GIB, GIB, MIN_SEQ_LEN, PLANNER_TOLERANCE, profile_from_memory
-from tui_finetune.core.recipe import MachineFacts, RecipeSpec, resolve_precision
+from tui_finetune.core.recipe import RecipeSpec
+from tui_finetune.core.recipe_machine import MachineFacts, resolve_precision
 from tui_finetune.core.run_folder.info import read_run_info, update_run_info, write_run_recipe
 
 

@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from tui_finetune.core.events import EndEvent, ErrorEvent, EventLog, PhaseEvent, SampleEvent, WarningEvent, first_line
-from tui_finetune.core.recipe import RecipeError, check_recipe_fits_machine
+from tui_finetune.core.recipe import RecipeError
+from tui_finetune.core.recipe_machine import check_recipe_fits_machine
 from tui_finetune.core.run_folder.info import (
     mark_interrupted_phase_failed, read_run_info, read_run_recipe, update_run_info)
 from tui_finetune.core.run_folder.layout import ADAPTER_DIR, CHECKPOINTS_DIR, EVENTS_FILE, STOP_FILE

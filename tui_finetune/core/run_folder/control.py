@@ -24,7 +24,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from tui_finetune.core.hardware import detect_hardware, machine_facts
-from tui_finetune.core.recipe import MachineFacts, RecipeSpec, check_recipe_fits_machine, resolve_precision
+from tui_finetune.core.recipe import RecipeSpec
+from tui_finetune.core.recipe_machine import MachineFacts, check_recipe_fits_machine, resolve_precision
 from tui_finetune.core.run_folder.info import RunInfo, create_run, read_run_info, update_run_info
 from tui_finetune.core.run_folder.layout import STOP_FILE, WORKER_LOG
 from tui_finetune.core.run_folder.listing import pid_alive
