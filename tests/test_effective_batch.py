@@ -44,8 +44,7 @@ def _seal(run_dir, recipe, step):
     staged = checkpoints / STAGING / f"checkpoint-{step}"
     staged.mkdir(parents=True)
     (staged / "adapter_model.safetensors").write_bytes(b"w" * 64)
-    write_json_atomic(staged / RUN_STATE, checkpoint_state(recipe, "", recipe.train.micro_batch,
-                                                           recipe.train.grad_accum, step, None))
+    write_json_atomic(staged / RUN_STATE, checkpoint_state(recipe, "", step, None))
     return finalize_checkpoint(staged, checkpoints, step)
 
 

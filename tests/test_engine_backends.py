@@ -207,7 +207,7 @@ def test_a_resume_may_change_the_backend_and_maths_preserving_memory_switches_bu
     then = _recipe(tmp_path, "unsloth")
     checkpoint = tmp_path / "checkpoint-4"
     checkpoint.mkdir()
-    (checkpoint / RUN_STATE).write_text(json.dumps(checkpoint_state(then, "abc", 1, 16, 4, None)))
+    (checkpoint / RUN_STATE).write_text(json.dumps(checkpoint_state(then, "abc", 4, None)))
     now = _recipe(tmp_path, "universal")  # the advice after a backend failure
     now.memory.offload_activations, now.memory.mlp_chunk_tokens = True, 4096
     assert resume_differences(checkpoint, now, "abc") == []

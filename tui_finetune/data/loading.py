@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from tui_finetune.core.events import first_line
 from tui_finetune.data.errors import DataError, Problem
 from tui_finetune.data.text_lines import BOM, decode_utf8, looks_binary, read_lines
 
@@ -305,7 +306,7 @@ def _iter_parquet(file: Path, name: str) -> Iterator[Row | Problem]:
                 number += 1
                 yield Row(name, number, record)
     except Exception as err:  # pyarrow raises ArrowInvalid, OSError and others for a damaged file
-        yield Problem(name, None, f"not a readable Parquet file ({type(err).__name__}: {str(err)[:120]})",
+        yield Problem(name, None, f"not a readable Parquet file ({type(err).__name__}: {first_line(err, 120)})",
                       "re-export it, or convert it to .jsonl", "unreadable-file", row=False)
 
 

@@ -65,9 +65,9 @@ def prepare_process(setting: str, excluded: dict[str, str] | None = None) -> Non
         return
     # Unsloth writes its compiled kernels to ./unsloth_compiled_cache (the worker's working directory, a
     # run folder) unless told otherwise before it imports; they belong with our other rebuildable files.
-    from tui_finetune.core.paths import cache_dir
+    from tui_finetune.core.paths import unsloth_compile_dir
 
-    os.environ.setdefault("UNSLOTH_COMPILE_LOCATION", str(cache_dir() / "unsloth_compiled_cache"))
+    os.environ.setdefault("UNSLOTH_COMPILE_LOCATION", str(unsloth_compile_dir()))
     try:
         import unsloth  # noqa: F401
     except Exception as err:  # noqa: BLE001 - any failure means: not this backend

@@ -164,15 +164,13 @@ class SealCheckpointCallback(TrainerCallback):
             return
         eval_loss = next((_float(e["eval_loss"]) for e in reversed(state.log_history)
                           if "eval_loss" in e and e.get("step") == step), None)
-        write_json_atomic(staged / RUN_STATE, checkpoint_state(
-            self.recipe, self.data_hash, args.per_device_train_batch_size, args.gradient_accumulation_steps,
-            step, eval_loss))
-        final = finalize_checkpoint(staged, self.checkpoints_dir, step, fault_point)
+        write_json_atomic(staged / RUN_STATE, checkpoint_state(self.recipe, self.data_hash, step, eval_loss))
+        final = finalize_checkpoint(staged, self.checkpoints_dir, step, fault_point)  # fault_point: test hook
         self.last_sealed = final
         clear_staging(self.checkpoints_dir, warn=self._warn)
         rotate_checkpoints(self.checkpoints_dir, self.keep_last, known_good=final, warn=self._warn)
         self.log.emit(CheckpointEvent(step=step, path=str(final)))
-        fault_point("after-save", step)
+        fault_point("after-save", step)  # fault injection for tests (engine/faults.py)
 
 
 class StepHooksCallback(TrainerCallback):

@@ -41,7 +41,7 @@ def save_adapter(run_dir: Path, model: Any, tokenizer: Any, log: EventLog) -> No
     shutil.rmtree(partial, ignore_errors=True)
     reset_phase_peak()
     try:
-        raise_injected_oom("save")
+        raise_injected_oom("save")  # fault injection for tests (engine/faults.py); nothing unless one asks
         model.save_pretrained(partial, safe_serialization=True)
     except Exception as err:
         final = find_resume_checkpoint(run_dir / CHECKPOINTS_DIR).path

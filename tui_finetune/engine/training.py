@@ -111,10 +111,11 @@ class LeanTrainer(Trainer):
         self.eval_skipped = ""
         """Why evaluation is off for the rest of this run ('' while it is on)."""
         self.trace_path = os.environ.get(TRACE_ENV) or None
+        """Test hook (engine/faults.py): where each step's sample ids and loss go, for the resume tests."""
         self.step_sample_ids: list[int] = []
         self.step_loss = 0.0
 
-    # ------------------------------------------------ hooks: injected OOMs, the trace of each step
+    # ------------------------------------------------ test hooks (engine/faults.py): injected OOMs, the trace
 
     def get_batch_samples(self, *args: Any, **kwargs: Any) -> Any:
         """Fetches one optimizer step's micro-batches: a new step's trace starts here."""
@@ -125,7 +126,7 @@ class LeanTrainer(Trainer):
         traced = inputs.pop(TracingCollator.KEY, None)
         if traced is not None:
             self.step_sample_ids.extend(int(i) for i in traced.tolist())
-        limit = oom_limit("train", self.state.global_step + 1)
+        limit = oom_limit("train", self.state.global_step + 1)  # fault injection for tests; None in a real run
         if limit is not None and self.args.per_device_train_batch_size > limit:
             raise torch.OutOfMemoryError(f"CUDA out of memory (injected by the test hook at micro-batch "
                                          f"{self.args.per_device_train_batch_size})")
@@ -147,7 +148,7 @@ class LeanTrainer(Trainer):
         loss (Trainer's default here) builds the full-vocabulary logits, 1 GiB in fp32 for Gemma's 256k
         vocabulary at 1024 tokens, which is more than a 4 GB card has left after training."""
         inputs.pop(TracingCollator.KEY, None)
-        limit = oom_limit("eval", self.state.global_step)
+        limit = oom_limit("eval", self.state.global_step)  # fault injection for tests; None in a real run
         if limit is not None and self.args.per_device_eval_batch_size > limit:
             raise torch.OutOfMemoryError(f"CUDA out of memory (injected by the test hook at eval batch "
                                          f"{self.args.per_device_eval_batch_size})")
@@ -221,7 +222,7 @@ def build_trainer(model: Any, tokenizer: Any, args: TrainingArguments, train_dat
                   collator: Any, callbacks: Sequence[TrainerCallback], memory: MemorySpec,
                   on_eval_shrink: Callable[[int, int], None] | None = None, backend: Any = None,
                   on_eval_skipped: Callable[[str], None] | None = None) -> LeanTrainer:
-    if os.environ.get(TRACE_ENV):
+    if os.environ.get(TRACE_ENV):  # test hook: the trace of each step's rows
         collator = TracingCollator(collator)
     return LeanTrainer(model=model, args=args, train_dataset=train_dataset,
                        eval_dataset=eval_dataset if eval_dataset is not None and len(eval_dataset) else None,

@@ -302,7 +302,7 @@ class Worker:
         from tui_finetune.engine.faults import raise_injected_oom
         from tui_finetune.engine.samples import generate_sample
 
-        raise_injected_oom("sample")
+        raise_injected_oom("sample")  # fault injection for tests (engine/faults.py); nothing unless one asks
         text = generate_sample(model, tokenizer, prompt)
         self.log.emit(SampleEvent(label=label, prompt=tokenizer.decode(prompt, skip_special_tokens=True), text=text))
 

@@ -16,7 +16,7 @@ Plain Python: no torch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -86,11 +86,10 @@ fp32 upcast change precision, so they still count). The worker's advice after a 
 ``--set memory.backend=universal``, must not get the resume refused."""
 
 
-def checkpoint_state(recipe: RecipeSpec, data_hash: str, micro_batch: int, grad_accum: int, step: int,
-                     eval_loss: float | None) -> dict[str, Any]:
-    """The body of ``run_state.json`` for a checkpoint saved at ``step``."""
-    return {"step": step, "model": recipe.model, "data_hash": data_hash, "micro_batch": micro_batch,
-            "grad_accum": grad_accum, "effective_batch": micro_batch * grad_accum, "eval_loss": eval_loss,
+def checkpoint_state(recipe: RecipeSpec, data_hash: str, step: int, eval_loss: float | None) -> dict[str, Any]:
+    """The body of ``run_state.json`` for a checkpoint saved at ``step``: ``recipe`` is the one in effect
+    (an OOM's smaller micro-batch is in it, the one Trainer used), so the batch has one home here too."""
+    return {"step": step, "model": recipe.model, "data_hash": data_hash, "eval_loss": eval_loss,
             "recipe": recipe.to_dict()}
 
 
@@ -114,8 +113,6 @@ def resume_differences(checkpoint: Path, recipe: RecipeSpec, data_hash: str | No
     if not state.get("recipe"):
         return []
     then = recipe_from_dict(state["recipe"], f"{checkpoint.name}/run_state.json")
-    if state.get("micro_batch") and state.get("grad_accum"):  # the batch Trainer used; older records kept it only here
-        then = replace(then, train=replace(then.train, micro_batch=state["micro_batch"], grad_accum=state["grad_accum"]))
     diffs = [line for line in recipe_diff(then, recipe) if not line.startswith(IGNORED_PREFIXES + BATCH_KEYS)]
     diffs += batch_difference(then, recipe)
     if data_hash and state.get("data_hash") and data_hash != state["data_hash"]:

@@ -1,4 +1,4 @@
-"""The checks every export passes before it is reported done (issue 12).
+"""The checks every export passes before it is reported done: an export nobody checked is a guess.
 
 1. Same behaviour: the export's logits on a fixed prompt, and its greedy replies, against the
    adapter-on-base reference, within a tolerance that fits the format.
