@@ -28,8 +28,9 @@ from benchmarks.memory_speed import REPO_ROOT, kill_tree
 from tui_finetune.core.events import (
     CheckpointEvent, ErrorEvent, PhaseEvent, StepEvent, WarningEvent, read_events)
 from tui_finetune.core.recipe import load_recipe
-from tui_finetune.core.runs import (
-    EVENTS_FILE, RECIPE_FILE, RUN_FILE, RunError, pid_alive, read_run_info, shown_state)
+from tui_finetune.core.run_folder.info import RunError, read_run_info
+from tui_finetune.core.run_folder.layout import EVENTS_FILE, RECIPE_FILE, RUN_FILE
+from tui_finetune.core.run_folder.listing import pid_alive, shown_state
 
 SAMPLE_S = 0.2
 KILL_POLL_S = 0.05
@@ -283,8 +284,8 @@ def read_results(run_dir: Path) -> dict[str, Any]:
         "total_steps": raw.get("total_steps", 0),
         "error": ({"kind": errors[-1].kind, "message": errors[-1].message, "advice": errors[-1].advice}
                   if errors else None),
-        "micro_batch": raw.get("micro_batch") or recipe.train.micro_batch,
-        "grad_accum": raw.get("grad_accum") or recipe.train.grad_accum,
+        "micro_batch": recipe.train.micro_batch,  # the batch in effect: an OOM's shrink is written to recipe.toml
+        "grad_accum": recipe.train.grad_accum,
         "seq_len": recipe.data.seq_len,
         "eval_batch": raw.get("eval_batch") or None,
         "oom_shrinks": len(raw.get("oom_shrinks") or []),

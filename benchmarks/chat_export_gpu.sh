@@ -32,13 +32,13 @@ timed() {  # timed LABEL CMD...: runs CMD, then prints its exit status and wall 
 echo "# chat and merged export on $(date -u +%Y-%m-%dT%H:%MZ), TUI_FINETUNE_HOME=$TUI_FINETUNE_HOME"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 # the run's folder, once, so every step works on the same run even if another one starts meanwhile
-RUN_DIR="$("$PY" -c 'import sys; from tui_finetune.core.runs import find_run; print(find_run(sys.argv[1]))' "$RUN")" \
+RUN_DIR="$("$PY" -c 'import sys; from tui_finetune.core.run_folder.listing import find_run; print(find_run(sys.argv[1]))' "$RUN")" \
     || exit 1
 "$PY" - "$RUN_DIR" <<'PYTHON' || exit 1
 import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from tui_finetune.core.runs import read_run_info, read_run_recipe
+from tui_finetune.core.run_folder.info import read_run_info, read_run_recipe
 def installed(name):
     try:
         return version(name)

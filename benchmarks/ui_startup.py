@@ -80,7 +80,7 @@ async def measure_latency(seconds: float = 8.0, rate: int = 1000) -> dict:
 
     from tui_finetune.core.hardware import HardwareReport
     from tui_finetune.core.recipe import RecipeSpec
-    from tui_finetune.core.runs import create_run, update_run_info
+    from tui_finetune.core.run_folder.info import create_run, update_run_info
     from textual import events
 
     from tui_finetune.ui.app import AppContext, make_app

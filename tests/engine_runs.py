@@ -9,9 +9,10 @@ import time
 from pathlib import Path
 
 from tui_finetune.core.events import Event, read_events
-from tui_finetune.core.launch import launch_run
+from tui_finetune.core.run_folder.control import launch_run
 from tui_finetune.core.recipe import recipe_from_dict
-from tui_finetune.core.runs import pid_alive, read_run_info
+from tui_finetune.core.run_folder.info import read_run_info
+from tui_finetune.core.run_folder.listing import pid_alive
 
 REPO = Path(__file__).resolve().parents[1]
 

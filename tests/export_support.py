@@ -114,7 +114,8 @@ def make_finished_run(tmp: Path, arch: str = "llama", seed: int = 0) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tui_finetune.core.runs import ADAPTER_DIR, create_run, update_run_info
+    from tui_finetune.core.run_folder.info import create_run, update_run_info
+    from tui_finetune.core.run_folder.layout import ADAPTER_DIR
 
     base = build_tiny_model(tmp / f"base-{arch}", arch, seed)
     data = write_chat_data(tmp / "chat.jsonl")

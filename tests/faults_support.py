@@ -14,8 +14,9 @@ from pathlib import Path
 
 from engine_runs import tiny_recipe
 from tui_finetune.core.events import read_events
-from tui_finetune.core.launch import launch_run, resume_run
-from tui_finetune.core.runs import pid_alive, read_run_info
+from tui_finetune.core.run_folder.control import launch_run, resume_run
+from tui_finetune.core.run_folder.info import read_run_info
+from tui_finetune.core.run_folder.listing import pid_alive
 
 TRAIN_ROWS = 16
 STEPS_PER_EPOCH = 4

@@ -24,6 +24,7 @@ from benchmarks import card_holder, card_report, card_run, cards, memory_speed, 
 from benchmarks.memory_speed import CaseError, case_text, parse_case, parse_stack, parse_stacks  # noqa: E402
 from tui_finetune.core.events import (  # noqa: E402
     CheckpointEvent, EndEvent, ErrorEvent, EventLog, PhaseEvent, StepEvent, WarningEvent)
+from tui_finetune.core.recipe import RecipeSpec, TrainSpec  # noqa: E402
 
 GIB = 1024**3
 
@@ -346,11 +347,10 @@ def test_worker_watch_keeps_the_peaks_of_the_worker_and_the_card():
     assert idle.worker_peak is None and idle.samples == 0
 
 
-def _fake_run(tmp_path: Path, events: list, **info) -> Path:
-    from tui_finetune.core.recipe import RecipeSpec
-    from tui_finetune.core.runs import create_run, update_run_info
+def _fake_run(tmp_path: Path, events: list, recipe=None, **info) -> Path:
+    from tui_finetune.core.run_folder.info import create_run, update_run_info
 
-    run_dir = create_run(RecipeSpec(model="gemma-2b"), tmp_path / "data.jsonl", base=tmp_path / "runs")
+    run_dir = create_run(recipe or RecipeSpec(model="gemma-2b"), tmp_path / "data.jsonl", base=tmp_path / "runs")
     update_run_info(run_dir, state=info.pop("state", "failed"), pid=None, **info)
     with EventLog(run_dir / "events.jsonl") as log:
         for event in events:
@@ -364,8 +364,8 @@ def test_results_of_a_run_that_refused_on_a_measurement(tmp_path):
         WarningEvent(message="5 row(s) are longer than data.seq_len"),
         ErrorEvent(message="CUDA out of memory in the fit-check even at micro-batch 1 x 512 tokens: 2.9 GiB",
                    advice="a smaller model", kind="oom"),
-        EndEvent(state="failed")], autofit=["micro-batch 2 -> 1: --set train.micro_batch=1"], micro_batch=1,
-        grad_accum=16)
+        EndEvent(state="failed")], autofit=["micro-batch 2 -> 1: --set train.micro_batch=1"],
+        recipe=RecipeSpec(model="gemma-2b", train=TrainSpec(micro_batch=1, grad_accum=16)))
     row = card_run.read_results(run_dir)
     assert (row["state"], row["micro_batch"], row["grad_accum"], row["seq_len"]) == ("failed", 1, 16, 1024)
     assert row["autofit_warnings"] == ["auto-fit: micro-batch 2 -> 1"] and row["warnings"][0].startswith("5 row(s)")

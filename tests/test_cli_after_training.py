@@ -12,7 +12,8 @@ import pytest
 from export_support import make_finished_run
 from tui_finetune.cli import main
 from tui_finetune.core.export_spec import read_exports
-from tui_finetune.core.runs import ADAPTER_DIR, update_run_info
+from tui_finetune.core.run_folder.info import update_run_info
+from tui_finetune.core.run_folder.layout import ADAPTER_DIR
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """A newcomer's first hour on the command line (issue 13): the data check's advice can be pasted into
 ``train``, bad data is refused before a run exists, the demo's tokenizer is found by name, and the small
 things (``logs`` alone, a bad ``--set`` blamed on itself, "an 8 GB card", eval's own interval, a worker
-whose folder was deleted). No worker is started: ``launch.start_worker_detached`` is replaced."""
+whose folder was deleted). No worker is started: ``control.start_worker_detached`` is replaced."""
 
 from __future__ import annotations
 
@@ -15,10 +15,12 @@ import pytest
 
 from tui_finetune.cli import main
 from tui_finetune.cli.parser import build_parser
-from tui_finetune.core import launch
+from tui_finetune.core.run_folder import control
 from tui_finetune.core.events import EventLog, WarningEvent
 from tui_finetune.core.recipe import DataSpec, RecipeError, load_recipe
-from tui_finetune.core.runs import RECIPE_FILE, create_run, runs_dir
+from tui_finetune.core.paths import runs_dir
+from tui_finetune.core.run_folder.info import create_run
+from tui_finetune.core.run_folder.layout import RECIPE_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 BROKEN = REPO / "tests" / "data" / "broken"
@@ -30,7 +32,7 @@ def home(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("TUI_FINETUNE_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("TUI_FINETUNE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "no-hf-cache"))
-    monkeypatch.setattr(launch, "start_worker_detached", lambda run_dir, env=None: 0)
+    monkeypatch.setattr(control, "start_worker_detached", lambda run_dir, env=None: 0)
     monkeypatch.chdir(REPO)
     return tmp_path / "home"
 
@@ -312,7 +314,7 @@ def test_only_tokens_that_carry_loss_go_through_the_lm_head(monkeypatch):
     import torch
     import torch.nn.functional as F
 
-    from tui_finetune.engine import lean
+    from tui_finetune.engine import memory_techniques
 
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 50, bias=False)
@@ -322,7 +324,7 @@ def test_only_tokens_that_carry_loss_go_through_the_lm_head(monkeypatch):
     expected = F.cross_entropy(head(hidden)[:, :-1].reshape(-1, 50), labels[:, 1:].reshape(-1), ignore_index=-100)
     rows: list[int] = []
     real_linear = F.linear
-    monkeypatch.setattr(lean.F, "linear", lambda x, *a: rows.append(x.shape[0]) or real_linear(x, *a))
-    loss = lean.chunked_causal_lm_loss(hidden, head, labels)
+    monkeypatch.setattr(memory_techniques.F, "linear", lambda x, *a: rows.append(x.shape[0]) or real_linear(x, *a))
+    loss = memory_techniques.chunked_causal_lm_loss(hidden, head, labels)
     assert torch.allclose(loss, expected, atol=1e-6)
     assert sum(rows) == int((labels[:, 1:] != -100).sum())  # 6 of 16 shifted positions, not all 18

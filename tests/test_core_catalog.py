@@ -9,7 +9,7 @@ import torch
 import transformers
 
 from tui_finetune.core.catalog import CATALOG, UnknownModelError, get_model, model_spec_from_config
-from tui_finetune.core.model_source import resolve_model_spec
+from tui_finetune.core.model_shape import resolve_model_spec
 
 REQUIRED = ["smollm2-135m", "smollm2-360m", "smollm2-1.7b", "qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-3b",
             "qwen2.5-7b", "llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b", "phi-2", "phi-3.5-mini",

@@ -89,8 +89,12 @@ def test_a_multi_gpu_run_is_planned_for_its_smallest_card():
 
 
 def test_the_effective_batch_is_shown_whole():
-    assert describe_batch(2, 4, 1) == "8 sequences a step (micro-batch 2 x accumulation 4)"
-    assert describe_batch(2, 4, 2) == "16 sequences a step (micro-batch 2 x accumulation 4 x 2 GPUs)"
+    def recipe(devices: int) -> RecipeSpec:
+        return RecipeSpec(model="m", train=TrainSpec(micro_batch=2, grad_accum=4, devices=devices))
+
+    assert describe_batch(recipe(1)) == "8 sequences a step (micro-batch 2 x accumulation 4)"
+    assert describe_batch(recipe(2)) == "16 sequences a step (micro-batch 2 x accumulation 4 x 2 GPUs)"
+    assert recipe(2).effective_batch == 16  # the one product: the phase line and 'runs' both read it
 
 
 def test_the_planner_says_a_model_is_not_split_across_cards():
@@ -105,13 +109,13 @@ def test_the_planner_says_a_model_is_not_split_across_cards():
 
 
 def test_resume_on_another_number_of_gpus_is_a_change_that_needs_force(tmp_path):
-    from tui_finetune.engine.resume import DEVICES_NOTE, checkpoint_state, resume_differences
+    from tui_finetune.core.run_folder.resume import DEVICES_NOTE, checkpoint_state, resume_differences
 
     ckpt = tmp_path / "step-000004"
     ckpt.mkdir()
     recipe = RecipeSpec(model="m", train=TrainSpec(devices=2, micro_batch=2, grad_accum=1))
-    state = checkpoint_state(recipe, "hash", 2, 1, 4, None, world_size=2)
-    assert (state["world_size"], state["effective_batch"]) == (2, 4)
+    state = checkpoint_state(recipe, "hash", 4, None)
+    assert state["recipe"]["train"]["devices"] == 2  # the ranks that saved it, in the recipe in effect
     (ckpt / "run_state.json").write_text(json.dumps(state), encoding="utf-8")
     assert resume_differences(ckpt, recipe) == []
     [diff] = resume_differences(ckpt, RecipeSpec(model="m", train=TrainSpec(devices=1, micro_batch=2, grad_accum=1)))
@@ -120,7 +124,9 @@ def test_resume_on_another_number_of_gpus_is_a_change_that_needs_force(tmp_path)
 
 def test_stopping_a_multi_process_run_is_the_stop_file_alone(tmp_path):
     """Its pid is torchrun's, which would pass SIGINT on and kill every rank 30 s later, saved or not."""
-    from tui_finetune.core.runs import STOP_FILE, RunInfo, read_run_info, request_stop, write_run_info
+    from tui_finetune.core.run_folder.control import request_stop
+    from tui_finetune.core.run_folder.info import RunInfo, read_run_info, write_run_info
+    from tui_finetune.core.run_folder.layout import STOP_FILE
 
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
@@ -138,10 +144,11 @@ def test_stopping_a_multi_process_run_is_the_stop_file_alone(tmp_path):
 
 
 def test_a_follower_rank_never_writes_the_run_folder(tmp_path):
-    code = ("import sys; from pathlib import Path; from tui_finetune.core import runs; from tui_finetune.core.recipe "
+    code = ("import sys; from pathlib import Path; from tui_finetune.core.run_folder import info as runs; "
+            "from tui_finetune.core.recipe "
             "import RecipeSpec; d = Path(sys.argv[1]); runs.make_run_folders_read_only(); "
             "runs.update_run_info(d, state='failed'); runs.write_run_recipe(d, RecipeSpec(model='other'))")
-    from tui_finetune.core.runs import create_run, read_run_info, read_run_recipe
+    from tui_finetune.core.run_folder.info import create_run, read_run_info, read_run_recipe
 
     data = tmp_path / "d.jsonl"
     data.write_text("{}\n", encoding="utf-8")
@@ -157,21 +164,22 @@ def test_a_follower_rank_never_writes_the_run_folder(tmp_path):
 def test_resume_on_another_number_of_gpus_is_refused_without_force_and_says_why(tmp_path, monkeypatch, capsys):
     """The CLI end of it, on a run folder with one sealed checkpoint; no worker is started."""
     from tui_finetune.cli import main
-    from tui_finetune.core import launch
-    from tui_finetune.core.runs import RECIPE_FILE, create_run, read_run_info, read_run_recipe, update_run_info
-    from tui_finetune.engine.checkpoints import STAGING, finalize_checkpoint
-    from tui_finetune.engine.resume import checkpoint_state
+    from tui_finetune.core.run_folder import control
+    from tui_finetune.core.run_folder.checkpoints import finalize_checkpoint
+    from tui_finetune.core.run_folder.info import create_run, read_run_info, read_run_recipe, update_run_info
+    from tui_finetune.core.run_folder.layout import RECIPE_FILE, STAGING
+    from tui_finetune.core.run_folder.resume import checkpoint_state
 
     monkeypatch.setenv("TUI_FINETUNE_HOME", str(tmp_path / "home"))
     started = []
-    monkeypatch.setattr(launch, "start_worker_detached", lambda run_dir, env=None: started.append(run_dir) or 0)
+    monkeypatch.setattr(control, "start_worker_detached", lambda run_dir, env=None: started.append(run_dir) or 0)
     data = tmp_path / "d.jsonl"
     data.write_text("{}\n", encoding="utf-8")
     recipe = RecipeSpec(model="m", method="lora", train=TrainSpec(devices=2, micro_batch=2, grad_accum=1))
     run_dir = create_run(recipe, data)
     staged = run_dir / "checkpoints" / STAGING / "checkpoint-4"
     staged.mkdir(parents=True)
-    (staged / "run_state.json").write_text(json.dumps(checkpoint_state(recipe, "", 2, 1, 4, None, 2)), encoding="utf-8")
+    (staged / "run_state.json").write_text(json.dumps(checkpoint_state(recipe, "", 4, None)), encoding="utf-8")
     finalize_checkpoint(staged, run_dir / "checkpoints", 4)
     update_run_info(run_dir, state="interrupted", world_size=2)
 

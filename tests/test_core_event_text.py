@@ -9,7 +9,8 @@ from rich.console import Console
 from tui_finetune.cli import runs as cli_runs
 from tui_finetune.core.event_text import EventFollower, describe_event, state_colour
 from tui_finetune.core.events import EndEvent, EventLog, StepEvent, WarningEvent
-from tui_finetune.core.runs import runs_dir, update_run_info
+from tui_finetune.core.paths import runs_dir
+from tui_finetune.core.run_folder.info import update_run_info
 from ui_support import ui_home, write_run  # noqa: F401 - ui_home is a fixture
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from tui_finetune.core import paths
 from tui_finetune.core.hardware import GIB, detect_hardware, machine_facts
-from tui_finetune.core.recipe import MachineFacts
+from tui_finetune.core.recipe_machine import MachineFacts
 
 MIB = 2**20
 

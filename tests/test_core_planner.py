@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 from argparse import Namespace
 
 import pytest
@@ -12,7 +13,6 @@ from rich.console import Console
 from tui_finetune.core.catalog import CATALOG, get_model
 from tui_finetune.core.planner import (
     BASELINE,
-    PROBE,
     GIB,
     LEAN,
     TIGHT_MARGIN,
@@ -23,7 +23,6 @@ from tui_finetune.core.planner import (
     mlp_chunk_size,
     profile_from_memory,
     profile_named,
-    with_overrides,
 )
 from tui_finetune.core.recipe import MemorySpec, RecipeSpec
 from tui_finetune.core.suggest import FITS, WONT_FIT, CardSpec, classify_fit, suggest
@@ -86,6 +85,12 @@ CALIBRATION: list[tuple[str, str, int, int, str, float, str]] = [
     ("mistral-7b", "qlora", 2048, 1, "unsloth", 4.96, LEAN_H100),
     ("llama-3.1-8b", "qlora", 2048, 1, "unsloth", 5.83, LEAN_H100),
 ]
+
+
+PROBE = replace(LEAN, name="probe", adapter_dtype="bf16", ce_chunk_tokens=1024, layer_factor=1.5,
+                mlp_chunk_tokens=-1)
+"""The stack of the plain-PyTorch feasibility probe measured before our engine existed: the lean profile
+with bf16 adapters. Calibration rows only; no recipe runs it."""
 
 
 def _calibration_profile(name: str):
@@ -285,6 +290,6 @@ def test_mlp_chunking_follows_the_recipe_rule():
     assert mlp_chunk_size(0, 8192) == 0 and mlp_chunk_size(0, 16385) == 4096
     assert mlp_chunk_size(-1, 10**6) == 0 and mlp_chunk_size(512, 100) == 512
     short = PlanCase(get_model("mistral-7b"), seq_len=2048)
-    never = with_overrides(LEAN, mlp_chunk_tokens=-1)
+    never = replace(LEAN, mlp_chunk_tokens=-1)
     assert estimate_peak_vram(short, LEAN).total == estimate_peak_vram(short, never).total
     assert BASELINE.mlp_chunk_tokens == PROBE.mlp_chunk_tokens == -1  # the calibration stacks never chunked

@@ -1,5 +1,5 @@
 """Collators: padding, and padding-free packing that keeps examples apart in attention and gives the same
-per-token loss through the engine's loss (engine/lean.py) as padding does."""
+per-token loss through the engine's loss (engine/memory_techniques.py) as padding does."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from tui_finetune.core.recipe import MemorySpec
 from tui_finetune.data.collate import PaddingCollator, TokenBudgetBatchSampler, make_collator
 from tui_finetune.data.render import IGNORE_INDEX
-from tui_finetune.engine.lean import lean_causal_lm_loss
+from tui_finetune.engine.memory_techniques import lean_causal_lm_loss
 
 ROWS = [
     {"input_ids": [5, 6, 7, 8, 9], "labels": [-100, -100, 7, 8, 9], "length": 5, "sample_id": 0},

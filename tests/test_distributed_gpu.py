@@ -22,8 +22,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 from engine_runs import REPO, events_of, start, tiny_recipe, wait_for_end  # noqa: E402
 from engine_tiny import build_tokenizer  # noqa: E402
 from tui_finetune.core.events import StepEvent  # noqa: E402
-from tui_finetune.core.launch import prepare_recipe  # noqa: E402
-from tui_finetune.core.runs import create_run, read_run_info  # noqa: E402
+from tui_finetune.core.run_folder.control import prepare_recipe  # noqa: E402
+from tui_finetune.core.run_folder.info import create_run, read_run_info, read_run_recipe  # noqa: E402
 
 SAMPLES = REPO / "tests" / "data" / "samples" / "instructions.alpaca.jsonl"
 STEPS = 20
@@ -93,7 +93,7 @@ def test_two_gpus_train_like_one_with_the_same_effective_batch_and_faster(phi2, 
     assert wait_for_end(two, timeout=400) == "completed", (two / "worker.log").read_text()[-3000:]
 
     info = read_run_info(two)
-    assert (info.world_size, info.effective_batch, len(info.rank_pids)) == (2, 8, 2)
+    assert (info.world_size, read_run_recipe(two).effective_batch, len(info.rank_pids)) == (2, 8, 2)
     steps = events_of(two, StepEvent)
     assert all(s.rank_vram_peak_mb and len(s.rank_vram_peak_mb) == 2 and min(s.rank_vram_peak_mb) > 0 for s in steps)
     got, expected = _losses(two), _losses(one)

@@ -19,8 +19,9 @@ from engine_runs import cli, events_of, tiny_recipe, wait_for
 from engine_tiny import build_tiny_llama, write_alpaca
 from faults_support import launch, wait_dead
 from tui_finetune.core.events import CheckpointEvent, EndEvent, PhaseEvent, StepEvent, WarningEvent
-from tui_finetune.core.runs import pid_alive, read_run_info, shown_state
-from tui_finetune.engine.checkpoints import check_checkpoint, list_checkpoints
+from tui_finetune.core.run_folder.checkpoints import check_checkpoint, list_checkpoints
+from tui_finetune.core.run_folder.info import read_run_info, read_run_recipe
+from tui_finetune.core.run_folder.listing import pid_alive, shown_state
 
 pytestmark = pytest.mark.slow
 
@@ -72,9 +73,9 @@ def test_two_processes_train_the_same_rows_to_the_same_losses_as_one_with_the_sa
         assert two_losses[step - 1] == pytest.approx(mean, rel=1e-5)
 
     info = read_run_info(two)
-    assert (info.world_size, info.effective_batch, info.device) == (2, 4, "CPU x 2")
+    assert (info.world_size, read_run_recipe(two).effective_batch, info.device) == (2, 4, "CPU x 2")
     assert len(set(info.rank_pids)) == 2 and info.pid not in info.rank_pids  # run.json's pid is torchrun's
-    assert read_run_info(one).effective_batch == 4
+    assert read_run_recipe(one).effective_batch == 4
     train = next(e for e in events_of(two, PhaseEvent) if e.phase == "train")
     assert "4 sequences a step (micro-batch 2 x accumulation 1 x 2 processes)" in train.message
     # one author: every phase and the end once, as in a single-process run
@@ -93,7 +94,8 @@ def test_an_out_of_memory_on_one_rank_shrinks_the_batch_on_both_and_the_run_comp
     info = read_run_info(run)
     [shrink] = info.oom_shrinks
     assert (shrink["micro_batch"], shrink["grad_accum"]) == ([2, 1], [1, 2]) and "rank 1" in shrink["error"]
-    assert (info.micro_batch, info.grad_accum, info.effective_batch) == (1, 2, 4)
+    after = read_run_recipe(run)  # the batch in effect lives in recipe.toml, written by rank 0 alone
+    assert (after.train.micro_batch, after.train.grad_accum, after.train.devices, after.effective_batch) == (1, 2, 2, 4)
     [warning] = [w for w in events_of(run, WarningEvent) if "out of memory" in w.message]
     assert "effective batch 4 unchanged" in warning.message
     assert [s.step for s in events_of(run, StepEvent)][-4:] == [3, 4, 5, 6]  # from the step-2 checkpoint on

@@ -128,7 +128,7 @@ def test_the_fresh_process_skips_the_failed_backend_and_trains_on_the_universal_
 
 def test_the_worker_records_the_failure_and_re_executes_itself(tiny, tmp_path, monkeypatch):
     from tui_finetune.core.events import WarningEvent, read_events
-    from tui_finetune.core.runs import create_run, read_run_info
+    from tui_finetune.core.run_folder.info import create_run, read_run_info
     from tui_finetune.engine import worker
 
     run_dir = create_run(_recipe(tiny, "liger"), tiny / "data.jsonl", base=tmp_path)
@@ -201,13 +201,13 @@ def test_expected_backend_names_what_will_load_so_the_planner_can_model_it(tiny,
 def test_a_resume_may_change_the_backend_and_maths_preserving_memory_switches_but_not_precision(tmp_path):
     import json
 
-    from tui_finetune.engine.checkpoints import RUN_STATE
-    from tui_finetune.engine.resume import checkpoint_state, resume_differences
+    from tui_finetune.core.run_folder.layout import RUN_STATE
+    from tui_finetune.core.run_folder.resume import checkpoint_state, resume_differences
 
     then = _recipe(tmp_path, "unsloth")
     checkpoint = tmp_path / "checkpoint-4"
     checkpoint.mkdir()
-    (checkpoint / RUN_STATE).write_text(json.dumps(checkpoint_state(then, "abc", 1, 16, 4, None)))
+    (checkpoint / RUN_STATE).write_text(json.dumps(checkpoint_state(then, "abc", 4, None)))
     now = _recipe(tmp_path, "universal")  # the advice after a backend failure
     now.memory.offload_activations, now.memory.mlp_chunk_tokens = True, 4096
     assert resume_differences(checkpoint, now, "abc") == []

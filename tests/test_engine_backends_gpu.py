@@ -20,9 +20,10 @@ from engine_runs import REPO, tiny_recipe, wait_for  # noqa: E402
 from engine_tiny import build_tokenizer  # noqa: E402
 from faults_support import launch, read_trace, relaunch, wait_dead  # noqa: E402
 from tui_finetune.core.events import CheckpointEvent  # noqa: E402
-from tui_finetune.core.runs import read_run_info  # noqa: E402
+from tui_finetune.core.run_folder.info import read_run_info  # noqa: E402
 from tui_finetune.engine.backends import BACKENDS, model_type_of  # noqa: E402
-from tui_finetune.engine.checkpoints import find_resume_checkpoint, step_of  # noqa: E402
+from tui_finetune.core.run_folder.layout import step_of  # noqa: E402
+from tui_finetune.core.run_folder.resume import find_resume_checkpoint  # noqa: E402
 from tui_finetune.engine.loading import detect_device  # noqa: E402
 
 SAMPLES = REPO / "tests" / "data" / "samples" / "instructions.alpaca.jsonl"

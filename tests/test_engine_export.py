@@ -13,7 +13,8 @@ import pytest
 
 from export_support import make_finished_run
 from tui_finetune.core.export_spec import ExportError, ExportSpec, read_exports
-from tui_finetune.core.runs import ADAPTER_DIR, create_run, read_run_recipe
+from tui_finetune.core.run_folder.info import create_run, read_run_recipe
+from tui_finetune.core.run_folder.layout import ADAPTER_DIR
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import pytest
 from export_support import LLAMA3_ROPE, make_finished_run
 from tui_finetune.core.catalog import get_model
 from tui_finetune.core.export_spec import ExportError, ExportSpec
-from tui_finetune.core.runs import read_run_recipe
+from tui_finetune.core.run_folder.info import read_run_recipe
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 TINY_HEAD_DIM = 16  # export_support: hidden 64, 4 heads

@@ -16,8 +16,8 @@ from engine_tiny import build_tiny_llama, write_alpaca
 from tui_finetune.core.events import (
     CheckpointEvent, EndEvent, ErrorEvent, EvalEvent, PhaseEvent, SampleEvent, StepEvent)
 from tui_finetune.core.recipe import recipe_to_toml
-from tui_finetune.core.runs import read_run_info
-from tui_finetune.engine.checkpoints import check_checkpoint, list_checkpoints
+from tui_finetune.core.run_folder.info import read_run_info, read_run_recipe
+from tui_finetune.core.run_folder.checkpoints import check_checkpoint, list_checkpoints
 
 RUN_FILES = {"recipe.toml", "run.json", "events.jsonl", "worker.log", "checkpoints", "adapter"}
 ADAPTER_FILES = {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json"}
@@ -56,7 +56,9 @@ def test_detached_run_completes_and_leaves_the_documented_run_folder(tiny, tmp_p
     assert info.backend == "universal" and "pure PyTorch" in info.backend_reason
     assert [s.split(":")[0] for s in info.backend_skipped] == ["unsloth"]
     assert all(len(s.split(": ", 1)[1]) > 5 for s in info.backend_skipped)
-    assert info.autofit == [] and (info.micro_batch, info.grad_accum) == (0, 0)  # auto-fit: CUDA only
+    assert info.autofit == [] and info.oom_shrinks == []  # auto-fit: CUDA only
+    train = read_run_recipe(run_dir).train  # the batch in effect lives in recipe.toml: unchanged here
+    assert (train.micro_batch, train.grad_accum) == (4, 2)
     phases = [e.phase for e in events_of(run_dir, PhaseEvent)]
     # the fit-check runs inside Trainer.train, before the first step; the adapter is saved before the
     # after-sample, and the final evaluation already ran at step 12 (every_steps divides 12)

@@ -20,8 +20,9 @@ from engine_runs import REPO, wait_for  # noqa: E402
 from faults_support import launch, read_trace, relaunch, wait_dead  # noqa: E402
 from test_engine_gpu import _gpu_recipe, phi2  # noqa: E402,F401 - the fixture builds Phi-2 with random weights
 from tui_finetune.core.events import CheckpointEvent  # noqa: E402
-from tui_finetune.core.runs import read_run_info  # noqa: E402
-from tui_finetune.engine.checkpoints import find_resume_checkpoint, step_of  # noqa: E402
+from tui_finetune.core.run_folder.info import read_run_info  # noqa: E402
+from tui_finetune.core.run_folder.layout import step_of  # noqa: E402
+from tui_finetune.core.run_folder.resume import find_resume_checkpoint  # noqa: E402
 
 SAMPLES = REPO / "tests" / "data" / "samples" / "instructions.alpaca.jsonl"
 STEPS, KILL_AFTER = 30, 15

@@ -17,8 +17,9 @@ from engine_tiny import build_tiny_llama, write_alpaca
 from faults_support import fault_recipe, launch, wait_dead
 from tui_finetune.core.events import EventLog, PhaseEvent, SampleEvent, WarningEvent
 from tui_finetune.core.recipe import MemorySpec
-from tui_finetune.core.runs import EVENTS_FILE, create_run, read_run_info, update_run_info
-from tui_finetune.engine.checkpoints import list_checkpoints
+from tui_finetune.core.run_folder.info import create_run, read_run_info, update_run_info
+from tui_finetune.core.run_folder.layout import EVENTS_FILE
+from tui_finetune.core.run_folder.checkpoints import list_checkpoints
 
 pytestmark = pytest.mark.faults
 
@@ -91,7 +92,7 @@ def test_an_oom_in_eval_in_the_samples_and_in_the_save_each_ends_completed_with_
 
 
 def test_a_phase_that_failed_or_was_under_way_when_the_worker_died_is_skipped_on_resume(tmp_path):
-    from tui_finetune.core.runs import mark_interrupted_phase_failed
+    from tui_finetune.core.run_folder.info import mark_interrupted_phase_failed
     from tui_finetune.engine.post_training import run_optional_phase
 
     data = tmp_path / "data.jsonl"

@@ -21,8 +21,10 @@ from faults_support import (
     STEPS_PER_EPOCH, TRAIN_ROWS, assert_same_adapter, events_since, fault_recipe, launch, read_trace, relaunch,
     wait_dead)
 from tui_finetune.core.events import StepEvent
-from tui_finetune.core.runs import read_run_info, shown_state
-from tui_finetune.engine.checkpoints import STAGING, find_resume_checkpoint, step_of
+from tui_finetune.core.run_folder.info import read_run_info
+from tui_finetune.core.run_folder.listing import shown_state
+from tui_finetune.core.run_folder.layout import STAGING, step_of
+from tui_finetune.core.run_folder.resume import find_resume_checkpoint
 
 pytestmark = pytest.mark.faults
 STEPS = 32

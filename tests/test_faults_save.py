@@ -17,8 +17,10 @@ from engine_runs import cli, events_of
 from engine_tiny import build_tiny_llama, write_alpaca
 from faults_support import fault_recipe, launch, relaunch, wait_dead
 from tui_finetune.core.events import ErrorEvent, WarningEvent
-from tui_finetune.core.runs import read_run_info
-from tui_finetune.engine import checkpoints as ck
+from tui_finetune.core.run_folder.info import read_run_info
+from tui_finetune.core.run_folder import checkpoints as ck
+from tui_finetune.core.run_folder.layout import CHECKPOINT_MARKER, RUN_STATE, STAGING, step_dir_name, step_of
+from tui_finetune.core.run_folder.resume import find_resume_checkpoint
 from tui_finetune.engine.faults import parse_faults
 
 pytestmark = pytest.mark.faults
@@ -33,12 +35,12 @@ def tiny(tmp_path_factory):
 
 
 def _valid_step(run_dir):
-    chosen = ck.find_resume_checkpoint(run_dir / "checkpoints").path
-    return ck.step_of(chosen) if chosen else 0
+    chosen = find_resume_checkpoint(run_dir / "checkpoints").path
+    return step_of(chosen) if chosen else 0
 
 
 def _staged(run_dir):
-    staging = run_dir / "checkpoints" / ck.STAGING
+    staging = run_dir / "checkpoints" / STAGING
     return sorted(p.name for p in staging.iterdir()) if staging.is_dir() else []
 
 
@@ -65,10 +67,10 @@ def test_a_kill_at_each_stage_of_a_save_never_yields_a_broken_resume(tiny, tmp_p
             assert _staged(run_dir) == []
         else:
             assert valid == killed_save - 1, f"{stage}: resume must take the save before the broken one"
-            assert not (run_dir / "checkpoints" / ck.step_dir_name(killed_save)).exists()
+            assert not (run_dir / "checkpoints" / step_dir_name(killed_save)).exists()
             assert _staged(run_dir) == [f"checkpoint-{killed_save}"], "only this crash's leftover is there"
         if stage == f"save-after-file:{FILES_IN_A_CHECKPOINT}":
-            assert "COMPLETE.json" not in {p.name for p in (run_dir / "checkpoints" / ck.STAGING /
+            assert "COMPLETE.json" not in {p.name for p in (run_dir / "checkpoints" / STAGING /
                                                               f"checkpoint-{killed_save}").iterdir()}
     relaunch(run_dir, home)
     assert wait_dead(run_dir) == "completed", (run_dir / "worker.log").read_text()[-2000:]
@@ -95,14 +97,14 @@ def test_corrupted_files_are_skipped_with_a_message_and_no_valid_checkpoint_exit
     checkpoints = run_dir / "checkpoints"
     assert [p.name for p in ck.list_checkpoints(checkpoints)] == ["step-000002", "step-000003"]
     newest = checkpoints / "step-000003"
-    names = sorted(p.name for p in newest.iterdir() if p.name != ck.MARKER)
+    names = sorted(p.name for p in newest.iterdir() if p.name != CHECKPOINT_MARKER)
     assert len(names) == FILES_IN_A_CHECKPOINT
     for name in names:  # every file, three kinds of damage, on a copy of the folder
         for how in ("truncate", "zero", "flip"):
             copy = tmp_path / "copies" / f"{name}-{how}"
             shutil.copytree(checkpoints, copy)
             _corrupt(copy / "step-000003" / name, how)
-            choice = ck.find_resume_checkpoint(copy)
+            choice = find_resume_checkpoint(copy)
             assert choice.path == copy / "step-000002", f"{name} {how}"
             [message] = choice.messages()
             assert message.startswith(f"step-000003 is incomplete ({name} ") and message.endswith(
@@ -150,10 +152,10 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint_and_says_how_mu
 # ---------------------------------------------------------------- units: rotation, disk, the hook's syntax
 
 def _seal(root, step, eval_loss=None):
-    staged = root / ck.STAGING / f"checkpoint-{step}"
+    staged = root / STAGING / f"checkpoint-{step}"
     staged.mkdir(parents=True)
     (staged / "adapter_model.safetensors").write_bytes(b"w" * 64)
-    (staged / ck.RUN_STATE).write_text(json.dumps({"step": step, "eval_loss": eval_loss}))
+    (staged / RUN_STATE).write_text(json.dumps({"step": step, "eval_loss": eval_loss}))
     return ck.finalize_checkpoint(staged, root, step)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+from dataclasses import replace
 
 import pytest
 
@@ -17,8 +18,9 @@ from engine_runs import cli, events_of, wait_for
 from engine_tiny import build_tiny_llama, write_alpaca
 from faults_support import fault_recipe, launch, read_trace, relaunch, wait_dead
 from tui_finetune.core.events import CheckpointEvent, ErrorEvent, PhaseEvent, StepEvent, WarningEvent
-from tui_finetune.core.runs import create_run, read_run_info
-from tui_finetune.engine.checkpoints import check_checkpoint, list_checkpoints, step_of
+from tui_finetune.core.run_folder.info import create_run, read_run_info, read_run_recipe
+from tui_finetune.core.run_folder.checkpoints import check_checkpoint, list_checkpoints
+from tui_finetune.core.run_folder.layout import step_of
 
 pytestmark = pytest.mark.faults
 
@@ -104,8 +106,8 @@ def test_an_oom_at_step_1_and_at_a_later_step_halves_the_micro_batch_and_complet
     # at step 1 the OOM strikes in the fit-check, the run's own first step on its longest batch
     for run_dir, name, resumed_from, where in ((early, "oom1", "the start", "fit-check"),
                                                (late, "oom5", "step-000004", "training")):
-        info = read_run_info(run_dir)
-        assert (info.micro_batch, info.grad_accum) == (2, 4), "micro-batch halved, accumulation doubled"
+        info, train = read_run_info(run_dir), read_run_recipe(run_dir).train
+        assert (train.micro_batch, train.grad_accum) == (2, 4), "micro-batch halved, accumulation doubled, in recipe.toml"
         assert len(info.oom_shrinks) == 1 and info.oom_shrinks[0]["micro_batch"] == [4, 2]
         assert info.oom_shrinks[0]["where"] == where
         warning = next(e for e in events_of(run_dir, WarningEvent) if "micro-batch 4 -> 2" in e.message)
@@ -122,30 +124,52 @@ def test_an_oom_at_step_1_and_at_a_later_step_halves_the_micro_batch_and_complet
         "CUDA out of memory in evaluation: eval batch 2 -> 1 (training batch unchanged)"]
 
 
+def test_a_run_killed_after_an_oom_shrink_resumes_at_the_batch_its_recipe_toml_holds(tiny, tmp_path):
+    """The shrink is written to recipe.toml, so the next worker reads 2 x 4 there: with the injected OOM still
+    armed above micro-batch 2 it never runs out of memory again, and the step-4 checkpoint (saved at 4 x 2)
+    is accepted, as the effective batch is the same."""
+    model, data = tiny
+    home = tmp_path / "home"
+    run_dir = launch(_oom_recipe(model), data, home, fault="oom:train:2@5,exit:step@6")
+    wait_dead(run_dir)
+    assert [s["micro_batch"] for s in read_run_info(run_dir).oom_shrinks] == [[4, 2]]
+    train = read_run_recipe(run_dir).train
+    assert (train.micro_batch, train.grad_accum) == (2, 4)
+    out = cli("runs", home=home).stdout
+    assert run_dir.name in out and "2x4" in out  # the listing shows the batch in effect
+    relaunch(run_dir, home, fault="oom:train:2")
+    assert wait_dead(run_dir) == "completed", (run_dir / "worker.log").read_text()[-2000:]
+    info = read_run_info(run_dir)
+    assert info.resumed_from == "step-000004" and len(info.oom_shrinks) == 1  # no second OOM: it trained at 2
+    fits = [e.message for e in events_of(run_dir, PhaseEvent) if e.phase == "fit"]
+    assert fits[-1].startswith("the longest batch fits (2 example(s)")
+
+
 def test_oom_gives_up_at_micro_batch_1_and_after_three_shrinks_with_advice(tiny, tmp_path, monkeypatch):
     import torch
 
     from tui_finetune.core.events import EventLog
-    from tui_finetune.engine.fitting import OomGiveUp
+    from tui_finetune.engine.recipe_refit import OomGiveUp
     from tui_finetune.engine.training_loop import TrainingLoop
 
     model, data = tiny
     monkeypatch.setenv("TUI_FINETUNE_HOME", str(tmp_path))
-    recipe = fault_recipe(model, 8, data={"seq_len": 512})
+    recipe = fault_recipe(model, 8, data={"seq_len": 512}, train={"micro_batch": 16, "grad_accum": 1})
     run_dir = create_run(recipe, data, base=tmp_path / "runs")
     log = EventLog(run_dir / "events.jsonl")
     loop = TrainingLoop(run_dir, log, recipe, None, lambda: False, lambda err: None)
     err = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    micro, accum = loop.shrink_after_oom(err, 16, 1, in_check=True)  # the fit-check's shrinks don't count
-    assert (micro, accum) == (8, 2)
+    train = loop.shrink_after_oom(err, in_check=True).train  # the fit-check's shrinks don't count
+    assert (train.micro_batch, train.grad_accum) == (8, 2)
     for _ in range(3):
-        micro, accum = loop.shrink_after_oom(err, micro, accum)
-    assert (micro, accum) == (1, 16) and len(read_run_info(run_dir).oom_shrinks) == 4
+        train = loop.shrink_after_oom(err).train
+    assert (train.micro_batch, train.grad_accum) == (1, 16) and len(read_run_info(run_dir).oom_shrinks) == 4
     with pytest.raises(OomGiveUp, match="micro-batch 1") as at_one:
-        loop.shrink_after_oom(err, 1, 16)
+        loop.shrink_after_oom(err)
     assert "data.seq_len=256" in at_one.value.advice and "tui-finetune plan" in at_one.value.advice
+    loop.recipe = replace(loop.recipe, train=replace(loop.recipe.train, micro_batch=4, grad_accum=4))
     with pytest.raises(OomGiveUp, match="after 3 halvings") as after_three:
-        loop.shrink_after_oom(err, 4, 4)
+        loop.shrink_after_oom(err)
     assert "data.seq_len=256" in after_three.value.advice
     log.close()
 
@@ -158,15 +182,20 @@ def test_an_odd_micro_batch_shrinks_to_a_divisor_so_the_effective_batch_really_s
     from tui_finetune.engine.training_loop import TrainingLoop
 
     model, data = tiny
-    recipe = fault_recipe(model, 8)
+    recipe = fault_recipe(model, 8, train={"micro_batch": 3, "grad_accum": 8})
     run_dir = create_run(recipe, data, base=tmp_path / "runs")
     with EventLog(run_dir / "events.jsonl") as log:
         loop = TrainingLoop(run_dir, log, recipe, None, lambda: False, lambda err: None)
         err = torch.OutOfMemoryError("CUDA out of memory")
-        assert loop.shrink_after_oom(err, 3, 8) == (1, 24)
-        assert loop.shrink_after_oom(err, 6, 2) == (3, 4)
+        shrunk = loop.shrink_after_oom(err).train
+        assert (shrunk.micro_batch, shrunk.grad_accum) == (1, 24)
+        assert read_run_recipe(run_dir).train == shrunk  # written where every reader looks
+        loop.recipe = replace(recipe, train=replace(recipe.train, micro_batch=6, grad_accum=2))
+        shrunk = loop.shrink_after_oom(err).train
+        assert (shrunk.micro_batch, shrunk.grad_accum) == (3, 4)
+    assert read_run_recipe(run_dir).train == shrunk
     info = read_run_info(run_dir)
-    assert (info.micro_batch, info.grad_accum) == (3, 4)
     assert [s["micro_batch"] for s in info.oom_shrinks] == [[3, 1], [6, 3]]
+    assert [s["grad_accum"] for s in info.oom_shrinks] == [[8, 24], [2, 4]]
     warnings = [e.message for e in events_of(run_dir, WarningEvent)]
     assert "effective batch 24 unchanged" in warnings[0] and "effective batch 12 unchanged" in warnings[1]

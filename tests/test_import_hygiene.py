@@ -38,7 +38,7 @@ def _loaded_after_import(modules: list[str]) -> set[str]:
 
 def test_every_core_module_imports_without_torch_or_textual():
     modules = _modules("tui_finetune.core")
-    assert "tui_finetune.core.runs" in modules and "tui_finetune.core.events" in modules
+    assert "tui_finetune.core.run_folder.checkpoints" in modules and "tui_finetune.core.events" in modules
     loaded = _loaded_after_import(modules)
     assert "torch" not in loaded
     assert "textual" not in loaded

@@ -15,7 +15,8 @@ import pytest
 from export_support import make_finished_run
 from test_ui_snapshots import wait_for
 from tui_finetune.core.export_spec import read_exports
-from tui_finetune.core.runs import ADAPTER_DIR, runs_dir
+from tui_finetune.core.paths import runs_dir
+from tui_finetune.core.run_folder.layout import ADAPTER_DIR
 from tui_finetune.ui.messages import ChatToken
 from ui_support import REPO, build_app, run_async, write_run
 

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from tui_finetune.core.preferences import load_preferences
-from tui_finetune.core.runs import STOP_FILE, read_run_info, runs_dir
+from tui_finetune.core.paths import runs_dir
+from tui_finetune.core.run_folder.info import read_run_info
+from tui_finetune.core.run_folder.layout import STOP_FILE
 from tui_finetune.ui.screens.dataset import run_data_check
 from ui_support import build_app, run_async, ui_home, write_run  # noqa: F401 - ui_home is a fixture
 from test_ui_snapshots import to_dataset, to_recipe, wait_for
@@ -101,7 +103,7 @@ def sleeper():
 
 @run_async
 async def test_monitor_keys_stop_detach_and_quit(ui_home, sleeper, capsys):
-    from tui_finetune.core.runs import update_run_info
+    from tui_finetune.core.run_folder.info import update_run_info
 
     run_dir = write_run(runs_dir(), 5, "running", steps=45)
     update_run_info(run_dir, pid=sleeper.pid)

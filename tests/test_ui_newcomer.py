@@ -13,7 +13,10 @@ from tui_finetune.core.events import EndEvent, EventLog, PhaseEvent, StepEvent
 from tui_finetune.core.preferences import load_preferences
 from tui_finetune.core.presets import list_presets
 from tui_finetune.core.recipe import load_recipe
-from tui_finetune.core.runs import CHECKPOINT_MARKER, resume_step, runs_dir, update_run_info
+from tui_finetune.core.paths import runs_dir
+from tui_finetune.core.run_folder.info import update_run_info
+from tui_finetune.core.run_folder.layout import CHECKPOINT_MARKER
+from tui_finetune.core.run_folder.resume import resume_step
 from tui_finetune.core.suggest import estimate_cpu_ram_gib
 from tui_finetune.ui.run_tail import RunTail
 from ui_support import REPO, T0, build_app, run_async, ui_home, write_run  # noqa: F401 - ui_home is a fixture
@@ -40,9 +43,6 @@ def toasts(app) -> str:
 # ------------------------------------------------------------------ item 2: resume says what it will do
 
 def test_resume_step_is_the_newest_sealed_checkpoint(tmp_path):
-    from tui_finetune.engine.checkpoints import MARKER
-
-    assert CHECKPOINT_MARKER == MARKER  # core reads what the engine writes
     run_dir = write_run(tmp_path, 1, "running", steps=30)
     assert resume_step(run_dir) is None
     seal_checkpoint(run_dir, 20)

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from tui_finetune.core.preferences import Preferences
-from tui_finetune.core.runs import runs_dir
+from tui_finetune.core.paths import runs_dir
 from ui_support import build_app, no_gpu_report, ui_home, write_run  # noqa: F401 - ui_home is a fixture
 
 SIZE = (100, 30)

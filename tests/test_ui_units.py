@@ -10,7 +10,7 @@ from pathlib import Path
 from tui_finetune.core.events import EventLog, StepEvent
 from tui_finetune.core.preferences import Preferences, load_preferences, preferences_path, save_preferences
 from tui_finetune.core.recipe import RecipeSpec
-from tui_finetune.core.runs import runs_dir
+from tui_finetune.core.paths import runs_dir
 from tui_finetune.core.suggest import WONT_FIT, CardSpec, plan_recipe
 from tui_finetune.ui.messages import RunUpdated
 from tui_finetune.ui.run_tail import MAX_POINTS, RunTail
@@ -19,7 +19,7 @@ from ui_support import REPO, ui_home, write_run  # noqa: F401 - ui_home is a fix
 
 def test_ui_imports_without_torch_transformers_or_engine():
     code = ("import sys, tui_finetune.ui.app, tui_finetune.ui.screens.monitor, tui_finetune.ui.screens.recipe, "
-            "tui_finetune.core.launch, tui_finetune.core.preferences\n"
+            "tui_finetune.core.run_folder.control, tui_finetune.core.preferences\n"
             "bad = [m for m in ('torch', 'transformers', 'tokenizers', 'datasets', 'tui_finetune.engine', "
             "'tui_finetune.data') if m in sys.modules]\n"
             "print(bad)")

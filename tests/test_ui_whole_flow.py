@@ -16,7 +16,9 @@ import time
 import pytest
 
 from tui_finetune.core.preferences import Preferences
-from tui_finetune.core.runs import list_runs, pid_alive, read_run_info, request_stop
+from tui_finetune.core.run_folder.control import request_stop
+from tui_finetune.core.run_folder.info import read_run_info
+from tui_finetune.core.run_folder.listing import list_runs, pid_alive
 from tui_finetune.ui.app import AppContext, make_app
 from ui_support import REPO, no_gpu_report, run_async
 from test_ui_snapshots import wait_for

@@ -14,7 +14,8 @@ from rich.console import Console
 from rich.text import Text
 
 from tui_finetune.core.export_spec import ExportError
-from tui_finetune.core.runs import RunError, find_run
+from tui_finetune.core.run_folder.info import RunError
+from tui_finetune.core.run_folder.listing import find_run
 
 console = Console(highlight=False, stderr=True, soft_wrap=True)
 """Status lines and errors go to stderr, so stdout carries only the model's answers."""

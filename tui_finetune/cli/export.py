@@ -14,7 +14,8 @@ from rich.text import Text
 
 from tui_finetune.core.export_spec import ExportError, ExportResult, ExportSpec
 from tui_finetune.core.export_usage import usage_lines
-from tui_finetune.core.runs import RunError, find_run
+from tui_finetune.core.run_folder.info import RunError
+from tui_finetune.core.run_folder.listing import find_run
 
 console = Console(highlight=False, soft_wrap=True)
 """soft_wrap: paths and commands stay on one line, so they can be copied."""

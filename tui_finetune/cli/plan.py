@@ -15,7 +15,7 @@ from rich.text import Text
 
 from tui_finetune.core.catalog import UnknownModelError
 from tui_finetune.core.hardware import a_card_of, best_gpu, detect_hardware
-from tui_finetune.core.model_source import resolve_model_spec
+from tui_finetune.core.model_shape import resolve_model_spec
 from tui_finetune.core.planner import PlanCase, VramEstimate, profile_from_memory
 from tui_finetune.core.presets import find_recipe, list_presets, preset_card_gb
 from tui_finetune.core.recipe import RecipeError, RecipeSpec, load_recipe

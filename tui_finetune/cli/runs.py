@@ -23,13 +23,12 @@ from tui_finetune.cli.data_options import data_overrides
 from tui_finetune.core.event_text import EventFollower, describe_event, resume_wording, state_colour, worker_gone_line
 from tui_finetune.core.events import EndEvent, Event, SampleEvent, StepEvent, read_events
 from tui_finetune.core.hardware import detect_hardware
-from tui_finetune.core.launch import launch_run, resume_run, settle_recipe_devices
-from tui_finetune.core.recipe import (
-    RecipeError, load_recipe, save_recipe)
 from tui_finetune.core.presets import find_recipe
-from tui_finetune.core.runs import (
-    CHECKPOINTS_DIR, EVENTS_FILE, RECIPE_FILE, RunError, RunSummary, find_run, list_runs, pid_alive,
-    read_run_info, request_stop, shown_state, update_run_info)
+from tui_finetune.core.recipe import RecipeError, load_recipe, save_recipe
+from tui_finetune.core.run_folder.control import launch_run, request_stop, resume_run, settle_recipe_devices
+from tui_finetune.core.run_folder.info import RunError, read_run_info, update_run_info
+from tui_finetune.core.run_folder.layout import CHECKPOINTS_DIR, EVENTS_FILE, RECIPE_FILE
+from tui_finetune.core.run_folder.listing import RunSummary, find_run, list_runs, pid_alive, shown_state
 
 console = Console(highlight=False)
 
@@ -79,8 +78,9 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _resume(args: argparse.Namespace) -> int:
-    from tui_finetune.engine.checkpoints import CheckpointError, find_resume_checkpoint, step_of
-    from tui_finetune.engine.resume import refusal_message, resume_differences
+    from tui_finetune.core.run_folder.checkpoints import CheckpointError
+    from tui_finetune.core.run_folder.layout import step_of
+    from tui_finetune.core.run_folder.resume import find_resume_checkpoint, refusal_message, resume_differences
 
     run_dir = find_run(args.run)
     state = shown_state(read_run_info(run_dir))
@@ -103,8 +103,6 @@ def _resume(args: argparse.Namespace) -> int:
     if overrides:
         save_recipe(recipe, run_dir / RECIPE_FILE, f"Resolved recipe of run {run_dir.name}, changed on resume: "
                     + " ".join(overrides))
-        if any(o.split("=", 1)[0].strip() in ("train.micro_batch", "train.grad_accum") for o in overrides):
-            changes.update(micro_batch=0, grad_accum=0)  # the new recipe's batch replaces an OOM-shrunk one
     update_run_info(run_dir, **changes)
     resume_run(run_dir)
     plan = f"resuming {run_dir.name}: it {resume_wording(step_of(choice.path) if choice.path else None)}"
@@ -131,30 +129,33 @@ def _age(seconds: float) -> str:
     return f"{seconds:.0f}s ago"
 
 
+def batch_words(row: RunSummary) -> str:
+    """The batch in effect, from the run's recipe.toml (after any OOM shrink): micro-batch x accumulation
+    (x processes, when more than one trains) = the effective batch, ``2x4=8`` or ``2x4x2=16``; '-' if unknown."""
+    if not row.micro_batch:
+        return "-"
+    split = f"{row.micro_batch}x{row.grad_accum}" + (f"x{row.devices}" if row.devices > 1 else "")
+    return f"{split}={row.effective_batch}"
+
+
 def _runs(args: argparse.Namespace) -> int:
     rows = list_runs()
     if not rows:
         console.print("no runs yet: start one with 'tui-finetune train demo-cpu' (CPU demo) or 'tui-finetune train RECIPE --data FILE'")
         return 0
     table = Table(show_header=True, header_style="bold")
-    for column in ("id", "model", "state", "step", "last loss", "batch", "age"):  # an id is copied whole: never cut
-        table.add_column(column, justify="right" if column in ("step", "last loss", "batch") else "left",
+    for column in ("id", "model", "state", "step", "batch", "last loss", "age"):  # an id is copied whole: never cut
+        table.add_column(column, justify="right" if column in ("step", "batch", "last loss") else "left",
                          no_wrap=column == "id", min_width=max((len(r.run_id) for r in rows), default=2)
                          if column == "id" else None, overflow="fold" if column != "id" else "ignore")
     now = time.time()
     for row in rows:
         table.add_row(row.run_id, row.model, Text(row.state, style=state_colour(row.state)),
-                      f"{row.step}/{row.total_steps}", "-" if row.last_loss is None else f"{row.last_loss:.4f}",
-                      _batch_text(row), _age(now - row.created_at))
+                      f"{row.step}/{row.total_steps}", batch_words(row),
+                      "-" if row.last_loss is None else f"{row.last_loss:.4f}",
+                      _age(now - row.created_at))
     console.print(table)
     return 0
-
-
-def _batch_text(row: RunSummary) -> str:
-    """Sequences a step, with the number of processes when more than one trains: ``16 (x2)``."""
-    if not row.effective_batch:
-        return "-"
-    return f"{row.effective_batch}" + (f" (x{row.world_size})" if row.world_size > 1 else "")
 
 
 def _logs(args: argparse.Namespace) -> int:

@@ -8,7 +8,7 @@ build it here:
 - the planner's verdict (``tui-finetune plan``, the wizard; core/suggest.py ``plan_recipe``):
   ``fitting_tips`` keeps only the changes the planner says fit, through a ``fits`` callback, and for
   the sequence the longest halving that fits; ``fit_advice`` words them;
-- auto-fit when nothing fits (core/autofit.py): ``nothing_fits_advice``;
+- auto-fit when nothing fits (core/fit_levers.py): ``nothing_fits_advice``;
 - a CUDA out-of-memory in the worker: ``memory_advice`` (unchecked: there is no card to check against).
 
 ``settings=False`` leaves out the ``--set`` options, for places that don't take them (the wizard).

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Mapping
 
 from tui_finetune.core.hardware import GpuInfo, HardwareReport
-from tui_finetune.core.recipe import RecipeError
+from tui_finetune.core.recipe import RecipeError, RecipeSpec
 
 WORKER_MODULE = "tui_finetune.engine.worker"
 TORCHRUN_MODULE = "torch.distributed.run"
@@ -93,9 +93,10 @@ def worker_command(run_dir: Path, processes: int = 1, python: str | None = None)
             "--max-restarts", "0", "-m", WORKER_MODULE, str(run_dir)]
 
 
-def describe_batch(micro_batch: int, grad_accum: int, processes: int, unit: str = "GPUs") -> str:
-    """``8 sequences a step (micro-batch 2 x accumulation 2 x 2 GPUs)``: the effective batch, shown whole."""
-    per = f"micro-batch {micro_batch} x accumulation {grad_accum}"
-    if processes > 1:
-        per += f" x {processes} {unit}"
-    return f"{micro_batch * grad_accum * processes} sequences a step ({per})"
+def describe_batch(recipe: RecipeSpec, unit: str = "GPUs") -> str:
+    """``8 sequences a step (micro-batch 2 x accumulation 2 x 2 GPUs)``: the recipe's effective batch, shown
+    whole (the recipe in effect: its recipe.toml after any OOM shrink, ``train.devices`` settled)."""
+    per = f"micro-batch {recipe.train.micro_batch} x accumulation {recipe.train.grad_accum}"
+    if recipe.device_count > 1:
+        per += f" x {recipe.device_count} {unit}"
+    return f"{recipe.effective_batch} sequences a step ({per})"

@@ -20,7 +20,10 @@ from typing import TYPE_CHECKING
 from tui_finetune.core.events import (
     CheckpointEvent, EndEvent, ErrorEvent, EvalEvent, Event, PhaseEvent, ProgressEvent, SampleEvent, StepEvent,
     WarningEvent, read_events)
-from tui_finetune.core.runs import EVENTS_FILE, WORKER_LOG, RunError, pid_alive, read_run_info, resume_step
+from tui_finetune.core.run_folder.info import RunError, read_run_info
+from tui_finetune.core.run_folder.layout import EVENTS_FILE, WORKER_LOG
+from tui_finetune.core.run_folder.listing import pid_alive
+from tui_finetune.core.run_folder.resume import resume_step
 
 if TYPE_CHECKING:
     from rich.text import Text

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, Callable
 
-from tui_finetune.core.recipe import MachineFacts
+from tui_finetune.core.recipe_machine import MachineFacts
 
 GIB = 2**30
 BF16_MIN_CAPABILITY = (8, 0)

@@ -74,3 +74,15 @@ def converted_models_dir() -> Path:
     """Models we converted ourselves (the GGUF demo), in ``cache_dir``. A cache, not data: deleting it
     costs one conversion on the next run."""
     return cache_dir() / "models"
+
+
+def converted_model_dir(model_file: str) -> Path:
+    """The Hugging Face folder converted from one packaged model file (``gemma-3-270m-it-Q4_K_M.gguf``):
+    ``converted_models_dir()`` / the file's name without ``.gguf``."""
+    return converted_models_dir() / model_file.removesuffix(".gguf")
+
+
+def unsloth_compile_dir() -> Path:
+    """Where Unsloth writes its compiled kernels (``UNSLOTH_COMPILE_LOCATION``): our cache, never the
+    worker's working directory, which is a run folder."""
+    return cache_dir() / "unsloth_compiled_cache"

@@ -316,13 +316,5 @@ def estimate_peak_vram(case: PlanCase, profile: EngineProfile = BASELINE) -> Vra
 
 
 def profile_named(name: str) -> EngineProfile:
+    """One of ``PROFILES`` by name (the calibration table in tests/test_core_planner.py names its stacks)."""
     return PROFILES[name]
-
-
-def with_overrides(profile: EngineProfile, **changes: object) -> EngineProfile:
-    return replace(profile, **changes)  # type: ignore[arg-type]
-
-
-PROBE = replace(LEAN, name="probe", adapter_dtype="bf16", ce_chunk_tokens=1024, layer_factor=1.5,
-                mlp_chunk_tokens=-1)
-"""The issue #7 feasibility probe: the lean profile with bf16 adapters. Calibration only."""

@@ -2,15 +2,15 @@
 
 A recipe is a TOML file with one table per concern. Loading it checks every key and value and
 names the file and the key on any mistake, with a "did you mean" for typos, so that a bad recipe
-fails in a second instead of an hour into a run. ``resolve`` fills in the ``auto`` values for the
-machine at hand; the resolved recipe is what a run folder stores.
+fails in a second instead of an hour into a run. Whether it runs on this machine, and what its
+``auto`` precisions become there, is recipe_machine.py's; the resolved recipe is what a run folder stores.
 This module is plain Python: it must not import torch.
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from difflib import get_close_matches
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -30,10 +30,6 @@ QUANT_TYPES = ("nf4", "fp4")
 ADAPTER_DTYPES = ("fp32", "compute")
 ATTENTIONS = ("sdpa", "eager", "flash_attention_2")
 BACKENDS = ("auto", "universal", "liger", "unsloth")
-FULL_FINETUNE_MAX_PARAMS = 600e6
-"""Full fine-tuning keeps fp32 master weights and two Adam states: only tiny models fit a hobby card."""
-
-
 class RecipeError(ValueError):
     """A recipe that can't be loaded or can't work; the message names the file, the key and the fix."""
 
@@ -181,11 +177,16 @@ class RecipeSpec:
         return self.eval.every_steps or self.checkpoint.every_steps
 
     @property
+    def device_count(self) -> int:
+        """``train.devices`` as a number of processes (``"all"`` counts as 1 until the launch settles it)."""
+        return self.train.devices if isinstance(self.train.devices, int) else 1
+
+    @property
     def effective_batch(self) -> int:
-        """Sequences per optimizer step: micro-batch x accumulation x devices (``"all"`` counts as 1 until
-        the launch settles it to a number)."""
-        devices = self.train.devices if isinstance(self.train.devices, int) else 1
-        return self.train.micro_batch * self.train.grad_accum * devices
+        """Sequences per optimizer step: micro-batch x accumulation x devices. The one place this product
+        is computed: the phase line, ``runs``, the resume check and OOM recovery all read it here, from
+        the recipe in effect (the run's recipe.toml)."""
+        return self.train.micro_batch * self.train.grad_accum * self.device_count
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -249,46 +250,6 @@ def _check_columns(where: str, value: str) -> None:
         if "=" not in part or not part.split("=", 1)[1].strip():
             raise RecipeError(f"{where}: '{part.strip()}' is not FIELD=COLUMN: write it like "
                               "prompt=question,reply=answer")
-
-
-@dataclass(frozen=True)
-class MachineFacts:
-    """What ``check_recipe_fits_machine`` needs to know about the device, without importing torch."""
-
-    has_cuda: bool
-    supports_bf16: bool
-    bitsandbytes_ok: bool = True
-    device_name: str = "CPU"
-
-
-def check_recipe_fits_machine(recipe: RecipeSpec, machine: MachineFacts, model_params: float | None) -> None:
-    """Refuse recipes that can't work on this machine, with the fix in the message."""
-    if recipe.method == "qlora" and not machine.has_cuda:
-        raise RecipeError("method = 'qlora' needs an NVIDIA GPU (bitsandbytes 4-bit runs on CUDA): "
-                          "use method = 'lora' on the CPU, or run on a machine with a GPU")
-    if recipe.method == "qlora" and not machine.bitsandbytes_ok:
-        raise RecipeError("method = 'qlora' needs bitsandbytes, which is not working here: "
-                          "run 'tui-finetune doctor' to see why, or use method = 'lora'")
-    for key, value in (("train.precision", recipe.train.precision), ("quant.compute_dtype", recipe.quant.compute_dtype)):
-        if value == "bf16" and not machine.supports_bf16:
-            raise RecipeError(f"{key} = 'bf16' but {machine.device_name} has no bf16 support: "
-                              "use 'fp16' or 'auto'")
-        if value == "fp16" and not machine.has_cuda:
-            raise RecipeError(f"{key} = 'fp16' on the CPU is slow and unstable: use 'fp32' or 'auto'")
-    if recipe.train.optimizer != "adamw_torch" and not machine.has_cuda:
-        raise RecipeError(f"train.optimizer = '{recipe.train.optimizer}' needs a CUDA GPU (bitsandbytes): "
-                          "use 'adamw_torch' on the CPU")
-    if recipe.method == "full" and model_params is not None and model_params > FULL_FINETUNE_MAX_PARAMS:
-        raise RecipeError(f"method = 'full' is only for tiny models (under {FULL_FINETUNE_MAX_PARAMS / 1e6:.0f}M "
-                          f"parameters); this one has {model_params / 1e9:.1f}B: use 'lora' or 'qlora'")
-
-
-def resolve_precision(recipe: RecipeSpec, machine: MachineFacts) -> RecipeSpec:
-    """Replace ``auto`` precisions with what this machine should use."""
-    best = "bf16" if machine.supports_bf16 else ("fp16" if machine.has_cuda else "fp32")
-    train = replace(recipe.train, precision=best if recipe.train.precision == "auto" else recipe.train.precision)
-    quant = replace(recipe.quant, compute_dtype=best if recipe.quant.compute_dtype == "auto" else recipe.quant.compute_dtype)
-    return replace(recipe, train=train, quant=quant)
 
 
 # ---------------------------------------------------------------- TOML in and out

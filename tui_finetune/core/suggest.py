@@ -16,7 +16,7 @@ from tui_finetune.core.advice import MemoryTip, fit_advice, fitting_tips
 from tui_finetune.core.catalog import CATALOG, ModelSpec
 from tui_finetune.core.devices import DATA_PARALLEL_NOTE
 from tui_finetune.core.hardware import GpuInfo
-from tui_finetune.core.model_source import resolve_model_spec
+from tui_finetune.core.model_shape import resolve_model_spec
 from tui_finetune.core.planner import (
     GIB,
     LEAN,

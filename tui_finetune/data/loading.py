@@ -3,7 +3,8 @@
 This is the streaming half of the data path: every reader goes line by line (or row group by row
 group for Parquet), so validating a 1 GB JSONL file never holds more than one line in memory.
 Readers never raise on bad data: they yield a :class:`Problem` for the row or file and go on.
-A UTF-8 byte order mark and Windows line ends (CRLF) are accepted silently.
+A UTF-8 byte order mark and Windows line ends (CRLF) are accepted silently (bytes to text is
+text_lines.py's).
 
 The only whole-file reader is ``.json`` (an array can't be split without a streaming parser);
 convert a large one to ``.jsonl`` to stream it.
@@ -20,14 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from tui_finetune.core.events import first_line
 from tui_finetune.data.errors import DataError, Problem
+from tui_finetune.data.text_lines import BOM, decode_utf8, looks_binary, read_lines
 
 FILE_KINDS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv",
               ".parquet": "parquet", ".txt": "text", ".md": "text"}
 SUPPORTED = ".jsonl, .json, .csv, .tsv, .parquet, .txt or .md"
 MAX_LINE_BYTES = 8 * 1024 * 1024
 """Longest line (or text document) accepted; longer ones are reported and skipped unread."""
-_BOM = b"\xef\xbb\xbf"
 SNIFF_BYTES = 8192
 """Bytes read from a file's start to tell text from binary."""
 _WS = re.compile(r"[ \t\n\r]*")
@@ -117,83 +119,10 @@ def iter_rows(source: DataSource, max_line_bytes: int = MAX_LINE_BYTES) -> Itera
             yield Problem(name, None, "file has no rows", "add rows or remove the file", "empty-file", row=False)
 
 
-# ---------------------------------------------------------------- bytes to text
-
-def looks_binary(head: bytes) -> bool:
-    """True for the start of a file that is not text in any encoding: NUL bytes (other than UTF-16's
-    every-other-byte pattern) or many control characters. Such a file is refused as a whole, rather
-    than with a guessed encoding for every line."""
-    if not head:
-        return False
-    if head[:2] in (b"\xff\xfe", b"\xfe\xff"):
-        return False
-    if b"\x00" in head:
-        even, odd = head[0::2].count(0), head[1::2].count(0)
-        utf16 = min(even, odd) == 0 and max(even, odd) > len(head) // 4
-        return not utf16
-    control = sum(b < 32 and b not in b"\t\n\r\f\b\x1b" for b in head)
-    return control > len(head) // 10
-
-
-def guess_encoding(raw: bytes) -> tuple[str, str]:
-    """(description, iconv name) of the likely encoding of bytes that are not UTF-8."""
-    if b"\x00" in raw:
-        return "UTF-16", "UTF-16"
-    try:
-        raw.decode("cp1252")
-        return "Windows-1252 (cp1252)", "CP1252"
-    except UnicodeDecodeError:
-        return "Latin-1 (ISO-8859-1)", "LATIN1"
-
-
-def _decode(raw: bytes, name: str, line: int) -> str | Problem:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        bad = raw[err.start]
-        column = len(raw[:err.start].decode("utf-8", "replace")) + 1
-        described, iconv = guess_encoding(raw)
-        return Problem(name, line, f"not UTF-8: byte 0x{bad:02X} at column {column}",
-                       f"the file looks like {described}; re-save it as UTF-8 "
-                       f"(e.g. iconv -f {iconv} -t UTF-8 in.txt > out.txt)", "not-utf8")
-
-
-def _read_lines(file: Path, name: str, max_bytes: int) -> Iterator[tuple[int, str | Problem]]:
-    """(line number, text without its line end) for each physical line; problems for bad ones."""
-    with file.open("rb") as f:
-        number = 0
-        while True:
-            raw = f.readline(max_bytes + 1)
-            if not raw:
-                return
-            number += 1
-            if len(raw) > max_bytes:
-                size = len(raw)
-                while not raw.endswith(b"\n"):
-                    raw = f.readline(1 << 20)
-                    if not raw:
-                        break
-                    size += len(raw)
-                yield number, Problem(name, number, f"line is {_size(size)}, over the {_size(max_bytes)} limit",
-                                      "split the row or remove it", "line-too-long")
-                continue
-            if number == 1 and raw.startswith(_BOM):
-                raw = raw[len(_BOM):]
-            text = _decode(raw.rstrip(b"\r\n"), name, number)
-            yield number, text
-
-
-def _size(n: int) -> str:
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} bytes"
-
-
 # ---------------------------------------------------------------- readers
 
 def _iter_jsonl(file: Path, name: str, max_bytes: int) -> Iterator[Row | Problem]:
-    for number, text in _read_lines(file, name, max_bytes):
+    for number, text in read_lines(file, name, max_bytes):
         if isinstance(text, Problem):
             yield text
             continue
@@ -235,14 +164,14 @@ def _json_type(value: Any) -> str:
 
 def _iter_json(file: Path, name: str) -> Iterator[Row | Problem]:
     raw = file.read_bytes()
-    if raw.startswith(_BOM):
-        raw = raw[len(_BOM):]
-    text = _decode(raw, name, 1)
+    if raw.startswith(BOM):
+        raw = raw[len(BOM):]
+    text = decode_utf8(raw, name, 1)
     if isinstance(text, Problem):  # name the real line and column of the first bad byte
         bad = _first_bad(raw)
         start = raw.rfind(b"\n", 0, bad) + 1
         end = raw.find(b"\n", bad)
-        problem = _decode(raw[start:end if end >= 0 else len(raw)].rstrip(b"\r"), name, raw.count(b"\n", 0, bad) + 1)
+        problem = decode_utf8(raw[start:end if end >= 0 else len(raw)].rstrip(b"\r"), name, raw.count(b"\n", 0, bad) + 1)
         assert isinstance(problem, Problem)
         yield Problem(problem.path, problem.line, problem.message, problem.fix, problem.kind, row=False)
         return
@@ -325,7 +254,7 @@ def _iter_csv(file: Path, name: str, delimiter: str, max_bytes: int) -> Iterator
     state: dict[str, int | None] = {"first": None}
 
     def lines() -> Iterator[str]:
-        for number, text in _read_lines(file, name, max_bytes):
+        for number, text in read_lines(file, name, max_bytes):
             if isinstance(text, Problem):
                 pending.append(text)
                 continue
@@ -377,7 +306,7 @@ def _iter_parquet(file: Path, name: str) -> Iterator[Row | Problem]:
                 number += 1
                 yield Row(name, number, record)
     except Exception as err:  # pyarrow raises ArrowInvalid, OSError and others for a damaged file
-        yield Problem(name, None, f"not a readable Parquet file ({type(err).__name__}: {str(err)[:120]})",
+        yield Problem(name, None, f"not a readable Parquet file ({type(err).__name__}: {first_line(err, 120)})",
                       "re-export it, or convert it to .jsonl", "unreadable-file", row=False)
 
 
@@ -385,7 +314,7 @@ def _iter_text(file: Path, name: str, max_bytes: int, whole_file: bool) -> Itera
     """Plain text: the whole file as one document (in a folder), or one document per blank-line block."""
     block: list[str] = []
     first = 0
-    for number, text in _read_lines(file, name, max_bytes):
+    for number, text in read_lines(file, name, max_bytes):
         if isinstance(text, Problem):
             yield text
             continue

@@ -23,6 +23,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from tui_finetune.core.events import first_line
 from tui_finetune.data.formats import Example
 
 IGNORE_INDEX = -100
@@ -141,7 +142,7 @@ def _apply(tokenizer: Any, messages: list[dict[str, str]], template: TemplateCho
         return tokenizer.apply_chat_template(messages, chat_template=template.jinja, tokenize=False,
                                              add_generation_prompt=generation)
     except Exception as err:  # jinja2 TemplateError, or raise_exception() inside the template
-        raise RenderProblem(f"the chat template refused this conversation ({str(err)[:160]})",
+        raise RenderProblem(f"the chat template refused this conversation ({first_line(err, 160)})",
                             "make the turns alternate user/assistant, or set data.template = \"chatml\"",
                             "template-error") from None
 
@@ -152,7 +153,7 @@ def _render_chat(messages: list[dict[str, str]], tokenizer: Any, template: Templ
             out = tokenizer.apply_chat_template(messages, chat_template=template.jinja, tokenize=True,
                                                 return_dict=True, return_assistant_tokens_mask=True)
         except Exception as err:
-            raise RenderProblem(f"the chat template refused this conversation ({str(err)[:160]})",
+            raise RenderProblem(f"the chat template refused this conversation ({first_line(err, 160)})",
                                 "make the turns alternate user/assistant, or set data.template = \"chatml\"",
                                 "template-error") from None
         return list(out["input_ids"]), [bool(m) for m in out["assistant_masks"]]

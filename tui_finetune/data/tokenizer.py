@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tui_finetune.core.events import first_line
+
 FALLBACK_NAME = "byte-level stand-in (1 token = 1 byte; pass --model for real token counts)"
 
 
@@ -52,7 +54,7 @@ def load_tokenizer(model: str | None, *, trust_remote_code: bool = False) -> Loa
         try:
             tok = _from_pretrained(model, trust_remote_code)
         except Exception as err:
-            raise TokenizerNotFound(f"{model}: no usable tokenizer in this folder ({str(err)[:160]}): "
+            raise TokenizerNotFound(f"{model}: no usable tokenizer in this folder ({first_line(err, 160)}): "
                                     "it needs tokenizer.json or the model's tokenizer files") from None
         return LoadedTokenizer(tok, f"{model} (local folder)")
     hub_id = _hub_id(model)

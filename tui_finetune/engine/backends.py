@@ -1,6 +1,6 @@
 """Kernel backends behind one interface: the engine picks the fastest that works and says why.
 
-* ``universal``: pure PyTorch (engine/lean.py): no Triton, so it runs everywhere, Windows included.
+* ``universal``: pure PyTorch (engine/memory_techniques.py): no Triton, so it runs everywhere, Windows included.
 * ``liger``: Liger's Triton kernels (RMSNorm, SwiGLU/GeGLU, RoPE) patched into the same
   transformers + peft model; the loss and everything else is the universal path.
 * ``unsloth``: Unsloth's ``FastLanguageModel`` where it is installed (an optional extra, as in
@@ -30,7 +30,7 @@ import torch
 
 from tui_finetune.core.events import first_line
 from tui_finetune.core.recipe import MemorySpec, RecipeSpec
-from tui_finetune.engine import lean
+from tui_finetune.engine import memory_techniques
 from tui_finetune.engine.loading import DeviceFacts, add_lora, compute_dtype, load_base_model
 
 AUTO_ORDER = ("unsloth", "universal")
@@ -65,9 +65,9 @@ def prepare_process(setting: str, excluded: dict[str, str] | None = None) -> Non
         return
     # Unsloth writes its compiled kernels to ./unsloth_compiled_cache (the worker's working directory, a
     # run folder) unless told otherwise before it imports; they belong with our other rebuildable files.
-    from tui_finetune.core.paths import cache_dir
+    from tui_finetune.core.paths import unsloth_compile_dir
 
-    os.environ.setdefault("UNSLOTH_COMPILE_LOCATION", str(cache_dir() / "unsloth_compiled_cache"))
+    os.environ.setdefault("UNSLOTH_COMPILE_LOCATION", str(unsloth_compile_dir()))
     try:
         import unsloth  # noqa: F401
     except Exception as err:  # noqa: BLE001 - any failure means: not this backend
@@ -127,7 +127,7 @@ class UniversalBackend(Backend):
     def loss(self, model: Any, inputs: dict[str, Any], memory: MemorySpec,
              num_items_in_batch: int | torch.Tensor | None = None) -> torch.Tensor:
         if memory.chunked_loss:
-            return lean.lean_causal_lm_loss(model, inputs, memory, num_items_in_batch)
+            return memory_techniques.lean_causal_lm_loss(model, inputs, memory, num_items_in_batch)
         return model(**inputs).loss
 
 
@@ -177,7 +177,7 @@ class LigerBackend(UniversalBackend):
         tokens x hidden / vocab (8 tokens a chunk for Gemma's 256k vocabulary at seq 1024), which made
         the whole Gemma-2B step 8% slower than the universal path on an H100 (benchmarks/results/
         h100-gemma-backends.md); ours sizes them to a fixed 128 MiB of logits."""
-        return lean.lean_causal_lm_loss(model, inputs, memory, num_items_in_batch)
+        return memory_techniques.lean_causal_lm_loss(model, inputs, memory, num_items_in_batch)
 
 
 class UnslothBackend(Backend):

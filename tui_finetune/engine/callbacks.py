@@ -18,12 +18,12 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from tui_finetune.core.events import CheckpointEvent, EvalEvent, EventLog, StepEvent, WarningEvent
 from tui_finetune.core.recipe import RecipeSpec
+from tui_finetune.core.run_folder.checkpoints import clear_staging, finalize_checkpoint, rotate_checkpoints, write_json_atomic
+from tui_finetune.core.run_folder.layout import RUN_STATE, STAGING
+from tui_finetune.core.run_folder.resume import checkpoint_state
 from tui_finetune.engine import distributed
-from tui_finetune.engine.checkpoints import (
-    RUN_STATE, STAGING, clear_staging, finalize_checkpoint, rotate_checkpoints, write_json_atomic)
 from tui_finetune.engine.faults import fault_point
-from tui_finetune.engine.memory import read_vram
-from tui_finetune.engine.resume import checkpoint_state
+from tui_finetune.engine.vram_figures import read_vram
 
 
 def _float(value: object) -> float | None:
@@ -177,15 +177,13 @@ class SealCheckpointCallback(TrainerCallback):
             return
         eval_loss = next((_float(e["eval_loss"]) for e in reversed(state.log_history)
                           if "eval_loss" in e and e.get("step") == step), None)
-        write_json_atomic(staged / RUN_STATE, checkpoint_state(
-            self.recipe, self.data_hash, args.per_device_train_batch_size, args.gradient_accumulation_steps,
-            step, eval_loss, args.world_size))
-        final = finalize_checkpoint(staged, self.checkpoints_dir, step)
+        write_json_atomic(staged / RUN_STATE, checkpoint_state(self.recipe, self.data_hash, step, eval_loss))
+        final = finalize_checkpoint(staged, self.checkpoints_dir, step, fault_point)  # fault_point: test hook
         self.last_sealed = final
         clear_staging(self.checkpoints_dir, warn=self._warn)
         rotate_checkpoints(self.checkpoints_dir, self.keep_last, known_good=final, warn=self._warn)
         self.log.emit(CheckpointEvent(step=step, path=str(final)))
-        fault_point("after-save", step)
+        fault_point("after-save", step)  # fault injection for tests (engine/faults.py)
 
 
 class StepHooksCallback(TrainerCallback):

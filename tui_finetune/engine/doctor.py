@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tui_finetune.core import paths
+from tui_finetune.core.events import first_line
 from tui_finetune.core.hardware import (HardwareReport, best_gpu, detect_hardware, format_gb,
                                         version_tuple)
 
@@ -185,5 +186,5 @@ def _dist_version(name: str) -> str | None:
 
 
 def _one_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    """``TypeName: first line`` of an import or probe failure (core/events.first_line cuts the line)."""
+    return f"{type(exc).__name__}: {first_line(exc)}" if str(exc).strip() else type(exc).__name__

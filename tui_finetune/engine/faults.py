@@ -80,7 +80,8 @@ def find_fault(action: str, point: str, step: int | None = None) -> Fault | None
 
 
 def fault_point(point: str, step: int, arg: int | None = None) -> None:
-    """Die here (``exit`` faults) or raise ENOSPC (``enospc``) when a test asked for it."""
+    """Fault injection for tests: die here (``exit`` faults) or raise ENOSPC (``enospc``) when a test asked
+    for it; nothing in a real run."""
     if not active_faults():
         return
     exit_fault = find_fault("exit", point, step)
@@ -91,7 +92,7 @@ def fault_point(point: str, step: int, arg: int | None = None) -> None:
 
 
 def raise_injected_oom(point: str) -> None:
-    """Raise a CUDA out-of-memory here when a test asked for one (``oom:POINT``)."""
+    """Fault injection for tests: raise a CUDA out-of-memory here when a test asked for one (``oom:POINT``)."""
     if active_faults() and find_fault("oom", point) is not None:
         import torch
 
@@ -99,7 +100,8 @@ def raise_injected_oom(point: str) -> None:
 
 
 def oom_limit(point: str, step: int) -> int | None:
-    """The batch size above which an injected OOM fires at this point and step, or None."""
+    """Fault injection for tests: the batch size above which an injected OOM fires at this point and step,
+    or None (always None in a real run)."""
     for fault in active_faults():
         if fault.action == "oom" and fault.point == point and (fault.step is None or step >= fault.step):
             return fault.arg or 0

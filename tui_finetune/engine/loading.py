@@ -1,6 +1,6 @@
 """Load the base model for training: 4-bit for QLoRA, bf16/fp16 for LoRA on a GPU, fp32 on the CPU; then LoRA.
 
-The memory techniques (no fp32 upcast, adapter dtype, checkpointing) come from engine/lean.py, which
+The memory techniques (no fp32 upcast, adapter dtype, checkpointing) come from engine/memory_techniques.py, which
 the planner models; this module only decides dtypes and wires them together.
 
 The precision rules live here so the worker and the tests agree: bitsandbytes is never imported on
@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from tui_finetune.core.recipe import MachineFacts, RecipeSpec, RecipeError
+from tui_finetune.core.recipe import RecipeError, RecipeSpec
+from tui_finetune.core.recipe_machine import MachineFacts
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -90,13 +91,15 @@ def load_base_model(folder: Path, recipe: RecipeSpec, device: DeviceFacts) -> An
 
 
 def add_lora(model: Any, recipe: RecipeSpec, device: DeviceFacts) -> Any:
-    """Freeze the base and set up checkpointing (engine/lean.py), then wrap it in peft LoRA."""
+    """Freeze the base and set up checkpointing (engine/memory_techniques.py), then wrap it in peft LoRA."""
     from peft import LoraConfig, get_peft_model
 
-    from tui_finetune.engine.lean import prepare_for_training, set_adapter_dtype
+    from tui_finetune.engine.memory_techniques import prepare_for_training, set_adapter_dtype
 
     if recipe.method == "full":
         return model
+    # The micro-batch in effect: the worker reads the run's recipe.toml, where an OOM's smaller one is written.
+    # A shrink later in this process only makes batches shorter, and auto chunking decides per batch.
     model = prepare_for_training(model, recipe.memory, recipe.train.gradient_checkpointing,
                                  seq_len=recipe.data.seq_len * recipe.train.micro_batch)
     config = LoraConfig(r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,

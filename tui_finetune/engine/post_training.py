@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tui_finetune.core.events import EventLog, PhaseEvent, WarningEvent, first_line
-from tui_finetune.core.runs import ADAPTER_DIR, CHECKPOINTS_DIR, mark_phase_failed, read_run_info, update_run_info
-from tui_finetune.engine.checkpoints import find_resume_checkpoint
+from tui_finetune.core.run_folder.info import mark_phase_failed, read_run_info, update_run_info
+from tui_finetune.core.run_folder.layout import ADAPTER_DIR, CHECKPOINTS_DIR
+from tui_finetune.core.run_folder.resume import find_resume_checkpoint
 from tui_finetune.engine.faults import raise_injected_oom
-from tui_finetune.engine.memory import phase_peak_gib, reset_phase_peak
+from tui_finetune.engine.vram_figures import phase_peak_gib, reset_phase_peak
 from tui_finetune.engine.training import free_cuda_memory, is_oom
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
@@ -40,7 +41,7 @@ def save_adapter(run_dir: Path, model: Any, tokenizer: Any, log: EventLog) -> No
     shutil.rmtree(partial, ignore_errors=True)
     reset_phase_peak()
     try:
-        raise_injected_oom("save")
+        raise_injected_oom("save")  # fault injection for tests (engine/faults.py); nothing unless one asks
         model.save_pretrained(partial, safe_serialization=True)
     except Exception as err:
         final = find_resume_checkpoint(run_dir / CHECKPOINTS_DIR).path

@@ -1,6 +1,6 @@
 """A finished run's fine-tune, loaded back the way it trained: for chat and for every export.
 
-The base is found as the worker found it (engine/model_source.py) and loaded with engine/loading.py,
+The base is found as the worker found it (engine/model_folder.py) and loaded with engine/loading.py,
 so a QLoRA run chats on its 4-bit base on a GPU and a CPU run on fp32. The tokenizer is the one saved
 next to the adapter, and the chat template is the one training rendered with (data/render.py): a
 tokenizer without a template trained on the ChatML fallback, so chat and exports use that too.
@@ -16,7 +16,9 @@ import torch
 
 from tui_finetune.core.export_spec import ExportError
 from tui_finetune.core.recipe import RecipeSpec
-from tui_finetune.core.runs import ADAPTER_DIR, read_run_info, read_run_recipe, shown_state
+from tui_finetune.core.run_folder.info import read_run_info, read_run_recipe
+from tui_finetune.core.run_folder.layout import ADAPTER_DIR
+from tui_finetune.core.run_folder.listing import shown_state
 from tui_finetune.data.render import TemplateChoice, resolve_template
 
 
@@ -44,7 +46,7 @@ class RunFinetune:
 def open_run(run_dir: Path) -> RunFinetune:
     """Read a run's recipe, find its base and load its tokenizer; refuse a run with no adapter yet."""
     from tui_finetune.engine.loading import load_tokenizer
-    from tui_finetune.engine.model_source import resolve_model
+    from tui_finetune.engine.model_folder import resolve_model
 
     adapter = run_dir / ADAPTER_DIR
     if not (adapter / "adapter_config.json").is_file():

@@ -27,8 +27,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from tui_finetune.core.events import first_line
 from tui_finetune.core.recipe import MemorySpec, RecipeSpec
-from tui_finetune.engine import distributed, lean
-from tui_finetune.engine.checkpoints import STAGING
+from tui_finetune.core.run_folder.layout import STAGING
+from tui_finetune.engine import distributed, memory_techniques
 from tui_finetune.engine.faults import TRACE_ENV, oom_limit
 from tui_finetune.engine.loading import DeviceFacts, compute_dtype
 
@@ -44,12 +44,11 @@ def plan_total_steps(recipe: RecipeSpec, train_rows: int, world_size: int = 1) -
 
 
 def build_training_args(recipe: RecipeSpec, run_dir: Path, device: DeviceFacts, total_steps: int,
-                        has_eval: bool, micro_batch: int | None = None, grad_accum: int | None = None,
-                        eval_batch: int | None = None) -> TrainingArguments:
-    """Trainer's arguments; ``micro_batch``/``grad_accum``/``eval_batch`` override the recipe after an OOM."""
+                        has_eval: bool, eval_batch: int | None = None) -> TrainingArguments:
+    """Trainer's arguments, from the recipe in effect (an OOM's smaller micro-batch is in it); ``eval_batch``
+    overrides the micro-batch for evaluation after an OOM there."""
     train, ckpt = recipe.train, recipe.checkpoint
-    micro_batch = micro_batch or train.micro_batch
-    grad_accum = grad_accum or train.grad_accum
+    micro_batch, grad_accum = train.micro_batch, train.grad_accum
     dtype = compute_dtype(recipe, device)
     mixed = device.has_cuda and dtype != torch.float32
     every = ckpt.every_steps
@@ -67,7 +66,7 @@ def build_training_args(recipe: RecipeSpec, run_dir: Path, device: DeviceFacts, 
         bf16=bool(mixed and dtype == torch.bfloat16),
         fp16=bool(mixed and dtype == torch.float16),
         use_cpu=not device.has_cuda,
-        # checkpointing is switched on by engine/lean.py when the model is prepared (non-reentrant)
+        # checkpointing is switched on by engine/memory_techniques.py when the model is prepared (non-reentrant)
         gradient_checkpointing=False,
         logging_steps=train.logging_steps,
         logging_first_step=True,
@@ -98,7 +97,7 @@ def build_training_args(recipe: RecipeSpec, run_dir: Path, device: DeviceFacts, 
 
 class LeanTrainer(Trainer):
     """Trainer whose loss is the backend's (engine/backends.py): the fused chunked cross-entropy of
-    engine/lean.py (universal and Liger), or the model's own (Unsloth's); no full fp32 logits in any.
+    engine/memory_techniques.py (universal and Liger), or the model's own (Unsloth's); no full fp32 logits in any.
 
     ``compute_loss`` is Trainer's documented override point; everything else is Trainer's own.
     The loss is normalised by ``num_items_in_batch`` exactly like transformers' ForCausalLMLoss,
@@ -120,6 +119,7 @@ class LeanTrainer(Trainer):
         self.eval_skipped = ""
         """Why evaluation is off for the rest of this run ('' while it is on)."""
         self.trace_path = os.environ.get(TRACE_ENV) or None
+        """Test hook (engine/faults.py): where each step's sample ids and loss go, for the resume tests."""
         self.step_sample_ids: list[int] = []
         self.step_loss = 0.0
         self.micro_steps_left = 0
@@ -127,7 +127,7 @@ class LeanTrainer(Trainer):
         self.rank_oom = ""
         """This rank's out-of-memory in the current step ('' for none), until all ranks have heard of it."""
 
-    # ------------------------------------------------ hooks: injected OOMs, the trace of each step
+    # ------------------------------------------------ test hooks (engine/faults.py): injected OOMs, the trace
 
     def get_batch_samples(self, *args: Any, **kwargs: Any) -> Any:
         """Fetches one optimizer step's micro-batches: a new step's trace starts here."""
@@ -172,7 +172,7 @@ class LeanTrainer(Trainer):
         traced = inputs.pop(TracingCollator.KEY, None)
         if traced is not None:
             self.step_sample_ids.extend(int(i) for i in traced.tolist())
-        limit = oom_limit("train", self.state.global_step + 1)
+        limit = oom_limit("train", self.state.global_step + 1)  # fault injection for tests; None in a real run
         if limit is not None and self.args.per_device_train_batch_size > limit:
             raise torch.OutOfMemoryError(f"CUDA out of memory (injected by the test hook at micro-batch "
                                          f"{self.args.per_device_train_batch_size})")
@@ -212,7 +212,7 @@ class LeanTrainer(Trainer):
 
     def _predict(self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool,
                  ignore_keys: list[str] | None) -> Any:
-        limit = oom_limit("eval", self.state.global_step)
+        limit = oom_limit("eval", self.state.global_step)  # fault injection for tests; None in a real run
         if limit is not None and self.args.per_device_eval_batch_size > limit:
             raise torch.OutOfMemoryError(f"CUDA out of memory (injected by the test hook at eval batch "
                                          f"{self.args.per_device_eval_batch_size})")
@@ -220,7 +220,7 @@ class LeanTrainer(Trainer):
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
-            loss = lean.lean_causal_lm_loss(self._bare(model), inputs, self.memory)
+            loss = memory_techniques.lean_causal_lm_loss(self._bare(model), inputs, self.memory)
         return loss.detach(), None, None
 
     def _bare(self, model: Any) -> Any:
@@ -296,7 +296,7 @@ def build_trainer(model: Any, tokenizer: Any, args: TrainingArguments, train_dat
                   collator: Any, callbacks: Sequence[TrainerCallback], memory: MemorySpec,
                   on_eval_shrink: Callable[[int, int], None] | None = None, backend: Any = None,
                   on_eval_skipped: Callable[[str], None] | None = None) -> LeanTrainer:
-    if os.environ.get(TRACE_ENV):
+    if os.environ.get(TRACE_ENV):  # test hook: the trace of each step's rows
         collator = TracingCollator(collator)
     return LeanTrainer(model=model, args=args, train_dataset=train_dataset,
                        eval_dataset=eval_dataset if eval_dataset is not None and len(eval_dataset) else None,

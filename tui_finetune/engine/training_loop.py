@@ -1,14 +1,15 @@
 """The training loop: ``Trainer.train`` with the fit-check first, and one recovery rule for a CUDA OOM.
 
-The fit-check (engine/fitcheck.py) runs the run's own training step on its longest batch as training
+The fit-check (engine/fit_check.py) runs the run's own training step on its longest batch as training
 begins, so an out-of-memory there and one in any later step reach the same handler:
 
 1. on an accelerated backend (Liger, Unsloth), the backend is dropped: the worker records it and
    restarts on the universal path, as after a backend failure, before anything else shrinks
    (``auto`` must not keep a backend the fit-check can't prove on this card);
 2. else the micro-batch shrinks and the accumulation grows by the same factor (``next_micro_batch``:
-   the effective batch stays exactly the same), and training goes on from the last checkpoint, or
-   from the very same initial adapter when there is none yet;
+   the effective batch stays exactly the same), written to the run's recipe.toml
+   (recipe_refit.shrink_micro_batch), and training goes on from the last checkpoint, or from the very
+   same initial adapter when there is none yet;
 3. at micro-batch 1, a run with no checkpoint yet raises ``SequenceTooLong`` (the worker halves the
    sequence and tokenizes again); once a checkpoint fixes the sequence length, it gives up with advice
    (``OomGiveUp``).
@@ -16,34 +17,33 @@ begins, so an out-of-memory there and one in any later step reach the same handl
 Evaluation's own OOMs shrink only the eval batch, and at batch 1 turn evaluation off (training.py).
 
 With several ranks an OOM on any of them is raised on all of them at the same step (training.py,
-fitcheck.py), so each rank reaches this rule with the same values and takes the same decision; rank 0
+fit_check.py), so each rank reaches this rule with the same values and takes the same decision; rank 0
 alone records it (the others' run folder is read-only), and every value the ranks must agree on is kept
 here in memory rather than read back from run.json, which rank 0 may not have written yet.
 """
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any, Callable
 
 from transformers import set_seed
 
-from tui_finetune.core.autofit import next_micro_batch
 from tui_finetune.core.devices import describe_batch
 from tui_finetune.core.events import EventLog, PhaseEvent, WarningEvent, first_line
 from tui_finetune.core.recipe import RecipeSpec
-from tui_finetune.core.runs import CHECKPOINTS_DIR, mark_phase_failed, read_run_info, update_run_info
+from tui_finetune.core.run_folder.checkpoints import clear_staging
+from tui_finetune.core.run_folder.info import mark_phase_failed, read_run_info, update_run_info
+from tui_finetune.core.run_folder.layout import CHECKPOINTS_DIR
+from tui_finetune.core.run_folder.resume import find_resume_checkpoint
 from tui_finetune.data.collate import make_collator
 from tui_finetune.engine.backends import Backend, BackendFailed
 from tui_finetune.engine.callbacks import EventsCallback, SealCheckpointCallback, StepHooksCallback, StopCallback
-from tui_finetune.engine.checkpoints import clear_staging, find_resume_checkpoint
-from tui_finetune.engine.fitcheck import FitCheckCallback, FitCheckResult, row_lengths
-from tui_finetune.core.advice import memory_advice
-from tui_finetune.engine.fitting import MAX_OOM_SHRINKS, OomGiveUp, SequenceTooLong
-from tui_finetune.engine.memory import reset_phase_peak
+from tui_finetune.engine.fit_check import FitCheckCallback, FitCheckResult, row_lengths
 from tui_finetune.engine.post_training import record_peak
+from tui_finetune.engine.recipe_refit import SequenceTooLong, shrink_micro_batch
 from tui_finetune.engine.training import build_trainer, build_training_args, free_cuda_memory, is_oom
+from tui_finetune.engine.vram_figures import reset_phase_peak
 
 
 class TrainingLoop:
@@ -54,9 +54,10 @@ class TrainingLoop:
                  world_size: int = 1) -> None:
         self.run_dir = run_dir
         self.world_size = world_size
-        """Ranks training together: the effective batch is micro-batch x accumulation x this."""
+        """Ranks training together (the recipe's ``train.devices``, settled by the worker to this number)."""
         self.log = log
         self.recipe = recipe
+        """The recipe in effect: an OOM's smaller micro-batch replaces it here and in the run's recipe.toml."""
         self.backend = backend
         self.stop_requested = stop_requested
         self.restart_without = restart_without
@@ -65,7 +66,7 @@ class TrainingLoop:
         """The steps Trainer evaluated, so the worker doesn't evaluate the last one twice."""
 
     def run(self, model: Any, tokenizer: Any, data: Any, device: Any, total_steps: int, resume: Path | None) -> Any:
-        """Trainer.train, which fit-checks the longest batch first (engine/fitcheck.py); the Trainer that
+        """Trainer.train, which fit-checks the longest batch first (engine/fit_check.py); the Trainer that
         finished, or None when a stop ended training early.
 
         One rule for a CUDA OOM, in the fit-check or in any later step: an accelerated backend is
@@ -76,7 +77,6 @@ class TrainingLoop:
         recipe, run_dir = self.recipe, self.run_dir
         checkpoints = run_dir / CHECKPOINTS_DIR
         info = read_run_info(run_dir)
-        micro, accum = info.micro_batch or recipe.train.micro_batch, info.grad_accum or recipe.train.grad_accum
         self.eval_batch = info.eval_batch or None
         initial = {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if "lora_" in k}
         stop_cb, events_cb, hooks_cb = StopCallback(self.stop_requested, recipe.checkpoint.every_minutes), EventsCallback(self.log), StepHooksCallback()
@@ -84,16 +84,15 @@ class TrainingLoop:
         has_eval = data.eval is not None and len(data.eval) > 0 and "eval" not in info.failed_phases
         collator = make_collator(tokenizer, recipe.data.packing)
         unit = "GPUs" if device.has_cuda else "processes"
-        train_message = (f"{total_steps} steps of {describe_batch(micro, accum, self.world_size, unit)}"
+        train_message = (f"{total_steps} steps of {describe_batch(recipe, unit)}"
                          + (f", resuming from {resume.name}" if resume else ""))
         while True:
-            update_run_info(run_dir, effective_batch=micro * accum * self.world_size)
-            args = build_training_args(recipe, run_dir, device, total_steps, has_eval, micro, accum, self.eval_batch)
+            args = build_training_args(recipe, run_dir, device, total_steps, has_eval, eval_batch=self.eval_batch)
             trainer = build_trainer(model, tokenizer, args, data.train, data.eval if has_eval else None, collator,
                                     [events_cb, stop_cb, seal_cb, hooks_cb], recipe.memory, self._eval_shrunk,
                                     self.backend, self._eval_skipped)
             fit_cb = FitCheckCallback(trainer, data.train, collator,
-                                      lambda result, m=micro, msg=train_message: self._fit_checked(result, m, msg))
+                                      lambda result, m=recipe.train.micro_batch, msg=train_message: self._fit_checked(result, m, msg))
             trainer.callback_handler.callbacks.insert(0, fit_cb)  # before the others see training begin
             hooks_cb.trainer = trainer
             try:
@@ -112,14 +111,14 @@ class TrainingLoop:
                     self.restart_without(BackendFailed(self.backend.name, f"CUDA out of memory in the "
                                                         f"{'fit-check' if in_check else 'training'}: {first_line(err)}"))
                 resume = find_resume_checkpoint(checkpoints).path
-                if micro <= 1 and resume is None:  # no checkpoint yet, so the sequence length may still change
+                if recipe.train.micro_batch <= 1 and resume is None:  # no checkpoint yet: the length may change
                     raise SequenceTooLong(max(row_lengths(data.train), default=0), first_line(err),
                                           "the fit-check" if in_check else "training") from None
-                micro, accum = self.shrink_after_oom(err, micro, accum, in_check)
+                recipe = seal_cb.recipe = self.shrink_after_oom(err, in_check)
                 if resume is None:  # no checkpoint yet: start over from the very same initial adapter
                     model.load_state_dict(initial, strict=False)
                     set_seed(recipe.train.seed)
-                train_message = (f"continuing with {describe_batch(micro, accum, self.world_size, unit)} from "
+                train_message = (f"continuing with {describe_batch(recipe, unit)} from "
                                  + (resume.name if resume else "the start"))
                 reset_phase_peak()
         self.evaluated_steps = set(events_cb.eval_steps)
@@ -132,29 +131,11 @@ class TrainingLoop:
         self.log.emit(PhaseEvent(phase="train", message=train_message))
         reset_phase_peak()
 
-    def shrink_after_oom(self, err: BaseException, micro: int, accum: int, in_check: bool = False) -> tuple[int, int]:
-        """The next smaller micro-batch and an accumulation that keeps their product (``next_micro_batch``),
-        recorded in run.json and the events; or give up. Shrinks the fit-check asked for don't count
-        against ``MAX_OOM_SHRINKS``: no step was lost to them."""
-        shrinks = list(read_run_info(self.run_dir).oom_shrinks)
-        error = first_line(err)
-        if micro <= 1:
-            raise OomGiveUp(f"CUDA out of memory at micro-batch 1: {error}", memory_advice(self.recipe))
-        in_training = [s for s in shrinks if s.get("where", "training") == "training"]
-        if not in_check and len(in_training) >= MAX_OOM_SHRINKS:
-            raise OomGiveUp(f"CUDA out of memory even after {len(in_training)} halvings of the micro-batch "
-                            f"(now {micro}): {error}", memory_advice(self.recipe))
-        new_micro = next_micro_batch(micro)
-        new_accum = accum * (micro // new_micro)
-        shrinks.append({"time": time.time(), "where": "fit-check" if in_check else "training",
-                        "micro_batch": [micro, new_micro], "grad_accum": [accum, new_accum], "error": error})
-        update_run_info(self.run_dir, micro_batch=new_micro, grad_accum=new_accum, oom_shrinks=shrinks)
-        self.log.emit(WarningEvent(
-            message=f"CUDA out of memory{' in the fit-check' if in_check else ''}: micro-batch {micro} -> {new_micro}, "
-                    f"gradient accumulation {accum} -> {new_accum} (effective batch "
-                    f"{new_micro * new_accum * self.world_size} unchanged); nothing partial was saved",
-            advice=f"to skip this next time: --set train.micro_batch={new_micro} train.grad_accum={new_accum}"))
-        return new_micro, new_accum
+    def shrink_after_oom(self, err: BaseException, in_check: bool = False) -> RecipeSpec:
+        """The one shrink rule after an OOM (``recipe_refit.shrink_micro_batch``): the recipe in effect, with a
+        smaller micro-batch and the same effective batch, written to the run's recipe.toml; or give up."""
+        self.recipe = shrink_micro_batch(self.run_dir, self.recipe, self.log, first_line(err), in_check)
+        return self.recipe
 
     def _eval_skipped(self, why: str) -> None:
         mark_phase_failed(self.run_dir, "eval", why)

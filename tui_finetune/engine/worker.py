@@ -7,7 +7,7 @@ with the adapter in ``adapter/``, ``interrupted`` with a sealed checkpoint after
 SIGINT/SIGTERM/SIGHUP, or ``failed`` with an error event that says what to change. Starting it again
 on an interrupted run resumes from the newest valid checkpoint (or the one ``resume --from`` named,
 recorded in run.json), after checking that the recipe, model and data are those it was saved with.
-On a GPU, a fresh run's recipe is first fitted to the free VRAM (auto-fit, engine/fitting.py). Training
+On a GPU, a fresh run's recipe is first fitted to the free VRAM (auto-fit, engine/recipe_refit.py). Training
 (engine/training_loop.py) fit-checks the longest batch with the run's own training step before the
 first step, and recovers from a CUDA OOM anywhere in it: an accelerated backend is dropped (this process
 re-executes itself without it), else the micro-batch shrinks with the effective batch unchanged. The
@@ -33,12 +33,13 @@ from pathlib import Path
 from typing import Any
 
 from tui_finetune.core.events import EndEvent, ErrorEvent, EventLog, PhaseEvent, SampleEvent, WarningEvent, first_line
-from tui_finetune.core.recipe import RecipeError, check_recipe_fits_machine
-from tui_finetune.core.runs import (
-    ADAPTER_DIR, CHECKPOINTS_DIR, EVENTS_FILE, STOP_FILE, make_run_folders_read_only, mark_interrupted_phase_failed,
-    read_run_info, read_run_recipe, update_run_info)
+from tui_finetune.core.recipe import RecipeError
+from tui_finetune.core.recipe_machine import check_recipe_fits_machine
+from tui_finetune.core.run_folder.info import (
+    make_run_folders_read_only, mark_interrupted_phase_failed, read_run_info, read_run_recipe, update_run_info)
+from tui_finetune.core.run_folder.layout import ADAPTER_DIR, CHECKPOINTS_DIR, EVENTS_FILE, STOP_FILE
 from tui_finetune.core.advice import memory_advice
-from tui_finetune.engine.fitting import FitRefused
+from tui_finetune.engine.recipe_refit import FitRefused
 
 
 class StopRequested(Exception):
@@ -95,6 +96,16 @@ def _is_peer_failure(err: BaseException) -> bool:
     return is_peer_failure(err)
 
 
+def with_devices(recipe: Any, world_size: int) -> Any:
+    """The recipe with ``train.devices`` the processes really training (the launch settles it to that, so
+    this changes only a hand-started worker's): its effective batch is then the one trained."""
+    if recipe.train.devices == world_size:
+        return recipe
+    from dataclasses import replace
+
+    return replace(recipe, train=replace(recipe.train, devices=world_size))
+
+
 class Worker:
     """One training run, from the folder to a final state. ``setup / train / save`` as in torchtune."""
 
@@ -104,7 +115,7 @@ class Worker:
         self.run_dir = run_dir
         self.ranks = read_rank_facts()
         self.stop = StopSignal(run_dir)
-        self.recipe = read_run_recipe(run_dir)
+        self.recipe = with_devices(read_run_recipe(run_dir), self.ranks.world_size)
         self.info = read_run_info(run_dir)
         if self.ranks.is_main:
             self.log = EventLog(run_dir / EVENTS_FILE)
@@ -151,9 +162,9 @@ class Worker:
 
     def _fail_from(self, err: BaseException) -> int:
         from tui_finetune.engine.demo_model import DemoModelMissing
-        from tui_finetune.engine.model_source import ModelAccessError
+        from tui_finetune.engine.model_folder import ModelAccessError
 
-        from tui_finetune.engine.checkpoints import CheckpointError, clear_staging, disk_full_message
+        from tui_finetune.core.run_folder.checkpoints import CheckpointError, clear_staging, disk_full_message
 
         traceback.print_exc()
         checkpoints = self.run_dir / CHECKPOINTS_DIR
@@ -204,12 +215,12 @@ class Worker:
         if self.ranks.distributed:
             self._keep_to_the_universal_backend()
         backends.prepare_process(self.recipe.memory.backend, failures)  # Unsloth must come before transformers
-        from tui_finetune.engine import distributed, fitting, loading, samples
+        from tui_finetune.engine import distributed, loading, recipe_refit, samples
         from tui_finetune.engine.post_training import run_optional_phase, save_adapter
-        from tui_finetune.engine.fitting import SequenceTooLong
+        from tui_finetune.engine.recipe_refit import SequenceTooLong
         from tui_finetune.engine.training_loop import TrainingLoop
-        from tui_finetune.engine.checkpoints import list_checkpoints
-        from tui_finetune.engine.model_source import resolve_model
+        from tui_finetune.core.run_folder.checkpoints import list_checkpoints
+        from tui_finetune.engine.model_folder import resolve_model
         from tui_finetune.engine.training import plan_total_steps
 
         recipe, run_dir, ranks = self.recipe, self.run_dir, self.ranks
@@ -223,10 +234,10 @@ class Worker:
         self.phase("download", f"finding {recipe.model}")
         source = resolve_model(recipe.model, self.log)
         if device.has_cuda and not list_checkpoints(run_dir / CHECKPOINTS_DIR):  # auto-fit a fresh run only
-            free = distributed.min_over_ranks(fitting.free_vram_bytes())  # every rank fits the smallest card
-            recipe = self.recipe = fitting.auto_fit_run(run_dir, recipe, str(source.folder), free, self.log,
-                                                        backends.expected_backend(source.folder, recipe, device, failures),
-                                                        device.machine())
+            free = distributed.min_over_ranks(recipe_refit.free_vram_bytes())  # every rank fits the smallest card
+            recipe = self.recipe = recipe_refit.auto_fit_run(run_dir, recipe, str(source.folder), free, self.log,
+                                                             backends.expected_backend(source.folder, recipe, device, failures),
+                                                             device.machine())
         self.phase("load", f"loading {source.folder} on {device.name}")
         tokenizer = loading.load_tokenizer(source.folder, recipe)
         if recipe.method == "qlora":
@@ -265,9 +276,11 @@ class Worker:
                 loop = TrainingLoop(run_dir, self.log, recipe, self.backend, self.stop, self._restart_without,
                                     ranks.world_size)
                 trainer = loop.run(model, tokenizer, data, device, total_steps, resume)
+                recipe = self.recipe = loop.recipe  # with an OOM's smaller micro-batch, as recipe.toml has it
                 break
             except SequenceTooLong as err:  # OOM at micro-batch 1, no checkpoint yet: shorter rows, tokenized again
-                recipe = self.recipe = fitting.shorten_sequence(run_dir, recipe, err.longest, err.error, self.log, err.where)
+                recipe = self.recipe = recipe_refit.shorten_sequence(run_dir, loop.recipe, err.longest, err.error,
+                                                                     self.log, err.where)
                 data = self._prepare_data(tokenizer)
                 total_steps = plan_total_steps(recipe, len(data.train), ranks.world_size)
                 update_run_info(run_dir, total_steps=total_steps)
@@ -286,10 +299,9 @@ class Worker:
 
     def _choose_checkpoint(self, data_hash: str, trainable: int) -> Path | None:
         """The checkpoint to resume from, checked against the run as it is now; also the disk check."""
-        from tui_finetune.engine.checkpoints import (
-            CheckpointError, check_free_disk, clear_staging, estimate_checkpoint_bytes, find_resume_checkpoint,
-            folder_size)
-        from tui_finetune.engine.resume import refusal_message, resume_differences
+        from tui_finetune.core.run_folder.checkpoints import (
+            CheckpointError, check_free_disk, clear_staging, estimate_checkpoint_bytes, folder_size)
+        from tui_finetune.core.run_folder.resume import find_resume_checkpoint, refusal_message, resume_differences
 
         checkpoints = self.run_dir / CHECKPOINTS_DIR
         if self.ranks.is_main:
@@ -364,7 +376,7 @@ class Worker:
         from tui_finetune.engine.faults import raise_injected_oom
         from tui_finetune.engine.samples import generate_sample
 
-        raise_injected_oom("sample")
+        raise_injected_oom("sample")  # fault injection for tests (engine/faults.py); nothing unless one asks
         text = generate_sample(model, tokenizer, prompt)
         self.log.emit(SampleEvent(label=label, prompt=tokenizer.decode(prompt, skip_special_tokens=True), text=text))
 

@@ -19,11 +19,12 @@ from textual.screen import Screen
 
 from tui_finetune.core.chat_client import ChatClient
 from tui_finetune.core.hardware import HardwareReport
-from tui_finetune.core.launch import launch_run, resume_run
+from tui_finetune.core.run_folder.control import launch_run, resume_run
 from tui_finetune.core.preferences import Preferences, load_preferences, save_preferences
 from tui_finetune.core.recipe import DataSpec, RecipeSpec
 from tui_finetune.core.event_text import resume_wording
-from tui_finetune.core.runs import list_runs, resume_step
+from tui_finetune.core.run_folder.listing import list_runs
+from tui_finetune.core.run_folder.resume import resume_step
 from tui_finetune.core.suggest import CardSpec, RecipePlan
 from tui_finetune.ui.run_tail import VramSampler
 from tui_finetune.ui.screens.dataset import run_data_check

@@ -19,7 +19,9 @@ from typing import Callable
 
 from tui_finetune.core.event_text import PANEL_ONLY, EventFollower, EventLine, describe_event, worker_gone_line
 from tui_finetune.core.events import CheckpointEvent, EndEvent, EvalEvent, Event, PhaseEvent, StepEvent
-from tui_finetune.core.runs import FINAL_STATES, RunError, read_run_info, read_run_recipe, shown_state
+from tui_finetune.core.run_folder.info import FINAL_STATES, RunError, read_run_info, read_run_recipe
+from tui_finetune.core.run_folder.layout import RECIPE_FILE
+from tui_finetune.core.run_folder.listing import shown_state
 
 MAX_POINTS = 2000
 """Loss and VRAM points kept; when full, every other point is dropped (a chart is only so wide)."""
@@ -56,6 +58,9 @@ class MonitorSnapshot:
     ram_history: tuple[float, ...] = ()
     checkpoint_step: int | None = None
     checkpoint_time: float | None = None
+    micro_batch: int = 0
+    grad_accum: int = 0
+    """The batch in effect, from the run's recipe.toml (an OOM's smaller micro-batch is written there)."""
     log_lines: tuple[EventLine, ...] = ()
     log_count: int = 0
     """Lines ever logged; the event log appends those past the count it has shown."""
@@ -90,15 +95,25 @@ class RunTail:
     _sampled_at: float = 0.0
     _ended: bool = False
     """An ``end`` event was read, or the worker's death was already logged."""
+    _recipe_mtime: int | None = None
 
     def __post_init__(self) -> None:
-        try:
-            recipe = read_run_recipe(self.run_dir)
-            epochs = 0.0 if recipe.train.max_steps else recipe.train.epochs
-        except Exception:  # an unreadable recipe must not hide the events
-            epochs = 0.0
-        self._snap = {"run_id": self.run_dir.name, "total_epochs": epochs}
+        self._snap = {"run_id": self.run_dir.name, "total_epochs": 0.0}
+        self._read_recipe()
         self._follower = EventFollower(self.run_dir)
+
+    def _read_recipe(self) -> None:
+        """The epochs and the batch in effect from recipe.toml, read again only when the worker rewrote it."""
+        try:
+            mtime = (self.run_dir / RECIPE_FILE).stat().st_mtime_ns
+            if mtime == self._recipe_mtime:
+                return
+            self._recipe_mtime = mtime
+            train = read_run_recipe(self.run_dir).train
+        except Exception:  # an unreadable recipe must not hide the events
+            return
+        self._snap.update(total_epochs=0.0 if train.max_steps else train.epochs,
+                          micro_batch=train.micro_batch, grad_accum=train.grad_accum)
 
     def poll(self) -> MonitorSnapshot | None:
         """Read what was appended since the last call; a new snapshot, or None when nothing changed."""
@@ -106,6 +121,7 @@ class RunTail:
         for event in events:
             self._fold(event)
         self._events += len(events)
+        self._read_recipe()
         try:
             info = read_run_info(self.run_dir)
             self._snap.update(model=info.model, state=shown_state(info),
@@ -174,7 +190,7 @@ class RunTail:
 
 def checkpoint_age(snapshot: MonitorSnapshot, now: float | None = None) -> str:
     """``step 200, 3m 05s ago``; the clock is passed in so screenshots stay the same."""
-    from tui_finetune.ui.planning import format_duration
+    from tui_finetune.ui.durations import format_duration
 
     if snapshot.checkpoint_step is None:
         return "none yet"

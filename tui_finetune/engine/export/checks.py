@@ -1,4 +1,4 @@
-"""The checks every export passes before it is reported done (issue 12).
+"""The checks every export passes before it is reported done: an export nobody checked is a guess.
 
 1. Same behaviour: the export's logits on a fixed prompt, and its greedy replies, against the
    adapter-on-base reference, within a tolerance that fits the format.
@@ -38,7 +38,7 @@ class Behaviour:
 
 def training_conversation(run: RunFinetune) -> list[dict[str, str]]:
     """The run's first chat example (its data file's first usable row), or a fixed one."""
-    from tui_finetune.core.runs import read_run_info
+    from tui_finetune.core.run_folder.info import read_run_info
     from tui_finetune.data.validate import iter_examples, open_source
 
     try:

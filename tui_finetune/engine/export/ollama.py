@@ -5,7 +5,7 @@ The translation renders the run's Jinja template with marker strings and cuts th
 pieces around the system prompt, the user's message and the reply; those pieces become a Go template
 that uses only ``{{ if .System }}``, ``{{ else }}``, ``{{ .System }}``, ``{{ .Prompt }}`` and
 ``{{ .Response }}``, which :func:`render_go_template` evaluates for the check. A lost stop token is the
-commonest complaint after an export (issue 12), so the check generates with only the Modelfile's stops.
+commonest complaint after an export, so the check generates with only the Modelfile's stops.
 """
 
 from __future__ import annotations

@@ -21,7 +21,9 @@ from textual.screen import Screen
 from textual.widgets import Footer, Header, Input, Static
 
 from tui_finetune.core.chat_client import ChatClientError
-from tui_finetune.core.runs import ADAPTER_DIR, read_run_info, shown_state
+from tui_finetune.core.run_folder.info import read_run_info
+from tui_finetune.core.run_folder.layout import ADAPTER_DIR
+from tui_finetune.core.run_folder.listing import shown_state
 from tui_finetune.ui.messages import ChatDone, ChatFailed, ChatReady, ChatToken
 from tui_finetune.ui.widgets.chat_pane import ChatPane
 

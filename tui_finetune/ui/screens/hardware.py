@@ -11,7 +11,7 @@ from textual.widgets import Button, Input, Label, Static
 
 from tui_finetune.core.hardware import HardwareReport, detect_hardware
 from tui_finetune.ui.messages import HardwareDetected
-from tui_finetune.ui.planning import card_from_report
+from tui_finetune.ui.wizard_start import card_from_report
 from tui_finetune.ui.screens.base import WizardScreen
 
 

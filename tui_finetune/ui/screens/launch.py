@@ -1,6 +1,6 @@
 """Step 5: everything on one page (model, recipe, data, estimated peak VRAM, rough time per epoch), then
-start. The run is created and its worker started detached by ``core.launch.launch_run``, the same code
-as ``tui-finetune train --detach``. On a machine with more than one NVIDIA GPU it also asks how many to
+start. The run is created and its worker started detached by ``core.run_folder.control.launch_run``, the same
+code as ``tui-finetune train --detach``. On a machine with more than one NVIDIA GPU it also asks how many to
 train on (``train.devices``): the plan is then for the smallest of them, since each holds the whole model."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from tui_finetune.core.devices import DATA_PARALLEL_NOTE, smallest_gpu
 from tui_finetune.core.paths import runs_dir
 from tui_finetune.core.hardware import machine_ram_bytes
 from tui_finetune.core.suggest import FIT_COLOURS, CardSpec, card_from_gpu, estimate_cpu_ram_gib, plan_recipe
-from tui_finetune.ui.planning import format_duration, rough_epoch_seconds
+from tui_finetune.ui.durations import format_duration, rough_epoch_seconds
 from tui_finetune.ui.screens.base import WizardScreen
 from tui_finetune.ui.screens.dataset import launch_blocker
 

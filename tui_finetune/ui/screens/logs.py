@@ -12,7 +12,7 @@ from textual.widgets import Footer, Header, RichLog
 
 from tui_finetune.core.event_text import PANEL_ONLY, describe_event
 from tui_finetune.core.events import read_events
-from tui_finetune.core.runs import EVENTS_FILE, WORKER_LOG
+from tui_finetune.core.run_folder.layout import EVENTS_FILE, WORKER_LOG
 
 WORKER_LOG_LINES = 200
 

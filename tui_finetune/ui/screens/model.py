@@ -11,10 +11,10 @@ from textual.widgets import DataTable, Input, Label, Static
 
 from tui_finetune.core.catalog import UnknownModelError
 from tui_finetune.core.recipe import RecipeSpec, TrainSpec
-from tui_finetune.core.model_source import resolve_model_spec
+from tui_finetune.core.model_shape import resolve_model_spec
 from tui_finetune.core.suggest import (
     FIT_COLOURS, NO_CARD, Suggestion, best_option_for_model, plan_recipe, suggest)
-from tui_finetune.ui.planning import DEMO_MODEL, demo_recipe, recipe_from_suggestion
+from tui_finetune.ui.wizard_start import DEMO_MODEL, demo_recipe, recipe_from_suggestion
 from tui_finetune.ui.screens.base import WizardScreen
 
 DEMO_KEY = "demo"

@@ -22,7 +22,8 @@ from textual.widgets import Footer, Header, RichLog, Static
 from textual.worker import get_current_worker
 
 from tui_finetune.core.event_text import state_colour
-from tui_finetune.core.runs import FINAL_STATES, request_stop
+from tui_finetune.core.run_folder.control import request_stop
+from tui_finetune.core.run_folder.info import FINAL_STATES
 from tui_finetune.ui.messages import RunUpdated
 from tui_finetune.ui.run_tail import MonitorSnapshot, RunTail
 from tui_finetune.ui.widgets.loss_chart import LossChart

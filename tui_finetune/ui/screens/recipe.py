@@ -14,13 +14,12 @@ from textual.widgets import Input, Label, OptionList, Select, Static, Switch
 
 from tui_finetune.core.catalog import UnknownModelError
 from tui_finetune.core.hardware import a_card_of, machine_facts
-from tui_finetune.core.recipe import (
-    METHODS, OPTIMIZERS, MachineFacts, RecipeError, RecipeSpec, check_recipe_fits_machine, check_recipe_values,
-    save_recipe)
-from tui_finetune.core.runs import model_short_name
-from tui_finetune.core.model_source import resolve_model_spec
+from tui_finetune.core.recipe import METHODS, OPTIMIZERS, RecipeError, RecipeSpec, check_recipe_values, save_recipe
+from tui_finetune.core.recipe_machine import MachineFacts, check_recipe_fits_machine
+from tui_finetune.core.run_folder.info import model_short_name
+from tui_finetune.core.model_shape import resolve_model_spec
 from tui_finetune.core.suggest import FIT_COLOURS, plan_recipe
-from tui_finetune.ui.planning import presets_for
+from tui_finetune.ui.wizard_start import presets_for
 from tui_finetune.ui.screens.base import WizardScreen
 from tui_finetune.ui.widgets.vram_bar import PART_STYLES, Segment, VramBar
 

@@ -1,4 +1,4 @@
-"""All runs with their state, from the run folders (``core.runs.list_runs``).
+"""All runs with their state, from the run folders (``core.run_folder.listing.list_runs``).
 
 Enter opens a run's monitor (live when it is running, history otherwise); ``r`` resumes an
 interrupted run, ``x`` deletes one after a yes/no dialog, ``l`` shows its logs; ``c`` chats with a
@@ -16,7 +16,8 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
 
 from tui_finetune.core.event_text import resume_wording, state_colour
-from tui_finetune.core.runs import RunSummary, list_runs, resume_step
+from tui_finetune.core.run_folder.listing import RunSummary, list_runs
+from tui_finetune.core.run_folder.resume import resume_step
 
 
 class RunsScreen(Screen):

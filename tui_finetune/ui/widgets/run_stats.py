@@ -1,4 +1,4 @@
-"""Step and epoch progress, speed, ETA, learning rate and the last checkpoint of a run."""
+"""Step and epoch progress, speed, ETA, learning rate, the batch in effect and the last checkpoint of a run."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Label, ProgressBar, Static
 
-from tui_finetune.ui.planning import format_duration
+from tui_finetune.ui.durations import format_duration
 from tui_finetune.ui.run_tail import MonitorSnapshot, checkpoint_age
 
 
@@ -43,5 +43,7 @@ class RunStats(Vertical):
         line.append(f" · {snap.tokens_per_s:,.0f} tok/s" if snap.tokens_per_s else " · - tok/s")
         line.append(f" · ETA {format_duration(snap.eta_s)}")
         line.append(f" · lr {snap.lr:.2e}" if snap.lr is not None else " · lr -")
+        if snap.micro_batch:  # as recipe.toml has it: an OOM's smaller micro-batch shows here
+            line.append(f"\nmicro-batch {snap.micro_batch} × accumulation {snap.grad_accum}")
         line.append(f"\ncheckpoint: {checkpoint_age(snap, now)}")
         self.query_one("#stats-line", Static).update(line)

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 
-from tui_finetune.core.autofit import auto_fit, next_micro_batch
+from tui_finetune.core.fit_levers import auto_fit, next_micro_batch
 from tui_finetune.core.planner import MIN_SEQ_LEN, MLP_CHUNK_TOKENS
 from tui_finetune.core.catalog import get_model
 from tui_finetune.core.planner import GIB, PlanCase, estimate_peak_vram, profile_from_memory

@@ -7,7 +7,7 @@ from huggingface_hub import errors as hf_errors
 
 from tui_finetune.core.catalog import UnknownModelError
 from tui_finetune.core.events import EventLog, ProgressEvent, read_events
-from tui_finetune.engine.model_source import ModelAccessError, download_model, resolve_model
+from tui_finetune.engine.model_folder import ModelAccessError, download_model, resolve_model
 
 
 def _raiser(exc):

@@ -16,7 +16,7 @@ from engine_tiny import build_tokenizer, write_alpaca
 from tui_finetune.core.recipe import DataSpec, MemorySpec
 from tui_finetune.data.collate import PaddingCollator, make_collator
 from tui_finetune.engine.backends import UniversalBackend
-from tui_finetune.engine.fitcheck import FitCheckCallback, fit_check_step, longest_batch, longest_rows, row_lengths
+from tui_finetune.engine.fit_check import FitCheckCallback, fit_check_step, longest_batch, longest_rows, row_lengths
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,9 @@ from tui_finetune.core.events import EventLog, WarningEvent, read_events
 from tui_finetune.core.planner import GIB
 from tui_finetune.core.presets import find_recipe
 from tui_finetune.core.recipe import load_recipe, recipe_from_dict
-from tui_finetune.core.runs import EVENTS_FILE, RECIPE_FILE, create_run, read_run_info, read_run_recipe
-from tui_finetune.engine.fitting import FitRefused, auto_fit_run, shorten_sequence, split_change
+from tui_finetune.core.run_folder.info import create_run, read_run_info, read_run_recipe
+from tui_finetune.core.run_folder.layout import EVENTS_FILE, RECIPE_FILE
+from tui_finetune.engine.recipe_refit import FitRefused, auto_fit_run, shorten_sequence, split_change
 
 
 def events(run_dir, cls):
@@ -71,7 +72,7 @@ def test_auto_fit_of_a_model_of_unknown_shape_warns_and_goes_on(mistral_run, tmp
 def test_an_over_budget_estimate_goes_to_the_measured_fit_check_instead_of_a_refusal(mistral_run):
     """The 4 GB Gemma case of issue 11: the planner leans high, so an estimate over the budget is not
     grounds to refuse while the weights themselves fit. The savers apply, and the fit-check measures."""
-    from tui_finetune.core.autofit import auto_fit
+    from tui_finetune.core.fit_levers import auto_fit
     from tui_finetune.core.catalog import CATALOG
     from tui_finetune.core.planner import CUDA_CONTEXT_GROWTH_GIB
 
@@ -88,7 +89,7 @@ def test_an_over_budget_estimate_goes_to_the_measured_fit_check_instead_of_a_ref
 
 def test_the_free_figure_already_lacks_the_workers_cuda_context(mistral_run):
     """The worker reads the free memory after its CUDA context started: the context is not counted twice."""
-    from tui_finetune.core.autofit import auto_fit
+    from tui_finetune.core.fit_levers import auto_fit
     from tui_finetune.core.catalog import CATALOG
     from tui_finetune.core.planner import CUDA_CONTEXT_GROWTH_GIB
 
@@ -139,7 +140,7 @@ def test_auto_fit_leaves_sequence_cuts_to_the_measuring_fit_check(mistral_run):
 def test_on_a_card_without_bf16_auto_fit_does_not_count_on_compute_dtype_adapters(mistral_run):
     """The engine keeps LoRA weights fp32 under fp16 (the grad scaler refuses fp16 gradients), so on an
     RTX 20xx that saver would be a change on paper only."""
-    from tui_finetune.core.recipe import MachineFacts
+    from tui_finetune.core.recipe_machine import MachineFacts
 
     run_dir, recipe, log = mistral_run
     turing = MachineFacts(has_cuda=True, supports_bf16=False, bitsandbytes_ok=True, device_name="GeForce RTX 2060")

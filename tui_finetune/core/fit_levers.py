@@ -155,12 +155,17 @@ def next_micro_batch(micro_batch: int) -> int:
     return 1
 
 
+def with_smaller_micro_batch(recipe: RecipeSpec) -> RecipeSpec:
+    """The one shrink rule, for auto-fit, the fit-check and OOM recovery alike: the next smaller micro-batch
+    (``next_micro_batch``) and the accumulation grown by the same factor, so the effective batch stays."""
+    micro, accum = recipe.train.micro_batch, recipe.train.grad_accum
+    new_micro = next_micro_batch(micro)
+    return replace(recipe, train=replace(recipe.train, micro_batch=new_micro, grad_accum=accum * (micro // new_micro)))
+
+
 def _smaller_micro_batches(recipe: RecipeSpec) -> Iterator[RecipeSpec]:
     while recipe.train.micro_batch > 1:
-        micro, accum = recipe.train.micro_batch, recipe.train.grad_accum
-        new_micro = next_micro_batch(micro)
-        train = replace(recipe.train, micro_batch=new_micro, grad_accum=accum * (micro // new_micro))
-        recipe = replace(recipe, train=train)
+        recipe = with_smaller_micro_batch(recipe)
         yield recipe
 
 

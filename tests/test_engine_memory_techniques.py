@@ -9,7 +9,7 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 
 from tui_finetune.core.planner import mlp_chunk_size
 from tui_finetune.core.recipe import MemorySpec
-from tui_finetune.engine.lean import (
+from tui_finetune.engine.memory_techniques import (
     chunk_mlps,
     chunk_mlps_for,
     chunked_causal_lm_loss,

@@ -1,12 +1,11 @@
-"""Checkpoints that are either complete or absent, which ones to keep, and which one to resume from.
+"""Checkpoints that are either complete or absent, which ones to keep, and room on disk for them.
 
 Trainer writes a checkpoint into a staging folder (``checkpoints/.staging/checkpoint-N``). Once it is
 written, ``finalize_checkpoint`` fsyncs every file, writes a marker listing each file's size and
 sha256 (the last file written), and renames the folder to ``checkpoints/step-NNNNNN`` in one step.
 A kill or a power cut therefore leaves either no ``step-`` folder or one whose marker vouches for
 every byte; HF Trainer alone would resume from the highest ``checkpoint-N``, half-written or not.
-Resume walks the ``step-`` folders newest first and takes the first whose files still match their
-marker, saying why it skipped the others. Plain Python (no torch): the CLI checks checkpoints too.
+Which checkpoint a resume takes is resume.py's. Plain Python (no torch): the CLI checks checkpoints too.
 """
 
 from __future__ import annotations
@@ -15,21 +14,23 @@ import errno
 import hashlib
 import json
 import os
-import re
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from tui_finetune.engine.faults import fault_point
+from tui_finetune.core.run_folder.layout import CHECKPOINT_MARKER, RUN_STATE, STAGING, step_dir_name, step_of
 
-MARKER = "COMPLETE.json"
-STAGING = ".staging"
-RUN_STATE = "run_state.json"
-"""Our own file in each checkpoint: the recipe, data hash and effective batch it was trained with."""
-_STEP_DIR = re.compile(r"^step-(\d{6,})$")
 RMTREE_TRIES = 4
+
+FaultPoint = Callable[..., None]
+"""``fault_point(point, step, arg=None)``: a hook for the fault-injection tests (engine/faults.py), called
+between the stages of a save so a test can kill the process at each; real runs pass none."""
+
+
+def _no_fault(point: str, step: int, arg: int | None = None) -> None:
+    """The default ``FaultPoint``: nothing is injected."""
 
 
 class CheckpointError(RuntimeError):
@@ -44,28 +45,6 @@ class CheckpointCheck:
     step: int
     ok: bool
     reason: str = ""
-
-
-@dataclass
-class ResumeChoice:
-    """The checkpoint to resume from (None: start fresh) and the broken ones passed over."""
-
-    path: Path | None
-    skipped: list[CheckpointCheck] = field(default_factory=list)
-
-    def messages(self) -> list[str]:
-        """One line per skipped checkpoint: ``step-000400 is incomplete (...); resuming from step-000300``."""
-        target = f"resuming from {self.path.name}" if self.path else "no valid checkpoint before it"
-        return [f"{bad.path.name} is incomplete ({bad.reason}); {target}" for bad in self.skipped]
-
-
-def step_dir_name(step: int) -> str:
-    return f"step-{step:06d}"
-
-
-def step_of(path: Path) -> int:
-    match = _STEP_DIR.match(path.name)
-    return int(match.group(1)) if match else -1
 
 
 def _sha256(path: Path) -> str:
@@ -100,12 +79,14 @@ def write_json_atomic(path: Path, data: object) -> None:
     os.replace(tmp, path)
 
 
-def finalize_checkpoint(staged: Path, checkpoints_dir: Path, step: int) -> Path:
+def finalize_checkpoint(staged: Path, checkpoints_dir: Path, step: int,
+                        fault_point: FaultPoint = _no_fault) -> Path:
     """Seal a fully written checkpoint: fsync, size and hash into the marker (written last), rename.
 
-    The fault points (engine/faults.py) sit between the stages, so tests can kill the process at each.
+    ``fault_point`` exists for the fault-injection tests: the worker passes engine/faults.py's, which
+    dies or raises ENOSPC between the stages when a test asked for it, and does nothing otherwise.
     """
-    files = sorted(p for p in staged.rglob("*") if p.is_file() and p.name != MARKER)
+    files = sorted(p for p in staged.rglob("*") if p.is_file() and p.name != CHECKPOINT_MARKER)
     listed = {}
     for count, path in enumerate(files, 1):
         _fsync_path(path)
@@ -113,7 +94,7 @@ def finalize_checkpoint(staged: Path, checkpoints_dir: Path, step: int) -> Path:
         fault_point("save-after-file", step, count)
     fault_point("save-before-marker", step)
     fault_point("save", step)  # an injected ENOSPC fails the marker write, as a full disk would
-    write_json_atomic(staged / MARKER, {"step": step, "time": time.time(), "files": listed})
+    write_json_atomic(staged / CHECKPOINT_MARKER, {"step": step, "time": time.time(), "files": listed})
     _fsync_path(staged)
     fault_point("save-before-rename", step)
     final = checkpoints_dir / step_dir_name(step)
@@ -131,7 +112,7 @@ def finalize_checkpoint(staged: Path, checkpoints_dir: Path, step: int) -> Path:
 def check_checkpoint(path: Path) -> CheckpointCheck:
     """Verify the marker exists and every file it lists is present with the same size and sha256."""
     step = step_of(path)
-    marker_path = path / MARKER
+    marker_path = path / CHECKPOINT_MARKER
     if not marker_path.is_file():
         return CheckpointCheck(path, step, False, "no completion marker: the save was cut short")
     try:
@@ -157,34 +138,8 @@ def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
     """``step-`` folders, oldest first (staging and stray folders ignored)."""
     if not checkpoints_dir.is_dir():
         return []
-    found = [p for p in checkpoints_dir.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
+    found = [p for p in checkpoints_dir.iterdir() if p.is_dir() and step_of(p) >= 0]
     return sorted(found, key=step_of)
-
-
-def find_resume_checkpoint(checkpoints_dir: Path, from_step: int | None = None) -> ResumeChoice:
-    """The newest complete and valid checkpoint (or exactly ``from_step``'s), and the broken ones skipped.
-
-    ``from_step`` 0 means start afresh. A named step that is missing or broken raises CheckpointError.
-    """
-    paths = list_checkpoints(checkpoints_dir)
-    if from_step is not None:
-        if from_step == 0:
-            return ResumeChoice(None)
-        named = checkpoints_dir / step_dir_name(from_step)
-        if named not in paths:
-            have = ", ".join(str(step_of(p)) for p in paths) or "none"
-            raise CheckpointError(f"there is no checkpoint at step {from_step} (checkpoints at steps: {have})")
-        check = check_checkpoint(named)
-        if not check.ok:
-            raise CheckpointError(f"{named.name} is incomplete ({check.reason}): pick another with --from STEP")
-        return ResumeChoice(named)
-    skipped = []
-    for path in reversed(paths):
-        check = check_checkpoint(path)
-        if check.ok:
-            return ResumeChoice(path, skipped)
-        skipped.append(check)
-    return ResumeChoice(None, skipped)
 
 
 def read_run_state(path: Path) -> dict:
@@ -223,7 +178,7 @@ def rotate_checkpoints(checkpoints_dir: Path, keep_last: int, known_good: Path |
     deleted too.
     """
     paths = list_checkpoints(checkpoints_dir)
-    sealed = [p for p in paths if (p / MARKER).is_file()]
+    sealed = [p for p in paths if (p / CHECKPOINT_MARKER).is_file()]
     keep = set(sealed[-keep_last:]) if keep_last > 0 else set(sealed)
     scored = [(read_run_state(p).get("eval_loss"), p) for p in sealed]
     scored = [(loss, p) for loss, p in scored if isinstance(loss, (int, float))]
@@ -232,7 +187,7 @@ def rotate_checkpoints(checkpoints_dir: Path, keep_last: int, known_good: Path |
     if not any(p == known_good or check_checkpoint(p).ok for p in sorted(keep, key=step_of, reverse=True)):
         return []
     newest = max((step_of(p) for p in keep), default=-1)
-    doomed = [p for p in paths if p not in keep and ((p / MARKER).is_file() or step_of(p) < newest)]
+    doomed = [p for p in paths if p not in keep and ((p / CHECKPOINT_MARKER).is_file() or step_of(p) < newest)]
     return [p for p in doomed if remove_tree(p, warn)]
 
 

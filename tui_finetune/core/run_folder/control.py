@@ -1,4 +1,4 @@
-"""Create a run and start its worker detached: the one way the UI and ``train --detach`` launch.
+"""Start, resume and stop a run's worker: the one way the UI and ``train --detach`` launch a run.
 
 The worker is ``python -m tui_finetune.engine.worker RUN_DIR``, or torchrun starting one per GPU when
 ``train.devices`` is more than 1 (core/devices.py: the command, and which cards); starting it as a
@@ -17,15 +17,20 @@ The stored recipe.toml then doesn't depend on where the run was started.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
 from tui_finetune.core.devices import pin_gpus, settle_devices, visible_gpu_count, worker_command
 from tui_finetune.core.hardware import HardwareReport, detect_hardware, machine_facts
-from tui_finetune.core.recipe import MachineFacts, RecipeSpec, check_recipe_fits_machine, resolve_precision
-from tui_finetune.core.runs import STOP_FILE, WORKER_LOG, create_run, read_run_recipe, update_run_info
+from tui_finetune.core.recipe import RecipeSpec
+from tui_finetune.core.recipe_machine import MachineFacts, check_recipe_fits_machine, resolve_precision
+from tui_finetune.core.run_folder.info import RunInfo, create_run, read_run_info, read_run_recipe, update_run_info
+from tui_finetune.core.run_folder.layout import STOP_FILE, WORKER_LOG
+from tui_finetune.core.run_folder.listing import pid_alive
 
 
 def start_worker_detached(run_dir: Path, env: dict[str, str] | None = None,
@@ -40,7 +45,7 @@ def start_worker_detached(run_dir: Path, env: dict[str, str] | None = None,
     else:
         kwargs["start_new_session"] = True
     child_env = dict(os.environ if env is None else env)
-    package_root = str(Path(__file__).resolve().parents[2])
+    package_root = str(Path(__file__).resolve().parents[3])  # the folder that holds tui_finetune/
     child_env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, child_env.get("PYTHONPATH", "")) if p)
     report = report or detect_hardware()
     processes = settle_devices(read_run_recipe(run_dir).train.devices, visible_gpu_count(report, child_env))
@@ -86,3 +91,20 @@ def launch_run(recipe: RecipeSpec, data_path: str | Path, base: Path | None = No
 def resume_run(run_dir: Path, env: dict[str, str] | None = None) -> int:
     """Start the worker again on an interrupted run: it resumes from the newest valid checkpoint."""
     return start_worker_detached(run_dir, env)
+
+
+def request_stop(run_dir: Path) -> RunInfo:
+    """Ask a worker to save a checkpoint and exit: a STOP file (works everywhere) plus SIGINT on POSIX.
+
+    Not the signal for a multi-process run: its pid is torchrun's, which would pass the signal on and kill
+    every rank 30 s later, saved or not; each rank reads the STOP file and they stop together instead."""
+    info = read_run_info(run_dir)
+    (run_dir / STOP_FILE).write_text(f"stop requested at {time.time():.0f}\n", encoding="utf-8")
+    if info.state == "running" and pid_alive(info.pid):
+        info = update_run_info(run_dir, state="stopping")
+        if sys.platform != "win32" and info.pid and info.world_size <= 1:
+            try:
+                os.kill(info.pid, signal.SIGINT)
+            except OSError:
+                pass
+    return info

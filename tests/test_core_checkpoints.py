@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 
-from tui_finetune.engine.checkpoints import (
-    MARKER, STAGING, check_checkpoint, clear_staging, finalize_checkpoint, find_resume_checkpoint,
-    list_checkpoints, rotate_checkpoints)
+from tui_finetune.core.run_folder.checkpoints import (
+    check_checkpoint, clear_staging, finalize_checkpoint, list_checkpoints, rotate_checkpoints)
+from tui_finetune.core.run_folder.layout import CHECKPOINT_MARKER, STAGING
+from tui_finetune.core.run_folder.resume import find_resume_checkpoint
 
 
 def _stage(checkpoints, step, payload=b"weights"):
@@ -21,7 +22,7 @@ def test_finalize_renames_into_step_folder_with_marker_listing_file_hashes(tmp_p
     final = finalize_checkpoint(_stage(tmp_path, 7), tmp_path, 7)
     assert final == tmp_path / "step-000007"
     assert not (tmp_path / STAGING / "checkpoint-7").exists()
-    marker = json.loads((final / MARKER).read_text())
+    marker = json.loads((final / CHECKPOINT_MARKER).read_text())
     assert marker["step"] == 7
     assert sorted(marker["files"]) == ["adapter_model.safetensors", "trainer_state.json"]
     assert all(len(f["sha256"]) == 64 and f["size"] > 0 for f in marker["files"].values())
@@ -33,7 +34,7 @@ def test_resume_takes_newest_valid_and_reports_the_broken_newer_ones(tmp_path):
     for step in (10, 20, 30, 40):
         finalize_checkpoint(_stage(tmp_path, step), tmp_path, step)
     (tmp_path / "step-000040" / "adapter_model.safetensors").write_bytes(b"flipped bits")
-    (tmp_path / "step-000030" / MARKER).unlink()
+    (tmp_path / "step-000030" / CHECKPOINT_MARKER).unlink()
     (tmp_path / "step-000050").mkdir()  # a folder with no marker at all
     choice = find_resume_checkpoint(tmp_path)
     assert choice.path == tmp_path / "step-000020"

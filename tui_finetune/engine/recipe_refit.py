@@ -1,14 +1,18 @@
-"""The worker's memory decisions around the fit-check, on a real run folder.
+"""Refitting a run's recipe to the card: the worker's memory decisions, written to the run's recipe.toml.
 
 * ``auto_fit_run``, before the model loads on a fresh CUDA run: the planner's estimate against the
-  free VRAM (core/autofit.py). Changed values go into the run's recipe.toml, so a resume trains with
+  free VRAM (core/fit_levers.py). Changed values go into the run's recipe.toml, so a resume trains with
   the same ones; each change is a warning event with the ``--set`` that pins it, and the list is kept
   in run.json (``autofit``). Auto-fit never shortens sequences on an estimate: the planner leans high
   and a shorter sequence truncates data. It refuses a run on the estimate only when the model's
   weights alone are over the budget by more than the planner's own error (``PLANNER_TOLERANCE``);
   anything nearer is measured: the fit-check shortens the sequences down to the floor, and a refusal
   then names what it measured.
-* ``shorten_sequence``, when the fit-check (engine/fitcheck.py, inside ``Trainer.train``) ran out of
+* ``shrink_micro_batch``, after an out-of-memory in the fit-check or a training step: the one shrink rule
+  (core/fit_levers.py ``with_smaller_micro_batch``: the effective batch stays), written to recipe.toml,
+  so the monitor, ``runs`` and a resume read the batch in effect there; run.json keeps only the history
+  (``oom_shrinks``). It gives up at micro-batch 1, or after ``MAX_OOM_SHRINKS`` shrinks in training.
+* ``shorten_sequence``, when the fit-check (engine/fit_check.py, inside ``Trainer.train``) ran out of
   memory at micro-batch 1 on a fresh run: the sequence length is halved in recipe.toml and the worker
   tokenizes again; below the floor the run is refused on that measurement.
 
@@ -17,17 +21,20 @@ No torch at import time: the worker imports this module before it knows the devi
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from tui_finetune.core.autofit import auto_fit
+from tui_finetune.core.advice import memory_advice
 from tui_finetune.core.catalog import UnknownModelError
 from tui_finetune.core.events import EventLog, WarningEvent
-from tui_finetune.core.model_source import resolve_model_spec
+from tui_finetune.core.fit_levers import auto_fit, with_smaller_micro_batch
+from tui_finetune.core.model_shape import resolve_model_spec
 from tui_finetune.core.planner import CUDA_CONTEXT_GROWTH_GIB, GIB, MIN_SEQ_LEN, PLANNER_TOLERANCE, profile_from_memory
-from tui_finetune.core.recipe import MachineFacts, RecipeSpec, resolve_precision
-from tui_finetune.core.runs import read_run_info, update_run_info, write_run_recipe
+from tui_finetune.core.recipe import RecipeSpec
+from tui_finetune.core.recipe_machine import MachineFacts, resolve_precision
+from tui_finetune.core.run_folder.info import read_run_info, update_run_info, write_run_recipe
 
 
 MAX_OOM_SHRINKS = 3
@@ -123,6 +130,35 @@ def auto_fit_run(run_dir: Path, recipe: RecipeSpec, model: str, free_bytes: floa
     write_run_recipe(run_dir, decision.recipe)
     record_changes(run_dir, log, decision.changes)
     return decision.recipe
+
+
+def shrink_micro_batch(run_dir: Path, recipe: RecipeSpec, log: EventLog, error: str, in_check: bool = False) -> RecipeSpec:
+    """After an out-of-memory (``error``: its first line) in the fit-check (``in_check``) or a training step:
+    the recipe with the next smaller micro-batch and the accumulation that keeps the effective batch,
+    written to the run's recipe.toml, with the change in run.json's ``oom_shrinks`` and a warning.
+
+    Raises OomGiveUp at micro-batch 1, or when training already shrank ``MAX_OOM_SHRINKS`` times; the
+    fit-check's shrinks don't count, as no step was lost to them."""
+    shrinks = list(read_run_info(run_dir).oom_shrinks)
+    micro, accum = recipe.train.micro_batch, recipe.train.grad_accum
+    if micro <= 1:
+        raise OomGiveUp(f"CUDA out of memory at micro-batch 1: {error}", memory_advice(recipe))
+    in_training = [s for s in shrinks if s.get("where", "training") == "training"]
+    if not in_check and len(in_training) >= MAX_OOM_SHRINKS:
+        raise OomGiveUp(f"CUDA out of memory even after {len(in_training)} halvings of the micro-batch "
+                        f"(now {micro}): {error}", memory_advice(recipe))
+    recipe = with_smaller_micro_batch(recipe)
+    new_micro, new_accum = recipe.train.micro_batch, recipe.train.grad_accum
+    write_run_recipe(run_dir, recipe)
+    shrinks.append({"time": time.time(), "where": "fit-check" if in_check else "training",
+                    "micro_batch": [micro, new_micro], "grad_accum": [accum, new_accum], "error": error})
+    update_run_info(run_dir, oom_shrinks=shrinks)
+    log.emit(WarningEvent(
+        message=f"CUDA out of memory{' in the fit-check' if in_check else ''}: micro-batch {micro} -> {new_micro}, "
+                f"gradient accumulation {accum} -> {new_accum} (effective batch {recipe.effective_batch} "
+                "unchanged); nothing partial was saved",
+        advice=f"to skip this next time: --set train.micro_batch={new_micro} train.grad_accum={new_accum}"))
+    return recipe
 
 
 def shorten_sequence(run_dir: Path, recipe: RecipeSpec, longest: int, error: str, log: EventLog,

@@ -1,0 +1,98 @@
+"""The effective batch has one home, the run's recipe.toml: an OOM's shrink is written there, run.json keeps
+only the history, and every reader (``runs``, the monitor, resume) reads the batch in effect from it.
+
+Torch-free: the shrink rule (engine/recipe_refit.py) needs no torch, and neither do its readers.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import replace
+
+import pytest
+
+from tui_finetune.cli import main
+from tui_finetune.core.events import EventLog
+from tui_finetune.core.recipe import RecipeSpec, TrainSpec, load_recipe
+from tui_finetune.core.run_folder.checkpoints import finalize_checkpoint, write_json_atomic
+from tui_finetune.core.run_folder.info import create_run, read_run_info, read_run_recipe, update_run_info
+from tui_finetune.core.run_folder.layout import RUN_STATE, STAGING
+from tui_finetune.core.run_folder.listing import summarize_run
+from tui_finetune.core.run_folder.resume import checkpoint_state, resume_differences
+from tui_finetune.engine.recipe_refit import OomGiveUp, shrink_micro_batch
+from tui_finetune.ui.run_tail import RunTail
+
+
+@pytest.fixture
+def run_dir(tmp_path, monkeypatch):
+    """A run of 3 x 8 (an odd micro-batch) under a private home, its worker gone."""
+    monkeypatch.setenv("TUI_FINETUNE_HOME", str(tmp_path / "home"))
+    run = create_run(RecipeSpec(model="phi-2", train=TrainSpec(micro_batch=3, grad_accum=8)), tmp_path / "d.jsonl")
+    update_run_info(run, state="interrupted", pid=None)
+    return run
+
+
+def _shrink(run_dir, in_check=False):
+    with EventLog(run_dir / "events.jsonl") as log:
+        return shrink_micro_batch(run_dir, read_run_recipe(run_dir), log, "CUDA out of memory", in_check)
+
+
+def _seal(run_dir, recipe, step):
+    """A checkpoint as the worker seals it, saved while ``recipe`` was in effect."""
+    checkpoints = run_dir / "checkpoints"
+    staged = checkpoints / STAGING / f"checkpoint-{step}"
+    staged.mkdir(parents=True)
+    (staged / "adapter_model.safetensors").write_bytes(b"w" * 64)
+    write_json_atomic(staged / RUN_STATE, checkpoint_state(recipe, "", step, None))
+    return finalize_checkpoint(staged, checkpoints, step)
+
+
+def test_an_odd_size_shrink_is_written_to_recipe_toml_and_run_json_keeps_only_the_history(run_dir):
+    shrunk = _shrink(run_dir)
+    assert (shrunk.train.micro_batch, shrunk.train.grad_accum) == (1, 24)  # 3 x 8 = 1 x 24, not 1 x 16
+    stored = load_recipe(run_dir / "recipe.toml").train
+    assert (stored.micro_batch, stored.grad_accum) == (1, 24)
+    raw = json.loads((run_dir / "run.json").read_text())
+    assert "micro_batch" not in raw and "grad_accum" not in raw  # no second copy of the value in effect
+    [history] = raw["oom_shrinks"]
+    assert (history["micro_batch"], history["grad_accum"], history["where"]) == ([3, 1], [8, 24], "training")
+    with pytest.raises(OomGiveUp, match="micro-batch 1"):
+        _shrink(run_dir)
+    assert load_recipe(run_dir / "recipe.toml").train == stored  # giving up changes nothing
+
+
+def test_the_runs_listing_shows_the_batch_in_effect(run_dir, capsys):
+    assert (summarize_run(run_dir).micro_batch, summarize_run(run_dir).grad_accum) == (3, 8)
+    _shrink(run_dir, in_check=True)
+    summary = summarize_run(run_dir)
+    assert (summary.micro_batch, summary.grad_accum) == (1, 24)
+    assert main(["runs"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if run_dir.name[:12] in line)
+    assert re.search(r"\b1x24\b", row), row
+
+
+def test_the_monitor_follows_recipe_toml_when_a_shrink_rewrites_it(run_dir):
+    tail = RunTail(run_dir)
+    first = tail.poll()
+    assert (first.micro_batch, first.grad_accum) == (3, 8)
+    _shrink(run_dir)
+    after = tail.poll()
+    assert after is not None and (after.micro_batch, after.grad_accum) == (1, 24)
+
+
+def test_resume_compares_the_effective_batch_from_recipe_toml_not_its_split(run_dir, capsys):
+    before = _seal(run_dir, read_run_recipe(run_dir), 2)  # saved at 3 x 8
+    _shrink(run_dir)  # then an OOM: 1 x 24 in recipe.toml
+    after = _seal(run_dir, read_run_recipe(run_dir), 4)
+    now = read_run_recipe(run_dir)
+    assert resume_differences(after, now) == []
+    assert resume_differences(before, now) == []  # same 24 rows a step: the same training
+    halved = replace(now, train=replace(now.train, grad_accum=12))
+    [diff] = resume_differences(after, halved)
+    assert diff == "effective batch (train.micro_batch x train.grad_accum): 1 x 24 = 24 -> 1 x 12 = 12"
+    # the CLI's resume reads recipe.toml too, and refuses the changed effective batch before starting anything
+    assert main(["resume", run_dir.name, "--set", "train.grad_accum=12"]) == 2
+    out = capsys.readouterr().out
+    assert "effective batch" in out and "--force" in out
+    assert read_run_info(run_dir).pid is None  # no worker was started
