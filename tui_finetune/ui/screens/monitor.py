@@ -18,13 +18,14 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
-from textual.widgets import Footer, Header, RichLog, Static
+from textual.widgets import Header, RichLog, Static
 from textual.worker import get_current_worker
 
 from tui_finetune.core.event_text import state_colour
 from tui_finetune.core.runs import FINAL_STATES, request_stop
 from tui_finetune.ui.messages import RunUpdated
 from tui_finetune.ui.run_tail import MonitorSnapshot, RunTail
+from tui_finetune.ui.widgets.app_footer import AppFooter
 from tui_finetune.ui.widgets.loss_chart import LossChart
 from tui_finetune.ui.widgets.run_stats import RunStats
 from tui_finetune.ui.widgets.vram_panel import VramPanel
@@ -54,7 +55,7 @@ class MonitorScreen(Screen):
                 yield VramPanel(id="vram-panel")
                 yield RunStats(id="run-stats")
         yield RichLog(id="event-log", markup=True, wrap=True, max_lines=1000)
-        yield Footer()
+        yield AppFooter()
 
     def on_mount(self) -> None:
         self.query_one("#event-log", RichLog).border_title = "events"
