@@ -27,7 +27,7 @@ class LogsScreen(Screen):
 
     def compose(self) -> ComposeResult:
         yield Header()
-        yield RichLog(id="logs", markup=True, wrap=True)
+        yield RichLog(id="logs", markup=True, wrap=True, min_width=1)  # not 78 cells: the pane is narrower at 80 columns
         yield AppFooter()
 
     def on_mount(self) -> None:

@@ -54,7 +54,8 @@ class MonitorScreen(Screen):
             with Vertical(id="monitor-side"):
                 yield VramPanel(id="vram-panel")
                 yield RunStats(id="run-stats")
-        yield RichLog(id="event-log", markup=True, wrap=True, max_lines=1000)
+        # min_width: RichLog renders at least 78 cells, wider than the pane at 80 columns (2 cells hidden, a scrollbar row)
+        yield RichLog(id="event-log", markup=True, wrap=True, max_lines=1000, min_width=1)
         yield AppFooter()
 
     def on_mount(self) -> None:
