@@ -222,6 +222,8 @@ def test_cli_runs_keeps_ids_whole_at_80_columns(ui_home, monkeypatch):
     assert cli_runs._runs(None) == 0
     text = console.export_text()
     assert all(run.name in text for run in runs), text
+    lines = [line for line in text.splitlines() if line.startswith(tuple(run.name for run in runs))]
+    assert len(lines) == 2 and all("completed" in line and "60/60" in line for line in lines), text  # one line each
 
 
 @run_async
