@@ -222,6 +222,8 @@ def test_cli_runs_keeps_ids_whole_at_80_columns(ui_home, monkeypatch):
     assert cli_runs._runs(None) == 0
     text = console.export_text()
     assert all(run.name in text for run in runs), text
+    lines = [line for line in text.splitlines() if line.startswith(tuple(run.name for run in runs))]
+    assert len(lines) == 2 and all("completed" in line and "60/60" in line for line in lines), text  # one line each
 
 
 @run_async
@@ -244,3 +246,37 @@ async def test_monitor_at_80x24_keeps_its_checkpoint_line(ui_home):
         await wait_for(pilot, lambda: getattr(app.screen, "updates", 0) > 0)
         await pilot.pause(0.2)
         assert "checkpoint:" in app.export_screenshot()
+
+
+@run_async
+async def test_runs_footer_at_80x24_still_shows_the_quit_key(ui_home):
+    """Textual's footer clips what doesn't fit; at 80 columns the Runs screen's keys pushed ``^q Quit`` off."""
+    write_run(runs_dir(), 1, "completed", steps=60, end="completed")
+    app = build_app()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("f2")
+        await wait_for(pilot, lambda: screen_name(app) == "RunsScreen")
+        await pilot.pause(0.2)
+        assert footer_shows_whole(app, "ctrl+q")
+
+
+def footer_shows_whole(app, key: str) -> bool:
+    from textual.widgets._footer import FooterKey
+
+    keys = list(app.screen.query(FooterKey))
+    visible_end = min((k.region.x for k in keys if k.has_class("-command-palette")), default=app.size.width)
+    return any(k.key == key and 0 < k.region.right <= visible_end for k in keys)
+
+
+@run_async
+async def test_monitor_events_at_80x24_wrap_inside_the_pane(ui_home):
+    """RichLog renders 78 cells by default: at 80 columns that hid the last 2 cells of every wrapped line."""
+    run_dir = write_run(runs_dir(), 5, "running", steps=45, alive=True)
+    app = build_app()
+    async with app.run_test(size=(80, 24)) as pilot:
+        app.open_monitor(run_dir)
+        await wait_for(pilot, lambda: getattr(app.screen, "updates", 0) > 0)
+        EventLog(run_dir / "events.jsonl").emit(PhaseEvent(phase="train", message="a long line " * 20))
+        log = app.screen.query_one("#event-log")
+        await wait_for(pilot, lambda: any("a long line" in str(line.text) for line in log.lines))
+        assert log.virtual_size.width <= log.scrollable_content_region.width

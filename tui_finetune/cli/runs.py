@@ -138,22 +138,33 @@ def batch_words(row: RunSummary) -> str:
     return f"{split}={row.effective_batch}"
 
 
+RUNS_COLUMNS = ("id", "state", "step", "batch", "last loss", "age", "model")
+"""The model last: it folds where the terminal is narrow, and at 80 columns it is left out (the run id names it)."""
+MODEL_MIN_CELLS = 14
+
+
+def runs_fixed_cells(cells: list[tuple]) -> int:
+    """Cells the columns before the model take, with the 2-cell gap before each next column."""
+    widths = [max(len(str(c)) for c in column) for column in zip(RUNS_COLUMNS[:-1], *(line[:-1] for line in cells))]
+    return sum(widths) + 2 * len(widths)
+
+
 def _runs(args: argparse.Namespace) -> int:
     rows = list_runs()
     if not rows:
         console.print("no runs yet: start one with 'tui-finetune train demo-cpu' (CPU demo) or 'tui-finetune train RECIPE --data FILE'")
         return 0
-    table = Table(show_header=True, header_style="bold")
-    for column in ("id", "model", "state", "step", "batch", "last loss", "age"):  # an id is copied whole: never cut
-        table.add_column(column, justify="right" if column in ("step", "batch", "last loss") else "left",
-                         no_wrap=column == "id", min_width=max((len(r.run_id) for r in rows), default=2)
-                         if column == "id" else None, overflow="fold" if column != "id" else "ignore")
     now = time.time()
-    for row in rows:
-        table.add_row(row.run_id, row.model, Text(row.state, style=state_colour(row.state)),
-                      f"{row.step}/{row.total_steps}", batch_words(row),
-                      "-" if row.last_loss is None else f"{row.last_loss:.4f}",
-                      _age(now - row.created_at))
+    cells = [(row.run_id, Text(row.state, style=state_colour(row.state)), f"{row.step}/{row.total_steps}",
+              batch_words(row), "-" if row.last_loss is None else f"{row.last_loss:.4f}", _age(now - row.created_at), row.model)
+             for row in rows]
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in RUNS_COLUMNS[:-1]:  # an id is copied whole, and the state and numbers are read whole: never cut
+        table.add_column(column, justify="right" if column in ("step", "batch", "last loss") else "left", no_wrap=True)
+    if console.width - runs_fixed_cells(cells) >= MODEL_MIN_CELLS:
+        table.add_column(RUNS_COLUMNS[-1], overflow="fold")
+    for line in cells:
+        table.add_row(*line[:len(table.columns)])
     console.print(table)
     return 0
 

@@ -7,8 +7,9 @@ from typing import TYPE_CHECKING
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.screen import Screen
-from textual.widgets import Footer, Header
+from textual.widgets import Header
 
+from tui_finetune.ui.widgets.app_footer import AppFooter
 from tui_finetune.ui.widgets.wizard_steps import WizardSteps
 
 if TYPE_CHECKING:
@@ -23,7 +24,7 @@ class WizardScreen(Screen):
         yield Header()
         yield WizardSteps(self.STEP)
         yield from self.compose_body()
-        yield Footer()
+        yield AppFooter()
 
     def compose_body(self) -> ComposeResult:
         yield from ()

@@ -18,13 +18,14 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.screen import Screen
-from textual.widgets import Footer, Header, Input, Static
+from textual.widgets import Header, Input, Static
 
 from tui_finetune.core.chat_client import ChatClientError
 from tui_finetune.core.run_folder.info import read_run_info
 from tui_finetune.core.run_folder.layout import ADAPTER_DIR
 from tui_finetune.core.run_folder.listing import shown_state
 from tui_finetune.ui.messages import ChatDone, ChatFailed, ChatReady, ChatToken
+from tui_finetune.ui.widgets.app_footer import AppFooter
 from tui_finetune.ui.widgets.chat_pane import ChatPane
 
 SIDES = {"tuned": "fine-tune", "base": "base (adapter off)"}
@@ -87,7 +88,7 @@ class ChatScreen(Screen):
             for side, title in SIDES.items():
                 yield ChatPane(title, id=f"chat-{side}")
         yield Input(placeholder="loading the model…", id="chat-input", disabled=True)
-        yield Footer()
+        yield AppFooter()
 
     def on_mount(self) -> None:
         self.show_mode()

@@ -8,11 +8,12 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.screen import Screen
-from textual.widgets import Footer, Header, RichLog
+from textual.widgets import Header, RichLog
 
 from tui_finetune.core.event_text import PANEL_ONLY, describe_event
 from tui_finetune.core.events import read_events
 from tui_finetune.core.run_folder.layout import EVENTS_FILE, WORKER_LOG
+from tui_finetune.ui.widgets.app_footer import AppFooter
 
 WORKER_LOG_LINES = 200
 
@@ -26,8 +27,8 @@ class LogsScreen(Screen):
 
     def compose(self) -> ComposeResult:
         yield Header()
-        yield RichLog(id="logs", markup=True, wrap=True)
-        yield Footer()
+        yield RichLog(id="logs", markup=True, wrap=True, min_width=1)  # not 78 cells: the pane is narrower at 80 columns
+        yield AppFooter()
 
     def on_mount(self) -> None:
         log = self.query_one(RichLog)

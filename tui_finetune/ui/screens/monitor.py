@@ -18,7 +18,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
-from textual.widgets import Footer, Header, RichLog, Static
+from textual.widgets import Header, RichLog, Static
 from textual.worker import get_current_worker
 
 from tui_finetune.core.event_text import state_colour
@@ -26,6 +26,7 @@ from tui_finetune.core.run_folder.control import request_stop
 from tui_finetune.core.run_folder.info import FINAL_STATES
 from tui_finetune.ui.messages import RunUpdated
 from tui_finetune.ui.run_tail import MonitorSnapshot, RunTail
+from tui_finetune.ui.widgets.app_footer import AppFooter
 from tui_finetune.ui.widgets.loss_chart import LossChart
 from tui_finetune.ui.widgets.run_stats import RunStats
 from tui_finetune.ui.widgets.vram_panel import VramPanel
@@ -54,8 +55,9 @@ class MonitorScreen(Screen):
             with Vertical(id="monitor-side"):
                 yield VramPanel(id="vram-panel")
                 yield RunStats(id="run-stats")
-        yield RichLog(id="event-log", markup=True, wrap=True, max_lines=1000)
-        yield Footer()
+        # min_width: RichLog renders at least 78 cells, wider than the pane at 80 columns (2 cells hidden, a scrollbar row)
+        yield RichLog(id="event-log", markup=True, wrap=True, max_lines=1000, min_width=1)
+        yield AppFooter()
 
     def on_mount(self) -> None:
         self.query_one("#event-log", RichLog).border_title = "events"

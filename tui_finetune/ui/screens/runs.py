@@ -13,11 +13,12 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Header, Static
+from textual.widgets import DataTable, Header, Static
 
 from tui_finetune.core.event_text import resume_wording, state_colour
 from tui_finetune.core.run_folder.listing import RunSummary, list_runs
 from tui_finetune.core.run_folder.resume import resume_step
+from tui_finetune.ui.widgets.app_footer import AppFooter
 
 
 class RunsScreen(Screen):
@@ -31,7 +32,7 @@ class RunsScreen(Screen):
         yield Static("[b]Runs[/b]", id="runs-title")
         yield DataTable(id="runs-table", cursor_type="row", zebra_stripes=True)
         yield Static("", id="runs-detail")
-        yield Footer()
+        yield AppFooter()
 
     def on_mount(self) -> None:
         table = self.query_one(DataTable)
