@@ -96,3 +96,26 @@ def test_resume_compares_the_effective_batch_from_recipe_toml_not_its_split(run_
     out = capsys.readouterr().out
     assert "effective batch" in out and "--force" in out
     assert read_run_info(run_dir).pid is None  # no worker was started
+
+
+def test_with_several_processes_every_reader_multiplies_by_train_devices_from_recipe_toml(run_dir, capsys):
+    """The world size is in recipe.toml too (``train.devices``, settled at launch): ``runs``, the monitor and
+    the OOM warning all show micro-batch x accumulation x devices, the one product of RecipeSpec."""
+    recipe = read_run_recipe(run_dir)
+    two = replace(recipe, train=replace(recipe.train, devices=2))
+    (run_dir / "recipe.toml").unlink()
+    from tui_finetune.core.run_folder.info import write_run_recipe
+
+    write_run_recipe(run_dir, two)
+    update_run_info(run_dir, world_size=2)
+    assert summarize_run(run_dir).effective_batch == two.effective_batch == 3 * 8 * 2
+    snap = RunTail(run_dir).poll()
+    assert (snap.devices, snap.effective_batch) == (2, 48)
+    _shrink(run_dir)
+    assert read_run_recipe(run_dir).effective_batch == 48
+    warning = (run_dir / "events.jsonl").read_text()
+    assert "effective batch 48 unchanged" in warning
+    assert main(["runs"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if run_dir.name[:12] in line)
+    assert "1x24x2=48" in row, row
+    assert "effective_batch" not in json.loads((run_dir / "run.json").read_text())  # no second copy

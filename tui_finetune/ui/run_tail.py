@@ -60,7 +60,10 @@ class MonitorSnapshot:
     checkpoint_time: float | None = None
     micro_batch: int = 0
     grad_accum: int = 0
-    """The batch in effect, from the run's recipe.toml (an OOM's smaller micro-batch is written there)."""
+    devices: int = 1
+    effective_batch: int = 0
+    """The batch in effect, from the run's recipe.toml (an OOM's smaller micro-batch is written there, and
+    ``train.devices``); the effective batch is the recipe's own product (``RecipeSpec.effective_batch``)."""
     log_lines: tuple[EventLine, ...] = ()
     log_count: int = 0
     """Lines ever logged; the event log appends those past the count it has shown."""
@@ -109,11 +112,13 @@ class RunTail:
             if mtime == self._recipe_mtime:
                 return
             self._recipe_mtime = mtime
-            train = read_run_recipe(self.run_dir).train
+            recipe = read_run_recipe(self.run_dir)
         except Exception:  # an unreadable recipe must not hide the events
             return
+        train = recipe.train
         self._snap.update(total_epochs=0.0 if train.max_steps else train.epochs,
-                          micro_batch=train.micro_batch, grad_accum=train.grad_accum)
+                          micro_batch=train.micro_batch, grad_accum=train.grad_accum, devices=recipe.device_count,
+                          effective_batch=recipe.effective_batch)
 
     def poll(self) -> MonitorSnapshot | None:
         """Read what was appended since the last call; a new snapshot, or None when nothing changed."""

@@ -45,5 +45,7 @@ class RunStats(Vertical):
         line.append(f" · lr {snap.lr:.2e}" if snap.lr is not None else " · lr -")
         if snap.micro_batch:  # as recipe.toml has it: an OOM's smaller micro-batch shows here
             line.append(f"\nmicro-batch {snap.micro_batch} × accumulation {snap.grad_accum}")
+            if snap.devices > 1:  # a multi-GPU run: every process trains its share of each step
+                line.append(f" × {snap.devices} processes = {snap.effective_batch} sequences a step")
         line.append(f"\ncheckpoint: {checkpoint_age(snap, now)}")
         self.query_one("#stats-line", Static).update(line)
