@@ -82,7 +82,7 @@ wait_for "checkpoint: step ([89]|[1-9][0-9])" 1800; sleep 1; capture 08-monitor-
 RUN="$(newest_run)"
 kill -9 "$(py_json "$RUN/run.json" "['pid']")"
 mark "demo, Start training to kill -9 (after the checkpoint at step 8 or later)" "$T_DEMO"
-wait_for "resumes from the checkpoint at step" 60; sleep 1; capture 09-monitor-worker-killed
+wait_for "from the checkpoint at step [0-9]+" 60; sleep 1; capture 09-monitor-worker-killed
 quit_app
 
 # 4. the start-up offer names the checkpoint; Enter is "Not now" and is remembered
