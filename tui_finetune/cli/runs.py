@@ -145,7 +145,8 @@ MODEL_MIN_CELLS = 14
 
 def runs_fixed_cells(cells: list[tuple]) -> int:
     """Cells the columns before the model take, with the 2-cell gap before each next column."""
-    widths = [max(len(str(c)) for c in column) for column in zip(RUNS_COLUMNS[:-1], *(line[:-1] for line in cells))]
+    names = RUNS_COLUMNS if len(cells[0]) == len(RUNS_COLUMNS) else RUNS_COLUMNS[:3] + RUNS_COLUMNS[4:]
+    widths = [max(len(str(c)) for c in column) for column in zip(names[:-1], *(line[:-1] for line in cells))]
     return sum(widths) + 2 * len(widths)
 
 
@@ -158,11 +159,14 @@ def _runs(args: argparse.Namespace) -> int:
     cells = [(row.run_id, Text(row.state, style=state_colour(row.state)), f"{row.step}/{row.total_steps}",
               batch_words(row), "-" if row.last_loss is None else f"{row.last_loss:.4f}", _age(now - row.created_at), row.model)
              for row in rows]
+    if console.width - runs_fixed_cells(cells) < 0:  # too narrow for the batch too: the monitor shows it
+        cells = [line[:3] + line[4:] for line in cells]
+    columns = RUNS_COLUMNS if len(cells[0]) == len(RUNS_COLUMNS) else RUNS_COLUMNS[:3] + RUNS_COLUMNS[4:]
     table = Table(box=None, header_style="bold", pad_edge=False)
-    for column in RUNS_COLUMNS[:-1]:  # an id is copied whole, and the state and numbers are read whole: never cut
+    for column in columns[:-1]:  # an id is copied whole, and the state and numbers are read whole: never cut
         table.add_column(column, justify="right" if column in ("step", "batch", "last loss") else "left", no_wrap=True)
     if console.width - runs_fixed_cells(cells) >= MODEL_MIN_CELLS:
-        table.add_column(RUNS_COLUMNS[-1], overflow="fold")
+        table.add_column(columns[-1], overflow="fold")
     for line in cells:
         table.add_row(*line[:len(table.columns)])
     console.print(table)
