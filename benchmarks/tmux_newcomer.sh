@@ -87,7 +87,7 @@ quit_app
 
 # 4. the start-up offer names the checkpoint; Enter is "Not now" and is remembered
 type_line "clear; tui-finetune"
-wait_for "Resume it now" 60;                      capture 10-startup-offer
+wait_for "Resume it now" 60; sleep 1;             capture 10-startup-offer
 keys Enter; sleep 1;                              capture 11-not-now
 quit_app
 type_line "clear; tui-finetune"

@@ -48,6 +48,7 @@ async def to_dataset(pilot, path: str = "tests/data/samples/instructions.message
     await to_recipe(pilot, demo=True)
     await pilot.press("ctrl+n")
     await wait_for(pilot, lambda: type(pilot.app.screen).__name__ == "DatasetScreen")
+    pilot.app.screen.query_one("#data-path").cursor_blink = False  # the focused field's cursor, steady: no blink in the snapshot
     pilot.app.screen.check(path)
     await wait_for(pilot, lambda: pilot.app.state.data_result is not None)
 
