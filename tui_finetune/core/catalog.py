@@ -74,9 +74,13 @@ class ModelSpec:
     def block_linear_params(self) -> int:
         return sum(i * o for i, o in self.linear_shapes().values())
 
+    def input_embedding_params(self) -> int:
+        """The input embedding alone (vocabulary x hidden): what ``memory.embeddings_on_cpu`` takes off the GPU."""
+        return self.vocab_size * self.hidden_size
+
     def embedding_params(self) -> int:
         """Input embedding plus a separate lm_head when it is not tied."""
-        per = self.vocab_size * self.hidden_size
+        per = self.input_embedding_params()
         return per if self.tied_embeddings else 2 * per
 
     def estimated_params(self) -> int:

@@ -4,9 +4,10 @@ The worker calls this before it loads the model, with the free memory it measure
 in the order of what they cost in quality, cheapest first, and each is taken only while the
 estimate is still over the budget:
 
-1. memory savers that leave the maths alone: the chunked loss, gradient checkpointing, activations
-   offloaded to CPU RAM (slower, same numbers), then adapters in the compute dtype (half their memory,
-   a little less precision);
+1. memory savers that leave the maths alone: the input embedding in CPU RAM (untied models on the
+   PyTorch paths: neither quality nor measurable speed), the chunked loss, gradient checkpointing,
+   activations offloaded to CPU RAM (slower, same numbers), then adapters in the compute dtype (half
+   their memory, a little less precision);
 2. a smaller micro-batch with more accumulation: the effective batch stays exactly the same;
 3. a shorter sequence length: first down to the data's longest row when that is known (nothing is
    cut), then halving, never below ``MIN_SEQ_LEN``: longer rows get truncated.
@@ -106,6 +107,15 @@ def auto_fit(recipe: RecipeSpec, model: ModelSpec, free_bytes: float, *, reserve
 
 # ------------------------------------------------------------ the levers, cheapest first
 
+def _embeddings_on_cpu(recipe: RecipeSpec) -> RecipeSpec | None:
+    """The input embedding in CPU RAM. Where it can't leave the GPU (a tied lm_head, full fine-tuning,
+    Unsloth) the planner's estimate doesn't drop, so auto-fit passes it over (core/planner.py
+    ``embedding_params_on_cpu`` is the one rule)."""
+    if recipe.memory.embeddings_on_cpu:
+        return None
+    return replace(recipe, memory=replace(recipe.memory, embeddings_on_cpu=True))
+
+
 def _chunked_loss(recipe: RecipeSpec) -> RecipeSpec | None:
     if recipe.memory.chunked_loss:
         return None
@@ -141,9 +151,9 @@ def _compute_dtype_adapters(recipe: RecipeSpec) -> RecipeSpec | None:
 
 
 SAVERS: tuple[Callable[[RecipeSpec], RecipeSpec | None], ...] = (
-    _chunked_loss, _checkpointing, _offload, _mlp_chunks, _compute_dtype_adapters)
-"""Memory savers, in order: the first four leave the maths alone (they cost time), the last costs a little
-precision. Each returns the recipe with it switched on, or None where it is on already or can't apply."""
+    _embeddings_on_cpu, _chunked_loss, _checkpointing, _offload, _mlp_chunks, _compute_dtype_adapters)
+"""Memory savers, in order: the first five leave the maths alone (the embedding's lookup in CPU RAM costs
+next to nothing, the others cost time), the last costs a little precision. Each returns the recipe with it switched on, or None where it is on already or can't apply."""
 
 
 def next_micro_batch(micro_batch: int) -> int:
@@ -197,6 +207,8 @@ def compute_dtype_name(recipe: RecipeSpec) -> str:
 # ------------------------------------------------------------ the words
 
 SAVER_REASONS = {
+    "memory.embeddings_on_cpu": "the input embedding waits in CPU RAM and its rows are looked up there; "
+                                "the lm_head stays on the GPU: same result, about as fast",
     "memory.chunked_loss": "the loss is computed a chunk of tokens at a time; same result",
     "train.gradient_checkpointing": "activations are recomputed in the backward pass: about 30% slower, same result",
     "memory.offload_activations": "checkpointed activations wait in CPU RAM: slower, same result",
@@ -216,6 +228,7 @@ def describe_changes(old: RecipeSpec, new: RecipeSpec, data_longest: int | None 
     Each sentence ends with the ``--set`` options that make the change permanent."""
     out: list[tuple[str, list[str]]] = []
     for key, before, after in (
+            ("memory.embeddings_on_cpu", old.memory.embeddings_on_cpu, new.memory.embeddings_on_cpu),
             ("memory.chunked_loss", old.memory.chunked_loss, new.memory.chunked_loss),
             ("train.gradient_checkpointing", old.train.gradient_checkpointing, new.train.gradient_checkpointing),
             ("memory.offload_activations", old.memory.offload_activations, new.memory.offload_activations),

@@ -3,7 +3,8 @@
 The estimate is a sum of named parts, so the user sees *why* a run fits or not:
 
   weights          quantized linear layers (NF4 at 4.127 bits with double quant) plus the
-                   16- or 32-bit parts (embeddings, lm_head, norms)
+                   16- or 32-bit parts (embeddings, lm_head, norms); without the input embedding
+                   when it waits in CPU RAM (``memory.embeddings_on_cpu``, untied models only)
   lora             adapter weights, their gradients and the optimizer states
   activations      the checkpointed hidden state of every layer (or of none, when offloaded)
   layer            one decoder layer's working set, recomputed during the backward pass (its MLP
@@ -112,6 +113,10 @@ class EngineProfile:
     """Checkpointed activations wait in CPU RAM instead of on the GPU."""
     mlp_chunk_tokens: int = -1
     """The MLP runs over chunks of tokens, as ``MemorySpec.mlp_chunk_tokens`` says (0 auto, -1 never, N)."""
+    input_embedding_on_cpu: bool = False
+    """The input embedding waits in CPU RAM (``MemorySpec.embeddings_on_cpu``, engine/embedding_offload.py).
+    It leaves the GPU only where the lm_head is a separate matrix and the embedding is frozen (not ``full``):
+    a tied model's lm_head is the input embedding, so it stays."""
     logits_copies: float = 3.1
     """fp32-equivalent copies of the logits alive at the loss's peak (logits, log-softmax, gradient)."""
     chunked_logits_copies: float = 3.0
@@ -170,7 +175,8 @@ def profile_from_memory(memory: MemorySpec, name: str = "recipe") -> EngineProfi
         attention_materialises_scores=memory.attention == "eager" or memory.upcast_frozen_fp32,
         adapter_dtype="fp32" if memory.adapter_dtype == "fp32" else "bf16",
         ce_chunk_tokens=(memory.loss_chunk_tokens or -1) if memory.chunked_loss else 0,
-        offload_checkpoints=memory.offload_activations, mlp_chunk_tokens=memory.mlp_chunk_tokens)
+        offload_checkpoints=memory.offload_activations, mlp_chunk_tokens=memory.mlp_chunk_tokens,
+        input_embedding_on_cpu=memory.embeddings_on_cpu)
 
 
 @dataclass(frozen=True)
@@ -253,7 +259,7 @@ def estimate_peak_vram(case: PlanCase, profile: EngineProfile = BASELINE) -> Vra
     compute_bytes = DTYPE_BYTES[case.compute_dtype]
     tokens = case.seq_len * case.micro_batch
     linear = m.num_layers * m.block_linear_params()
-    frozen_other = m.embedding_params() + _frozen_small_params(m)
+    frozen_other = m.embedding_params() + _frozen_small_params(m) - embedding_params_on_cpu(case, profile)
     parts: dict[str, float] = {}
 
     if case.method == "qlora":
@@ -313,6 +319,21 @@ def estimate_peak_vram(case: PlanCase, profile: EngineProfile = BASELINE) -> Vra
     parts["slack"] = profile.slack * (parts["activations"] + peak_transient + parts["weights"] * 0.1)
     parts["cuda_context"] = CUDA_CONTEXT_GIB * GIB
     return VramEstimate({k: v for k, v in parts.items() if v > 0})
+
+
+EMBEDDINGS_STAY_NOTE = ("memory.embeddings_on_cpu has no effect here: the input embedding stays on the GPU where "
+                        "the lm_head is the input embedding (tied), in full fine-tuning, and on Unsloth")
+"""Why ``memory.embeddings_on_cpu`` saves nothing (``embedding_params_on_cpu``): the plan's verdict and the
+worker's warning both say it."""
+
+
+def embedding_params_on_cpu(case: PlanCase, profile: EngineProfile) -> int:
+    """Parameters of the input embedding kept in CPU RAM rather than on the GPU: all of it when the profile
+    says so, the model's lm_head is a matrix of its own and the embedding is frozen; else none. (Unsloth's
+    profile never moves it: that backend loads its own way.)"""
+    if not profile.input_embedding_on_cpu or case.model.tied_embeddings or case.method == "full":
+        return 0
+    return case.model.input_embedding_params()
 
 
 def profile_named(name: str) -> EngineProfile:

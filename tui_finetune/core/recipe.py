@@ -139,6 +139,11 @@ class MemorySpec:
     Mistral's 32k vocabulary, 128 for Gemma's 256k)."""
     offload_activations: bool = False
     """Keep checkpointed activations in CPU RAM instead of VRAM (slower; for very long sequences)."""
+    embeddings_on_cpu: bool = False
+    """Keep the input embedding in CPU RAM and look its rows up there; one (tokens x hidden) copy goes to the
+    GPU per forward. Same result, about the same speed, and the embedding's VRAM freed (1 GiB for
+    Llama-3.1-8B's 128k vocabulary). Only where the lm_head is a matrix of its own (untied) and the
+    embedding is frozen (LoRA, QLoRA) on the PyTorch paths (universal, liger); elsewhere it has no effect."""
     mlp_chunk_tokens: int = 0
     """Run each decoder layer's MLP over chunks of this many tokens, each chunk checkpointed, so only one
     chunk's (tokens x intermediate) working set exists at a time: the lever for very long sequences,

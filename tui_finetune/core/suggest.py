@@ -19,12 +19,14 @@ from tui_finetune.core.hardware import GpuInfo
 from tui_finetune.core.model_shape import resolve_model_spec
 from tui_finetune.core.planner import (
     GIB,
+    EMBEDDINGS_STAY_NOTE,
     LEAN,
     SAFETY_MARGIN,
     TIGHT_MARGIN,
     EngineProfile,
     PlanCase,
     VramEstimate,
+    embedding_params_on_cpu,
     estimate_peak_vram,
     profile_from_memory,
 )
@@ -174,6 +176,7 @@ def estimate_cpu_ram_gib(recipe: RecipeSpec, longest_row_tokens: int | None = No
     the allocator's slack (the CPU has neither), plus the worker itself. A batch is padded to its longest
     row, not to ``seq_len``, so the data's longest row (from the data check) sizes the logits when known."""
     case, profile = _plan_case_of(recipe, None)
+    profile = replace(profile, input_embedding_on_cpu=False)  # on the CPU, RAM holds the embedding either way
     if longest_row_tokens:
         case = replace(case, seq_len=max(1, min(case.seq_len, int(longest_row_tokens))))
     estimate = estimate_peak_vram(case, profile)
@@ -194,6 +197,8 @@ def plan_recipe(recipe: RecipeSpec, card: CardSpec | None) -> RecipePlan:
 
     tips = tuple(fitting_tips(recipe, fits)) if option.fit == WONT_FIT else ()
     reason = option.reason
+    if recipe.memory.embeddings_on_cpu and not embedding_params_on_cpu(case, profile):
+        reason += "; " + EMBEDDINGS_STAY_NOTE
     if recipe.train.devices != 1:  # several GPUs: the same verdict per card, and no promise of more room
         reason += f"; planned per card, because {DATA_PARALLEL_NOTE} (no FSDP)"
     return RecipePlan(option.estimate, option.fit, card.usable_gib - option.estimate.total_gib, reason, tips)

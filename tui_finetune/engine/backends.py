@@ -87,6 +87,9 @@ class Backend:
     name = ""
     architectures: frozenset[str] | None = None
     """The ``model_type`` values it supports; None: all."""
+    moves_embeddings = False
+    """Whether it honours ``memory.embeddings_on_cpu`` (engine/embedding_offload.py): the backends that load
+    through engine/loading.py's ``add_lora`` do; the planner's Unsloth profile never moves it either."""
 
     def unavailable(self, model_type: str, recipe: RecipeSpec, device: DeviceFacts) -> str | None:
         """Why it can't run here, or None."""
@@ -117,6 +120,7 @@ def add_seeded_lora(model: Any, recipe: RecipeSpec, device: DeviceFacts) -> Any:
 
 class UniversalBackend(Backend):
     name = "universal"
+    moves_embeddings = True
 
     def load(self, folder: Path, recipe: RecipeSpec, device: DeviceFacts) -> Any:
         return add_seeded_lora(load_base_model(folder, recipe, device), recipe, device)

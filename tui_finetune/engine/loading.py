@@ -91,7 +91,9 @@ def load_base_model(folder: Path, recipe: RecipeSpec, device: DeviceFacts) -> An
 
 
 def add_lora(model: Any, recipe: RecipeSpec, device: DeviceFacts) -> Any:
-    """Freeze the base and set up checkpointing (engine/memory_techniques.py), then wrap it in peft LoRA."""
+    """Freeze the base and set up checkpointing (engine/memory_techniques.py), wrap it in peft LoRA, and move
+    the input embedding to CPU RAM where ``memory.embeddings_on_cpu`` asks (engine/embedding_offload.py: a
+    tied one stays)."""
     from peft import LoraConfig, get_peft_model
 
     from tui_finetune.engine.memory_techniques import prepare_for_training, set_adapter_dtype
@@ -106,6 +108,10 @@ def add_lora(model: Any, recipe: RecipeSpec, device: DeviceFacts) -> Any:
                         target_modules=recipe.lora.target_modules, bias="none", task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, config)
     set_adapter_dtype(peft_model, recipe.memory, adapter_compute_dtype(recipe, device))
+    if recipe.memory.embeddings_on_cpu:
+        from tui_finetune.engine.embedding_offload import move_input_embedding_to_cpu
+
+        move_input_embedding_to_cpu(peft_model)
     return peft_model
 
 
@@ -117,7 +123,10 @@ def adapter_compute_dtype(recipe: RecipeSpec, device: DeviceFacts) -> torch.dtyp
 
 
 def count_parameters(model: Any) -> tuple[int, int]:
-    """(trainable, total) parameter counts; 4-bit weights count as packed by bitsandbytes."""
+    """(trainable, total) parameter counts; 4-bit weights count as packed by bitsandbytes; an input embedding
+    in CPU RAM counts too."""
+    from tui_finetune.engine.embedding_offload import offloaded_parameters
+
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(p.numel() for p in model.parameters()) + sum(p.numel() for p in offloaded_parameters(model))
     return trainable, total

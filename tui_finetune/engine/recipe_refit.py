@@ -12,9 +12,14 @@
   (core/fit_levers.py ``with_smaller_micro_batch``: the effective batch stays), written to recipe.toml,
   so the monitor, ``runs`` and a resume read the batch in effect there; run.json keeps only the history
   (``oom_shrinks``). It gives up at micro-batch 1, or after ``MAX_OOM_SHRINKS`` shrinks in training.
-* ``shorten_sequence``, when the fit-check (engine/fit_check.py, inside ``Trainer.train``) ran out of
-  memory at micro-batch 1 on a fresh run: the sequence length is halved in recipe.toml and the worker
-  tokenizes again; below the floor the run is refused on that measurement.
+* ``move_embeddings_after_oom``, when the fit-check or a first training step ran out of memory at
+  micro-batch 1 on a fresh run: before any row is cut, the input embedding goes to CPU RAM where it can
+  (engine/embedding_offload.py: an untied model on a backend that loads through ``add_lora``), in the
+  model already loaded and in recipe.toml, recorded as an auto-fit change; the worker checks again.
+* ``shorten_sequence``, when that lever is on or can't apply and the fit-check (engine/fit_check.py,
+  inside ``Trainer.train``) ran out of memory at micro-batch 1 on a fresh run: the sequence length is
+  halved in recipe.toml and the worker tokenizes again; below the floor the run is refused on that
+  measurement.
 
 No torch at import time: the worker imports this module before it knows the device.
 """
@@ -29,9 +34,10 @@ from typing import Any
 from tui_finetune.core.advice import memory_advice
 from tui_finetune.core.catalog import UnknownModelError
 from tui_finetune.core.events import EventLog, WarningEvent
-from tui_finetune.core.fit_levers import auto_fit, with_smaller_micro_batch
+from tui_finetune.core.fit_levers import auto_fit, describe_changes, with_smaller_micro_batch
 from tui_finetune.core.model_shape import resolve_model_spec
-from tui_finetune.core.planner import CUDA_CONTEXT_GROWTH_GIB, GIB, MIN_SEQ_LEN, PLANNER_TOLERANCE, profile_from_memory
+from tui_finetune.core.planner import (
+    CUDA_CONTEXT_GROWTH_GIB, EMBEDDINGS_STAY_NOTE, GIB, MIN_SEQ_LEN, PLANNER_TOLERANCE, profile_from_memory)
 from tui_finetune.core.recipe import RecipeSpec
 from tui_finetune.core.recipe_machine import MachineFacts, resolve_precision
 from tui_finetune.core.run_folder.info import read_run_info, update_run_info, write_run_recipe
@@ -159,6 +165,36 @@ def shrink_micro_batch(run_dir: Path, recipe: RecipeSpec, log: EventLog, error: 
                 "unchanged); nothing partial was saved",
         advice=f"to skip this next time: --set train.micro_batch={new_micro} train.grad_accum={new_accum}"))
     return recipe
+
+
+def move_embeddings_after_oom(run_dir: Path, recipe: RecipeSpec, model: Any, backend: Any, log: EventLog,
+                              oom: SequenceTooLong) -> RecipeSpec | None:
+    """After an out-of-memory at micro-batch 1 on a run with no checkpoint yet (``oom``): move
+    the loaded ``model``'s input embedding to CPU RAM, the lever that costs neither quality nor measurable
+    speed, before ``shorten_sequence`` truncates anybody's rows. Returns the recipe with
+    ``memory.embeddings_on_cpu`` on, written to recipe.toml (a resume keeps it) and recorded as an auto-fit
+    change; None when it is on already or can't apply (a tied lm_head, full fine-tuning, a backend that
+    loads its own way)."""
+    if recipe.memory.embeddings_on_cpu or recipe.method == "full" or not getattr(backend, "moves_embeddings", False):
+        return None
+    from tui_finetune.engine.embedding_offload import move_input_embedding_to_cpu
+
+    if not move_input_embedding_to_cpu(model):
+        return None
+    moved = replace(recipe, memory=replace(recipe.memory, embeddings_on_cpu=True))
+    write_run_recipe(run_dir, moved)
+    record_changes(run_dir, log, [f"CUDA out of memory in {oom.where} at micro-batch 1: {sentence}"
+                                  for sentence, _ in describe_changes(recipe, moved)])
+    return moved
+
+
+def warn_if_embeddings_stay(recipe: RecipeSpec, model: Any, log: EventLog) -> None:
+    """A recipe that asks for ``memory.embeddings_on_cpu`` where the embedding must stay on the GPU is told so."""
+    from tui_finetune.engine.embedding_offload import input_embedding_on_cpu
+
+    if recipe.memory.embeddings_on_cpu and not input_embedding_on_cpu(model):
+        log.emit(WarningEvent(message=f"{EMBEDDINGS_STAY_NOTE}: it stays on the GPU for this run",
+                              advice="set memory.embeddings_on_cpu = false to silence this"))
 
 
 def shorten_sequence(run_dir: Path, recipe: RecipeSpec, longest: int, error: str, log: EventLog,

@@ -255,6 +255,7 @@ class Worker:
             self._refuse_load_oom(load_oom or RuntimeError("CUDA out of memory on another GPU of this run"),
                                   backends.expected_backend(source.folder, recipe, device, failures))
         model, self.backend = loaded.model, loaded.backend
+        recipe_refit.warn_if_embeddings_stay(recipe, model, self.log)
         reason = loaded.choice.reason if not ranks.distributed else "pure PyTorch: multi-GPU runs train on it"
         update_run_info(run_dir, backend=loaded.choice.name, backend_reason=reason,
                         backend_skipped=loaded.choice.skipped)
@@ -279,6 +280,10 @@ class Worker:
                 recipe = self.recipe = loop.recipe  # with an OOM's smaller micro-batch, as recipe.toml has it
                 break
             except SequenceTooLong as err:  # OOM at micro-batch 1, no checkpoint yet: shorter rows, tokenized again
+                moved = recipe_refit.move_embeddings_after_oom(run_dir, loop.recipe, model, self.backend, self.log, err)
+                if moved is not None:  # first the lever that cuts no row: the input embedding in CPU RAM
+                    recipe = self.recipe = moved
+                    continue
                 recipe = self.recipe = recipe_refit.shorten_sequence(run_dir, loop.recipe, err.longest, err.error,
                                                                      self.log, err.where)
                 data = self._prepare_data(tokenizer)

@@ -80,7 +80,7 @@ def resume_step(run_dir: Path) -> int | None:
 
 
 IGNORED_PREFIXES = ("checkpoint.", "eval.", "description", "memory.backend", "memory.offload_activations",
-                    "memory.mlp_chunk_tokens", "memory.loss_chunk_tokens", "memory.chunked_loss", "memory.attention")
+                    "memory.embeddings_on_cpu", "memory.mlp_chunk_tokens", "memory.loss_chunk_tokens", "memory.chunked_loss", "memory.attention")
 """Keys a resume may change freely: how often to save or evaluate does not change what is learnt, and neither do
 the kernels or the memory techniques that compute the same maths (``memory.adapter_dtype`` and the
 fp32 upcast change precision, so they still count). The worker's advice after a backend failure,
