@@ -293,3 +293,39 @@ def test_mlp_chunking_follows_the_recipe_rule():
     never = replace(LEAN, mlp_chunk_tokens=-1)
     assert estimate_peak_vram(short, LEAN).total == estimate_peak_vram(short, never).total
     assert BASELINE.mlp_chunk_tokens == PROBE.mlp_chunk_tokens == -1  # the calibration stacks never chunked
+
+
+@pytest.mark.parametrize("key, method", [("llama-3.1-8b", "qlora"), ("phi-2", "qlora"), ("mistral-7b", "lora")])
+def test_the_input_embedding_in_cpu_ram_leaves_the_weights_of_an_untied_model(key, method):
+    model = get_model(key)
+    case = PlanCase(model, method=method, seq_len=256)
+    on_gpu = estimate_peak_vram(case, profile_from_memory(MemorySpec()))
+    in_ram = estimate_peak_vram(case, profile_from_memory(MemorySpec(embeddings_on_cpu=True)))
+    embedding_bytes = model.vocab_size * model.hidden_size * 2  # bf16; the lm_head stays
+    assert not model.tied_embeddings
+    assert on_gpu.parts["weights"] - in_ram.parts["weights"] == pytest.approx(embedding_bytes)
+    assert on_gpu.total - in_ram.total >= embedding_bytes
+
+
+@pytest.mark.parametrize("key, memory, method", [
+    ("gemma-2b", MemorySpec(embeddings_on_cpu=True), "qlora"),  # tied: the lm_head is the input embedding
+    ("llama-3.2-3b", MemorySpec(embeddings_on_cpu=True), "qlora"),  # tied too
+    ("llama-3.1-8b", MemorySpec(embeddings_on_cpu=True, backend="unsloth"), "qlora"),  # Unsloth loads its own way
+    ("llama-3.1-8b", MemorySpec(embeddings_on_cpu=True), "full"),  # a trained embedding stays with its optimizer
+])
+def test_the_input_embedding_stays_where_it_cant_leave(key, memory, method):
+    case = PlanCase(get_model(key), method=method, seq_len=256)
+    stays = estimate_peak_vram(case, profile_from_memory(replace(memory, embeddings_on_cpu=False)))
+    assert estimate_peak_vram(case, profile_from_memory(memory)) == stays
+
+
+def test_the_plan_says_when_embeddings_on_cpu_has_no_effect_and_the_ram_estimate_keeps_the_embedding():
+    from tui_finetune.core.recipe import recipe_from_dict
+    from tui_finetune.core.suggest import estimate_cpu_ram_gib, plan_recipe
+
+    def recipe(model, on_cpu):
+        return recipe_from_dict({"model": model, "memory": {"embeddings_on_cpu": on_cpu}})
+
+    assert "has no effect here" in plan_recipe(recipe("gemma-2b", True), CardSpec(8)).reason
+    assert "has no effect" not in plan_recipe(recipe("llama-3.1-8b", True), CardSpec(8)).reason
+    assert estimate_cpu_ram_gib(recipe("phi-2", True)) == estimate_cpu_ram_gib(recipe("phi-2", False))
