@@ -13,7 +13,7 @@ import pytest
 
 from tui_finetune.core.preferences import Preferences
 from tui_finetune.core.paths import runs_dir
-from ui_support import build_app, no_gpu_report, ui_home, write_run  # noqa: F401 - ui_home is a fixture
+from ui_support import build_app, no_gpu_report, show_fixed_runs_folder, ui_home, write_run  # noqa: F401 - fixtures
 
 SIZE = (100, 30)
 SIZES = {"100x30": (100, 30), "80x24": (80, 24)}
@@ -91,7 +91,7 @@ def test_dataset_screen_broken_file(snap_compare, ui_home, size):
     assert snap_compare(build_app(prefs), terminal_size=size, run_before=broken)
 
 
-def test_launch_screen(snap_compare, ui_home, size):
+def test_launch_screen(snap_compare, show_fixed_runs_folder, size):
     async def launch(pilot):
         await to_dataset(pilot)
         await pilot.press("ctrl+n")
