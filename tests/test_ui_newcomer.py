@@ -162,6 +162,52 @@ def test_ram_estimate_is_within_a_quarter_of_the_demos_measured_rss():
     assert abs(estimate / measured_gib - 1) <= 0.25, estimate
 
 
+DEMO_RUN_TOKENS = 7_420
+"""Tokens of the demo data the demo run trains on, by Gemma's own tokenizer and chat template: the converted
+demo model's, as the walkthrough measured (docs/verification/tui/README.md); the byte stand-in counted 16,992."""
+
+
+@run_async
+async def test_first_run_estimate_counts_the_demos_real_tokens(ui_home):
+    """Before the demo model is ever converted, the wizard still measures with its tokenizer, read from the
+    package's GGUF, not with the byte-level stand-in that more than doubled the launch screen's time."""
+    from test_ui_snapshots import to_dataset
+
+    assert not (ui_home.parent / "cache" / "models").exists()  # a first run: no converted demo model
+    app = build_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await to_dataset(pilot, "recipes/demo-cpu.jsonl")
+        assert not app.state.data_result["tokenizer_stand_in"], app.state.data_result["tokenizer"]
+        await pilot.press("ctrl+n")
+        await wait_for(pilot, lambda: screen_name(app) == "LaunchScreen")
+        summary = launch_summary(app)
+    assert f"({DEMO_RUN_TOKENS:,} tokens; a rough figure" in summary and "stand-in" not in summary
+
+
+@run_async
+async def test_an_estimate_from_the_stand_in_says_so(ui_home, monkeypatch):
+    from tui_finetune.data import tokenizer
+
+    monkeypatch.setattr(tokenizer, "converted_tokenizer_folder", lambda model: None)  # as if not installed
+    app = build_app()
+    async with app.run_test(size=SIZE) as pilot:
+        from test_ui_snapshots import to_dataset
+
+        await to_dataset(pilot, "recipes/demo-cpu.jsonl")
+        await pilot.press("ctrl+n")
+        await wait_for(pilot, lambda: screen_name(app) == "LaunchScreen")
+        assert "tokens; counted by a byte-level stand-in" in launch_summary(app)
+
+
+def launch_summary(app) -> str:
+    """The launch screen's summary table as plain text, wide enough to keep each row on one line."""
+    from rich.console import Console
+
+    console = Console(width=300, record=True, file=open(os.devnull, "w"))  # noqa: SIM115 - closed with the console
+    console.print(app.screen.summary())
+    return console.export_text()
+
+
 # ------------------------------------------------------------------ item 8: keyboard
 
 @run_async

@@ -93,9 +93,19 @@ SHOWN_HOME = Path("/tmp/tui-finetune-ui-test-home")
 name changes from run to run, so ``show_fixed_runs_folder`` puts this fixed name on screen instead."""
 
 
+def share_demo_tokenizers(cache: Path, tmp_path_factory) -> Path:
+    """A cache whose ``tokenizers`` folder is shared by this test run's tests: the demo's tokenizer, read from
+    its package's GGUF when a data check first needs it (about 20 s), is converted once a run, not once a test."""
+    shared = tmp_path_factory.getbasetemp() / "demo-tokenizers"
+    shared.mkdir(exist_ok=True)
+    cache.mkdir(parents=True)
+    (cache / "tokenizers").symlink_to(shared, target_is_directory=True)
+    return cache
+
+
 @pytest.fixture
-def ui_home(tmp_path, monkeypatch) -> Iterator[Path]:
-    """An empty TUI_FINETUNE_HOME of this test's own, no demo or HF cache, and the repository as the working folder.
+def ui_home(tmp_path, tmp_path_factory, monkeypatch) -> Iterator[Path]:
+    """An empty TUI_FINETUNE_HOME of this test's own, no converted demo model or HF cache, and the repository as the working folder.
 
     The home is under pytest's ``tmp_path``, which no other pytest process shares: two test runs at once (two
     worktrees, CI next to a developer) never read each other's preferences. It is removed afterwards."""
@@ -103,7 +113,7 @@ def ui_home(tmp_path, monkeypatch) -> Iterator[Path]:
 
     home = tmp_path / "home"
     monkeypatch.setenv("TUI_FINETUNE_HOME", str(home))
-    monkeypatch.setenv("TUI_FINETUNE_CACHE", str(tmp_path / "no-cache"))
+    monkeypatch.setenv("TUI_FINETUNE_CACHE", str(share_demo_tokenizers(tmp_path / "cache", tmp_path_factory)))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "no-hf-cache"))
     monkeypatch.chdir(REPO)
     yield home
