@@ -306,6 +306,32 @@ async def test_runs_footer_at_80x24_still_shows_the_quit_key(ui_home):
         assert footer_shows_whole(app, "ctrl+q")
 
 
+@run_async
+async def test_monitor_and_runs_footers_at_80x24_show_every_key_whole_and_theme_still_works(ui_home):
+    """At 80 columns the last key (``^t Theme``) was cut to ``^t The`` on the monitor and lost on the Runs screen."""
+    run_dir = write_run(runs_dir(), 5, "running", steps=45, alive=True)
+    app = build_app()
+    async with app.run_test(size=(80, 24)) as pilot:
+        app.open_monitor(run_dir)
+        await wait_for(pilot, lambda: getattr(app.screen, "updates", 0) > 0)
+        await pilot.pause(0.2)
+        assert footer_keys_cut(app) == [] and footer_shows_whole(app, "ctrl+q")
+        await pilot.press("f2")
+        await wait_for(pilot, lambda: screen_name(app) == "RunsScreen")
+        await pilot.pause(0.2)
+        assert footer_keys_cut(app) == [] and footer_shows_whole(app, "ctrl+q")
+        await pilot.press("ctrl+t")
+        await pilot.pause()
+        assert app.theme == "textual-light"
+
+
+def footer_keys_cut(app) -> list[str]:
+    """The footer's keys that don't fit whole in its width."""
+    from textual.widgets._footer import FooterKey
+
+    return [k.key for k in app.screen.query(FooterKey) if k.display and k.region.right > app.size.width]
+
+
 def footer_shows_whole(app, key: str) -> bool:
     from textual.widgets._footer import FooterKey
 
