@@ -183,7 +183,8 @@ def test_data_check_finds_the_converted_demo_tokenizer_by_any_catalog_name(home,
     shutil.copytree(QWEN, demo)
     loaded, note = tokenizer_for_check(name)
     assert note == ""
-    assert not loaded.is_fallback and str(demo) in loaded.name
+    assert not loaded.is_fallback and loaded.tokenizer.name_or_path == str(demo)
+    assert loaded.name == "gemma-3-270m (the demo model's own, from its package)"
 
 
 # ---------------------------------------------------------------- item 11: smaller things

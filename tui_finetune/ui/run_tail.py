@@ -28,6 +28,9 @@ MAX_POINTS = 2000
 MAX_LOG_LINES = 500
 SAMPLE_EVERY_S = 1.0
 """NVML is asked at most once a second, however fast the tail polls."""
+ATTEMPT_START_PHASES = ("download", "load")
+"""The phases a worker starts with (engine/worker.py: finding the model, loading it): one read after steps
+means a resumed attempt with a worker of its own."""
 VramSampler = Callable[[], "tuple[float, float] | None"]
 """Returns (used MB, total MB) of the card, or None where there is no NVML."""
 
@@ -55,6 +58,10 @@ class MonitorSnapshot:
     ram_used_mb: float | None = None
     """The worker's RSS at its last step event (CPU runs; GPU runs carry it too)."""
     ram_peak_mb: float | None = None
+    """The peak RSS the current attempt's worker reported (its whole life, loading included): a resume's worker
+    is a new process, so an earlier attempt's peak (a first run's model conversion) is not this attempt's."""
+    attempts: int = 1
+    """Workers that have run this run: a resume starts a new one."""
     ram_history: tuple[float, ...] = ()
     checkpoint_step: int | None = None
     checkpoint_time: float | None = None
@@ -96,6 +103,8 @@ class RunTail:
     _events: int = 0
     _last: MonitorSnapshot | None = None
     _sampled_at: float = 0.0
+    _stepped: bool = False
+    """A step was read since the current attempt's worker started."""
     _ended: bool = False
     """An ``end`` event was read, or the worker's death was already logged."""
     _recipe_mtime: int | None = None
@@ -162,6 +171,7 @@ class RunTail:
             if self._train and self._train[-1][0] >= event.step:  # a resumed attempt: drop what it redoes
                 self._train = [p for p in self._train if p[0] < event.step]
                 self._eval = [p for p in self._eval if p[0] < event.step]
+            self._stepped = True
             if event.loss is not None:
                 self._train = _append(self._train, (event.step, event.loss))
             if event.vram_peak_mb is not None:
@@ -182,6 +192,9 @@ class RunTail:
         elif isinstance(event, PhaseEvent):
             s["phase"] = event.phase
             self._ended = False  # a new attempt (a resume) is under way
+            if event.phase in ATTEMPT_START_PHASES and self._stepped:  # a resumed worker: its own peak from here
+                s.update(attempts=s.get("attempts", 1) + 1, ram_peak_mb=None)
+                self._stepped = False
         elif isinstance(event, EndEvent):
             self._ended = True
         line = None if isinstance(event, PANEL_ONLY) else describe_event(event)

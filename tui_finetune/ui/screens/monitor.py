@@ -57,7 +57,7 @@ class MonitorScreen(Screen):
                 yield RunStats(id="run-stats")
         # min_width: RichLog renders at least 78 cells, wider than the pane at 80 columns (2 cells hidden, a scrollbar row)
         yield RichLog(id="event-log", markup=True, wrap=True, max_lines=1000, min_width=1)
-        yield AppFooter()
+        yield AppFooter(narrow_hides=("toggle_theme",))  # ctrl+t still works
 
     def on_mount(self) -> None:
         self.query_one("#event-log", RichLog).border_title = "events"

@@ -32,7 +32,7 @@ class RunsScreen(Screen):
         yield Static("[b]Runs[/b]", id="runs-title")
         yield DataTable(id="runs-table", cursor_type="row", zebra_stripes=True)
         yield Static("", id="runs-detail")
-        yield AppFooter()
+        yield AppFooter(narrow_hides=("toggle_theme",))  # ctrl+t still works
 
     def on_mount(self) -> None:
         table = self.query_one(DataTable)

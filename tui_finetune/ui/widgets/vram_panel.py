@@ -50,7 +50,8 @@ class VramPanel(Vertical):
         peak = max(snap.ram_peak_mb or 0, snap.ram_used_mb or 0) / 1024
         machine = (machine_ram_bytes() or 0) / 2**30
         of = f" of {machine:.1f} GiB" if machine else ""
-        self.query_one("#vram-caption", Static).update(f"worker RAM {used:.1f} GiB · peak {peak:.1f} GiB{of}")
+        which = "peak" if snap.attempts == 1 else "this attempt's peak"  # each attempt is a worker of its own
+        self.query_one("#vram-caption", Static).update(f"worker RAM {used:.1f} GiB · {which} {peak:.1f} GiB{of}")
         self.query_one(VramBar).show([Segment("used", used, "cyan"),
                                       Segment("peak above now", max(peak - used, 0), "magenta")],
                                      machine or peak, legend=False)
