@@ -98,7 +98,8 @@ async def test_the_monitor_of_a_live_two_gpu_run_shows_each_cards_nvml_figures(u
         assert "10.5/24.0" in lines[1] and "9.2/12.0" in lines[2] and lines[-1] == SMALLEST_NOTE
         assert f"{rank_peaks_at(12)[1] / 1024:.1f}" in lines[2]
         assert "× 2 GPUs = " in str(app.screen.query_one("#stats-line").render())
-        assert max(len(line) for line in app.export_screenshot().splitlines()) <= 80
+        caption = panel.query_one("#vram-caption")  # every row whole on its own line at 80 columns: none wraps
+        assert caption.size.height == len(lines) == 4 and max(map(len, lines)) <= caption.size.width
 
 
 @run_async
