@@ -88,6 +88,13 @@ def test_a_multi_gpu_run_is_planned_for_its_smallest_card():
     assert smallest_gpu(HardwareReport(), 2) is None
 
 
+def test_the_plan_is_for_the_smallest_of_the_cards_the_users_cuda_visible_devices_pins():
+    pinned = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": "0,1"}
+    assert smallest_gpu(MIXED, 2, pinned).index == 0  # the 12 GB card the user chose, not the best two's
+    assert smallest_gpu(MIXED, 2, {}).index == 2  # pinned by us: the best two, as without an environment
+    assert smallest_gpu(MIXED, 2, {"CUDA_VISIBLE_DEVICES": "0,1"}).index == 2  # CUDA's order: can't tell
+
+
 def test_the_effective_batch_is_shown_whole():
     def recipe(devices: int) -> RecipeSpec:
         return RecipeSpec(model="m", train=TrainSpec(micro_batch=2, grad_accum=4, devices=devices))

@@ -73,3 +73,14 @@ async def test_one_gpu_is_not_asked_about(ui_home):
         await _to_launch(pilot)
         assert not app.screen.query("#devices")
         assert app.state.recipe.train.devices == 1
+
+
+@run_async
+async def test_the_users_cuda_visible_devices_of_one_card_means_no_question(ui_home, monkeypatch):
+    """The launch would refuse 2 GPUs where the user's CUDA_VISIBLE_DEVICES names one: the wizard doesn't offer them."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    app = build_app(hardware=TWIN_GPUS)
+    async with app.run_test(size=SIZE) as pilot:
+        await _to_launch(pilot)
+        assert not app.screen.query("#devices")
+        assert app.state.recipe.train.devices == 1

@@ -13,7 +13,8 @@ import pytest
 
 from tui_finetune.core.preferences import Preferences
 from tui_finetune.core.paths import runs_dir
-from ui_support import build_app, no_gpu_report, show_fixed_runs_folder, ui_home, write_run  # noqa: F401 - fixtures
+from ui_support import (  # noqa: F401 - fixtures
+    build_app, no_gpu_report, show_fixed_runs_folder, ui_home, write_run, write_two_gpu_run)
 
 SIZE = (100, 30)
 SIZES = {"100x30": (100, 30), "80x24": (80, 24)}
@@ -104,6 +105,18 @@ def test_launch_screen(snap_compare, show_fixed_runs_folder, size):
 
 def test_monitor_screen(snap_compare, ui_home, size):
     run_dir = write_run(runs_dir(), 5, "running", steps=45, alive=True)
+
+    async def monitor(pilot):
+        pilot.app.open_monitor(run_dir)
+        await wait_for(pilot, lambda: getattr(pilot.app.screen, "updates", 0) > 0)
+        await pilot.pause(0.2)
+
+    assert snap_compare(build_app(), terminal_size=size, run_before=monitor)
+
+
+def test_monitor_screen_of_a_finished_two_gpu_run(snap_compare, ui_home, size):
+    """A row per card with what the run recorded (not the cards now), rank 1's card marked smallest."""
+    run_dir = write_two_gpu_run(runs_dir())
 
     async def monitor(pilot):
         pilot.app.open_monitor(run_dir)

@@ -49,7 +49,7 @@ def in_process_checker(path: str, spec, model: str) -> dict:
 
 
 def ui_context(**changes) -> AppContext:
-    ctx = AppContext(hardware=fake_report(), clock=lambda: T0 + 600, vram_sampler=None,
+    ctx = AppContext(hardware=fake_report(), clock=lambda: T0 + 600, vram_sampler=None, gpus_sampler=None,
                      data_checker=in_process_checker, poll_interval=0.05, offer_on_start=False)
     for key, value in changes.items():
         setattr(ctx, key, value)
@@ -85,6 +85,41 @@ def write_run(base: Path, minute: int, state: str, steps: int, total: int = 60, 
             log.emit(EndEvent(state=end, message=f"run {end}", time=T0 + 400))
     update_run_info(run_dir, state=state, pid=os.getpid() if alive else None, total_steps=total, created_at=T0,
                     message={"completed": "adapter saved", "failed": "CUDA out of memory"}.get(state, ""))
+    return run_dir
+
+
+TWO_CARDS = [{"index": 0, "name": "NVIDIA GeForce RTX 4090", "total_mb": 24564.0},
+             {"index": 1, "name": "NVIDIA GeForce RTX 3060", "total_mb": 12288.0}]
+"""run.json's ``gpus`` of a 2-GPU run: rank 0 on the 24 GB card, rank 1 on the 12 GB one."""
+
+
+def rank_peaks_at(step: int) -> list[float]:
+    """Both ranks' ``rank_vram_peak_mb`` at ``step``: at step 30, 9.1 GiB on rank 0 and 8.8 GiB on rank 1."""
+    return [9000.0 + 10 * step, 8800.0 + 6 * step]
+
+
+def write_two_gpu_run(base: Path, steps: int = 30, total: int = 30, state: str = "completed") -> Path:
+    """A run folder of a run on two GPUs (run.json ``world_size`` 2 and its cards, ``train.devices = 2``)
+    whose step events carry both ranks' peaks, as the worker writes them (rank 0's NVML figures alone)."""
+    from dataclasses import replace
+
+    recipe = load_recipe(REPO / "recipes" / "demo-cpu.toml")
+    recipe = replace(recipe, train=replace(recipe.train, devices=2))
+    run_dir = create_run(recipe, REPO / "recipes" / "demo-cpu.jsonl", base, now=datetime(2026, 11, 20, 9, 30))
+    with EventLog(run_dir / "events.jsonl") as log:
+        log.emit(PhaseEvent(phase="load", message="loading the demo model on 2 GPUs", time=T0))
+        log.emit(PhaseEvent(phase="train", message=f"{total} steps", time=T0 + 5))
+        for step in range(1, steps + 1):
+            peaks = rank_peaks_at(step)
+            log.emit(StepEvent(step=step, total_steps=total, epoch=step / total, loss=3.0 * 0.95**step + 0.5,
+                               lr=5e-4, grad_norm=1.0, tokens_per_s=3400.0, eta_s=(total - step) * 2.0,
+                               elapsed_s=step * 2.0, vram_reserved_mb=peaks[0] - 200, vram_peak_mb=peaks[0],
+                               nvml_used_mb=peaks[0] + 600, nvml_total_mb=24564.0, rss_mb=3000.0,
+                               rank_vram_peak_mb=peaks, time=T0 + 5 + step * 2))
+        if state in ("completed", "failed", "interrupted"):
+            log.emit(EndEvent(state=state, message=f"run {state}", time=T0 + 100))
+    update_run_info(run_dir, state=state, total_steps=total, created_at=T0, world_size=2, gpus=TWO_CARDS,
+                    pid=os.getpid() if state == "running" else None, device="NVIDIA GeForce RTX 4090 x 2")
     return run_dir
 
 

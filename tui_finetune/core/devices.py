@@ -61,9 +61,13 @@ def pick_gpus(report: HardwareReport, count: int) -> list[GpuInfo]:
     return sorted(ranked[:count], key=lambda g: g.index)
 
 
-def smallest_gpu(report: HardwareReport, count: int) -> GpuInfo | None:
-    """The card a run on ``count`` devices must fit: every rank holds the whole model, so the smallest."""
-    picked = pick_gpus(report, count)
+def smallest_gpu(report: HardwareReport, count: int, env: Mapping[str, str] | None = None) -> GpuInfo | None:
+    """The card a run on ``count`` devices must fit: every rank holds the whole model, so the smallest.
+
+    With ``env`` (the launch's environment), of the cards ``pin_gpus`` will pin there: the user's own
+    ``CUDA_VISIBLE_DEVICES`` may name others than the best ones."""
+    pinned = run_gpus(pin_gpus(dict(env), report, count), report) if env is not None else []
+    picked = pinned or pick_gpus(report, count)
     return min(picked, key=lambda g: (g.total_bytes - g.other_process_bytes, g.index)) if picked else None
 
 
@@ -82,6 +86,23 @@ def pin_gpus(env: dict[str, str], report: HardwareReport, count: int) -> dict[st
     env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
     env[VISIBLE] = ",".join(str(gpu.index) for gpu in pick_gpus(report, count))
     return env
+
+
+def run_gpus(env: Mapping[str, str], report: HardwareReport) -> list[GpuInfo]:
+    """The cards a run started with ``env`` (``pin_gpus``'s) trains on, in rank order: rank r is on the r-th.
+
+    Empty where NVML's numbers can't tell: no GPU, or a ``CUDA_VISIBLE_DEVICES`` of the user's that names
+    cards by UUID or in CUDA's own order (``CUDA_DEVICE_ORDER`` not ``PCI_BUS_ID`` on a multi-GPU machine).
+    The monitor then shows each rank's peak without a card's name or NVML figures, rather than a guess."""
+    if VISIBLE not in env:
+        return list(report.gpus) if len(report.gpus) == 1 else []
+    if len(report.gpus) > 1 and env.get("CUDA_DEVICE_ORDER") != "PCI_BUS_ID":
+        return []
+    by_index = {gpu.index: gpu for gpu in report.gpus}
+    named = [part.strip() for part in env[VISIBLE].split(",") if part.strip()]
+    if not all(part.isdigit() and int(part) in by_index for part in named):
+        return []
+    return [by_index[int(part)] for part in named]
 
 
 def worker_command(run_dir: Path, processes: int = 1, python: str | None = None) -> list[str]:

@@ -18,7 +18,7 @@ from textual.binding import Binding
 from textual.screen import Screen
 
 from tui_finetune.core.chat_client import ChatClient
-from tui_finetune.core.hardware import HardwareReport
+from tui_finetune.core.hardware import GpuInfo, HardwareReport
 from tui_finetune.core.run_folder.control import launch_run, resume_run
 from tui_finetune.core.preferences import Preferences, load_preferences, save_preferences
 from tui_finetune.core.recipe import DataSpec, RecipeSpec
@@ -26,7 +26,7 @@ from tui_finetune.core.event_text import resume_wording
 from tui_finetune.core.run_folder.listing import list_runs
 from tui_finetune.core.run_folder.resume import resume_step
 from tui_finetune.core.suggest import CardSpec, RecipePlan
-from tui_finetune.ui.run_tail import VramSampler
+from tui_finetune.ui.run_tail import GpusSampler, VramSampler
 from tui_finetune.ui.screens.dataset import run_data_check
 from tui_finetune.ui.screens.hardware import HardwareScreen
 from tui_finetune.ui.screens.runs import RunsScreen
@@ -40,6 +40,13 @@ def nvml_sampler() -> tuple[float, float] | None:
     return None if gpu is None else (gpu.used_bytes / 2**20, gpu.total_bytes / 2**20)
 
 
+def nvml_gpus() -> list[GpuInfo]:
+    """Every NVIDIA card NVML sees now (none without a GPU): a multi-GPU run's monitor rows."""
+    from tui_finetune.core.hardware import detect_hardware
+
+    return detect_hardware().gpus
+
+
 @dataclass
 class AppContext:
     """Everything the app reaches outside itself; tests replace any part."""
@@ -48,6 +55,8 @@ class AppContext:
     """A fixed report (tests, snapshots); None asks NVML in a worker."""
     clock: Callable[[], float] = time.time
     vram_sampler: VramSampler | None = nvml_sampler
+    gpus_sampler: GpusSampler | None = nvml_gpus
+    """Asked instead of ``vram_sampler`` while a run on several GPUs is live."""
     launcher: Callable[[RecipeSpec, str], Path] = launch_run
     resumer: Callable[[Path], int] = resume_run
     data_checker: Callable[[str, DataSpec, str], dict] = run_data_check

@@ -15,13 +15,15 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from tui_finetune.core.event_text import PANEL_ONLY, EventFollower, EventLine, describe_event, worker_gone_line
 from tui_finetune.core.events import CheckpointEvent, EndEvent, EvalEvent, Event, PhaseEvent, StepEvent
+from tui_finetune.core.hardware import GpuInfo
 from tui_finetune.core.run_folder.info import FINAL_STATES, RunError, read_run_info, read_run_recipe
 from tui_finetune.core.run_folder.layout import RECIPE_FILE
 from tui_finetune.core.run_folder.listing import shown_state
+from tui_finetune.ui.gpu_rows import GpuRow, merge_rank_peaks, read_gpu_rows
 
 MAX_POINTS = 2000
 """Loss and VRAM points kept; when full, every other point is dropped (a chart is only so wide)."""
@@ -33,6 +35,8 @@ ATTEMPT_START_PHASES = ("download", "load")
 means a resumed attempt with a worker of its own."""
 VramSampler = Callable[[], "tuple[float, float] | None"]
 """Returns (used MB, total MB) of the card, or None where there is no NVML."""
+GpusSampler = Callable[[], Sequence[GpuInfo]]
+"""Returns every NVIDIA card NVML sees (``detect_hardware().gpus``): a multi-GPU run's rows pick theirs by index."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,10 @@ class MonitorSnapshot:
     effective_batch: int = 0
     """The batch in effect, from the run's recipe.toml (an OOM's smaller micro-batch is written there, and
     ``train.devices``); the effective batch is the recipe's own product (``RecipeSpec.effective_batch``)."""
+    world_size: int = 1
+    """Processes the run was launched with (run.json)."""
+    gpu_rows: tuple[GpuRow, ...] = ()
+    """A multi-GPU run's cards, rank order (ui/gpu_rows.py); empty for one GPU and for CPU runs."""
     log_lines: tuple[EventLine, ...] = ()
     log_count: int = 0
     """Lines ever logged; the event log appends those past the count it has shown."""
@@ -89,6 +97,8 @@ class RunTail:
 
     run_dir: Path
     vram_sampler: VramSampler | None = None
+    gpus_sampler: GpusSampler | None = None
+    """Asked instead of ``vram_sampler`` for a run on several GPUs."""
     _snap: dict = field(default_factory=dict)
     _train: list = field(default_factory=list)
     _eval: list = field(default_factory=list)
@@ -98,6 +108,12 @@ class RunTail:
     """The app's own samples (NVML), shown only while the run is live."""
     _recorded: dict = field(default_factory=dict)
     _ram: list = field(default_factory=list)
+    _rank_peaks: tuple[float, ...] = ()
+    """Each rank's highest ``rank_vram_peak_mb`` so far."""
+    _run_gpus: list = field(default_factory=list)
+    """run.json's ``gpus``: the cards the launch pinned, rank order."""
+    _devices: Sequence[GpuInfo] = ()
+    """The app's last NVML reading of every card (multi-GPU runs, while live)."""
     _log: deque = field(default_factory=lambda: deque(maxlen=MAX_LOG_LINES))
     _log_count: int = 0
     _events: int = 0
@@ -138,14 +154,18 @@ class RunTail:
         self._read_recipe()
         try:
             info = read_run_info(self.run_dir)
-            self._snap.update(model=info.model, state=shown_state(info),
+            self._snap.update(model=info.model, state=shown_state(info), world_size=info.world_size,
                               total_steps=self._snap.get("total_steps") or info.total_steps)
+            self._run_gpus = info.gpus
         except RunError:
             pass
         if self._snap.get("state") == "interrupted" and not self._ended:  # killed: no end event will come
             self._ended = True
             self._add_line(worker_gone_line(self.run_dir))
+        if self._snap.get("world_size", 1) > 1:
+            self._fold_gpu_rows()
         live = self.vram_sampler is not None and self._snap.get("state") not in FINAL_STATES
+        live = live and self._snap.get("world_size", 1) <= 1  # several GPUs: the rows have NVML's figures
         if live and time.monotonic() - self._sampled_at >= SAMPLE_EVERY_S:
             self._sampled_at = time.monotonic()
             sample = self.vram_sampler()  # type: ignore[misc]
@@ -163,6 +183,17 @@ class RunTail:
         self._last = snap
         return snap
 
+    def _fold_gpu_rows(self) -> None:
+        """A multi-GPU run's rows: NVML's cards now while it is live and the app has NVML, else what the
+        run recorded (the single-GPU rule: an ended run never shows the cards' state now)."""
+        live = self.gpus_sampler is not None and self._snap.get("state") not in FINAL_STATES
+        if live and time.monotonic() - self._sampled_at >= SAMPLE_EVERY_S:
+            self._sampled_at = time.monotonic()
+            self._devices = tuple(self.gpus_sampler())  # type: ignore[misc]
+        devices = self._devices if live and self._devices else None
+        self._snap["gpu_rows"] = read_gpu_rows(self._run_gpus, self._rank_peaks, devices,
+                                               self._recorded.get("used"), self._recorded.get("total"))
+
     def _fold(self, event: Event) -> None:
         s = self._snap
         if isinstance(event, StepEvent):
@@ -176,6 +207,7 @@ class RunTail:
                 self._train = _append(self._train, (event.step, event.loss))
             if event.vram_peak_mb is not None:
                 s["vram_peak_mb"] = max(s.get("vram_peak_mb") or 0.0, event.vram_peak_mb)
+            self._rank_peaks = merge_rank_peaks(self._rank_peaks, event.rank_vram_peak_mb)
             used = event.nvml_used_mb if event.nvml_used_mb is not None else event.vram_reserved_mb
             if used is not None:
                 self._recorded.update(used=used, total=event.nvml_total_mb or self._recorded.get("total"))

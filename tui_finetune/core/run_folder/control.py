@@ -24,7 +24,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from tui_finetune.core.devices import pin_gpus, settle_devices, visible_gpu_count, worker_command
+from tui_finetune.core.devices import pin_gpus, run_gpus, settle_devices, visible_gpu_count, worker_command
 from tui_finetune.core.hardware import HardwareReport, detect_hardware, machine_facts
 from tui_finetune.core.recipe import RecipeSpec
 from tui_finetune.core.recipe_machine import MachineFacts, check_recipe_fits_machine, resolve_precision
@@ -54,7 +54,9 @@ def start_worker_detached(run_dir: Path, env: dict[str, str] | None = None,
     with (run_dir / WORKER_LOG).open("ab") as log:
         proc = subprocess.Popen(worker_command(run_dir, processes), stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=subprocess.STDOUT, cwd=str(run_dir), env=child_env, close_fds=True, **kwargs)
-    update_run_info(run_dir, pid=proc.pid, state="running", world_size=processes)
+    update_run_info(run_dir, pid=proc.pid, state="running", world_size=processes,
+                    gpus=[{"index": gpu.index, "name": gpu.name, "total_mb": gpu.total_bytes / 2**20}
+                          for gpu in run_gpus(child_env, report)])
     return proc.pid
 
 

@@ -83,6 +83,10 @@ class RunInfo:
     it). The effective batch in effect is the recipe's (recipe.toml), never a copy here."""
     rank_pids: list[int] = field(default_factory=list)
     """Each rank's pid, rank 0 first (multi-process runs)."""
+    gpus: list[dict[str, Any]] = field(default_factory=list)
+    """The cards the run trains on, rank order, as NVML saw them at launch: ``index`` (NVML's, as nvidia-smi
+    shows it), ``name`` and ``total_mb`` (``core/devices.py::run_gpus``; empty where that can't be told, or
+    without a GPU). The monitor names each rank's card from it, live and after the run."""
 
 
 def make_run_id(model: str, now: datetime | None = None) -> str:

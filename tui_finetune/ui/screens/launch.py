@@ -5,6 +5,7 @@ train on (``train.devices``): the plan is then for the smallest of them, since e
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 
 from rich.table import Table
@@ -14,7 +15,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.widgets import Button, Label, Select, Static
 
-from tui_finetune.core.devices import DATA_PARALLEL_NOTE, smallest_gpu
+from tui_finetune.core.devices import DATA_PARALLEL_NOTE, smallest_gpu, visible_gpu_count
 from tui_finetune.core.paths import runs_dir
 from tui_finetune.core.hardware import machine_ram_bytes
 from tui_finetune.core.suggest import FIT_COLOURS, CardSpec, card_from_gpu, estimate_cpu_ram_gib, plan_recipe
@@ -42,9 +43,10 @@ class LaunchScreen(WizardScreen):
             yield Button("Start training (Enter)", id="start", variant="success")
 
     def gpu_count(self) -> int:
-        """GPUs a run could use: those found here, unless the wizard plans for another card."""
+        """GPUs a run could use: those found here (fewer where the user's ``CUDA_VISIBLE_DEVICES`` names fewer,
+        as the launch counts them), unless the wizard plans for another card."""
         report = self.state.report
-        return 0 if report is None or self.state.planned_gb else len(report.gpus)
+        return 0 if report is None or self.state.planned_gb else visible_gpu_count(report, os.environ)
 
     def devices(self) -> int:
         recipe = self.state.recipe
@@ -64,7 +66,7 @@ class LaunchScreen(WizardScreen):
         """Plan what is launched, never a stale estimate: on several GPUs, for the smallest of them."""
         self.plan_card = self.state.card
         if self.gpu_count() > 1 and self.devices() > 1 and self.state.report is not None:
-            gpu = smallest_gpu(self.state.report, self.devices())
+            gpu = smallest_gpu(self.state.report, self.devices(), os.environ)
             self.plan_card = card_from_gpu(gpu) if gpu is not None else self.plan_card
         if self.state.recipe is not None:
             self.state.plan = plan_recipe(self.state.recipe, self.plan_card)

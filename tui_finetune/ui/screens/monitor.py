@@ -66,7 +66,7 @@ class MonitorScreen(Screen):
     @work(thread=True, exclusive=True, group="tail")
     def tail(self) -> None:
         ctx = self.app.context  # type: ignore[attr-defined]
-        reader = RunTail(self.run_dir, vram_sampler=ctx.vram_sampler)
+        reader = RunTail(self.run_dir, vram_sampler=ctx.vram_sampler, gpus_sampler=ctx.gpus_sampler)
         worker = get_current_worker()
         while not worker.is_cancelled:
             snap = reader.poll()

@@ -46,6 +46,7 @@ class RunStats(Vertical):
         if snap.micro_batch:  # as recipe.toml has it: an OOM's smaller micro-batch shows here
             line.append(f"\nmicro-batch {snap.micro_batch} × accumulation {snap.grad_accum}")
             if snap.devices > 1:  # a multi-GPU run: every process trains its share of each step
-                line.append(f" × {snap.devices} processes = {snap.effective_batch} sequences a step")
+                unit = "GPUs" if snap.gpu_rows else "processes"
+                line.append(f" × {snap.devices} {unit} = {snap.effective_batch} sequences a step")
         line.append(f"\ncheckpoint: {checkpoint_age(snap, now)}")
         self.query_one("#stats-line", Static).update(line)
