@@ -274,7 +274,8 @@ class TracingCollator:
 
     def __call__(self, features: list[dict[str, Any]]) -> Any:
         batch = self.inner(features)
-        batch[self.KEY] = torch.tensor([int(f.get("sample_id", -1)) for f in features], dtype=torch.long)
+        ids = [int(i) for f in features for i in (f["sample_ids"] if "sample_ids" in f else [f.get("sample_id", -1)])]
+        batch[self.KEY] = torch.tensor(ids, dtype=torch.long)  # a bin (data/packing.py) has the ids of its rows
         return batch
 
 

@@ -83,6 +83,10 @@ class RunInfo:
     it). The effective batch in effect is the recipe's (recipe.toml), never a copy here."""
     rank_pids: list[int] = field(default_factory=list)
     """Each rank's pid, rank 0 first (multi-process runs)."""
+    packing: dict[str, Any] = field(default_factory=dict)
+    """With ``data.packing``: rows, bins, tokens, seq_len, effective_batch and bins_per_step (bins a device
+    trains per optimizer step), as engine/packed_training.py chose them; a resume with the same bins reuses
+    bins_per_step, so it skips exactly the bins trained. The recipe in recipe.toml keeps counting rows."""
 
 
 def make_run_id(model: str, now: datetime | None = None) -> str:
