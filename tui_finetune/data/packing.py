@@ -20,7 +20,7 @@ rows are a few hundred tokens, the lever is fewer, fuller passes (issue #14). Fl
   that halves the micro-batch doubles the accumulation, as it does for rows, so a resume skips exactly
   the bins already trained.
 
-Torch-free: transformers' collator is called with numpy tensors.
+No torch import here: transformers' collator is called with numpy tensors (return_tensors="np").
 """
 
 from __future__ import annotations
