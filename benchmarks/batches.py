@@ -35,8 +35,16 @@ Trainer's) with the same optimizer; only the batching differs:
   the tokens of the first 50 steps are useful (``padded_useful_share``; 77% at micro-batch 2, 48%
   at 8; at micro-batch 1 nothing is padded).
 * ``ours``: the product's collator, ``make_collator(tokenizer, recipe.data.packing)``: the same
-  padding (``PaddingCollator``), or with ``data.packing = true`` the step's rows flattened into one
-  row with restarting ``position_ids`` and no padding (``DataCollatorWithFlattening``).
+  padding (``PaddingCollator``).
+* ``ours:<backend>:packed`` (``data.packing = true``) packs as the engine does (data/packing.py): rows
+  go into bins of at most ``seq`` tokens (best-fit decreasing, ``PACK_SEED``), the bins are drawn in a
+  seeded random order as the Trainer's sampler draws them, and a step is ``batch`` bins (the micro-batch
+  counts bins) flattened into one row by the engine's collator, at most ``batch x seq`` tokens: the
+  padded stacks' worst case. The engine's accumulation for this loop's one micro-batch a step stays 1
+  (``bins_per_step(batch, 1, batch, rows a bin)``: it never goes below one micro-batch), so a packed
+  step holds about ``batch x rows a bin`` rows (``rows_per_step`` in the row) in one pass where the
+  padded stacks hold ``batch``: fewer, fuller passes are the lever measured. Its losses are over other
+  rows than the baseline's, so the report leaves its parity out; tests/test_data_packing.py proves it.
 * A fixed-length case that doesn't pack is batched as before: ``{input_ids, labels}``, no mask.
 """
 
@@ -53,6 +61,8 @@ MIN_ROW = 16
 LENGTH_SEED = 14
 PROMPT_SHARE = 0.25
 TOKEN_SEED = 1234
+PACK_SEED = 42
+"""The recipe's default ``train.seed``, which the engine packs and samples bins with."""
 LENGTH_MODES = ("fixed", "real")
 IGNORE_INDEX = -100
 
@@ -110,7 +120,7 @@ def collator_for(kind: str, packing: bool, case: dict, folder: Path) -> Collate 
     from tui_finetune.data.collate import make_collator
 
     if packing:
-        return make_collator(None, packing=True)
+        return make_collator(None, packing=True)  # FlatteningCollator: a micro-batch of bins in one row
     if case.get("lengths", "fixed") == "fixed":
         return None
     from transformers import AutoTokenizer, DataCollatorForSeq2Seq
@@ -126,11 +136,41 @@ def loss_tokens(labels: Any) -> int:
     return int((labels[..., 1:] != IGNORE_INDEX).sum())
 
 
+def packed_steps(case: dict, steps: int, vocab: int) -> list[list[dict[str, Any]]]:
+    """Each step's ``batch`` bins, packed as the engine packs (module docstring); each bin carries its ``rows``."""
+    from tui_finetune.data.packing import flatten_rows, pack_lengths
+
+    need, count = steps * case["batch"], steps * case["batch"]
+    while True:  # enough rows to fill the steps' bins (make_rows is prefix-stable: more rows, same first ones)
+        rows = make_rows(case, count, vocab)
+        bins = pack_lengths([len(r["input_ids"]) for r in rows], case["seq"], seed=PACK_SEED)
+        if len(bins) >= need:
+            break
+        count *= 2
+    random.Random(PACK_SEED).shuffle(bins)
+    examples = [{**flatten_rows([rows[i] for i in members]), "rows": len(members)} for members in bins[:need]]
+    return [examples[step * case["batch"]:(step + 1) * case["batch"]] for step in range(steps)]
+
+
+def rows_per_step(case: dict, steps: int, vocab: int, packing: bool) -> float:
+    """Rows an optimizer step trains on, on average: ``batch``, or the packed steps' rows."""
+    if not packing:
+        return float(case["batch"])
+    return sum(b["rows"] for step in packed_steps(case, steps, vocab) for b in step) / steps
+
+
 def step_batches(case: dict, steps: int, vocab: int, collate: Collate | None,
-                 device: Any) -> Iterator[tuple[dict[str, Any], int, int]]:
-    """Each step's batch on ``device``, its useful (non-pad input) tokens and its loss-carrying tokens."""
+                 device: Any, packing: bool = False) -> Iterator[tuple[dict[str, Any], int, int]]:
+    """Each step's batch on ``device``, its useful (non-pad input) tokens and its loss-carrying tokens;
+    ``packing``: a step of bins (``packed_steps``), flattened by ``collate``."""
     import torch
 
+    if packing:
+        for chunk in packed_steps(case, steps, vocab):
+            batch = dict(collate(chunk))
+            yield ({k: v.to(device) for k, v in batch.items()}, sum(len(b["input_ids"]) for b in chunk),
+                   loss_tokens(batch["labels"]))
+        return
     rows = make_rows(case, steps * case["batch"], vocab)
     for step in range(steps):
         chunk = rows[step * case["batch"]:(step + 1) * case["batch"]]

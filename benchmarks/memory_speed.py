@@ -11,7 +11,7 @@ are built once per model; then every stack trains the case in its own process (s
 on the same random token rows with the same seed:
 
   ours[:backend][:packed]  our engine through engine/backends.py; backend auto (the default), universal,
-                  liger or unsloth; ``:packed`` sets data.packing = true (padding-free rows); --set
+                  liger or unsloth; ``:packed`` sets data.packing = true (the engine's bins, batches.py); --set
                   changes its recipe (e.g. --set memory.offload_activations=true, --set data.packing=true)
   baseline        transformers + peft + bitsandbytes (prepare_model_for_kbit_training); on real
                   lengths each batch padded to its longest row, as HF Trainer's defaults do

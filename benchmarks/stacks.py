@@ -14,7 +14,7 @@ engine's backends and Unsloth must be imported before transformers.
 All stacks use LoRA r16 / alpha 32 on all linear layers, seeded with ``SEED`` just before the
 adapters are made (so the first 50 losses can be compared), and the same random token rows, batched
 as ``batches.py`` says (fixed or real lengths; padded to the longest row, or packed for ours with
-``data.packing``). On a GPU the optimizer is bitsandbytes' paged AdamW 8-bit; in --smoke mode (CPU)
+``data.packing``: the engine's bins of ``seq`` tokens, ``batch`` bins a step). On a GPU the optimizer is bitsandbytes' paged AdamW 8-bit; in --smoke mode (CPU)
 it is torch's AdamW.
 """
 
@@ -228,9 +228,11 @@ def run_one(case: dict, stack: str, steps: int, overrides: list[str], smoke: boo
     load_s = time.perf_counter() - started
     packing = bool(recipe and recipe.data.packing)
     collate = batches.collator_for(kind, packing, case, folder)
-    measured = train_and_measure(model, loss_fn, case, steps, gpu, collate)
+    measured = train_and_measure(model, loss_fn, case, steps, gpu, collate, packing)
     row = {"stack": stack, **case, "steps": steps, "device": torch.cuda.get_device_name(0) if gpu else "CPU",
-           "cuda": torch.version.cuda if gpu else None, "load_s": load_s, "packing": packing, **info, **measured}
+           "cuda": torch.version.cuda if gpu else None, "load_s": load_s, "packing": packing,
+           "rows_per_step": batches.rows_per_step(case, steps, model_spec(case["model"]).vocab_size, packing),
+           **info, **measured}
     if recipe is not None:
         row.update(plan_peak(case["model"], recipe, info.get("backend", "")))
     return row
@@ -247,9 +249,9 @@ def make_optimizer(params: list, gpu: bool) -> Any:
 
 
 def train_and_measure(model: Any, loss_fn: LossFn, case: dict, steps: int, gpu: bool,
-                      collate: batches.Collate | None = None) -> dict:
-    """``steps`` optimizer steps of one micro-batch each; the peak counts from the first step on
-    (weights included, loading transients not).
+                      collate: batches.Collate | None = None, packing: bool = False) -> dict:
+    """``steps`` optimizer steps of one micro-batch each (of ``batch`` rows, or packed ``batch`` bins:
+    batches.py); the peak counts from the first step on (weights included, loading transients not).
 
     Speeds leave out the first ``WARMUP_STEPS``: ``tokens_per_s`` counts every token of the input
     tensors (padding included), ``useful_tokens_per_s`` only the rows' own tokens, and
@@ -264,7 +266,7 @@ def train_and_measure(model: Any, loss_fn: LossFn, case: dict, steps: int, gpu: 
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     losses, times, tokens, useful, counted = [], [], [], [], []
-    for batch, real_tokens, carrying in batches.step_batches(case, steps, vocab, collate, device):
+    for batch, real_tokens, carrying in batches.step_batches(case, steps, vocab, collate, device, packing):
         if gpu:
             torch.cuda.synchronize()
         start = time.perf_counter()

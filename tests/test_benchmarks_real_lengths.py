@@ -102,21 +102,30 @@ def test_real_rows_mask_the_prompt_and_every_stack_batches_the_same_rows(tmp_pat
     assert first["labels"][:prompt] == [-100] * prompt and first["labels"][prompt:] == first["input_ids"][prompt:]
 
     def run(kind: str, packing: bool) -> list:
-        return list(batches.step_batches(case, 12, VOCAB, batches.collator_for(kind, packing, case, tmp_path), "cpu"))
+        collate = batches.collator_for(kind, packing, case, tmp_path)
+        return list(batches.step_batches(case, 12, VOCAB, collate, "cpu", packing))
 
     notebook, ours, packed = run("baseline", False), run("ours", False), run("ours", True)
     assert type(batches.collator_for("baseline", False, case, tmp_path)).__name__ == "DataCollatorForSeq2Seq"
-    for (a, useful_a, loss_a), (b, useful_b, loss_b), (p, useful_p, loss_p) in zip(notebook, ours, packed):
+    for (a, useful_a, loss_a), (b, useful_b, loss_b) in zip(notebook, ours):
         assert set(a) == set(b) == {"input_ids", "labels", "attention_mask"}
         for key in a:
             assert torch.equal(a[key], b[key]), key
         assert a["input_ids"].shape[1] == max(a["attention_mask"].sum(1).tolist())  # padded to the longest row
-        assert set(p) == {"input_ids", "labels", "position_ids"} and p["input_ids"].shape[0] == 1
-        assert useful_a == useful_b == useful_p == p["input_ids"].numel() == int(a["attention_mask"].sum())
-        assert loss_a == loss_b == loss_p
+        assert useful_a == useful_b == int(a["attention_mask"].sum()) and loss_a == loss_b
     padded_tokens = sum(int(a["input_ids"].numel()) for a, _, _ in notebook)
     assert sum(u for _, u, _ in notebook) / padded_tokens == pytest.approx(
         batches.padded_useful_share(batches.sample_lengths(48, 1024), 4))
+    # packed: 4 of the engine's bins a step, in one row of at most 4 x 1024 tokens, no padding, fuller passes
+    for p, useful_p, loss_p in packed:
+        assert set(p) == {"input_ids", "labels", "position_ids"} and p["input_ids"].shape[0] == 1
+        assert useful_p == p["input_ids"].numel() <= 4 * 1024 and loss_p == batches.loss_tokens(p["labels"])
+    assert sum(u for _, u, _ in packed) > 2 * sum(u for _, u, _ in notebook)
+    steps = batches.packed_steps(case, 12, VOCAB)
+    assert all(len(step) == 4 and all(b["position_ids"][0] == 0 and len(b["input_ids"]) <= 1024 for b in step)
+               for step in steps)
+    assert batches.rows_per_step(case, 12, VOCAB, True) == sum(b["rows"] for s in steps for b in s) / 12 > 8
+    assert batches.rows_per_step(case, 12, VOCAB, False) == 4.0
 
 
 # ---------------------------------------------------------------- report: useful speed, memory, repeats

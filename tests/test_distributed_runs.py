@@ -160,3 +160,27 @@ def test_a_bad_row_fails_a_two_process_run_with_the_data_advice_not_as_interrupt
     assert wait_dead(run) == "failed", (run / "worker.log").read_text()[-3000:]
     [error] = events_of(run, ErrorEvent)
     assert error.kind == "data" and "bad.jsonl:2" in error.message
+
+
+def test_packed_bins_are_shared_out_between_two_processes_as_one_process_takes_them(tiny, tmp_path):
+    """With ``data.packing`` each rank takes its share of the bins: 2 ranks x 1 bin a step train the very bins
+    1 process x 2 bins a step trains (about 2 rows a bin, 4 rows a step either way), to the same losses."""
+    model, data = tiny
+    packing = {"seq_len": 128, "eval_split": 0.2, "packing": True}
+    two_trace, one_trace = tmp_path / "two.jsonl", tmp_path / "one.jsonl"
+    two = launch(tiny_recipe(model, data=packing, train={"micro_batch": 1, "grad_accum": 2, "max_steps": 4,
+                                                           "devices": 2}), data, tmp_path / "two", trace=two_trace)
+    one = launch(tiny_recipe(model, data=packing, train={"micro_batch": 1, "grad_accum": 4, "max_steps": 4}),
+                 data, tmp_path / "one", trace=one_trace)
+    assert wait_dead(two) == "completed", (two / "worker.log").read_text()[-3000:]
+    assert wait_dead(one) == "completed", (one / "worker.log").read_text()[-3000:]
+    two_packing, one_packing = read_run_info(two).packing, read_run_info(one).packing
+    assert two_packing["bins"] == one_packing["bins"] and two_packing["rows"] == one_packing["rows"] == 16
+    assert (two_packing["bins_per_step"], one_packing["bins_per_step"]) == (1, 2)
+    traced_two, traced_one = _trace(two_trace), _trace(one_trace)
+    for step in range(1, 5):
+        rank0, rank1 = traced_two[step][0]["ids"], traced_two[step][1]["ids"]
+        assert rank0 and rank1 and not set(rank0) & set(rank1), f"step {step}: the ranks shared rows"
+        assert sorted(rank0 + rank1) == sorted(traced_one[step][0]["ids"]), f"step {step}: other bins than 1 process"
+    two_losses = [s.loss for s in events_of(two, StepEvent)]
+    assert two_losses == pytest.approx([s.loss for s in events_of(one, StepEvent)], rel=0.01)

@@ -62,7 +62,9 @@ class DataSpec:
     seq_len: int = 1024
     """Longest sequence in tokens; longer examples are truncated and counted."""
     packing: bool = False
-    """Put several short examples in one sequence (padding-free, no attention across examples)."""
+    """Pack the training rows into bins of up to ``seq_len`` tokens, one bin a sequence (padding-free, no
+    attention across rows): fewer, fuller passes. ``train.micro_batch`` then counts bins, and the engine lowers
+    the accumulation so a step still sees about the effective batch in rows (docs/design.md, Loop)."""
     train_on_prompt: bool = False
     """Also train on prompt tokens; by default only assistant/completion tokens carry loss."""
     template: str = "auto"

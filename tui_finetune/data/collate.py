@@ -14,12 +14,14 @@
   forces it too). With a cache, the mask builder skips the packed-sequence check and examples
   WOULD see each other; tests/test_data_collate.py shows the per-example logits match.
 
-Grouping with packing: the Trainer's ``per_device_train_batch_size`` (the recipe's
-``train.micro_batch``) is the number of *examples* flattened into one row, so a packed row holds
-``micro_batch`` examples whatever their length. To cap rows by tokens instead, give the
-DataLoader ``TokenBudgetBatchSampler(dataset["length"], max_tokens=seq_len * micro_batch)``
-as its ``batch_sampler``: each batch is then as many examples as fit the budget.
-Extra columns (``length``, ``sample_id``) are ignored by both collators.
+Grouping with packing: the engine packs the training rows into bins of at most ``seq_len`` tokens
+before training (data/packing.py), each bin one example whose ``position_ids`` already restart at
+each row. The Trainer's ``per_device_train_batch_size`` (``train.micro_batch``) then counts bins, and
+:class:`FlatteningCollator` splits each bin back into its rows at those restarts before flattening
+the lot, so a micro-batch of bins is one row of at most ``micro_batch x seq_len`` tokens, exactly what
+``DataCollatorWithFlattening`` makes of all their rows; plain rows (evaluation) flatten as before.
+``TokenBudgetBatchSampler`` is the other way to cap a row by tokens, as a DataLoader's ``batch_sampler``.
+Extra columns (``length``, ``sample_id``, ``sample_ids``) are ignored by both collators.
 """
 
 from __future__ import annotations
@@ -54,12 +56,34 @@ class PaddingCollator:
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
+class FlatteningCollator:
+    """``DataCollatorWithFlattening`` over rows, where an example may be a bin of rows (data/packing.py):
+    a bin is cut back into its rows where its ``position_ids`` restart at 0, so the result is the
+    flattening of every row of the micro-batch, whether it came as rows or as bins."""
+
+    def __init__(self) -> None:
+        from transformers import DataCollatorWithFlattening
+
+        self.inner = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        return self.inner([row for feature in features for row in split_bin(feature)])
+
+
+def split_bin(feature: dict[str, Any]) -> list[dict[str, Any]]:
+    """A bin's rows (``input_ids``, ``labels``), cut where its ``position_ids`` restart; a plain row alone."""
+    ids, labels = list(feature["input_ids"]), list(feature.get("labels", feature["input_ids"]))
+    positions = feature.get("position_ids")
+    if positions is None:
+        return [{"input_ids": ids, "labels": labels}]
+    starts = [i for i, p in enumerate(positions) if int(p) == 0] + [len(ids)]
+    return [{"input_ids": ids[a:b], "labels": labels[a:b]} for a, b in zip(starts, starts[1:]) if b > a]
+
+
 def make_collator(tokenizer: Any, packing: bool) -> Any:
     """The collator for the Trainer or a DataLoader (see the module docstring for packing)."""
     if packing:
-        from transformers import DataCollatorWithFlattening
-
-        return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+        return FlatteningCollator()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise ValueError("the tokenizer has neither a pad token nor an EOS token to pad with: "

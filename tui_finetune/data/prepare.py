@@ -62,6 +62,8 @@ class PreparedData:
     stats: RenderStats = field(default_factory=RenderStats)
     warnings: list[str] = field(default_factory=list)
     """Things a run should log (truncations, missing EOS, no eval split); never fatal."""
+    packing: Any = None
+    """``data/packing.PackedBins`` once ``train`` holds bins instead of rows (``data.packing``); else None."""
 
 
 def hash_data_files(data_path: str | Path, validation_path: str | Path | None = None) -> str:
@@ -96,7 +98,7 @@ def prepare_datasets(data_path: str | Path, tokenizer: Any, data_spec: DataSpec,
     report = _validated(data_path, data_spec, columns, limit, max_line_bytes)
     eval_report = _validated(validation_path, data_spec, columns, limit, max_line_bytes) if validation_path else None
     data_hash = hash_data_files(data_path, validation_path)
-    cache = Path(cache_dir) if cache_dir else _temporary_cache()
+    cache = Path(cache_dir) if cache_dir else temporary_cache_dir()
 
     stats = RenderStats()
     dataset = _build(data_path, tokenizer, template, data_spec, columns, cache, stats, max_line_bytes)
@@ -123,7 +125,7 @@ def _validated(path: str | Path, spec: DataSpec, columns: dict[str, str] | None,
     return report
 
 
-def _temporary_cache() -> Path:
+def temporary_cache_dir() -> Path:
     path = Path(tempfile.mkdtemp(prefix="tui-finetune-data-"))
     atexit.register(shutil.rmtree, path, ignore_errors=True)
     return path

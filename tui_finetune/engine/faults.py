@@ -20,8 +20,8 @@ environment, whether to die. Unset (every real run), it costs one dict lookup.
 Without ``@S`` a fault fires at every step. A ``#R`` suffix (``oom:train:1@3#1``) limits a fault to the
 rank R of a multi-process run (engine/distributed.py), so a test can fail one card of several.
 ``TUI_FINETUNE_TRACE=FILE`` is the other hook: each
-optimizer step appends ``{"step", "ids", "loss"}`` (the sample ids it trained on, the exact loss
-as a hex float) to FILE, so a test can compare what a resumed run saw with an uninterrupted one.
+optimizer step appends ``{"step", "ids", "loss", "micro_batches"}`` (the sample ids it trained on, the
+exact loss as a hex float, the forward passes it took) to FILE, so a test can compare what a resumed run saw with an uninterrupted one.
 """
 
 from __future__ import annotations

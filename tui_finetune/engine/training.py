@@ -122,6 +122,7 @@ class LeanTrainer(Trainer):
         """Test hook (engine/faults.py): where each step's sample ids and loss go, for the resume tests."""
         self.step_sample_ids: list[int] = []
         self.step_loss = 0.0
+        self.step_micro_batches = 0
         self.micro_steps_left = 0
         """Micro-batches of this optimizer step still to run on this rank: at 0 the ranks sync."""
         self.rank_oom = ""
@@ -133,6 +134,7 @@ class LeanTrainer(Trainer):
         """Fetches one optimizer step's micro-batches: a new step's trace starts here."""
         self.step_sample_ids, self.step_loss = [], 0.0
         batches, num_items = super().get_batch_samples(*args, **kwargs)
+        self.step_micro_batches = len(batches)
         self.begin_optimizer_step(len(batches))
         return batches, num_items
 
@@ -184,7 +186,8 @@ class LeanTrainer(Trainer):
     def write_trace(self) -> None:
         """Append what this optimizer step trained on (test hook, ``TUI_FINETUNE_TRACE``)."""
         if self.trace_path:
-            record = {"step": self.state.global_step, "ids": self.step_sample_ids, "loss": float(self.step_loss).hex()}
+            record = {"step": self.state.global_step, "ids": self.step_sample_ids, "loss": float(self.step_loss).hex(),
+                      "micro_batches": self.step_micro_batches}
             if self.args.world_size > 1:
                 record["rank"] = self.args.process_index
             with open(self.trace_path, "a", encoding="utf-8") as handle:
@@ -274,7 +277,8 @@ class TracingCollator:
 
     def __call__(self, features: list[dict[str, Any]]) -> Any:
         batch = self.inner(features)
-        batch[self.KEY] = torch.tensor([int(f.get("sample_id", -1)) for f in features], dtype=torch.long)
+        ids = [int(i) for f in features for i in (f["sample_ids"] if "sample_ids" in f else [f.get("sample_id", -1)])]
+        batch[self.KEY] = torch.tensor(ids, dtype=torch.long)  # a bin (data/packing.py) has the ids of its rows
         return batch
 
 

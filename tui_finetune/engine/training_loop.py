@@ -40,6 +40,7 @@ from tui_finetune.data.collate import make_collator
 from tui_finetune.engine.backends import Backend, BackendFailed
 from tui_finetune.engine.callbacks import EventsCallback, SealCheckpointCallback, StepHooksCallback, StopCallback
 from tui_finetune.engine.fit_check import FitCheckCallback, FitCheckResult, row_lengths
+from tui_finetune.engine.packed_training import describe_bins_a_step, trainer_recipe
 from tui_finetune.engine.post_training import record_peak
 from tui_finetune.engine.recipe_refit import SequenceTooLong, shrink_micro_batch
 from tui_finetune.engine.training import build_trainer, build_training_args, free_cuda_memory, is_oom
@@ -84,10 +85,12 @@ class TrainingLoop:
         has_eval = data.eval is not None and len(data.eval) > 0 and "eval" not in info.failed_phases
         collator = make_collator(tokenizer, recipe.data.packing)
         unit = "GPUs" if device.has_cuda else "processes"
-        train_message = (f"{total_steps} steps of {describe_batch(recipe, unit)}"
+        packed = getattr(data, "packing", None)
+        train_message = (f"{total_steps} steps of {describe_batch(recipe, unit)}{describe_bins_a_step(recipe, packed)}"
                          + (f", resuming from {resume.name}" if resume else ""))
-        while True:
-            args = build_training_args(recipe, run_dir, device, total_steps, has_eval, eval_batch=self.eval_batch)
+        while True:  # the Trainer's micro-batch and accumulation count bins when packed (trainer_recipe)
+            args = build_training_args(trainer_recipe(recipe, packed), run_dir, device, total_steps, has_eval,
+                                       eval_batch=self.eval_batch)
             trainer = build_trainer(model, tokenizer, args, data.train, data.eval if has_eval else None, collator,
                                     [events_cb, stop_cb, seal_cb, hooks_cb], recipe.memory, self._eval_shrunk,
                                     self.backend, self._eval_skipped)
@@ -118,7 +121,7 @@ class TrainingLoop:
                 if resume is None:  # no checkpoint yet: start over from the very same initial adapter
                     model.load_state_dict(initial, strict=False)
                     set_seed(recipe.train.seed)
-                train_message = (f"continuing with {describe_batch(recipe, unit)} from "
+                train_message = (f"continuing with {describe_batch(recipe, unit)}{describe_bins_a_step(recipe, packed)} from "
                                  + (resume.name if resume else "the start"))
                 reset_phase_peak()
         self.evaluated_steps = set(events_cb.eval_steps)

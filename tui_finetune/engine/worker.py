@@ -221,6 +221,7 @@ class Worker:
         from tui_finetune.engine.training_loop import TrainingLoop
         from tui_finetune.core.run_folder.checkpoints import list_checkpoints
         from tui_finetune.engine.model_folder import resolve_model
+        from tui_finetune.engine.packed_training import trainer_recipe
         from tui_finetune.engine.training import plan_total_steps
 
         recipe, run_dir, ranks = self.recipe, self.run_dir, self.ranks
@@ -264,7 +265,7 @@ class Worker:
                                f"({100 * trainable / max(total, 1):.2f}%) on the {loaded.choice.name} backend "
                                f"({reason}); preparing data")
         data = self._prepare_data(tokenizer)
-        total_steps = plan_total_steps(recipe, len(data.train), ranks.world_size)
+        total_steps = plan_total_steps(trainer_recipe(recipe, data.packing), len(data.train), ranks.world_size)
         update_run_info(run_dir, total_steps=total_steps, data_hash=data.data_hash)
 
         resume = self._choose_checkpoint(data.data_hash, trainable)
@@ -287,7 +288,7 @@ class Worker:
                 recipe = self.recipe = recipe_refit.shorten_sequence(run_dir, loop.recipe, err.longest, err.error,
                                                                      self.log, err.where)
                 data = self._prepare_data(tokenizer)
-                total_steps = plan_total_steps(recipe, len(data.train), ranks.world_size)
+                total_steps = plan_total_steps(trainer_recipe(recipe, data.packing), len(data.train), ranks.world_size)
                 update_run_info(run_dir, total_steps=total_steps)
         if trainer is None:
             return True
@@ -375,6 +376,10 @@ class Worker:
                               f"vs {self.info.data_hash[:12]}): resume with the same data, or start a new run")
         for warning in getattr(data, "warnings", []) or []:
             self.log.emit(WarningEvent(message=str(warning)))
+        if self.recipe.data.packing:  # the rows in bins of seq_len tokens (engine/packed_training.py)
+            from tui_finetune.engine.packed_training import pack_training_data
+
+            data = pack_training_data(self.run_dir, data, self.recipe, self.log)
         return data
 
     def _sample(self, model: Any, tokenizer: Any, prompt: list[int], label: str) -> None:

@@ -87,6 +87,10 @@ class RunInfo:
     """The cards the run trains on, rank order, as NVML saw them at launch: ``index`` (NVML's, as nvidia-smi
     shows it), ``name`` and ``total_mb`` (``core/devices.py::run_gpus``; empty where that can't be told, or
     without a GPU). The monitor names each rank's card from it, live and after the run."""
+    packing: dict[str, Any] = field(default_factory=dict)
+    """With ``data.packing``: rows, bins, tokens, seq_len, effective_batch and bins_per_step (bins a device
+    trains per optimizer step), as engine/packed_training.py chose them; a resume with the same bins reuses
+    bins_per_step, so it skips exactly the bins trained. The recipe in recipe.toml keeps counting rows."""
 
 
 def make_run_id(model: str, now: datetime | None = None) -> str:

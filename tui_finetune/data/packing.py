@@ -1,0 +1,166 @@
+"""Token-budget packing (``data.packing = true``): the training rows in bins of at most ``data.seq_len`` tokens.
+
+Why bins: on short rows a forward and backward pass costs nearly the same whatever its token count (each
+pass dequantises every NF4 weight three times and launches the same kernels), so on real data, where most
+rows are a few hundred tokens, the lever is fewer, fuller passes (issue #14). Flattening only the
+``micro_batch`` rows the Trainer already grouped (data/collate.py) removes padding but no pass.
+
+* ``pack_lengths``: best-fit decreasing over the rows' lengths. Each row lands in exactly one bin, whole
+  (rows were already truncated to ``seq_len`` when rendered; one longer than the budget gets a bin of its
+  own); no bin holds more than ``max_tokens``. A pure function of the lengths, the budget and ``seed``
+  (which only orders rows of equal length), so a resumed run rebuilds the very same bins.
+* ``pack_dataset``: each bin becomes ONE training example, what ``DataCollatorWithFlattening`` (the
+  packing collator) makes of its rows: ``input_ids`` and ``labels`` concatenated, the first label of each
+  row -100 (no row predicts across a boundary), ``position_ids`` restarting at 0 for each row (the
+  attention mask transformers builds from them keeps the rows apart). ``length`` is the bin's tokens (the
+  fit-check's longest batch is then the fullest bins) and ``sample_ids`` its rows' ids (the trace).
+* ``bins_per_step``: the recipe's effective batch counts rows; with bins, ``train.micro_batch`` counts bins
+  and the accumulation is lowered so an optimizer step still sees about as many rows on average. The
+  number of bins a step takes on each device is fixed for the run (``PackedBins.bins_per_step``): an OOM
+  that halves the micro-batch doubles the accumulation, as it does for rows, so a resume skips exactly
+  the bins already trained.
+
+No torch import here: transformers' collator is called with numpy tensors (return_tensors="np").
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from bisect import bisect_left, insort
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from tui_finetune.data.render import IGNORE_INDEX
+
+
+@dataclass(frozen=True)
+class PackedBins:
+    """What packing made of a run's training rows, and how many bins a step takes (run.json ``packing``)."""
+
+    rows: int
+    bins: int
+    tokens: int
+    """The rows' tokens, all of them in some bin."""
+    seq_len: int
+    """The budget of one bin (``data.seq_len``)."""
+    effective_batch: int = 0
+    """The recipe's effective batch in rows that ``bins_per_step`` was chosen for."""
+    bins_per_step: int = 0
+    """Bins one device trains per optimizer step (micro-batch x accumulation), fixed for the run."""
+
+    @property
+    def rows_per_bin(self) -> float:
+        return self.rows / max(self.bins, 1)
+
+    @property
+    def fill(self) -> float:
+        """The bins' tokens over their capacity (bins x seq_len)."""
+        return self.tokens / max(self.bins * self.seq_len, 1)
+
+    def accumulation(self, micro_batch: int) -> int:
+        """The accumulation that makes ``bins_per_step`` at this micro-batch (of bins)."""
+        return max(1, self.bins_per_step // max(micro_batch, 1))
+
+    def same_bins(self, other: PackedBins) -> bool:
+        """Built from the same rows at the same budget, so ``other``'s step size still applies."""
+        return (self.rows, self.bins, self.tokens, self.seq_len) == (other.rows, other.bins, other.tokens,
+                                                                     other.seq_len)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PackedBins | None:
+        try:
+            return cls(**{k: int(data[k]) for k in ("rows", "bins", "tokens", "seq_len", "effective_batch",
+                                                    "bins_per_step")})
+        except (KeyError, TypeError, ValueError):
+            return None
+
+
+def pack_lengths(lengths: list[int], max_tokens: int, seed: int = 0) -> list[list[int]]:
+    """Best-fit decreasing: row indices grouped into bins of at most ``max_tokens`` tokens.
+
+    Rows go longest first (ties in an order shuffled by ``seed``), each into the bin it fills the most,
+    else a new bin. Each bin lists its rows in dataset order; bins come in the order they were opened."""
+    if max_tokens < 1:
+        raise ValueError("max_tokens must be at least 1")
+    order = list(range(len(lengths)))
+    random.Random(seed).shuffle(order)
+    order.sort(key=lambda i: -lengths[i])  # stable: equal lengths keep the seeded order
+    bins: list[list[int]] = []
+    rooms: list[tuple[int, int]] = []  # (tokens still free, bin), sorted: the best fit is the first that fits
+    for i in order:
+        need = int(lengths[i])
+        at = bisect_left(rooms, (need, -1))
+        if at < len(rooms):
+            room, b = rooms.pop(at)
+        else:
+            room, b = max_tokens, len(bins)
+            bins.append([])
+        bins[b].append(i)
+        if room - need > 0:
+            insort(rooms, (room - need, b))
+    return [sorted(b) for b in bins]
+
+
+def bins_per_step(effective_rows: int, devices: int, micro_batch: int, rows_per_bin: float) -> int:
+    """Bins per device per optimizer step: ``micro_batch`` x the accumulation that keeps about
+    ``effective_rows`` rows a step, ``max(1, round(effective_rows / (micro_batch x devices x rows_per_bin)))``."""
+    accumulation = max(1, round(effective_rows / (micro_batch * max(devices, 1) * max(rows_per_bin, 1e-9))))
+    return micro_batch * accumulation
+
+
+def flatten_rows(rows: list[dict[str, Any]]) -> dict[str, list[int]]:
+    """One bin as one example: ``DataCollatorWithFlattening`` on its rows, as plain lists."""
+    from transformers import DataCollatorWithFlattening
+
+    flat = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX,
+                                      return_tensors="np")(rows)
+    return {k: [int(x) for x in flat[k][0].tolist()] for k in ("input_ids", "labels", "position_ids")}
+
+
+def pack_dataset(dataset: Any, seq_len: int, seed: int, cache_dir: str | Path | None = None) -> tuple[Any, PackedBins]:
+    """The bins of ``dataset``'s rows as a ``datasets.Dataset`` (one bin a row, see the module docstring),
+    written to Arrow in ``cache_dir`` (default: a temporary folder removed at exit), and what packing made."""
+    import datasets
+
+    from tui_finetune.data.prepare import temporary_cache_dir
+
+    lengths = [int(n) for n in dataset["length"]]
+    bins = pack_lengths(lengths, seq_len, seed)
+    features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
+                                  "labels": datasets.Sequence(datasets.Value("int32")),
+                                  "position_ids": datasets.Sequence(datasets.Value("int32")),
+                                  "length": datasets.Value("int32"),
+                                  "sample_ids": datasets.Sequence(datasets.Value("int64"))})
+
+    def examples() -> Iterator[dict[str, Any]]:
+        for members in bins:
+            rows = [dataset[i] for i in members]
+            yield {**flatten_rows(rows), "length": sum(lengths[i] for i in members),
+                   "sample_ids": [int(r.get("sample_id", i)) for r, i in zip(rows, members)]}
+
+    quiet = datasets.utils.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        packed = datasets.Dataset.from_generator(examples, features=features,
+                                                 cache_dir=str(cache_dir or temporary_cache_dir()),
+                                                 fingerprint=uuid.uuid4().hex)
+    finally:
+        if not quiet:
+            datasets.enable_progress_bars()
+    return packed, PackedBins(rows=len(lengths), bins=len(bins), tokens=sum(lengths), seq_len=seq_len)
+
+
+def describe_packing(packed: PackedBins, micro_batch: int, row_accumulation: int, devices: int = 1) -> str:
+    """The one line a run logs: ``packing: 480 rows -> 86 bins of <= 2048 tokens (5.6 rows a bin, 91% full);
+    accumulation 16 -> 3, so a step still sees about 16 rows``."""
+    accumulation = packed.accumulation(micro_batch)
+    seen = packed.bins_per_step * max(devices, 1) * packed.rows_per_bin
+    return (f"packing: {packed.rows} rows -> {packed.bins} bins of <= {packed.seq_len} tokens "
+            f"({packed.rows_per_bin:.1f} rows a bin, {packed.fill:.0%} full); accumulation {row_accumulation} -> "
+            f"{accumulation} at micro-batch {micro_batch} bin(s), so a step sees about {seen:.0f} rows "
+            f"(the recipe's effective batch: {packed.effective_batch})")
