@@ -119,9 +119,11 @@ def child_env(smoke: bool) -> dict[str, str]:
     return env
 
 
-def run_child(args: list[str], smoke: bool, timeout: float | None) -> tuple[dict | None, str]:
-    """Run ``python -m benchmarks.memory_speed <args>``; (the RESULT row or None, the output for logs)."""
-    cmd = [sys.executable, "-m", "benchmarks.memory_speed", *args]
+def run_child(args: list[str], smoke: bool, timeout: float | None,
+              module: str = "benchmarks.memory_speed") -> tuple[dict | None, str]:
+    """Run ``python -m <module> <args>`` (this script, or profile_step.py's child); (the RESULT row or None,
+    the output for logs)."""
+    cmd = [sys.executable, "-m", module, *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(smoke),
                             cwd=REPO_ROOT)
     try:

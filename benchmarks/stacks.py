@@ -24,7 +24,8 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, Callable, Protocol
 
 from benchmarks import batches
 
@@ -113,6 +114,16 @@ def save_stand_in_tokenizer(folder: Path, vocab_size: int) -> None:
 LossFn = Callable[[Any, dict], Any]
 
 
+class StepObserver(Protocol):
+    """Watches the measured loop without changing it (profile_step.py's profiler): ``attach`` sees the model
+    once before the first step, ``step(i)`` wraps step i's timed region (forward, backward, optimizer, the
+    closing synchronize). memory_speed passes none."""
+
+    def attach(self, model: Any) -> None: ...
+
+    def step(self, index: int) -> AbstractContextManager[Any]: ...
+
+
 def split_stack(stack: str) -> tuple[str, str, bool]:
     """``ours:universal:packed`` -> ("ours", "universal", True); ``baseline`` -> ("baseline", "", False)."""
     kind, _, rest = stack.partition(":")
@@ -194,8 +205,10 @@ def setup_unsloth(folder: Path, case: dict) -> tuple[Any, LossFn, dict]:
 
 # ---------------------------------------------------------------- one measured run
 
-def run_one(case: dict, stack: str, steps: int, overrides: list[str], smoke: bool) -> dict:
-    """Train one case on one stack in this process; returns the row (losses, peak, tokens/s, planner)."""
+def run_one(case: dict, stack: str, steps: int, overrides: list[str], smoke: bool,
+            observer: StepObserver | None = None) -> dict:
+    """Train one case on one stack in this process; returns the row (losses, peak, tokens/s, planner).
+    ``observer``: see ``StepObserver`` (None: the plain benchmark)."""
     kind, backend, packed = split_stack(stack)
     folder = model_folder(case["model"])
     recipe = None
@@ -228,7 +241,7 @@ def run_one(case: dict, stack: str, steps: int, overrides: list[str], smoke: boo
     load_s = time.perf_counter() - started
     packing = bool(recipe and recipe.data.packing)
     collate = batches.collator_for(kind, packing, case, folder)
-    measured = train_and_measure(model, loss_fn, case, steps, gpu, collate, packing)
+    measured = train_and_measure(model, loss_fn, case, steps, gpu, collate, packing, observer)
     row = {"stack": stack, **case, "steps": steps, "device": torch.cuda.get_device_name(0) if gpu else "CPU",
            "cuda": torch.version.cuda if gpu else None, "load_s": load_s, "packing": packing,
            "rows_per_step": batches.rows_per_step(case, steps, model_spec(case["model"]).vocab_size, packing),
@@ -249,7 +262,8 @@ def make_optimizer(params: list, gpu: bool) -> Any:
 
 
 def train_and_measure(model: Any, loss_fn: LossFn, case: dict, steps: int, gpu: bool,
-                      collate: batches.Collate | None = None, packing: bool = False) -> dict:
+                      collate: batches.Collate | None = None, packing: bool = False,
+                      observer: StepObserver | None = None) -> dict:
     """``steps`` optimizer steps of one micro-batch each (of ``batch`` rows, or packed ``batch`` bins:
     batches.py); the peak counts from the first step on (weights included, loading transients not).
 
@@ -262,21 +276,25 @@ def train_and_measure(model: Any, loss_fn: LossFn, case: dict, steps: int, gpu: 
     device = model.get_input_embeddings().weight.device
     vocab = model_spec(case["model"]).vocab_size
     model.train()
+    if observer is not None:
+        observer.attach(model)
     if gpu:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     losses, times, tokens, useful, counted = [], [], [], [], []
-    for batch, real_tokens, carrying in batches.step_batches(case, steps, vocab, collate, device, packing):
+    steps_in = enumerate(batches.step_batches(case, steps, vocab, collate, device, packing))
+    for index, (batch, real_tokens, carrying) in steps_in:
         if gpu:
             torch.cuda.synchronize()
-        start = time.perf_counter()
-        loss = loss_fn(model, batch)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if gpu:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+        with observer.step(index) if observer is not None else nullcontext():
+            start = time.perf_counter()
+            loss = loss_fn(model, batch)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if gpu:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
         losses.append(float(loss.detach()))
         tokens.append(int(batch["input_ids"].numel()))
         useful.append(real_tokens)
