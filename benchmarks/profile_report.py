@@ -46,7 +46,8 @@ def stack_lines(row: dict) -> list[str]:
     timed = 1000 * sum(recorded) / len(recorded) if recorded else None
     device = "CUDA time" if p["device"] == "cuda" else "CPU self time"
     backend = f" ({row['backend']})" if row.get("backend") else ""
-    lines = [f"### {report.case_label(row)}: {row['stack']}{backend}", "",
+    cap = "" if not row.get("cap_gb") else f", cap {row['cap_gb']:g} GiB" if row.get("cap_applied") else ", uncapped"
+    lines = [f"### {report.case_label(row)}: {row['stack']}{backend}{cap}", "",
              f"- profiled step: {_ms(total)} ms (mean of {p['steps']} recorded steps, steps {p['warmup'] + 1}-"
              f"{p['warmup'] + p['steps']}; the loop's own clock: {_ms(timed)} ms); without the profiler: "
              f"{_ms(plain)} ms ({which}; with real lengths each step has other rows, so compare loosely)",

@@ -108,15 +108,17 @@ def run_all(cases: list[dict], stack_names: list[str], args: argparse.Namespace)
                 profile_report.write_results(rows, command, Path(args.out), args.tag)
                 continue
             built.add(case["model"])
-        for stack in stack_names:
+        for stack in stack_names:  # as memory_speed.measure: --baseline-uncapped lifts the cap for the baseline
+            capped = bool(case.get("cap_gb")) and not (stack == "baseline" and args.baseline_uncapped)
+            child_case = memory_speed.case_text(case if capped else {**case, "cap_gb": None})
             started = time.perf_counter()
-            row, output = memory_speed.run_child(["--cases", memory_speed.case_text(case), "--one", stack] + common,
+            row, output = memory_speed.run_child(["--cases", child_case, "--one", stack] + common,
                                                  args.smoke, args.stack_timeout or None, module=MODULE)
             if row is None:
                 row = {"stack": stack, **case, "error": memory_speed.error_of(output)}
                 log = memory_speed.save_log(Path(args.out), f"profile-{args.tag}", f"{case['model']}-{stack}", output)
                 print(f"  log: {log}", flush=True)
-            row["wall_s"] = time.perf_counter() - started
+            row.update(cap_gb=case.get("cap_gb"), cap_applied=capped, wall_s=time.perf_counter() - started)
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
             profile_report.write_results(rows, command, Path(args.out), args.tag)
@@ -139,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tag", default="latest", help="result files: <out>/profile-<tag>.md and .json")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--stack-timeout", type=float, default=0, help="seconds per (case, stack); 0: none")
+    parser.add_argument("--baseline-uncapped", action="store_true",
+                        help="run the baseline without the case's cap (as memory_speed does), where it can't fit it")
     parser.add_argument("--drop-models", action="store_true", help="delete the random models built by this run")
     parser.add_argument("--smoke", action="store_true",
                         help=f"test the script on the CPU: {SMOKE_CASE}, {SMOKE_STACKS}, "

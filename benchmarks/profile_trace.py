@@ -40,7 +40,7 @@ BUCKET_RULES = {
                  "input dims is the LoRA rank",
     "gemm_lora": "the same, with an input dimension equal to the LoRA rank (r = 16 unless `--set lora.r`)",
     "attention": "kernel or enclosing op name contains `scaled_dot_product`, `flash`, `fmha`, `attention`, "
-                 "`efficient_attention` or `cutlassF/B` (SDPA and flash-attn, forward and backward)",
+                 "`efficient_attention`, `sdpa` (cuDNN) or `cutlassF/B` (SDPA and flash-attn, forward and backward)",
     "loss": f"launched inside `{LOSS_RANGE}` (our chunked loss; transformers' `loss_function`), a name with "
             "`cross_entropy`, `nll_loss`, `log_softmax` or `logsumexp` (Unsloth's Triton loss, autograd's "
             "backward nodes), or a matmul with the vocabulary size among its dims (lm_head)",
@@ -60,7 +60,7 @@ GEMM_OPS = frozenset({"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "
 GEMM_KERNEL = re.compile(r"gemm|gemv|nvjet|xmma|cutlass(?![FB])|cublas", re.I)
 DEQUANT = re.compile(r"dequant", re.I)
 LOSS = re.compile(r"cross_?entropy|nll_?loss|log_?softmax|logsumexp", re.I)
-ATTENTION = re.compile(r"scaled_?dot_?product|flash|fmha|attention|cutlass[FB]", re.I)
+ATTENTION = re.compile(r"scaled_?dot_?product|flash|fmha|attention|sdpa|cutlass[FB]", re.I)
 SYNC_CALLS = frozenset({"cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
                         "cuStreamSynchronize", "cuCtxSynchronize", "cuEventSynchronize"})
 GPU_CATS = frozenset({"kernel", "gpu_memcpy", "gpu_memset"})

@@ -169,3 +169,13 @@ def test_smoke_profiles_two_stacks_on_the_cpu_into_buckets_that_add_up(tmp_path)
     for line in ("- date: ", "- card: CPU", "- versions: python ", "- command: `", "## Side by side",
                  "| ms a step | ours:universal | baseline |", "## How buckets are matched", "| **sum** |"):
         assert line in md
+
+
+def test_the_child_imports_no_torch_before_the_stack_does():
+    """Unsloth must be imported before transformers: stacks.run_one does that in the child, so nothing the
+    profiler's modules import at the top may pull torch or transformers in first."""
+    code = ("import sys; import benchmarks.profile_step, benchmarks.profile_hooks, benchmarks.profile_report; "
+            "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
