@@ -329,3 +329,15 @@ def test_the_plan_says_when_embeddings_on_cpu_has_no_effect_and_the_ram_estimate
     assert "has no effect here" in plan_recipe(recipe("gemma-2b", True), CardSpec(8)).reason
     assert "has no effect" not in plan_recipe(recipe("llama-3.1-8b", True), CardSpec(8)).reason
     assert estimate_cpu_ram_gib(recipe("phi-2", True)) == estimate_cpu_ram_gib(recipe("phi-2", False))
+
+
+def test_the_cpu_ram_estimate_of_a_packed_run_sizes_a_full_bin_not_the_longest_row():
+    """Packed, a micro-batch is a bin of up to seq_len tokens of rows, however short each row is."""
+    from tui_finetune.core.recipe import recipe_from_dict
+    from tui_finetune.core.suggest import estimate_cpu_ram_gib
+
+    def recipe(packing):
+        return recipe_from_dict({"model": "phi-2", "data": {"seq_len": 1024, "packing": packing}})
+
+    assert estimate_cpu_ram_gib(recipe(False), longest_row_tokens=72) < estimate_cpu_ram_gib(recipe(False))
+    assert estimate_cpu_ram_gib(recipe(True), longest_row_tokens=72) == estimate_cpu_ram_gib(recipe(True))

@@ -9,6 +9,8 @@ turns the lever on before it shortens anybody's rows, and a resume keeps it.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -146,20 +148,41 @@ def test_a_tied_model_keeps_its_embedding_where_the_lm_head_needs_it():
     assert model.get_input_embeddings() is embedding and model.lm_head.weight is embedding.weight
 
 
-def test_an_embedding_that_trains_is_refused():
+def test_an_embedding_that_trains_stays_where_its_optimizer_is(tiny):
     model = _tied_llama()
     model.config.tie_word_embeddings = False
     model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
-    with pytest.raises(ValueError, match="full fine-tuning"):
-        move_input_embedding_to_cpu(model)  # every weight still trains
+    embedding = model.get_input_embeddings()
+    assert not move_input_embedding_to_cpu(model)  # full fine-tuning: every weight still trains
+    assert model.get_input_embeddings() is embedding
+
+    model_dir, _ = tiny  # LoRA on the embedding itself: the recipe asks for the lever, the model keeps it
+    recipe = tiny_recipe(model_dir, memory={"embeddings_on_cpu": True},
+                         lora={"target_modules": ["q_proj", "v_proj", "embed_tokens"]})
+    loaded = backends.load_for_training(model_dir, recipe, detect_device())
+    assert not embedding_offload.input_embedding_on_cpu(loaded.model)
+    assert any("lora_embedding" in name for name, p in loaded.model.named_parameters() if p.requires_grad)
+
+
+def test_the_planner_saves_nothing_for_an_embedding_that_is_a_lora_target():
+    from tui_finetune.core.catalog import get_model
+    from tui_finetune.core.planner import LEAN, PlanCase, adapts_input_embedding, embedding_params_on_cpu
+
+    llama = get_model("llama-3.1-8b")
+    lever = replace(LEAN, input_embedding_on_cpu=True)
+    assert embedding_params_on_cpu(PlanCase(model=llama), lever) == llama.input_embedding_params() > 0
+    assert embedding_params_on_cpu(PlanCase(model=llama, lora_targets=("q_proj", "embed_tokens")), lever) == 0
+    assert adapts_input_embedding("embed_tokens") and not adapts_input_embedding("all-linear")
+    assert adapts_input_embedding(["model.embed_tokens"]) and not adapts_input_embedding(("q_proj", "lm_head"))
 
 
 # ------------------------------------------------------------ the fit-check's out-of-memory rule, on the worker
 
-def _run_worker(run_dir, oom_calls: int = 0, stop_after_a_checkpoint: bool = False):
+def _run_worker(run_dir, oom_calls: int = 0, stop_after_a_checkpoint: bool = False, oom_at_call: int = 0):
     """The real worker in this process. ``oom_calls``: the first that many training micro-steps (the
-    fit-check's first) raise a CUDA out-of-memory at micro-batch 1, as engine/faults.py's hook does.
-    Returns its exit code and what each ``move_input_embedding_to_cpu`` call returned."""
+    fit-check's first) raise a CUDA out-of-memory at micro-batch 1, as engine/faults.py's hook does;
+    ``oom_at_call``: that one micro-step alone does. Returns its exit code and what each
+    ``move_input_embedding_to_cpu`` call returned."""
     from tui_finetune.engine import training, worker
 
     calls, moved = {"n": 0}, []
@@ -167,7 +190,9 @@ def _run_worker(run_dir, oom_calls: int = 0, stop_after_a_checkpoint: bool = Fal
 
     def oom_limit(point, step):
         calls["n"] += point == "train"
-        return 0 if point == "train" and calls["n"] <= oom_calls else None
+        if point == "train" and (calls["n"] <= oom_calls or calls["n"] == oom_at_call):
+            return 0
+        return None
 
     def recording_move(model):
         moved.append(real_move(model))
@@ -241,3 +266,27 @@ def test_the_oom_rule_leaves_a_tied_model_and_other_backends_alone(tmp_path):
         assert not embedding_offload.input_embedding_on_cpu(untied)
         assert move_embeddings_after_oom(run_dir, recipe, untied, backends.BACKENDS["universal"], log, oom)
     assert embedding_offload.input_embedding_on_cpu(untied) and read_run_recipe(run_dir).memory.embeddings_on_cpu
+
+
+def test_an_oom_in_a_later_step_starts_over_from_the_initial_adapter(tiny, tmp_path, monkeypatch):
+    """An out-of-memory in step 3 (no checkpoint yet) moves the embedding and starts again: from the adapter
+    the run began with and the recipe's seed, so the run trains exactly as one with the lever from the start,
+    not on from the two steps it had trained before the OOM."""
+    from tui_finetune.core.events import StepEvent
+
+    model_dir, data = tiny
+    monkeypatch.setenv("TUI_FINETUNE_HOME", str(tmp_path / "home"))
+    no_checkpoint = {"every_steps": 100}
+    recipe = fault_recipe(model_dir, 4, train={"micro_batch": 1, "grad_accum": 2}, checkpoint=no_checkpoint)
+    run_dir = create_run(recipe, data, base=tmp_path / "runs")
+    code, moved = _run_worker(run_dir, oom_at_call=6)  # the fit-check's step, steps 1 and 2, then step 3's first
+    assert code == 0 and read_run_info(run_dir).state == "completed" and moved == [True]
+    steps = [e for e in read_events(run_dir / EVENTS_FILE)[0] if isinstance(e, StepEvent)]
+    assert [e.step for e in steps] == [1, 2, 1, 2, 3, 4]
+
+    lever = fault_recipe(model_dir, 4, train={"micro_batch": 1, "grad_accum": 2}, checkpoint=no_checkpoint,
+                         memory={"embeddings_on_cpu": True})
+    clean_dir = create_run(lever, data, base=tmp_path / "runs")
+    assert _run_worker(clean_dir)[0] == 0
+    clean = [e for e in read_events(clean_dir / EVENTS_FILE)[0] if isinstance(e, StepEvent)]
+    assert [e.loss for e in steps[2:]] == pytest.approx([e.loss for e in clean], rel=1e-6)

@@ -322,18 +322,34 @@ def estimate_peak_vram(case: PlanCase, profile: EngineProfile = BASELINE) -> Vra
 
 
 EMBEDDINGS_STAY_NOTE = ("memory.embeddings_on_cpu has no effect here: the input embedding stays on the GPU where "
-                        "the lm_head is the input embedding (tied), in full fine-tuning, and on Unsloth")
+                        "the lm_head is the input embedding (tied), where it trains (full fine-tuning, or a LoRA target) "
+                        "and on Unsloth")
 """Why ``memory.embeddings_on_cpu`` saves nothing (``embedding_params_on_cpu``): the plan's verdict and the
 worker's warning both say it."""
 
 
 def embedding_params_on_cpu(case: PlanCase, profile: EngineProfile) -> int:
     """Parameters of the input embedding kept in CPU RAM rather than on the GPU: all of it when the profile
-    says so, the model's lm_head is a matrix of its own and the embedding is frozen; else none. (Unsloth's
+    says so, the model's lm_head is a matrix of its own and the embedding is frozen (not a full fine-tune,
+    not a LoRA target); else none. (Unsloth's
     profile never moves it: that backend loads its own way.)"""
-    if not profile.input_embedding_on_cpu or case.model.tied_embeddings or case.method == "full":
+    if (not profile.input_embedding_on_cpu or case.model.tied_embeddings or case.method == "full"
+            or adapts_input_embedding(case.lora_targets)):
         return 0
     return case.model.input_embedding_params()
+
+
+INPUT_EMBEDDING_NAMES = ("embed_tokens", "embed_in", "wte", "word_embeddings")
+"""Module names of the input embedding in the architectures we train (Llama, Mistral, Qwen2, Gemma and
+Phi use ``embed_tokens``); ``all-linear`` never adapts it."""
+
+
+def adapts_input_embedding(lora_targets: str | tuple[str, ...] | list[str]) -> bool:
+    """Whether the LoRA targets name the input embedding: then it trains (its LoRA weights at least) and
+    has to stay on the GPU with the optimizer."""
+    if isinstance(lora_targets, str):
+        return lora_targets in INPUT_EMBEDDING_NAMES
+    return any(name.split(".")[-1] in INPUT_EMBEDDING_NAMES for name in lora_targets)
 
 
 def profile_named(name: str) -> EngineProfile:

@@ -174,10 +174,11 @@ data. Calibrated on the demo (tui-finetune train demo-cpu on a 2-core machine; s
 def estimate_cpu_ram_gib(recipe: RecipeSpec, longest_row_tokens: int | None = None) -> float:
     """A CPU run's peak RAM (the worker's RSS) in GiB: the planner's tensors without the CUDA context and
     the allocator's slack (the CPU has neither), plus the worker itself. A batch is padded to its longest
-    row, not to ``seq_len``, so the data's longest row (from the data check) sizes the logits when known."""
+    row, not to ``seq_len``, so the data's longest row (from the data check) sizes the logits when known;
+    with ``data.packing`` a bin holds up to ``seq_len`` tokens of rows, so it is ``seq_len`` again."""
     case, profile = _plan_case_of(recipe, None)
     profile = replace(profile, input_embedding_on_cpu=False)  # on the CPU, RAM holds the embedding either way
-    if longest_row_tokens:
+    if longest_row_tokens and not recipe.data.packing:  # packed, a micro-batch fills seq_len with rows
         case = replace(case, seq_len=max(1, min(case.seq_len, int(longest_row_tokens))))
     estimate = estimate_peak_vram(case, profile)
     tensors = estimate.total - estimate.parts.get("cuda_context", 0.0) - estimate.parts.get("slack", 0.0)

@@ -268,7 +268,7 @@ def probe_step(model: Any, backend: Backend, memory: MemorySpec) -> None:
     """One forward and backward on 16 tokens, no optimizer step: compiles the kernels now, so a backend
     that can't run on this card fails here and the next one is tried. The LoRA weights are untouched."""
     vocab = model.get_input_embeddings().weight.shape[0]
-    device = model.get_input_embeddings().weight.device
+    device = model.device  # the decoder's: with memory.embeddings_on_cpu the embedding's weight is in RAM
     ids = torch.arange(16, device=device).unsqueeze(0) % vocab
     model.train()
     loss = backend.loss(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}, memory)

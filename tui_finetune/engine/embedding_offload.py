@@ -90,18 +90,17 @@ def input_embedding_on_cpu(model: Any) -> bool:
 
 def move_input_embedding_to_cpu(model: Any) -> bool:
     """Keep the (frozen) input embedding of ``model`` (a transformers causal LM, or a peft model around one) in
-    CPU RAM and release its GPU memory. Returns True when it is in CPU RAM now, False when it must stay
-    (a tied lm_head, or a layout whose embedding can't be replaced). Raises ValueError for an embedding
-    that trains (full fine-tuning): its gradient and optimizer step would run on the CPU."""
+    CPU RAM and release its GPU memory. Returns True when it is in CPU RAM now, False when it must stay:
+    a tied lm_head, an embedding that trains (full fine-tuning, or named in the LoRA targets: its gradient
+    and optimizer step belong on the GPU), or a layout whose embedding can't be replaced."""
     base = _causal_lm(model)
     embedding = base.get_input_embeddings()
     if isinstance(embedding, CpuInputEmbedding):
         return True
     if embedding is None or input_embedding_is_tied(base):
         return False
-    if any(p.requires_grad for p in embedding.parameters()):
-        raise ValueError("memory.embeddings_on_cpu: the input embedding trains here (full fine-tuning); "
-                         "it can only wait in CPU RAM when it is frozen (LoRA, QLoRA)")
+    if any(p.requires_grad for p in embedding.parameters()):  # full fine-tuning, or a LoRA target itself:
+        return False  # its gradient and optimizer step belong on the GPU
     mine = {id(p) for p in embedding.parameters()}
     output_device = next((p.device for p in base.parameters() if id(p) not in mine), CPU)
     _remove_accelerate_hook(embedding)

@@ -115,6 +115,8 @@ class TrainingLoop:
                                                         f"{'fit-check' if in_check else 'training'}: {first_line(err)}"))
                 resume = find_resume_checkpoint(checkpoints).path
                 if recipe.train.micro_batch <= 1 and resume is None:  # no checkpoint yet: the length may change
+                    model.load_state_dict(initial, strict=False)  # the worker starts over: from the initial adapter,
+                    set_seed(recipe.train.seed)                   # not from the steps trained before the OOM
                     raise SequenceTooLong(max(row_lengths(data.train), default=0), first_line(err),
                                           "the fit-check" if in_check else "training") from None
                 recipe = seal_cb.recipe = self.shrink_after_oom(err, in_check)
