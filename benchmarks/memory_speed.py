@@ -246,6 +246,19 @@ def run_all(cases: list[dict], stack_names: list[str], args: argparse.Namespace)
 
 # ---------------------------------------------------------------- command line
 
+def add_run_options(parser: argparse.ArgumentParser, tag_help: str) -> None:
+    """The options memory_speed and profile_step share: the cap, recipe overrides, where results go, the
+    per-stack timeout, the uncapped baseline and dropping the random models."""
+    parser.add_argument("--cap-gb", type=float, default=None, help="default cap in GiB for cases without one")
+    parser.add_argument("--set", action="append", default=[], help="recipe override for ours (key=value)")
+    parser.add_argument("--tag", default="latest", help=tag_help)
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--stack-timeout", type=float, default=0, help="seconds per (case, stack); 0: none")
+    parser.add_argument("--baseline-uncapped", action="store_true",
+                        help="run the baseline without the card cap, so parity and speed have a reference")
+    parser.add_argument("--drop-models", action="store_true", help="delete the random models built by this run")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.memory_speed", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -260,14 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="keep the rows of <out>/<tag>.json and add this call's as further rounds, so rounds "
                              "spread over several calls (each under a time limit) report together")
     parser.add_argument("--steps", type=int, help=f"optimizer steps per stack (default {report.PARITY_STEPS})")
-    parser.add_argument("--cap-gb", type=float, default=None, help="default cap in GiB for cases without one")
-    parser.add_argument("--set", action="append", default=[], help="recipe override for ours (key=value)")
-    parser.add_argument("--tag", default="latest", help="result file name: <out>/<tag>.json and .md")
-    parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--stack-timeout", type=float, default=0, help="seconds per (case, stack); 0: none")
-    parser.add_argument("--baseline-uncapped", action="store_true",
-                        help="run the baseline without the card cap, so parity and speed have a reference")
-    parser.add_argument("--drop-models", action="store_true", help="delete the random models built by this run")
+    add_run_options(parser, tag_help="result file name: <out>/<tag>.json and .md")
     parser.add_argument("--smoke", action="store_true",
                         help=f"test the script on the CPU: {SMOKE_CASE}, {SMOKE_STACKS}, {SMOKE_STEPS} steps, "
                              "torch AdamW, no cap")

@@ -135,15 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stacks", help="comma-separated memory_speed stacks (default: ours:universal,baseline)")
     parser.add_argument("--warmup", type=int, help=f"plain steps before recording (default {DEFAULT_WARMUP})")
     parser.add_argument("--record", type=int, help=f"steps recorded by the profiler (default {DEFAULT_RECORD})")
-    parser.add_argument("--cap-gb", type=float, default=None, help="default cap in GiB for cases without one")
-    parser.add_argument("--set", action="append", default=[], help="recipe override for ours (key=value)")
     parser.add_argument("--trace", help="also keep each stack's chrome trace, gzipped, in this folder (large)")
-    parser.add_argument("--tag", default="latest", help="result files: <out>/profile-<tag>.md and .json")
-    parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--stack-timeout", type=float, default=0, help="seconds per (case, stack); 0: none")
-    parser.add_argument("--baseline-uncapped", action="store_true",
-                        help="run the baseline without the case's cap (as memory_speed does), where it can't fit it")
-    parser.add_argument("--drop-models", action="store_true", help="delete the random models built by this run")
+    memory_speed.add_run_options(parser, tag_help="result files: <out>/profile-<tag>.md and .json")
     parser.add_argument("--smoke", action="store_true",
                         help=f"test the script on the CPU: {SMOKE_CASE}, {SMOKE_STACKS}, "
                              f"{SMOKE_WARMUP} + {SMOKE_RECORD} steps")

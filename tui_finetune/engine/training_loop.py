@@ -11,7 +11,8 @@ begins, so an out-of-memory there and one in any later step reach the same handl
    (recipe_refit.shrink_micro_batch), and training goes on from the last checkpoint, or from the very
    same initial adapter when there is none yet;
 3. at micro-batch 1, a run with no checkpoint yet raises ``SequenceTooLong`` (the worker first moves the
-   input embedding to CPU RAM where it can, then halves the sequence and tokenizes again); once a checkpoint fixes the sequence length, it gives up with advice
+   input embedding to CPU RAM where it can, then halves the sequence and tokenizes again; either way from
+   the initial adapter and seed); once a checkpoint fixes the sequence length, it gives up with advice
    (``OomGiveUp``).
 
 Evaluation's own OOMs shrink only the eval batch, and at batch 1 turn evaluation off (training.py).
