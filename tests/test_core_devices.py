@@ -92,7 +92,9 @@ def test_the_plan_is_for_the_smallest_of_the_cards_the_users_cuda_visible_device
     pinned = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": "0,1"}
     assert smallest_gpu(MIXED, 2, pinned).index == 0  # the 12 GB card the user chose, not the best two's
     assert smallest_gpu(MIXED, 2, {}).index == 2  # pinned by us: the best two, as without an environment
-    assert smallest_gpu(MIXED, 2, {"CUDA_VISIBLE_DEVICES": "0,1"}).index == 2  # CUDA's order: can't tell
+    # CUDA's order or UUIDs: which cards they are can't be told, so the plan is for the machine's smallest
+    assert smallest_gpu(MIXED, 2, {"CUDA_VISIBLE_DEVICES": "0,1"}).index == 0
+    assert smallest_gpu(MIXED, 2, {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": "GPU-1a,GPU-2b"}).index == 0
 
 
 def test_the_effective_batch_is_shown_whole():

@@ -65,9 +65,11 @@ def smallest_gpu(report: HardwareReport, count: int, env: Mapping[str, str] | No
     """The card a run on ``count`` devices must fit: every rank holds the whole model, so the smallest.
 
     With ``env`` (the launch's environment), of the cards ``pin_gpus`` will pin there: the user's own
-    ``CUDA_VISIBLE_DEVICES`` may name others than the best ones."""
+    ``CUDA_VISIBLE_DEVICES`` may name others than the best ones. Where NVML can't tell which cards it names
+    (UUIDs, CUDA's own order), the smallest card of the machine: a plan may be too careful, never too bold."""
     pinned = run_gpus(pin_gpus(dict(env), report, count), report) if env is not None else []
-    picked = pinned or pick_gpus(report, count)
+    users_own = env is not None and VISIBLE in env
+    picked = pinned or (list(report.gpus) if users_own else pick_gpus(report, count))
     return min(picked, key=lambda g: (g.total_bytes - g.other_process_bytes, g.index)) if picked else None
 
 

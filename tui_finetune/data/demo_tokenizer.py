@@ -13,6 +13,7 @@ import importlib
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from tui_finetune.core.paths import converted_tokenizer_dir
@@ -81,6 +82,7 @@ def convert_demo_tokenizer(module, folder: Path) -> None:  # noqa: ANN001 - the 
     from transformers import AutoTokenizer
 
     folder.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_scratch(folder)
     scratch = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp", dir=folder.parent))
     try:
         gguf = module.assemble(scratch / module.MODEL_NAME)
@@ -94,3 +96,23 @@ def convert_demo_tokenizer(module, folder: Path) -> None:  # noqa: ANN001 - the 
                 raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+STALE_SCRATCH_SECONDS = 3600.0
+"""A scratch folder untouched this long belongs to a check that was killed (a conversion takes ~20 s)."""
+
+
+def remove_stale_scratch(folder: Path, now: float | None = None) -> list[Path]:
+    """Delete the scratch folders of conversions into ``folder`` that were killed half-way (each holds an
+    assembled GGUF of a few hundred MB); one still being written by another check is left alone."""
+    now = time.time() if now is None else now
+    removed = []
+    for scratch in folder.parent.glob(folder.name + ".tmp*"):
+        try:
+            stale = now - scratch.stat().st_mtime > STALE_SCRATCH_SECONDS
+        except OSError:  # removed meanwhile by its own check
+            continue
+        if stale and scratch.is_dir():
+            shutil.rmtree(scratch, ignore_errors=True)
+            removed.append(scratch)
+    return removed
