@@ -20,33 +20,13 @@ torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 from engine_runs import REPO, events_of, start, tiny_recipe, wait_for_end  # noqa: E402
-from engine_tiny import build_tokenizer  # noqa: E402
 from tui_finetune.core.events import StepEvent  # noqa: E402
 from tui_finetune.core.run_folder.control import prepare_recipe  # noqa: E402
 from tui_finetune.core.run_folder.info import create_run, read_run_info, read_run_recipe  # noqa: E402
+from test_engine_gpu import phi2  # noqa: E402,F401 - the fixture builds Phi-2 with random weights
 
 SAMPLES = REPO / "tests" / "data" / "samples" / "instructions.alpaca.jsonl"
 STEPS = 20
-
-
-@pytest.fixture(scope="module")
-def phi2(tmp_path_factory):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from tui_finetune.core.catalog import get_model
-
-    folder = tmp_path_factory.mktemp("phi2")
-    tokenizer = build_tokenizer(folder)
-    values = get_model("phi-2").to_config_dict()
-    config = AutoConfig.for_model(**{**values, "pad_token_id": tokenizer.pad_token_id,
-                                     "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id})
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(folder)
-    del model
-    torch.cuda.empty_cache()
-    return folder
 
 
 def _recipe(model, devices: int = 1, micro: int = 4, accum: int = 2):
@@ -65,7 +45,7 @@ def _tokens_per_s(run_dir) -> float:
     return statistics.median(s.tokens_per_s for s in events_of(run_dir, StepEvent)[3:] if s.tokens_per_s)
 
 
-def test_torchrun_with_one_process_trains_like_the_plain_worker(phi2, tmp_path):
+def test_torchrun_with_one_process_trains_like_the_plain_worker(phi2, tmp_path):  # noqa: F811
     plain = start(_recipe(phi2), SAMPLES, tmp_path / "plain")
     assert wait_for_end(plain, timeout=300) == "completed", (plain / "worker.log").read_text()[-3000:]
 
@@ -86,7 +66,7 @@ def test_torchrun_with_one_process_trains_like_the_plain_worker(phi2, tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-def test_two_gpus_train_like_one_with_the_same_effective_batch_and_faster(phi2, tmp_path):
+def test_two_gpus_train_like_one_with_the_same_effective_batch_and_faster(phi2, tmp_path):  # noqa: F811
     one = start(_recipe(phi2, devices=1, micro=4, accum=2), SAMPLES, tmp_path / "one")
     assert wait_for_end(one, timeout=400) == "completed", (one / "worker.log").read_text()[-3000:]
     two = start(_recipe(phi2, devices=2, micro=4, accum=1), SAMPLES, tmp_path / "two")
