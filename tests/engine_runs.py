@@ -53,10 +53,12 @@ def wait_for(run_dir: Path, predicate, timeout: float = 60.0) -> Event:
         for event in read_events(run_dir / "events.jsonl")[0]:
             if predicate(event):
                 return event
-        if not pid_alive(read_run_info(run_dir).pid):
+        pid = read_run_info(run_dir).pid
+        if pid is not None and not pid_alive(pid):  # None: the launcher has not started the worker yet
             break
         time.sleep(0.05)
-    raise AssertionError(f"event never came: {(run_dir / 'worker.log').read_text()[-3000:]}")
+    log = run_dir / "worker.log"
+    raise AssertionError(f"event never came: {log.read_text()[-3000:] if log.is_file() else 'no worker.log'}")
 
 
 def events_of(run_dir: Path, cls) -> list:
