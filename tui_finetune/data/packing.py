@@ -106,6 +106,30 @@ def pack_lengths(lengths: list[int], max_tokens: int, seed: int = 0) -> list[lis
     return [sorted(b) for b in bins]
 
 
+def group_lengths(lengths: list[int], max_padded_tokens: int, seed: int = 0) -> list[list[int]]:
+    """Rows of similar length grouped so that each group, padded to its longest row, holds at most
+    ``max_padded_tokens`` tokens (rows x longest): ``data.group_by_length``'s bins, one padded pass each.
+
+    Rows go longest first (ties in an order shuffled by ``seed``); a group takes the next rows while
+    (rows + 1) x its first (longest) row still fits, so neighbours in length share a pass and padding
+    stays small. A row longer than the budget gets a group of its own. Each group lists its rows in
+    dataset order; groups come longest first. A pure function, so a resume rebuilds the same groups."""
+    if max_padded_tokens < 1:
+        raise ValueError("max_padded_tokens must be at least 1")
+    order = list(range(len(lengths)))
+    random.Random(seed).shuffle(order)
+    order.sort(key=lambda i: -lengths[i])  # stable: equal lengths keep the seeded order
+    groups: list[list[int]] = []
+    widest = 0
+    for i in order:
+        if groups and (len(groups[-1]) + 1) * widest <= max_padded_tokens:
+            groups[-1].append(i)
+            continue
+        groups.append([i])
+        widest = max(int(lengths[i]), 1)
+    return [sorted(g) for g in groups]
+
+
 def bins_per_step(effective_rows: int, devices: int, micro_batch: int, rows_per_bin: float) -> int:
     """Bins per device per optimizer step: ``micro_batch`` x the accumulation that keeps about
     ``effective_rows`` rows a step, ``max(1, round(effective_rows / (micro_batch x devices x rows_per_bin)))``."""
