@@ -153,3 +153,38 @@ def test_an_oom_in_training_on_an_accelerated_backend_restarts_on_the_universal_
     assert (info.state, info.backend) == ("completed", "universal")
     assert any(s.startswith("liger: failed in an earlier attempt (CUDA out of memory") for s in info.backend_skipped)
     assert backends.expected_backend(model, recipe, detect_device(), info.backend_failures) == "universal"
+
+
+def test_an_unprobed_backend_that_fails_in_the_fit_check_is_dropped_like_a_failed_probe(tiny, tmp_path, monkeypatch):
+    """Unsloth skips the 16-token probe (backends.Backend.probes): the fit-check is its probe, so any failure
+    there, not only an out-of-memory, restarts the worker without it."""
+    from tui_finetune.engine import worker
+    from tui_finetune.engine.backends import BACKENDS, UniversalBackend
+
+    class UnprobedLiger(UniversalBackend):  # an available accelerated backend that can't run this model
+        name, probes = "liger", False
+
+        def unavailable(self, model_type, recipe, device):
+            return None
+
+        def loss(self, model, inputs, memory, num_items_in_batch=None):
+            raise ValueError("unsupported head dimension 80\nmore detail")
+
+    model, data = tiny
+    monkeypatch.setitem(BACKENDS, "liger", UnprobedLiger())
+    monkeypatch.setenv("TUI_FINETUNE_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(worker.StopSignal, "install", lambda self: None)
+    execs = []
+
+    def execv(path, argv):
+        execs.append(argv)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(worker.os, "execv", execv)
+    run_dir = create_run(fault_recipe(model, 4, memory={"backend": "liger"}), data, base=tmp_path / "runs")
+    with pytest.raises(SystemExit):
+        worker.Worker(run_dir).run()
+    info = read_run_info(run_dir)
+    assert execs and info.backend == "liger" and info.oom_shrinks == []
+    # loading passed (no probe ran), and the fit-check's failure named it
+    assert info.backend_failures == {"liger": "ValueError in the fit-check: unsupported head dimension 80"}

@@ -8,8 +8,9 @@
 
 ``memory.backend = "auto"`` tries Unsloth, then the universal path (``AUTO_ORDER``). A backend is
 skipped when it is missing or the card, architecture or recipe is unsupported. One that raises while
-loading or on a one-step probe (a Triton kernel that fails to compile on an old card fails there, not
-hours into the run) ends the process with ``BackendFailed``: Liger and Unsloth patch transformers'
+loading, on a one-step probe (a Triton kernel that fails to compile on an old card fails there, not
+hours into the run) or, for Unsloth, which is not probed (``Backend.probes``), in the fit-check, ends the
+process with ``BackendFailed``: Liger and Unsloth patch transformers'
 classes process-wide, so the worker re-executes itself and the fresh process skips that backend.
 The worker records the choice, the reason, every skip and every failure in
 ``run.json``. Whatever the backend, the model is a peft LoRA model trained by the same Trainer, so
@@ -87,6 +88,14 @@ class Backend:
     name = ""
     architectures: frozenset[str] | None = None
     """The ``model_type`` values it supports; None: all."""
+    probes = True
+    """Whether a 16-token probe step follows loading (``probe_step``). Unsloth's is skipped: its
+    torch.compile'd kernels specialise on the first shapes they see, and Unsloth warns that a different
+    first call poisons that cache; on an H200 our Unsloth path, probed, stayed at the speed of Unsloth's
+    first (cold) run while Unsloth called directly ran up to 1.44x faster in later runs
+    (benchmarks/results/unsloth-ab-mistral-7b-2048.md). Its probe is the fit-check instead: the run's
+    own first step, on its longest batch, where a failure drops the backend just the same
+    (engine/training_loop.py)."""
     moves_embeddings = False
     """Whether it honours ``memory.embeddings_on_cpu`` (engine/embedding_offload.py): the backends that load
     through engine/loading.py's ``add_lora`` do; the planner's Unsloth profile never moves it either."""
@@ -187,6 +196,7 @@ class LigerBackend(UniversalBackend):
 class UnslothBackend(Backend):
     name = "unsloth"
     architectures = frozenset({"llama", "mistral", "gemma", "gemma2", "qwen2", "qwen3"})
+    probes = False
 
     def unavailable(self, model_type: str, recipe: RecipeSpec, device: DeviceFacts) -> str | None:
         if not module_installed("unsloth"):
@@ -317,7 +327,7 @@ def load_for_training(folder: Path, recipe: RecipeSpec, device: DeviceFacts,
         failure = ""
         try:
             model = backend.load(folder, recipe, device)
-            if name != "universal":
+            if name != "universal" and backend.probes:
                 probe_step(model, backend, recipe.memory)
         except Exception as err:  # noqa: BLE001 - any failure of an accelerated backend means: fall back
             if is_oom(err) or name == "universal":

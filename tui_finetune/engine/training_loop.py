@@ -5,7 +5,8 @@ begins, so an out-of-memory there and one in any later step reach the same handl
 
 1. on an accelerated backend (Liger, Unsloth), the backend is dropped: the worker records it and
    restarts on the universal path, as after a backend failure, before anything else shrinks
-   (``auto`` must not keep a backend the fit-check can't prove on this card);
+   (``auto`` must not keep a backend the fit-check can't prove on this card); for a backend that gets
+   no probe step (Unsloth, ``backends.Backend.probes``) any failure in the fit-check drops it too;
 2. else the micro-batch shrinks and the accumulation grows by the same factor (``next_micro_batch``:
    the effective batch stays exactly the same), written to the run's recipe.toml
    (recipe_refit.shrink_micro_batch), and training goes on from the last checkpoint, or from the very
@@ -104,9 +105,14 @@ class TrainingLoop:
                 record_peak(self.run_dir, "train")
                 break
             except Exception as err:
-                if not is_oom(err):
-                    raise
                 in_check = not fit_cb.passed
+                if not is_oom(err):
+                    if in_check and self.backend is not None and not self.backend.probes:
+                        # the fit-check is an unprobed backend's probe (backends.Backend.probes): its failure
+                        # there drops it, as a failed probe would
+                        self.restart_without(BackendFailed(self.backend.name, f"{type(err).__name__} in the "
+                                                            f"fit-check: {first_line(err)}"))
+                    raise
                 del trainer
                 free_cuda_memory()
                 if self.world_size <= 1 or args.process_index == 0:
