@@ -85,7 +85,7 @@ def parse_case(text: str, default_cap: float | None = None) -> dict:
                         "x accumulation 4), capGB a number and the last field a number or one of "
                         f"{', '.join(batches.LENGTH_MODES)}, e.g. mistral-7b:qlora:2048:1:15.55") from None
     if seq_n < 2 or batch_n < 1 or accum_n < 1 or (cap is not None and cap <= 0):
-        raise CaseError(f"case '{text}': seq must be at least 2, batch and accum at least 1 and capGB above 0")
+        raise CaseError(f"case '{text}': seq must be at least 2, batch at least 1, accum at least 1 and capGB above 0")
     return {"model": model, "method": method, "seq": seq_n, "batch": batch_n, "accum": accum_n, "cap_gb": cap,
             "lengths": lengths}
 
