@@ -24,28 +24,49 @@ is updated. ``sample_lengths(10_000, seq)``:
 ``PROMPT_SHARE`` = 25% of each row (at least one token) is the user's turn and carries no loss, as
 the product trains by default (``data.train_on_prompt = false``).
 
-Batching: every stack gets the same rows in the same order, ``batch`` rows a step, so the losses
-compare step by step. Every stack trains in the same loop (``stacks.train_and_measure``, not HF
-Trainer's) with the same optimizer; only the batching differs:
+Batching: a case is ``batch`` rows a micro-batch and ``accum`` micro-batches an optimizer step
+(``BATCHxACCUM``; ``BATCH`` alone is accumulation 1). Every stack trains in the same loop
+(``stacks.train_and_measure``, not HF Trainer's) with the same optimizer; each micro-batch's loss is over
+the step's loss-carrying tokens (``num_items_in_batch``, as Trainer passes it; a step of one micro-batch
+calls the loss as before), so a step's loss is its rows' mean whatever the split. Only the batching differs:
 
-* ``baseline`` and ``unsloth``: ``transformers.DataCollatorForSeq2Seq(padding="longest")``, the
-  collator a notebook gives HF Trainer for prompt-masked SFT, with Trainer's defaults
-  (``group_by_length=False``, a random sampler: our rows are independent draws, so their order is
-  already random). Each batch is padded to its longest row. At micro-batch 4 and seq 1024, 59% of
-  the tokens of the first 50 steps are useful (``padded_useful_share``; 77% at micro-batch 2, 48%
-  at 8; at micro-batch 1 nothing is padded).
-* ``ours``: the product's collator, ``make_collator(tokenizer, recipe.data.packing)``: the same
-  padding (``PaddingCollator``).
-* ``ours:<backend>:packed`` (``data.packing = true``) packs as the engine does (data/packing.py): rows
-  go into bins of at most ``seq`` tokens (best-fit decreasing, ``PACK_SEED``), the bins are drawn in a
-  seeded random order as the Trainer's sampler draws them, and a step is ``batch`` bins (the micro-batch
-  counts bins) flattened into one row by the engine's collator, at most ``batch x seq`` tokens: the
-  padded stacks' worst case. The engine's accumulation for this loop's one micro-batch a step stays 1
-  (``bins_per_step(batch, 1, batch, rows a bin)``: it never goes below one micro-batch), so a packed
-  step holds about ``batch x rows a bin`` rows (``rows_per_step`` in the row) in one pass where the
-  padded stacks hold ``batch``: fewer, fuller passes are the lever measured. Its losses are over other
-  rows than the baseline's, so the report leaves its parity out; tests/test_data_packing.py proves it.
-* A fixed-length case that doesn't pack is batched as before: ``{input_ids, labels}``, no mask.
+* ``baseline``, ``unsloth`` and ``ours:<backend>:rows`` (``data.group_by_length = false``) get the same
+  rows in the same order, ``batch x accum`` a step (an accumulation of 1 trains the rows it always
+  did), so the losses compare step by step. The baseline and Unsloth pad with
+  ``transformers.DataCollatorForSeq2Seq(padding="longest")``, the collator a notebook gives HF Trainer
+  for prompt-masked SFT, with Trainer's defaults (``group_by_length=False``, a random sampler: our rows
+  are independent draws, so their order is already random); ours with the product's collator,
+  ``make_collator(tokenizer, packing=False)``: the same padding. Each micro-batch is padded to its
+  longest row. At micro-batch 4 and seq 1024, 59% of the tokens of the first 50 steps are useful
+  (``padded_useful_share``; 77% at micro-batch 2, 48% at 8; at micro-batch 1 nothing is padded).
+* ``ours:<backend>`` (the recipe's default ``data.group_by_length = true``; ``:grouped`` says so) on a
+  real-length case groups as the engine does: the rows of a pool big enough for the steps go into
+  ``group_lengths`` groups (data/packing.py, seed ``PACK_SEED``) of similar-length rows, each at most
+  ``batch x min(seq, the pool's longest row)`` tokens padded; the groups are drawn in a seeded random
+  order as the Trainer's sampler draws them, each group is ONE micro-batch padded by the product's
+  collator, and a step takes ``bins_per_step(batch x accum, 1, 1, rows a group)`` groups, the
+  accumulation the engine lowers so a step still sees about the recipe's rows. On a fixed-length case
+  every row is ``seq`` long, each group would be ``batch`` rows: it trains as ``:rows`` does.
+* ``ours:<backend>:packed`` (``data.packing = true``) packs as the engine does: rows go into bins of at
+  most ``seq`` tokens (best-fit decreasing, ``PACK_SEED``), drawn in a seeded random order; a micro-batch
+  is ``batch`` bins (the micro-batch counts bins) flattened into one row by the engine's collator, at
+  most ``batch x seq`` tokens (the padded stacks' worst case), and a step takes
+  ``bins_per_step(batch x accum, 1, batch, rows a bin)`` bins (never below one micro-batch).
+
+Grouped and packed steps hold about the recipe's rows (``rows_per_step`` in the row) in fewer, fuller
+passes (``passes_per_step``): the lever measured. Their losses are over other rows than the baseline's,
+so the report leaves their parity out; tests/test_data_packing.py proves their per-token loss. The first
+20 steps of the real-length Gemma-2B cases (``plan_steps``; the lengths don't depend on the model):
+
+  case (seq 1024)   stack     passes a step  rows a step  useful share of the padded tokens
+  micro 1 x 16      rows      16             16           100% (a row a pass: nothing to pad)
+  micro 1 x 16      grouped   6              15.55        99.3%
+  micro 1 x 16      packed    5              15.8         (no padding)
+  micro 4 x 4       rows      4              16           59.5%
+  micro 4 x 4       grouped   1              12.15        96.0%
+  micro 4 x 4       packed    1              12.65        (no padding)
+
+A fixed-length case that doesn't pack is batched as before: ``{input_ids, labels}``, no mask.
 """
 
 from __future__ import annotations

@@ -13,6 +13,8 @@ Plain Python (no torch), so the arithmetic is unit-tested on its own:
   memory (or lost to a saving) is not a like-for-like speed-up.
 * repeats: each stack's mean useful tokens/s, its spread ((max - min) / mean), and the mean of its
   per-round ratios, for runs made with ``--repeat``.
+* rows/step in both tables: grouped and packed steps hold about the recipe's rows in fewer passes, and
+  train other rows than the baseline's, so their parity is left out (``other_rows``).
 """
 
 from __future__ import annotations

@@ -52,6 +52,22 @@ def test_a_grouped_step_takes_whole_groups_within_the_budget_and_each_row_once(t
     assert 10 <= rows_a_step <= 22 and sum(len(s) for s in plan) / 12 < 16 / case["batch"]
 
 
+@pytest.mark.parametrize("batch, batching, passes, rows, share", [
+    ("1x16", "rows", 16, 16, 1.0), ("1x16", "grouped", 6, 15.55, 0.993), ("1x16", "packed", 5, 15.8, None),
+    ("4x4", "rows", 4, 16, 0.595), ("4x4", "grouped", 1, 12.15, 0.960), ("4x4", "packed", 1, 12.65, None),
+])
+def test_passes_and_rows_a_step_match_the_table_batches_py_states(batch, batching, passes, rows, share):
+    """benchmarks/batches.py's docstring (and README) state these numbers for the first 20 steps."""
+    case = parse_case(f"gemma-2b:qlora:1024:{batch}:real")
+    plan = batches.plan_steps(case, 20, VOCAB, batching)
+    assert sum(len(step) for step in plan) / 20 == passes
+    assert batches.rows_per_step(case, 20, VOCAB, batching) == pytest.approx(rows)
+    if share is not None:
+        micro = [m for step in plan for m in step]
+        padded = sum(len(m) * max(len(r["input_ids"]) for r in m) for m in micro)
+        assert sum(len(r["input_ids"]) for m in micro for r in m) / padded == pytest.approx(share, abs=0.0006)
+
+
 def test_accumulated_micro_batches_keep_the_rows_and_their_order_of_one_big_micro_batch():
     one = batches.plan_steps(parse_case("smoke-llama:lora:256:4:real"), 3, VOCAB)
     split = batches.plan_steps(parse_case("smoke-llama:lora:256:2x2:real"), 3, VOCAB)
