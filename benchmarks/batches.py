@@ -24,28 +24,49 @@ is updated. ``sample_lengths(10_000, seq)``:
 ``PROMPT_SHARE`` = 25% of each row (at least one token) is the user's turn and carries no loss, as
 the product trains by default (``data.train_on_prompt = false``).
 
-Batching: every stack gets the same rows in the same order, ``batch`` rows a step, so the losses
-compare step by step. Every stack trains in the same loop (``stacks.train_and_measure``, not HF
-Trainer's) with the same optimizer; only the batching differs:
+Batching: a case is ``batch`` rows a micro-batch and ``accum`` micro-batches an optimizer step
+(``BATCHxACCUM``; ``BATCH`` alone is accumulation 1). Every stack trains in the same loop
+(``stacks.train_and_measure``, not HF Trainer's) with the same optimizer; each micro-batch's loss is over
+the step's loss-carrying tokens (``num_items_in_batch``, as Trainer passes it; a step of one micro-batch
+calls the loss as before), so a step's loss is its rows' mean whatever the split. Only the batching differs:
 
-* ``baseline`` and ``unsloth``: ``transformers.DataCollatorForSeq2Seq(padding="longest")``, the
-  collator a notebook gives HF Trainer for prompt-masked SFT, with Trainer's defaults
-  (``group_by_length=False``, a random sampler: our rows are independent draws, so their order is
-  already random). Each batch is padded to its longest row. At micro-batch 4 and seq 1024, 59% of
-  the tokens of the first 50 steps are useful (``padded_useful_share``; 77% at micro-batch 2, 48%
-  at 8; at micro-batch 1 nothing is padded).
-* ``ours``: the product's collator, ``make_collator(tokenizer, recipe.data.packing)``: the same
-  padding (``PaddingCollator``).
-* ``ours:<backend>:packed`` (``data.packing = true``) packs as the engine does (data/packing.py): rows
-  go into bins of at most ``seq`` tokens (best-fit decreasing, ``PACK_SEED``), the bins are drawn in a
-  seeded random order as the Trainer's sampler draws them, and a step is ``batch`` bins (the micro-batch
-  counts bins) flattened into one row by the engine's collator, at most ``batch x seq`` tokens: the
-  padded stacks' worst case. The engine's accumulation for this loop's one micro-batch a step stays 1
-  (``bins_per_step(batch, 1, batch, rows a bin)``: it never goes below one micro-batch), so a packed
-  step holds about ``batch x rows a bin`` rows (``rows_per_step`` in the row) in one pass where the
-  padded stacks hold ``batch``: fewer, fuller passes are the lever measured. Its losses are over other
-  rows than the baseline's, so the report leaves its parity out; tests/test_data_packing.py proves it.
-* A fixed-length case that doesn't pack is batched as before: ``{input_ids, labels}``, no mask.
+* ``baseline``, ``unsloth`` and ``ours:<backend>:rows`` (``data.group_by_length = false``) get the same
+  rows in the same order, ``batch x accum`` a step (an accumulation of 1 trains the rows it always
+  did), so the losses compare step by step. The baseline and Unsloth pad with
+  ``transformers.DataCollatorForSeq2Seq(padding="longest")``, the collator a notebook gives HF Trainer
+  for prompt-masked SFT, with Trainer's defaults (``group_by_length=False``, a random sampler: our rows
+  are independent draws, so their order is already random); ours with the product's collator,
+  ``make_collator(tokenizer, packing=False)``: the same padding. Each micro-batch is padded to its
+  longest row. At micro-batch 4 and seq 1024, 59% of the tokens of the first 50 steps are useful
+  (``padded_useful_share``; 77% at micro-batch 2, 48% at 8; at micro-batch 1 nothing is padded).
+* ``ours:<backend>`` (the recipe's default ``data.group_by_length = true``; ``:grouped`` says so) on a
+  real-length case groups as the engine does: the rows of a pool big enough for the steps go into
+  ``group_lengths`` groups (data/packing.py, seed ``PACK_SEED``) of similar-length rows, each at most
+  ``batch x min(seq, the pool's longest row)`` tokens padded; the groups are drawn in a seeded random
+  order as the Trainer's sampler draws them, each group is ONE micro-batch padded by the product's
+  collator, and a step takes ``bins_per_step(batch x accum, 1, 1, rows a group)`` groups, the
+  accumulation the engine lowers so a step still sees about the recipe's rows. On a fixed-length case
+  every row is ``seq`` long, each group would be ``batch`` rows: it trains as ``:rows`` does.
+* ``ours:<backend>:packed`` (``data.packing = true``) packs as the engine does: rows go into bins of at
+  most ``seq`` tokens (best-fit decreasing, ``PACK_SEED``), drawn in a seeded random order; a micro-batch
+  is ``batch`` bins (the micro-batch counts bins) flattened into one row by the engine's collator, at
+  most ``batch x seq`` tokens (the padded stacks' worst case), and a step takes
+  ``bins_per_step(batch x accum, 1, batch, rows a bin)`` bins (never below one micro-batch).
+
+Grouped and packed steps hold about the recipe's rows (``rows_per_step`` in the row) in fewer, fuller
+passes (``passes_per_step``): the lever measured. Their losses are over other rows than the baseline's,
+so the report leaves their parity out; tests/test_data_packing.py proves their per-token loss. The first
+20 steps of the real-length Gemma-2B cases (``plan_steps``; the lengths don't depend on the model):
+
+  case (seq 1024)   stack     passes a step  rows a step  useful share of the padded tokens
+  micro 1 x 16      rows      16             16           100% (a row a pass: nothing to pad)
+  micro 1 x 16      grouped   6              15.55        99.3%
+  micro 1 x 16      packed    5              15.8         (no padding)
+  micro 4 x 4       rows      4              16           59.5%
+  micro 4 x 4       grouped   1              12.15        96.0%
+  micro 4 x 4       packed    1              12.65        (no padding)
+
+A fixed-length case that doesn't pack is batched as before: ``{input_ids, labels}``, no mask.
 """
 
 from __future__ import annotations
@@ -64,6 +85,8 @@ TOKEN_SEED = 1234
 PACK_SEED = 42
 """The recipe's default ``train.seed``, which the engine packs and samples bins with."""
 LENGTH_MODES = ("fixed", "real")
+ROWS, PACKED, GROUPED = "rows", "packed", "grouped"
+"""How a stack's step is made: ``batch``-row micro-batches, the engine's packed bins, or its length groups."""
 IGNORE_INDEX = -100
 
 Collate = Callable[[list[dict]], Any]
@@ -115,11 +138,11 @@ def make_rows(case: dict, count: int, vocab: int) -> list[dict[str, list[int]]]:
     return rows
 
 
-def collator_for(kind: str, packing: bool, case: dict, folder: Path) -> Collate | None:
+def collator_for(kind: str, batching: str, case: dict, folder: Path) -> Collate | None:
     """The stack's collator (see the module docstring); None for a fixed case that doesn't pack."""
     from tui_finetune.data.collate import make_collator
 
-    if packing:
+    if batching == PACKED:
         return make_collator(None, packing=True)  # FlatteningCollator: a micro-batch of bins in one row
     if case.get("lengths", "fixed") == "fixed":
         return None
@@ -136,48 +159,112 @@ def loss_tokens(labels: Any) -> int:
     return int((labels[..., 1:] != IGNORE_INDEX).sum())
 
 
-def packed_steps(case: dict, steps: int, vocab: int) -> list[list[dict[str, Any]]]:
-    """Each step's ``batch`` bins, packed as the engine packs (module docstring); each bin carries its ``rows``."""
-    from tui_finetune.data.packing import flatten_rows, pack_lengths
+def batching_for(packing: bool, grouping: bool, case: dict) -> str:
+    """``PACKED`` when the recipe packs, ``GROUPED`` when it groups rows of a real-length case (fixed rows are
+    all ``seq`` long: each group would be ``batch`` rows, the same passes as ``ROWS``), else ``ROWS``."""
+    if packing:
+        return PACKED
+    return GROUPED if grouping and case.get("lengths", "fixed") != "fixed" else ROWS
 
-    need, count = steps * case["batch"], steps * case["batch"]
-    while True:  # enough rows to fill the steps' bins (make_rows is prefix-stable: more rows, same first ones)
+
+def accumulation(case: dict) -> int:
+    """Micro-batches a step (the case's ``BATCHxACCUM``); cases and rows from before it have none: 1."""
+    return int(case.get("accum", 1))
+
+
+def pooled_bins(case: dict, steps: int, vocab: int, make_bins: Callable[[list[int]], list[list[int]]],
+                micro_batch: int) -> tuple[list[dict[str, list[int]]], list[list[int]], int]:
+    """(rows, the steps' bins in a seeded random order, bins a step): bins of a pool of rows big enough to
+    fill ``steps`` steps (make_rows is prefix-stable: more rows, same first ones). A step takes
+    ``bins_per_step(batch x accumulation, 1, micro_batch, rows a bin)`` bins, as the engine lowers the
+    accumulation so a step still sees about the recipe's effective batch in rows."""
+    from tui_finetune.data.packing import bins_per_step
+
+    effective = case["batch"] * accumulation(case)
+    count = steps * effective
+    while True:
         rows = make_rows(case, count, vocab)
-        bins = pack_lengths([len(r["input_ids"]) for r in rows], case["seq"], seed=PACK_SEED)
-        if len(bins) >= need:
+        bins = make_bins([len(r["input_ids"]) for r in rows])
+        per_step = bins_per_step(effective, 1, micro_batch, len(rows) / len(bins))
+        if len(bins) >= steps * per_step:
             break
         count *= 2
-    random.Random(PACK_SEED).shuffle(bins)
-    examples = [{**flatten_rows([rows[i] for i in members]), "rows": len(members)} for members in bins[:need]]
-    return [examples[step * case["batch"]:(step + 1) * case["batch"]] for step in range(steps)]
+    random.Random(PACK_SEED).shuffle(bins)  # as the Trainer's seeded sampler draws them
+    return rows, bins[:steps * per_step], per_step
 
 
-def rows_per_step(case: dict, steps: int, vocab: int, packing: bool) -> float:
-    """Rows an optimizer step trains on, on average: ``batch``, or the packed steps' rows."""
-    if not packing:
-        return float(case["batch"])
-    return sum(b["rows"] for step in packed_steps(case, steps, vocab) for b in step) / steps
+def packed_steps(case: dict, steps: int, vocab: int) -> list[list[list[dict[str, Any]]]]:
+    """Each step's micro-batches of ``batch`` bins, packed as the engine packs (module docstring); each bin is
+    one flattened example carrying its ``rows``."""
+    from tui_finetune.data.packing import flatten_rows, pack_lengths
+
+    size = case["batch"]
+    rows, bins, per_step = pooled_bins(case, steps, vocab,
+                                       lambda lengths: pack_lengths(lengths, case["seq"], seed=PACK_SEED), size)
+    examples = [{**flatten_rows([rows[i] for i in members]), "rows": len(members)} for members in bins]
+    return [[examples[at:at + size] for at in range(first, first + per_step, size)]
+            for first in range(0, steps * per_step, per_step)]
+
+
+def group_budget(case: dict, lengths: list[int]) -> int:
+    """The engine's padded-token budget of a group: micro-batch x min(seq, the longest row)."""
+    return case["batch"] * min(case["seq"], max(lengths))
+
+
+def group_rows(case: dict, lengths: list[int]) -> list[list[int]]:
+    """The engine's length groups of these rows (``group_lengths`` at ``group_budget``, seed ``PACK_SEED``)."""
+    from tui_finetune.data.packing import group_lengths
+
+    return group_lengths(lengths, group_budget(case, lengths), PACK_SEED)
+
+
+def grouped_steps(case: dict, steps: int, vocab: int) -> list[list[list[dict[str, list[int]]]]]:
+    """Each step's groups (``data.group_by_length``, module docstring): one group of similar-length rows a
+    micro-batch, padded by the collator to its longest row."""
+    rows, groups, per_step = pooled_bins(case, steps, vocab, lambda lengths: group_rows(case, lengths), 1)
+    micro = [[rows[i] for i in members] for members in groups]
+    return [micro[first:first + per_step] for first in range(0, steps * per_step, per_step)]
+
+
+def plan_steps(case: dict, steps: int, vocab: int, batching: str = ROWS) -> list[list[list[dict[str, Any]]]]:
+    """Each step's micro-batches, each the examples its collator takes: ``accumulation`` micro-batches of
+    ``batch`` rows (the rows in the order an accumulation of 1 trains them), or packed bins, or groups."""
+    if batching == PACKED:
+        return packed_steps(case, steps, vocab)
+    if batching == GROUPED:
+        return grouped_steps(case, steps, vocab)
+    size, accum = case["batch"], accumulation(case)
+    rows = make_rows(case, steps * size * accum, vocab)
+    return [[rows[(step * accum + m) * size:(step * accum + m + 1) * size] for m in range(accum)]
+            for step in range(steps)]
+
+
+def rows_per_step(case: dict, steps: int, vocab: int, batching: str = ROWS) -> float:
+    """Rows an optimizer step trains on, on average: ``batch x accumulation``, or the bins' or groups' rows."""
+    if batching == ROWS:
+        return float(case["batch"] * accumulation(case))
+    plan = plan_steps(case, steps, vocab, batching)
+    return sum(example.get("rows", 1) for step in plan for micro in step for example in micro) / steps
+
+
+MicroBatch = tuple[dict[str, Any], int, int]
+"""A micro-batch on the device, its useful (non-pad input) tokens and its loss-carrying tokens."""
 
 
 def step_batches(case: dict, steps: int, vocab: int, collate: Collate | None,
-                 device: Any, packing: bool = False) -> Iterator[tuple[dict[str, Any], int, int]]:
-    """Each step's batch on ``device``, its useful (non-pad input) tokens and its loss-carrying tokens;
-    ``packing``: a step of bins (``packed_steps``), flattened by ``collate``."""
+                 device: Any, batching: str = ROWS) -> Iterator[list[MicroBatch]]:
+    """Each step's micro-batches (``plan_steps``), collated by ``collate``; a fixed case without one is
+    batched as memory_speed always did."""
     import torch
 
-    if packing:
-        for chunk in packed_steps(case, steps, vocab):
+    for step in plan_steps(case, steps, vocab, batching):
+        micro_batches = []
+        for chunk in step:
+            useful = sum(len(r["input_ids"]) for r in chunk)
+            if collate is None:  # one tensor for both, as memory_speed always did
+                ids = torch.tensor([r["input_ids"] for r in chunk], dtype=torch.long).to(device)
+                micro_batches.append(({"input_ids": ids, "labels": ids}, useful, loss_tokens(ids)))
+                continue
             batch = dict(collate(chunk))
-            yield ({k: v.to(device) for k, v in batch.items()}, sum(len(b["input_ids"]) for b in chunk),
-                   loss_tokens(batch["labels"]))
-        return
-    rows = make_rows(case, steps * case["batch"], vocab)
-    for step in range(steps):
-        chunk = rows[step * case["batch"]:(step + 1) * case["batch"]]
-        useful = sum(len(r["input_ids"]) for r in chunk)
-        if collate is None:  # one tensor for both, as memory_speed always did
-            ids = torch.tensor([r["input_ids"] for r in chunk], dtype=torch.long).to(device)
-            yield {"input_ids": ids, "labels": ids}, useful, loss_tokens(ids)
-            continue
-        batch = dict(collate(chunk))
-        yield {k: v.to(device) for k, v in batch.items()}, useful, loss_tokens(batch["labels"])
+            micro_batches.append(({k: v.to(device) for k, v in batch.items()}, useful, loss_tokens(batch["labels"])))
+        yield micro_batches

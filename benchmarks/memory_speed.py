@@ -2,17 +2,21 @@
 backends against the baseline stack and Unsloth, in the same run on the same card, with the
 planner's prediction checked.
 
-Each case is ``model:method:seq:batch[:capGB][:real]``: a catalog key, qlora|lora, sequence length,
-micro-batch, optionally the cap in GiB that torch may reserve (``torch.cuda.set_per_process_memory_fraction``;
+Each case is ``model:method:seq:batch[xaccum][:capGB][:real]``: a catalog key, qlora|lora, sequence length,
+micro-batch (``4x4``: micro-batch 4 x gradient accumulation 4, 16 rows a step, a hobbyist recipe's
+shape; ``4`` is accumulation 1, as before), optionally the cap in GiB that torch may reserve (``torch.cuda.set_per_process_memory_fraction``;
 for an N GB card, N - 0.45 leaves the CUDA context its room), and optionally ``real``: rows of
 chat-like lengths instead of ``seq`` tokens each (benchmarks/batches.py says which lengths and how
 each stack batches them). ``--cap-gb`` is the default cap. Random weights of the real architecture
 are built once per model; then every stack trains the case in its own process (so peaks don't mix)
 on the same random token rows with the same seed:
 
-  ours[:backend][:packed]  our engine through engine/backends.py; backend auto (the default), universal,
-                  liger or unsloth; ``:packed`` sets data.packing = true (the engine's bins, batches.py); --set
-                  changes its recipe (e.g. --set memory.offload_activations=true, --set data.packing=true)
+  ours[:backend][:variant]  our engine through engine/backends.py; backend auto (the default), universal,
+                  liger or unsloth; on real lengths it trains the engine's length groups (the recipe's
+                  default data.group_by_length = true; ``:grouped`` says so), ``:rows`` sets it false
+                  (``batch`` padded rows a pass, the baseline's batches), ``:packed`` sets data.packing =
+                  true (the engine's bins); batches.py says how each batches; --set changes its recipe
+                  (e.g. --set memory.offload_activations=true, --set data.packing=true)
   baseline        transformers + peft + bitsandbytes (prepare_model_for_kbit_training); on real
                   lengths each batch padded to its longest row, as HF Trainer's defaults do
   unsloth         Unsloth's own FastLanguageModel (batched like the baseline)
@@ -27,7 +31,8 @@ rewritten after every row, with the card, the date, the package versions and the
 benchmarks/README.md for a GPU machine.
 
   python -m benchmarks.memory_speed --cases phi-2:qlora:2048:1:3.55 --stacks ours,baseline,unsloth
-  python -m benchmarks.memory_speed --cases gemma-2b:qlora:1024:4:real --stacks ours,ours:packed,baseline --repeat 3
+  python -m benchmarks.memory_speed --cases gemma-2b:qlora:1024:1x16:real \
+      --stacks ours:universal,ours:universal:rows,baseline --repeat 3
   python -m benchmarks.memory_speed --smoke --out /tmp/bench   # tests the script on the CPU
 """
 
@@ -49,8 +54,8 @@ from benchmarks import batches, report, stacks
 METHODS = ("qlora", "lora")
 OURS_BACKENDS = ("auto", "universal", "liger", "unsloth")
 OTHER_STACKS = ("baseline", "unsloth")
-SMOKE_CASE = f"{stacks.SMOKE_MODEL}:lora:512:4:real"
-SMOKE_STACKS = f"ours:universal,ours:universal:{stacks.PACKED},baseline"
+SMOKE_CASE = f"{stacks.SMOKE_MODEL}:lora:512:2x2:real"
+SMOKE_STACKS = f"ours:universal,ours:universal:{stacks.ROWS},ours:universal:{stacks.PACKED},baseline"
 SMOKE_STEPS = 6
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECORDED_ENV = ("UNSLOTH_COMPILE_DISABLE", "PYTORCH_CUDA_ALLOC_CONF", "TUIFT_BENCH_SCRATCH", "CUDA_VISIBLE_DEVICES")
@@ -62,46 +67,50 @@ class CaseError(ValueError):
 
 
 def parse_case(text: str, default_cap: float | None = None) -> dict:
-    """``model:method:seq:batch[:capGB][:real]`` -> {model, method, seq, batch, cap_gb, lengths}."""
+    """``model:method:seq:batch[xaccum][:capGB][:real]`` -> {model, method, seq, batch, accum, cap_gb, lengths}."""
     parts = text.strip().split(":")
     lengths = parts.pop() if len(parts) > 4 and parts[-1] in batches.LENGTH_MODES else "fixed"
     if len(parts) not in (4, 5):
-        raise CaseError(f"case '{text}': expected model:method:seq:batch[:capGB][:real], "
-                        "e.g. gemma-2b:qlora:1024:1:3.55 or gemma-2b:qlora:1024:4:real")
+        raise CaseError(f"case '{text}': expected model:method:seq:batch[xaccum][:capGB][:real], "
+                        "e.g. gemma-2b:qlora:1024:1:3.55 or gemma-2b:qlora:1024:1x16:real")
     model, method, seq, batch = parts[:4]
     if method not in METHODS:
         raise CaseError(f"case '{text}': method '{method}' is not one of {', '.join(METHODS)}")
+    micro, times, accum = batch.partition("x")
     try:
-        seq_n, batch_n = int(seq), int(batch)
+        seq_n, batch_n, accum_n = int(seq), int(micro), int(accum) if times else 1
         cap = float(parts[4]) if len(parts) == 5 and parts[4] else default_cap
     except ValueError:
-        raise CaseError(f"case '{text}': seq and batch must be whole numbers, capGB a number and the last "
-                        f"field a number or one of {', '.join(batches.LENGTH_MODES)}, "
-                        "e.g. mistral-7b:qlora:2048:1:15.55") from None
-    if seq_n < 2 or batch_n < 1 or (cap is not None and cap <= 0):
-        raise CaseError(f"case '{text}': seq must be at least 2, batch at least 1 and capGB above 0")
-    return {"model": model, "method": method, "seq": seq_n, "batch": batch_n, "cap_gb": cap, "lengths": lengths}
+        raise CaseError(f"case '{text}': seq, batch and accum must be whole numbers (batch 4 or 4x4: micro-batch 4 "
+                        "x accumulation 4), capGB a number and the last field a number or one of "
+                        f"{', '.join(batches.LENGTH_MODES)}, e.g. mistral-7b:qlora:2048:1:15.55") from None
+    if seq_n < 2 or batch_n < 1 or accum_n < 1 or (cap is not None and cap <= 0):
+        raise CaseError(f"case '{text}': seq must be at least 2, batch at least 1, accum at least 1 and capGB above 0")
+    return {"model": model, "method": method, "seq": seq_n, "batch": batch_n, "accum": accum_n, "cap_gb": cap,
+            "lengths": lengths}
 
 
 def case_text(case: dict) -> str:
-    parts = [case["model"], case["method"], str(case["seq"]), str(case["batch"])]
+    accum = batches.accumulation(case)
+    parts = [case["model"], case["method"], str(case["seq"]), f"{case['batch']}" + (f"x{accum}" if accum > 1 else "")]
     parts += [f"{case['cap_gb']:g}"] if case.get("cap_gb") else []
     return ":".join(parts + ([case["lengths"]] if case.get("lengths", "fixed") != "fixed" else []))
 
 
 def parse_stack(text: str) -> str:
-    """``ours`` -> ``ours:auto``, ``ours:packed`` -> ``ours:auto:packed``; ``ours:<backend>[:packed]``,
-    ``baseline`` and ``unsloth`` as they are."""
+    """``ours`` -> ``ours:auto``, ``ours:packed`` -> ``ours:auto:packed``; ``ours:<backend>[:variant]``
+    (variant packed, grouped or rows), ``baseline`` and ``unsloth`` as they are."""
     name = text.strip()
     if name in OTHER_STACKS:
         return name
     kind, *rest = name.split(":")
-    packed = bool(rest) and rest[-1] == stacks.PACKED
-    rest = rest[:-1] if packed else rest
+    variant = rest[-1] if rest and rest[-1] in stacks.VARIANTS else ""
+    rest = rest[:-1] if variant else rest
     if kind == "ours" and len(rest) <= 1 and (rest or ["auto"])[0] in OURS_BACKENDS:
-        return ":".join(["ours", (rest or ["auto"])[0]] + ([stacks.PACKED] if packed else []))
+        return ":".join(["ours", (rest or ["auto"])[0]] + ([variant] if variant else []))
     choices = ", ".join([f"ours:{b}" for b in OURS_BACKENDS] + list(OTHER_STACKS))
-    raise CaseError(f"stack '{text}': expected ours (= ours:auto), {choices}, or ours[:backend]:packed")
+    raise CaseError(f"stack '{text}': expected ours (= ours:auto), {choices}, or ours[:backend]:VARIANT with "
+                    f"VARIANT one of {', '.join(stacks.VARIANTS)}")
 
 
 def parse_stacks(text: str) -> list[str]:
@@ -262,10 +271,11 @@ def add_run_options(parser: argparse.ArgumentParser, tag_help: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.memory_speed", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", help="comma-separated model:method:seq:batch[:capGB][:real]")
+    parser.add_argument("--cases", help="comma-separated model:method:seq:batch[xaccum][:capGB][:real]")
     parser.add_argument("--stacks", help="comma-separated: ours (= ours:auto), ours:universal, ours:liger, "
-                                         "ours:unsloth, each optionally :packed (ours:packed = ours:auto:packed), "
-                                         "baseline, unsloth (default: ours,baseline)")
+                                         "ours:unsloth, each optionally :packed, :grouped or :rows "
+                                         "(ours:packed = ours:auto:packed), baseline, unsloth "
+                                         "(default: ours,baseline)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="run the stacks N times in turn (A, B, A, B, ...); the report gives each stack's "
                              "mean and spread, and ratios as the mean over the runs of the same round")

@@ -40,23 +40,19 @@ BASE_LORA_RANK = 16
 
 def lora_rank(case: dict, stack: str, overrides: list[str], smoke: bool) -> int:
     """The LoRA rank the stack trains with: our recipe's (``--set lora.r`` counts), else the benchmark's 16."""
-    kind, backend, packed = stacks.split_stack(stack)
+    kind, backend, variant = stacks.split_stack(stack)
     if kind != "ours":
         return BASE_LORA_RANK
     folder = stacks.model_folder(case["model"])
-    return stacks.ours_recipe(folder, case, backend, overrides, smoke, packed).lora.r
+    return stacks.ours_recipe(folder, case, backend, overrides, smoke, variant).lora.r
 
 
-def useful_tokens_per_step(case: dict, first: int, count: int, vocab: int, packing: bool) -> float:
+def useful_tokens_per_step(case: dict, first: int, count: int, vocab: int, batching: str) -> float:
     """The rows' own tokens in steps ``first .. first+count-1``, on average: the same rows batches.py feeds the loop."""
     from benchmarks import batches
 
-    steps, size = first + count, case["batch"]
-    if packing:
-        per_step = [sum(len(b["input_ids"]) for b in chunk) for chunk in batches.packed_steps(case, steps, vocab)]
-    else:
-        rows = batches.make_rows(case, steps * size, vocab)
-        per_step = [sum(len(r["input_ids"]) for r in rows[i * size:(i + 1) * size]) for i in range(steps)]
+    plan = batches.plan_steps(case, first + count, vocab, batching)
+    per_step = [sum(len(example["input_ids"]) for micro in step for example in micro) for step in plan]
     return sum(per_step[first:]) / count
 
 
@@ -78,7 +74,7 @@ def profile_one(case: dict, stack: str, args: argparse.Namespace) -> dict:
                           warmup=args.warmup, record=args.record, step_seconds=observer.step_seconds,
                           recompute_layers_tagged=observer.tagged_layers, loss_tagged=observer.loss_tagged,
                           useful_tokens_per_step=useful_tokens_per_step(case, args.warmup, args.record, vocab,
-                                                                        row["packing"]))
+                                                                        row["batching"]))
     if args.trace:
         with trace.open("rb") as source, gzip.open(f"{trace}.gz", "wb") as target:
             shutil.copyfileobj(source, target)

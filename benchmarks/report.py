@@ -13,6 +13,8 @@ Plain Python (no torch), so the arithmetic is unit-tested on its own:
   memory (or lost to a saving) is not a like-for-like speed-up.
 * repeats: each stack's mean useful tokens/s, its spread ((max - min) / mean), and the mean of its
   per-round ratios, for runs made with ``--repeat``.
+* rows/step in both tables: grouped and packed steps hold about the recipe's rows in fewer passes, and
+  train other rows than the baseline's, so their parity is left out (``other_rows``).
 """
 
 from __future__ import annotations
@@ -38,12 +40,20 @@ PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "trit
 
 
 def case_key(row: dict) -> tuple:
-    return (row["model"], row["method"], row["seq"], row["batch"], row.get("cap_gb"), row.get("lengths", "fixed"))
+    return (row["model"], row["method"], row["seq"], row["batch"], row.get("cap_gb"), row.get("lengths", "fixed"),
+            row.get("accum", 1))  # rows from before the accumulation have none: 1
 
 
 def case_label(row: dict) -> str:
+    accum = f" accum {row['accum']}" if row.get("accum", 1) > 1 else ""
     real = " real lengths" if row.get("lengths", "fixed") != "fixed" else ""
-    return f"{row['model']} {row['method']} seq {row['seq']} x{row['batch']}{real}"
+    return f"{row['model']} {row['method']} seq {row['seq']} x{row['batch']}{accum}{real}"
+
+
+def other_rows(row: dict) -> str | None:
+    """Why a row's steps train other rows than the baseline's (so no step-by-step parity), or None."""
+    batching = row.get("batching", "packed" if row.get("packing") else "rows")
+    return {"packed": "packed into bins", "grouped": "grouped by length"}.get(batching)
 
 
 def stack_label(row: dict) -> str:
@@ -117,7 +127,7 @@ def summarize(rows: list[dict]) -> list[dict]:
         base, uns = peers.get("baseline"), peers.get("unsloth")
         if row["stack"] != "baseline":
             reference = base or first_baseline.get(case_key(row))
-            if row.get("packing"):  # bins: each step trains other rows than the baseline's (batches.py)
+            if other_rows(row):  # bins or groups: each step trains other rows than the baseline's (batches.py)
                 reference = None
             row["parity_max_rel"] = parity_max_rel(row["losses"], reference["losses"]) if reference else None
             row["parity_ok"] = within(row["parity_max_rel"], PARITY_GOAL)
@@ -186,11 +196,12 @@ def _ratio_cell(ratio: float | None, memory: float | None) -> str:
 
 TABLE_COLUMNS = ["case", "card cap", "stack", "backend", "peak reserved GiB", "tok/s", "useful tok/s", "x baseline",
                  "baseline peak GiB", "x Unsloth", "planner GiB", "planner error", "parity max rel"]
+"""Then ``loss 1 / loss N`` and ``rows/step`` (the rows one optimizer step trains: more for bins and groups)."""
 
 
 def table_lines(rows: list[dict], steps: int) -> list[str]:
     last = min(PARITY_STEPS, steps)
-    columns = [*TABLE_COLUMNS, f"loss 1 / loss {last}"]
+    columns = [*TABLE_COLUMNS, f"loss 1 / loss {last}", "rows/step"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
         cap = "-" if not r.get("cap_gb") else f"{r['cap_gb']:g} GiB" if r.get("cap_applied", True) else "uncapped"
@@ -206,7 +217,8 @@ def table_lines(rows: list[dict], steps: int) -> list[str]:
             f"{_num(r.get('baseline_peak_gib'), '.2f')} | "
             f"{_ratio_cell(r.get('speed_vs_unsloth'), r.get('unsloth_memory_ratio'))} | "
             f"{_num(r.get('planner_torch_gib'), '.2f')} | {_num(_pct(r.get('planner_error')), '+.1f', '%')} | "
-            f"{_num(_pct(r.get('parity_max_rel')), '.3f', '%')} | {loss_cell} |")
+            f"{_num(_pct(r.get('parity_max_rel')), '.3f', '%')} | {loss_cell} | "
+            f"{_num(r.get('rows_per_step'), '.1f')} |")
     return lines
 
 
@@ -246,13 +258,15 @@ def repeat_summary(rows: list[dict]) -> list[dict]:
         speeds = [useful_speed(r) for r in ok]
         mean = sum(speeds) / len(speeds) if speeds else None
         peaks = [r["peak_reserved_gib"] for r in ok if r.get("peak_reserved_gib")]
+        per_step = [r["rows_per_step"] for r in ok if r.get("rows_per_step")]
         out.append({"case": case_label(runs[0]), "stack": stack, "runs": len(ok), "failed": len(runs) - len(ok),
                     "useful_mean": mean, "useful_min": min(speeds, default=None),
                     "useful_max": max(speeds, default=None),
                     "spread": (max(speeds) - min(speeds)) / mean if mean else None,
                     "vs_baseline": _mean_range([r.get("speed_vs_baseline") for r in ok]),
                     "vs_unsloth": _mean_range([r.get("speed_vs_unsloth") for r in ok]),
-                    "peak_max_gib": max(peaks, default=None)})
+                    "peak_max_gib": max(peaks, default=None),
+                    "rows_per_step": sum(per_step) / len(per_step) if per_step else None})
     return out
 
 
@@ -273,14 +287,16 @@ def repeat_lines(summary: list[dict]) -> list[str]:
              "The stacks ran in turn (A, B, A, B, ...). Spread = (max - min) / mean of useful tokens/s; a ratio is "
              "the mean over the rounds of this stack's useful tokens/s over the reference's in the same round "
              "(min-max in brackets).", "",
-             "| case | stack | runs | useful tok/s mean | min-max | spread | x baseline | x Unsloth | peak GiB (max) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| case | stack | runs | useful tok/s mean | min-max | spread | x baseline | x Unsloth | peak GiB (max) "
+             "| rows/step |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
         runs = f"{s['runs']}" + (f" ({s['failed']} failed)" if s["failed"] else "")
         lines.append(f"| {s['case']} | {s['stack']} | {runs} | {_num(s['useful_mean'], '.0f')} | "
                      f"{_num(s['useful_min'], '.0f')}-{_num(s['useful_max'], '.0f')} | "
                      f"{_num(_pct(s['spread']), '.1f', '%')} | {_range_cell(s['vs_baseline'])} | "
-                     f"{_range_cell(s['vs_unsloth'])} | {_num(s['peak_max_gib'], '.2f')} |")
+                     f"{_range_cell(s['vs_unsloth'])} | {_num(s['peak_max_gib'], '.2f')} | "
+                     f"{_num(s.get('rows_per_step'), '.1f')} |")
     return lines + [""]
 
 
@@ -300,8 +316,9 @@ def goal_lines(rows: list[dict], steps: int) -> list[str]:
     ok = [r for r in ours if "error" not in r]
     parity_miss = [f"{row_label(r)} ({_num(_pct(r['parity_max_rel']), '.2f', '%')})"
                    for r in ok if r.get("parity_ok") is False]
-    parity_none = [row_label(r) + (" (packed into bins: each step trains other rows than the baseline's; "
-                                   "tests/test_data_packing.py proves its per-token loss)" if r.get("packing") else "")
+    parity_none = [row_label(r) + (f" ({other_rows(r)}: each step trains other rows than the baseline's; "
+                                   "the engine's tests (tests/test_data_packing.py) prove its per-token loss)"
+                                   if other_rows(r) else "")
                    for r in ok if r.get("parity_ok") is None]
     planner_miss = [f"{row_label(r)} ({_num(_pct(r['planner_error']), '+.1f', '%')})"
                     for r in ok if r.get("planner_ok") is False]
@@ -313,7 +330,8 @@ def goal_lines(rows: list[dict], steps: int) -> list[str]:
              f"- planner (torch peak within {PLANNER_GOAL:.0%} of the measured peak reserved): "
              + _verdict(planner_miss, len(ok) - len(planner_none))]
     if parity_none:
-        lines.append(f"- parity not checked (no baseline losses in the case, or packed): {'; '.join(parity_none)}")
+        lines.append(f"- parity not checked (no baseline losses in the case, or packed or grouped): "
+                     f"{'; '.join(parity_none)}")
     if planner_none:
         lines.append(f"- planner not checked (no measured GPU peak): {'; '.join(planner_none)}")
     if compared < PARITY_STEPS:
@@ -348,8 +366,10 @@ def write_results(rows: list[dict], command: str, steps: int, out_dir: Path, tag
              f"- card: {card}" + (f" (CUDA {payload['cuda']})" if payload["cuda"] else ""),
              f"- versions: {versions_text}",
              f"- command: `{command}`",
-             f"- {steps} steps per stack, one micro-batch each; tokens/s leaves out the first {WARMUP_STEPS}; peak is "
-             "torch.cuda.max_memory_reserved (add ~0.45 GiB of CUDA context for a real card)",
+             f"- {steps} optimizer steps per stack, each over the case's accumulation of micro-batches (or the "
+             "engine's bins or length groups: rows/step says how many rows a step trains); tokens/s counts whole "
+             f"steps and leaves out the first {WARMUP_STEPS}; peak is torch.cuda.max_memory_reserved (add ~0.45 GiB of CUDA "
+             "context for a real card)",
              "- tok/s counts every token of the batches, padding included; useful tok/s only the rows' own tokens; "
              "x baseline and x Unsloth are ratios of useful tok/s",
              "", *table_lines(rows, steps), "", *memory_lines(rows), *repeat_lines(repeats), *backend_lines(rows),

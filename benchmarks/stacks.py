@@ -5,17 +5,21 @@ stack, so peaks don't mix). Imports of torch, transformers and peft stay inside 
 engine's backends and Unsloth must be imported before transformers.
 
   ours:<backend>  our engine through ``tui_finetune.engine.backends`` (universal, liger, unsloth or
-                  auto), the default recipe plus --set overrides, the backend's own loss;
-                  ``ours:<backend>:packed`` also sets ``data.packing = true`` (as --set does)
+                  auto), the default recipe plus --set overrides, the backend's own loss; with the
+                  recipe's default ``data.group_by_length = true`` it trains the engine's length groups;
+                  ``:packed`` also sets ``data.packing = true``, ``:grouped`` ``data.group_by_length =
+                  true`` and ``:rows`` ``data.group_by_length = false`` (as --set does)
   baseline        transformers + peft + bitsandbytes: prepare_model_for_kbit_training (QLoRA),
                   non-reentrant checkpointing, SDPA, the model's own loss
   unsloth         Unsloth's FastLanguageModel with use_gradient_checkpointing="unsloth"
 
 All stacks use LoRA r16 / alpha 32 on all linear layers, seeded with ``SEED`` just before the
 adapters are made (so the first 50 losses can be compared), and the same random token rows, batched
-as ``batches.py`` says (fixed or real lengths; padded to the longest row, or packed for ours with
-``data.packing``: the engine's bins of ``seq`` tokens, ``batch`` bins a step). On a GPU the optimizer is bitsandbytes' paged AdamW 8-bit; in --smoke mode (CPU)
-it is torch's AdamW.
+as ``batches.py`` says (fixed or real lengths; micro-batches padded to their longest row, or for ours
+the engine's packed bins or length groups). A step is the case's accumulation of micro-batches, its
+loss normalised over the step's loss-carrying tokens (``num_items_in_batch``, as HF Trainer and our
+engine pass it), then one optimizer step. On a GPU the optimizer is bitsandbytes' paged AdamW 8-bit;
+in --smoke mode (CPU) it is torch's AdamW.
 """
 
 from __future__ import annotations
@@ -35,8 +39,13 @@ SEED = 42
 LEARNING_RATE = 2e-4
 WARMUP_STEPS = 3
 """Steps left out of tokens/s: kernel compilation, the allocator's first growth, paged-optimizer set-up."""
-PACKED = "packed"
+PACKED = batches.PACKED
 """The stack variant ``ours:<backend>:packed``: the recipe with ``data.packing = true``."""
+GROUPED = batches.GROUPED
+"""The stack variant ``ours:<backend>:grouped``: the recipe with ``data.group_by_length = true`` (its default)."""
+ROWS = batches.ROWS
+"""The stack variant ``ours:<backend>:rows``: ``data.group_by_length = false``, ``batch`` padded rows a pass."""
+VARIANTS = (PACKED, GROUPED, ROWS)
 SMOKE_MODEL = "smoke-llama"
 """The --smoke model: a 2-layer Llama (hidden 64, vocabulary 512) built locally with random weights."""
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -111,7 +120,16 @@ def save_stand_in_tokenizer(folder: Path, vocab_size: int) -> None:
 
 # ---------------------------------------------------------------- the stacks
 
-LossFn = Callable[[Any, dict], Any]
+LossFn = Callable[[Any, dict, int | None], Any]
+"""(model, micro-batch, the step's loss-carrying tokens or None for a step of one micro-batch) -> loss."""
+
+
+def model_loss(model: Any, batch: dict, step_items: int | None) -> Any:
+    """The model's own loss; over a step of several micro-batches normalised by the step's tokens, as
+    Trainer.compute_loss passes ``num_items_in_batch`` to a model that accepts loss kwargs."""
+    if step_items is None:
+        return model(**batch).loss
+    return model(**batch, num_items_in_batch=step_items).loss
 
 
 class StepObserver(Protocol):
@@ -124,28 +142,31 @@ class StepObserver(Protocol):
     def step(self, index: int) -> AbstractContextManager[Any]: ...
 
 
-def split_stack(stack: str) -> tuple[str, str, bool]:
-    """``ours:universal:packed`` -> ("ours", "universal", True); ``baseline`` -> ("baseline", "", False)."""
+def split_stack(stack: str) -> tuple[str, str, str]:
+    """``ours:universal:packed`` -> ("ours", "universal", "packed"); ``baseline`` -> ("baseline", "", "")."""
     kind, _, rest = stack.partition(":")
     backend, _, variant = rest.partition(":")
-    return kind, backend, variant == PACKED
+    return kind, backend, variant
 
 
 def ours_recipe(folder: Path, case: dict, backend: str, overrides: list[str], smoke: bool,
-                packed: bool = False) -> Any:
-    """The default recipe for the case, --set overrides applied, then the stack's backend (and packing)."""
+                variant: str = "") -> Any:
+    """The default recipe for the case, --set overrides applied, then the stack's backend and variant."""
     from tui_finetune.core.recipe import RecipeSpec, apply_override, recipe_from_dict
 
     raw = RecipeSpec(model=str(folder), method=case["method"]).to_dict()
     raw["data"]["seq_len"], raw["train"]["micro_batch"] = case["seq"], case["batch"]
+    raw["train"]["grad_accum"] = batches.accumulation(case)
     raw["train"]["seed"] = SEED
     if smoke:
         raw["train"]["optimizer"] = "adamw_torch"  # what the smoke loop uses; the planner reads it
     for item in overrides:
         apply_override(raw, item, "benchmark recipe")
     raw["memory"]["backend"] = backend
-    if packed:
+    if variant == PACKED:
         raw["data"]["packing"] = True
+    elif variant in (GROUPED, ROWS):
+        raw["data"]["group_by_length"] = variant == GROUPED
     return recipe_from_dict(raw, "benchmark recipe")
 
 
@@ -158,7 +179,12 @@ def setup_ours(folder: Path, recipe: Any) -> tuple[Any, LossFn, dict]:
     backend, memory = loaded.backend, recipe.memory
     info = {"backend": loaded.backend.name, "backend_requested": loaded.choice.requested,
             "backend_reason": loaded.choice.reason, "backend_skipped": list(loaded.choice.skipped)}
-    return loaded.model, lambda m, b: backend.loss(m, b, memory, None), info
+    def loss(model: Any, batch: dict, step_items: int | None) -> Any:  # as our Trainer's compute_loss
+        if step_items is not None and backend.uses_model_loss(memory):
+            return model_loss(model, batch, step_items)
+        return backend.loss(model, batch, memory, step_items)
+
+    return loaded.model, loss, info
 
 
 def setup_baseline(folder: Path, case: dict, gpu: bool) -> tuple[Any, LossFn, dict]:
@@ -189,7 +215,7 @@ def setup_baseline(folder: Path, case: dict, gpu: bool) -> tuple[Any, LossFn, di
     set_seed(SEED)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
                                              task_type="CAUSAL_LM"))
-    return model, lambda m, b: m(**b).loss, {}
+    return model, model_loss, {}
 
 
 def setup_unsloth(folder: Path, case: dict) -> tuple[Any, LossFn, dict]:
@@ -200,7 +226,7 @@ def setup_unsloth(folder: Path, case: dict) -> tuple[Any, LossFn, dict]:
     model = FastLanguageModel.get_peft_model(
         model, r=16, lora_alpha=32, lora_dropout=0, bias="none", use_gradient_checkpointing="unsloth",
         target_modules=LORA_TARGETS, random_state=SEED)
-    return model, lambda m, b: m(**b).loss, {}
+    return model, model_loss, {}
 
 
 # ---------------------------------------------------------------- one measured run
@@ -209,11 +235,11 @@ def run_one(case: dict, stack: str, steps: int, overrides: list[str], smoke: boo
             observer: StepObserver | None = None) -> dict:
     """Train one case on one stack in this process; returns the row (losses, peak, tokens/s, planner).
     ``observer``: see ``StepObserver`` (None: the plain benchmark)."""
-    kind, backend, packed = split_stack(stack)
+    kind, backend, variant = split_stack(stack)
     folder = model_folder(case["model"])
     recipe = None
     if kind == "ours":
-        recipe = ours_recipe(folder, case, backend, overrides, smoke, packed)  # plain Python: no transformers yet
+        recipe = ours_recipe(folder, case, backend, overrides, smoke, variant)  # plain Python: no transformers yet
         from tui_finetune.engine import backends
 
         backends.prepare_process(recipe.memory.backend)  # imports Unsloth first when it may be used
@@ -239,12 +265,14 @@ def run_one(case: dict, stack: str, steps: int, overrides: list[str], smoke: boo
     else:
         model, loss_fn, info = setup_unsloth(folder, case)
     load_s = time.perf_counter() - started
-    packing = bool(recipe and recipe.data.packing)
-    collate = batches.collator_for(kind, packing, case, folder)
-    measured = train_and_measure(model, loss_fn, case, steps, gpu, collate, packing, observer)
-    row = {"stack": stack, **case, "steps": steps, "device": torch.cuda.get_device_name(0) if gpu else "CPU",
-           "cuda": torch.version.cuda if gpu else None, "load_s": load_s, "packing": packing,
-           "rows_per_step": batches.rows_per_step(case, steps, model_spec(case["model"]).vocab_size, packing),
+    batching = batches.batching_for(bool(recipe and recipe.data.packing),
+                                    bool(recipe and recipe.data.group_by_length), case)
+    collate = batches.collator_for(kind, batching, case, folder)
+    measured = train_and_measure(model, loss_fn, case, steps, gpu, collate, batching, observer)
+    row = {"stack": stack, **case, "accum": batches.accumulation(case), "steps": steps,
+           "device": torch.cuda.get_device_name(0) if gpu else "CPU", "cuda": torch.version.cuda if gpu else None,
+           "load_s": load_s, "packing": batching == PACKED, "batching": batching,
+           "rows_per_step": batches.rows_per_step(case, steps, model_spec(case["model"]).vocab_size, batching),
            **info, **measured}
     if recipe is not None:
         row.update(plan_peak(case["model"], recipe, info.get("backend", "")))
@@ -262,13 +290,15 @@ def make_optimizer(params: list, gpu: bool) -> Any:
 
 
 def train_and_measure(model: Any, loss_fn: LossFn, case: dict, steps: int, gpu: bool,
-                      collate: batches.Collate | None = None, packing: bool = False,
+                      collate: batches.Collate | None = None, batching: str = batches.ROWS,
                       observer: StepObserver | None = None) -> dict:
-    """``steps`` optimizer steps of one micro-batch each (of ``batch`` rows, or packed ``batch`` bins:
-    batches.py); the peak counts from the first step on (weights included, loading transients not).
+    """``steps`` optimizer steps, each over its micro-batches (``batches.plan_steps``: the accumulation's
+    micro-batches of ``batch`` rows, or packed bins, or length groups); the peak counts from the first step
+    on (weights included, loading transients not). A step's loss is the sum of its micro-batches' losses,
+    each normalised by the step's loss-carrying tokens (a step of one micro-batch: the loss as before).
 
-    Speeds leave out the first ``WARMUP_STEPS``: ``tokens_per_s`` counts every token of the input
-    tensors (padding included), ``useful_tokens_per_s`` only the rows' own tokens, and
+    Speeds count whole steps and leave out the first ``WARMUP_STEPS``: ``tokens_per_s`` counts every token
+    of the input tensors (padding included), ``useful_tokens_per_s`` only the rows' own tokens, and
     ``loss_tokens_per_s`` those that carry loss. With fixed lengths and no padding the first two are equal."""
     import torch
 
@@ -281,24 +311,29 @@ def train_and_measure(model: Any, loss_fn: LossFn, case: dict, steps: int, gpu: 
     if gpu:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    losses, times, tokens, useful, counted = [], [], [], [], []
-    steps_in = enumerate(batches.step_batches(case, steps, vocab, collate, device, packing))
-    for index, (batch, real_tokens, carrying) in steps_in:
+    losses, times, tokens, useful, counted, passes = [], [], [], [], [], []
+    steps_in = enumerate(batches.step_batches(case, steps, vocab, collate, device, batching))
+    for index, micro_batches in steps_in:
+        step_items = sum(carrying for _, _, carrying in micro_batches) if len(micro_batches) > 1 else None
+        parts = []
         if gpu:
             torch.cuda.synchronize()
         with observer.step(index) if observer is not None else nullcontext():
             start = time.perf_counter()
-            loss = loss_fn(model, batch)
-            loss.backward()
+            for batch, _, _ in micro_batches:
+                loss = loss_fn(model, batch, step_items)
+                loss.backward()
+                parts.append(loss.detach())
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if gpu:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
-        losses.append(float(loss.detach()))
-        tokens.append(int(batch["input_ids"].numel()))
-        useful.append(real_tokens)
-        counted.append(carrying)
+        losses.append(sum(float(part) for part in parts))
+        tokens.append(sum(int(batch["input_ids"].numel()) for batch, _, _ in micro_batches))
+        useful.append(sum(real_tokens for _, real_tokens, _ in micro_batches))
+        counted.append(sum(carrying for _, _, carrying in micro_batches))
+        passes.append(len(micro_batches))
     first = WARMUP_STEPS if len(times) > WARMUP_STEPS else 0
     seconds = sum(times[first:])
     return {
@@ -308,6 +343,7 @@ def train_and_measure(model: Any, loss_fn: LossFn, case: dict, steps: int, gpu: 
         "useful_tokens_per_s": sum(useful[first:]) / seconds,
         "loss_tokens_per_s": sum(counted[first:]) / seconds,
         "useful_share": sum(useful) / sum(tokens),
+        "passes_per_step": sum(passes) / len(passes),
         "losses": losses,
     }
 

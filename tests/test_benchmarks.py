@@ -33,7 +33,7 @@ GIB = 1024**3
 
 def test_case_without_a_cap_takes_the_default_cap():
     assert parse_case("gemma-2b:qlora:1024:1") == {"model": "gemma-2b", "method": "qlora", "seq": 1024, "batch": 1,
-                                                   "cap_gb": None, "lengths": "fixed"}
+                                                   "accum": 1, "cap_gb": None, "lengths": "fixed"}
     assert parse_case("gemma-2b:qlora:1024:1", default_cap=3.55)["cap_gb"] == 3.55
 
 
@@ -158,43 +158,53 @@ def _backends_missing() -> bool:
 
 @pytest.mark.skipif(_backends_missing(), reason="tui_finetune.engine.backends (the engine's backend interface, "
                     "which the benchmark's ours:<backend> stacks load through) is not there yet")
-def test_smoke_run_trains_the_real_length_case_padded_and_packed_on_the_cpu(tmp_path):
-    """The CPU smoke is the real-length case (issue #14): ours padded, ours packed and the baseline, whose
-    batches are padded to their longest row; the fixed-length path is tested in-process
-    (tests/test_benchmarks_real_lengths.py)."""
+def test_smoke_run_trains_the_real_length_case_grouped_padded_and_packed_on_the_cpu(tmp_path):
+    """The CPU smoke is the real-length case (issue #14) at micro-batch 2 x accumulation 2: ours grouped by
+    length (the recipe's default), ours on padded rows (:rows), ours packed and the baseline, whose batches are
+    padded to their longest row; the fixed-length path is tested in-process (tests/test_benchmarks_real_lengths.py)."""
     env = {**os.environ, "TUIFT_BENCH_SCRATCH": str(tmp_path / "scratch")}
     proc = subprocess.run([sys.executable, "-m", "benchmarks.memory_speed", "--smoke", "--out", str(tmp_path / "out"),
                            "--tag", "smoke"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     payload = json.loads((tmp_path / "out" / "smoke.json").read_text())
     rows = {row["stack"]: row for row in payload["rows"]}
-    assert set(rows) == {"ours:universal", "ours:universal:packed", "baseline"}, payload["rows"]
+    assert set(rows) == {"ours:universal", "ours:universal:rows", "ours:universal:packed", "baseline"}, payload["rows"]
     for row in rows.values():
         assert "error" not in row, row
-        assert row["lengths"] == "real"
+        assert row["lengths"] == "real" and (row["batch"], row["accum"]) == (2, 2)
         assert len(row["losses"]) == payload["steps"] and all(math.isfinite(x) for x in row["losses"])
         assert row["tokens_per_s"] > 0 and row["useful_tokens_per_s"] > row["loss_tokens_per_s"] > 0
-    padded, packed, base = rows["ours:universal"], rows["ours:universal:packed"], rows["baseline"]
+    grouped, padded, packed, base = (rows[s] for s in ("ours:universal", "ours:universal:rows",
+                                                       "ours:universal:packed", "baseline"))
+    assert [r["batching"] for r in (grouped, padded, packed, base)] == ["grouped", "rows", "packed", "rows"]
     assert padded["packing"] is False and packed["packing"] is True and base["packing"] is False
-    # the same rows, padded to the longest of each batch: a share of every batch is padding
+    # the same rows, 2 micro-batches of 2 a step, each padded to its longest row: a share is padding
     assert padded["useful_share"] == base["useful_share"] < 0.9
+    assert padded["rows_per_step"] == base["rows_per_step"] == 4 and padded["passes_per_step"] == 2
     assert packed["useful_share"] == 1.0 and packed["useful_tokens_per_s"] == packed["tokens_per_s"]
-    # packed into the engine's bins: a step holds more rows in one pass (batches.py)
-    assert padded["rows_per_step"] == base["rows_per_step"] == 4 < packed["rows_per_step"]
+    # rows of similar length share a padded pass: less padding, fewer passes for about the same rows a step
+    assert grouped["useful_share"] > padded["useful_share"]
+    assert grouped["passes_per_step"] < 2 and packed["passes_per_step"] < 2
+    assert 2 < grouped["rows_per_step"] <= 6 and 2 < packed["rows_per_step"] <= 6
     assert padded["backend"] == "universal" and padded["backend_reason"]
     assert padded["planner_torch_gib"] > 0 and padded["planner_error"] is None  # no GPU peak on the CPU
     # fp32 on the CPU, same seed, same rows: the chunked loss equals transformers' loss
     assert padded["parity_max_rel"] is not None and padded["parity_max_rel"] < 1e-4 and padded["parity_ok"] is True
-    # packed steps train other rows than the baseline's: no step-by-step parity (tests/test_data_packing.py)
-    assert packed["parity_max_rel"] is None and packed["parity_ok"] is None
-    for ours in (padded, packed):
+    # grouped and packed steps train other rows than the baseline's: no step-by-step parity
+    for other in (grouped, packed):
+        assert other["parity_max_rel"] is None and other["parity_ok"] is None
+    for ours in (grouped, padded, packed):
         assert ours["speed_vs_baseline"] == pytest.approx(ours["useful_tokens_per_s"] / base["useful_tokens_per_s"])
     md = (tmp_path / "out" / "smoke.md").read_text()
     for line in ("- date: ", "- card: CPU", "- versions: python ", "- command: `"):
         assert line in md
-    assert "--smoke" in md and "| smoke-llama lora seq 512 x4 real lengths | - | ours:universal:packed | universal |" in md
+    label = "| smoke-llama lora seq 512 x2 accum 2 real lengths | - |"
+    assert "--smoke" in md and f"{label} ours:universal:packed | universal |" in md
+    rows_line = next(line for line in md.splitlines() if line.startswith(f"{label} ours:universal:rows |"))
+    assert rows_line.endswith("| 4.0 |")  # rows/step, the table's last column
     assert "## Goals" in md and "Speed at equal memory" not in md  # no GPU peaks, nothing to compare
     assert "(packed into bins: each step trains other rows than the baseline's" in md
+    assert "ours:universal (grouped by length: each step trains other rows than the baseline's" in md
 
 
 # ---------------------------------------------------------------- the card simulator (benchmarks/cards.py)

@@ -39,19 +39,46 @@ def test_real_length_case_round_trips_with_or_without_a_cap():
 def test_packed_stacks_name_their_backend_and_the_rest_is_refused():
     assert parse_stack("ours:packed") == "ours:auto:packed"
     assert parse_stack("ours:universal:packed") == "ours:universal:packed"
-    assert stacks.split_stack("ours:universal:packed") == ("ours", "universal", True)
-    assert stacks.split_stack("ours:auto") == ("ours", "auto", False)
-    assert stacks.split_stack("baseline") == ("baseline", "", False)
-    for bad in ("ours:packed:universal", "baseline:packed", "ours:triton:packed"):
-        with pytest.raises(CaseError, match="packed"):
+    assert parse_stack("ours:grouped") == "ours:auto:grouped" and parse_stack("ours:liger:rows") == "ours:liger:rows"
+    assert stacks.split_stack("ours:universal:packed") == ("ours", "universal", "packed")
+    assert stacks.split_stack("ours:auto") == ("ours", "auto", "")
+    assert stacks.split_stack("baseline") == ("baseline", "", "")
+    for bad in ("ours:packed:universal", "baseline:packed", "ours:triton:packed", "ours:universal:sorted"):
+        with pytest.raises(CaseError, match="packed, grouped, rows"):
             parse_stack(bad)
 
 
-def test_packed_stack_and_set_both_turn_packing_on_in_our_recipe(tmp_path):
-    case = parse_case("smoke-llama:lora:512:4:real")
-    assert stacks.ours_recipe(tmp_path, case, "universal", [], True).data.packing is False
-    assert stacks.ours_recipe(tmp_path, case, "universal", [], True, packed=True).data.packing is True
+def test_stack_variants_and_set_turn_packing_and_length_grouping_on_or_off_in_our_recipe(tmp_path):
+    case = parse_case("smoke-llama:lora:512:4x4:real")
+    plain = stacks.ours_recipe(tmp_path, case, "universal", [], True)
+    assert plain.data.packing is False and plain.data.group_by_length is True  # the recipe's default groups
+    assert (plain.train.micro_batch, plain.train.grad_accum) == (4, 4)
+    assert stacks.ours_recipe(tmp_path, case, "universal", [], True, stacks.PACKED).data.packing is True
     assert stacks.ours_recipe(tmp_path, case, "universal", ["data.packing=true"], True).data.packing is True
+    assert stacks.ours_recipe(tmp_path, case, "universal", [], True, stacks.ROWS).data.group_by_length is False
+    grouped = stacks.ours_recipe(tmp_path, case, "universal", ["data.group_by_length=false"], True, stacks.GROUPED)
+    assert grouped.data.group_by_length is True  # the stack's variant wins over --set
+    assert batches.batching_for(False, True, case) == batches.GROUPED
+    assert batches.batching_for(True, True, case) == batches.PACKED
+    assert batches.batching_for(False, False, case) == batches.ROWS
+    # fixed rows are all seq long: each group would be `batch` rows, the passes of padded rows (and their parity)
+    assert batches.batching_for(False, True, parse_case("smoke-llama:lora:512:4")) == batches.ROWS
+
+
+def test_accumulation_parses_and_a_plain_batch_is_accumulation_1():
+    case = parse_case("gemma-2b:qlora:1024:4x4:3.55:real")
+    assert (case["batch"], case["accum"], case["cap_gb"], case["lengths"]) == (4, 4, 3.55, "real")
+    assert case_text(case) == "gemma-2b:qlora:1024:4x4:3.55:real" and parse_case(case_text(case)) == case
+    assert parse_case("gemma-2b:qlora:1024:4") == parse_case("gemma-2b:qlora:1024:4x1")
+    assert parse_case("gemma-2b:qlora:1024:4")["accum"] == 1 and case_text(parse_case("x:lora:64:2x1")) == "x:lora:64:2"
+    # a row written before the accumulation (no "accum") is in the same case as ":4" now
+    old_row = {"model": "gemma-2b", "method": "qlora", "seq": 1024, "batch": 4, "cap_gb": None, "lengths": "real"}
+    assert report.case_key(old_row) == report.case_key(parse_case("gemma-2b:qlora:1024:4:real"))
+    assert report.case_key(old_row) != report.case_key(parse_case("gemma-2b:qlora:1024:4x4:real"))
+    assert report.case_label(case) == "gemma-2b qlora seq 1024 x4 accum 4 real lengths"
+    for bad in ("gemma-2b:qlora:1024:4x0", "gemma-2b:qlora:1024:4x", "gemma-2b:qlora:1024:x4"):
+        with pytest.raises(CaseError, match="accum"):
+            parse_case(bad)
 
 
 # ---------------------------------------------------------------- the lengths
@@ -86,7 +113,7 @@ def test_fixed_rows_are_the_draw_memory_speed_always_made():
     expected = [torch.randint(0, VOCAB, (2, 64), generator=g) for _ in range(3)]
     assert [r["input_ids"] for r in rows] == torch.cat(expected).tolist()
     assert all(r["labels"] == r["input_ids"] for r in rows)
-    (batch, useful, counted), *_ = batches.step_batches(case, 3, VOCAB, None, "cpu")
+    [(batch, useful, counted)], *_ = batches.step_batches(case, 3, VOCAB, None, "cpu")
     assert set(batch) == {"input_ids", "labels"} and batch["input_ids"] is batch["labels"]
     assert torch.equal(batch["input_ids"], expected[0]) and (useful, counted) == (128, 126)
 
@@ -101,12 +128,14 @@ def test_real_rows_mask_the_prompt_and_every_stack_batches_the_same_rows(tmp_pat
     prompt = round(len(first["input_ids"]) * batches.PROMPT_SHARE)
     assert first["labels"][:prompt] == [-100] * prompt and first["labels"][prompt:] == first["input_ids"][prompt:]
 
-    def run(kind: str, packing: bool) -> list:
-        collate = batches.collator_for(kind, packing, case, tmp_path)
-        return list(batches.step_batches(case, 12, VOCAB, collate, "cpu", packing))
+    def run(kind: str, batching: str) -> list:
+        collate = batches.collator_for(kind, batching, case, tmp_path)
+        steps = list(batches.step_batches(case, 12, VOCAB, collate, "cpu", batching))
+        assert all(len(step) == 1 for step in steps)  # accumulation 1: one micro-batch a step
+        return [step[0] for step in steps]
 
-    notebook, ours, packed = run("baseline", False), run("ours", False), run("ours", True)
-    assert type(batches.collator_for("baseline", False, case, tmp_path)).__name__ == "DataCollatorForSeq2Seq"
+    notebook, ours, packed = run("baseline", batches.ROWS), run("ours", batches.ROWS), run("ours", batches.PACKED)
+    assert type(batches.collator_for("baseline", batches.ROWS, case, tmp_path)).__name__ == "DataCollatorForSeq2Seq"
     for (a, useful_a, loss_a), (b, useful_b, loss_b) in zip(notebook, ours):
         assert set(a) == set(b) == {"input_ids", "labels", "attention_mask"}
         for key in a:
@@ -121,11 +150,11 @@ def test_real_rows_mask_the_prompt_and_every_stack_batches_the_same_rows(tmp_pat
         assert set(p) == {"input_ids", "labels", "position_ids"} and p["input_ids"].shape[0] == 1
         assert useful_p == p["input_ids"].numel() <= 4 * 1024 and loss_p == batches.loss_tokens(p["labels"])
     assert sum(u for _, u, _ in packed) > 2 * sum(u for _, u, _ in notebook)
-    steps = batches.packed_steps(case, 12, VOCAB)
+    steps = [micro for step in batches.packed_steps(case, 12, VOCAB) for micro in step]
     assert all(len(step) == 4 and all(b["position_ids"][0] == 0 and len(b["input_ids"]) <= 1024 for b in step)
-               for step in steps)
-    assert batches.rows_per_step(case, 12, VOCAB, True) == sum(b["rows"] for s in steps for b in s) / 12 > 8
-    assert batches.rows_per_step(case, 12, VOCAB, False) == 4.0
+               for step in steps) and len(steps) == 12
+    assert batches.rows_per_step(case, 12, VOCAB, batches.PACKED) == sum(b["rows"] for s in steps for b in s) / 12 > 8
+    assert batches.rows_per_step(case, 12, VOCAB, batches.ROWS) == 4.0
 
 
 # ---------------------------------------------------------------- report: useful speed, memory, repeats

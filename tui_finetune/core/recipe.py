@@ -65,6 +65,8 @@ class DataSpec:
     """Pack the training rows into bins of up to ``seq_len`` tokens, one bin a sequence (padding-free, no
     attention across rows): fewer, fuller passes. ``train.micro_batch`` then counts bins, and the engine lowers
     the accumulation so a step still sees about the effective batch in rows (docs/design.md, Loop)."""
+    group_by_length: bool = True
+    """Train rows of similar length together, one padded micro-batch a token-budget group: fewer, fuller passes."""
     train_on_prompt: bool = False
     """Also train on prompt tokens; by default only assistant/completion tokens carry loss."""
     template: str = "auto"
