@@ -376,9 +376,9 @@ class Worker:
                               f"vs {self.info.data_hash[:12]}): resume with the same data, or start a new run")
         for warning in getattr(data, "warnings", []) or []:
             self.log.emit(WarningEvent(message=str(warning)))
-        if self.recipe.data.packing:  # the rows in bins of seq_len tokens (engine/packed_training.py)
-            from tui_finetune.engine.packed_training import pack_training_data
+        from tui_finetune.engine.packed_training import pack_training_data, trains_on_bins
 
+        if trains_on_bins(self.recipe.data):  # flat bins or length groups (engine/packed_training.py)
             data = pack_training_data(self.run_dir, data, self.recipe, self.log)
         return data
 
