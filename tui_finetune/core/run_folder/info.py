@@ -89,9 +89,12 @@ class RunInfo:
     shows it), ``name`` and ``total_mb`` (``core/devices.py::run_gpus``; empty where that can't be told, or
     without a GPU). The monitor names each rank's card from it, live and after the run."""
     packing: dict[str, Any] = field(default_factory=dict)
-    """With ``data.packing``: rows, bins, tokens, seq_len, effective_batch and bins_per_step (bins a device
-    trains per optimizer step), as engine/packed_training.py chose them; a resume with the same bins reuses
-    bins_per_step, so it skips exactly the bins trained. The recipe in recipe.toml keeps counting rows."""
+    """With ``data.packing`` or ``data.group_by_length``: kind (``flat`` bins or ``grouped`` rows; a record
+    without it is flat), rows, bins, tokens, seq_len (a bin's budget: tokens, or padded tokens for a group),
+    padded (a grouped run's padded tokens), effective_batch and bins_per_step (bins a device trains per
+    optimizer step), as engine/packed_training.py chose them; a resume with the same bins reuses
+    bins_per_step, so it skips exactly the bins trained. An OOM shrink of a grouped run rewrites it with the
+    groups of the halved budget. The recipe in recipe.toml keeps counting rows. Empty: plain rows."""
 
 
 def make_run_id(model: str, now: datetime | None = None) -> str:
