@@ -43,7 +43,10 @@ def pack_training_data(run_dir: Path, data: Any, recipe: RecipeSpec, log: EventL
     """``data`` (prepare.PreparedData) with its training rows in bins (``data.packing``: flat bins of
     ``data.seq_len`` tokens; else groups of ``group_budget`` padded tokens), ``packing`` set and the rows kept
     in ``train_rows``; the evaluation rows stay rows (their loss averages per batch, as without bins). Called
-    again on data already in bins (after an OOM halved a grouped run's budget), it bins its rows anew."""
+    again on data already in bins (after an OOM halved a grouped run's budget), it bins its rows anew. A
+    recipe that trains on plain rows gets ``data`` as it is."""
+    if not trains_on_bins(recipe.data):
+        return data
     rows = data.train_rows if data.packing is not None else data.train
     grouped = not recipe.data.packing
     if grouped:

@@ -66,6 +66,10 @@ class TrainingLoop:
         self.stop_requested = stop_requested
         self.restart_without = restart_without
         """Records a failed backend and replaces this process with a fresh worker (never returns)."""
+        self.data: Any = None
+        self.total_steps = 0
+        """The data training ran on and its optimizer steps: the worker's, or after an OOM shrink of length groups
+        its rows regrouped (``regroup``)."""
         self.evaluated_steps: set[int] = set()
         """The steps Trainer evaluated, so the worker doesn't evaluate the last one twice."""
 
@@ -78,7 +82,7 @@ class TrainingLoop:
         micro-batch shrinks and the accumulation grows by the same factor, and training goes on from
         the last checkpoint; at micro-batch 1 with no checkpoint yet, ``SequenceTooLong``.
         """
-        recipe, run_dir = self.recipe, self.run_dir
+        recipe, run_dir, self.data, self.total_steps = self.recipe, self.run_dir, data, total_steps
         checkpoints = run_dir / CHECKPOINTS_DIR
         info = read_run_info(run_dir)
         self.eval_batch = info.eval_batch or None
@@ -126,7 +130,7 @@ class TrainingLoop:
                 recipe = seal_cb.recipe = self.shrink_after_oom(err, in_check)
                 if packed is not None and packed.kind == "grouped":  # the budget halved with the micro-batch
                     data, total_steps = self.regroup(data)
-                    packed = data.packing
+                    self.data, self.total_steps, packed = data, total_steps, data.packing
                 if resume is None:  # no checkpoint yet: start over from the very same initial adapter
                     model.load_state_dict(initial, strict=False)
                     set_seed(recipe.train.seed)
