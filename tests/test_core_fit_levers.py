@@ -80,6 +80,17 @@ def test_the_data_longest_row_is_a_free_cut_before_truncating():
     assert "nothing is cut" in decision.changes[-1] and decision.changes[-1].endswith("--set data.seq_len=1500")
 
 
+def test_grouped_batches_take_the_data_longest_row_cut_and_flat_bins_do_not():
+    """A group's budget is micro_batch x the longest row (data.group_by_length), so the longest row still sizes a
+    grouped micro-batch; a flat bin fills seq_len with rows whatever their length (data.packing)."""
+    recipe, model = preset("16gb-mistral-7b-qlora"), get_model("mistral-7b")
+    assert recipe.data.group_by_length and not recipe.data.packing
+    decision = auto_fit(recipe, model, 5.75 * GIB, data_longest=1500)
+    assert decision.recipe.data.seq_len == 1500
+    packed = replace(recipe, data=replace(recipe.data, packing=True))
+    assert auto_fit(packed, model, 5.75 * GIB, data_longest=1500).recipe.data.seq_len != 1500
+
+
 def test_nothing_fits_returns_fits_false_with_the_smallest_estimate_and_advice():
     recipe, model = preset("24gb-llama-3.1-8b-lora"), get_model("llama-3.1-8b")
     decision = auto_fit(recipe, model, 6 * GIB)

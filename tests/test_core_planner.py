@@ -336,8 +336,12 @@ def test_the_cpu_ram_estimate_of_a_packed_run_sizes_a_full_bin_not_the_longest_r
     from tui_finetune.core.recipe import recipe_from_dict
     from tui_finetune.core.suggest import estimate_cpu_ram_gib
 
-    def recipe(packing):
-        return recipe_from_dict({"model": "phi-2", "data": {"seq_len": 1024, "packing": packing}})
+    def recipe(packing, grouping=True):
+        return recipe_from_dict({"model": "phi-2", "data": {"seq_len": 1024, "packing": packing,
+                                                            "group_by_length": grouping}})
 
     assert estimate_cpu_ram_gib(recipe(False), longest_row_tokens=72) < estimate_cpu_ram_gib(recipe(False))
     assert estimate_cpu_ram_gib(recipe(True), longest_row_tokens=72) == estimate_cpu_ram_gib(recipe(True))
+    # length groups hold micro_batch x the longest row padded: the longest row still sizes them, as for rows
+    assert (estimate_cpu_ram_gib(recipe(False, True), longest_row_tokens=72)
+            == estimate_cpu_ram_gib(recipe(False, False), longest_row_tokens=72))

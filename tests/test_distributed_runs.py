@@ -32,9 +32,11 @@ def tiny(tmp_path_factory):
     return build_tiny_llama(root / "model"), write_alpaca(root / "data.jsonl", rows=20)
 
 
-def _recipe(model, devices: int, micro: int, accum: int, steps: int):
+def _recipe(model, devices: int, micro: int, accum: int, steps: int, rows: bool = False):
+    """``rows``: plain rows, no length groups (data.group_by_length), where a test counts rows a rank."""
     return tiny_recipe(model, train={"micro_batch": micro, "grad_accum": accum, "max_steps": steps, "devices": devices},
-                       checkpoint={"every_steps": 2, "every_minutes": 0.0, "keep_last": 2})
+                       checkpoint={"every_steps": 2, "every_minutes": 0.0, "keep_last": 2},
+                       data={"group_by_length": not rows})
 
 
 def _trace(path) -> dict[int, dict[int, dict]]:
@@ -51,8 +53,8 @@ def _trace(path) -> dict[int, dict[int, dict]]:
 def test_two_processes_train_the_same_rows_to_the_same_losses_as_one_with_the_same_effective_batch(tiny, tmp_path):
     model, data = tiny
     two_trace, one_trace = tmp_path / "two.jsonl", tmp_path / "one.jsonl"
-    two = launch(_recipe(model, devices=2, micro=2, accum=1, steps=6), data, tmp_path / "two", trace=two_trace)
-    one = launch(_recipe(model, devices=1, micro=2, accum=2, steps=6), data, tmp_path / "one", trace=one_trace)
+    two = launch(_recipe(model, devices=2, micro=2, accum=1, steps=6, rows=True), data, tmp_path / "two", trace=two_trace)
+    one = launch(_recipe(model, devices=1, micro=2, accum=2, steps=6, rows=True), data, tmp_path / "one", trace=one_trace)
     assert wait_dead(two) == "completed", (two / "worker.log").read_text()[-3000:]
     assert wait_dead(one) == "completed", (one / "worker.log").read_text()[-3000:]
 

@@ -164,6 +164,7 @@ def test_unsloth_is_passed_over_for_architectures_it_lacks_full_fine_tuning_and_
     recipe = RecipeSpec(model="x")
     assert unsloth.unavailable("mistral", recipe, CPU) is None
     assert "'phi' architecture" in unsloth.unavailable("phi", recipe, CPU)
+    assert recipe.data.group_by_length  # length groups are plain padded rows: Unsloth stays allowed
     recipe.data.packing = True
     assert "packing" in unsloth.unavailable("mistral", recipe, CPU)
     recipe.method = "full"

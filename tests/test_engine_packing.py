@@ -34,8 +34,9 @@ def tiny(tmp_path_factory):
 
 
 def packed_recipe(model, packing: bool = True):
-    """Rows of about 47 tokens in bins of 128: about 2 rows a bin; 1 x 4 rows a step in the recipe."""
-    return fault_recipe(model, STEPS, data={"seq_len": 128, "packing": packing},
+    """Rows of about 47 tokens in bins of 128: about 2 rows a bin; 1 x 4 rows a step in the recipe. Unpacked is
+    plain rows (no length groups), the baseline the bins are compared with."""
+    return fault_recipe(model, STEPS, data={"seq_len": 128, "packing": packing, "group_by_length": False},
                         train={"micro_batch": 1, "grad_accum": 4}, eval={"every_steps": 1000})
 
 

@@ -62,7 +62,10 @@ def test_detached_run_completes_and_leaves_the_documented_run_folder(tiny, tmp_p
     phases = [e.phase for e in events_of(run_dir, PhaseEvent)]
     # the fit-check runs inside Trainer.train, before the first step; the adapter is saved before the
     # after-sample, and the final evaluation already ran at step 12 (every_steps divides 12)
-    assert phases == ["download", "load", "tokenize", "sample", "fit", "train", "save", "sample", "done"]
+    # the second tokenize is the line that says how the rows were grouped (data.group_by_length, the default)
+    assert phases == ["download", "load", "tokenize", "tokenize", "sample", "fit", "train", "save", "sample", "done"]
+    grouping = [e.message for e in events_of(run_dir, PhaseEvent) if e.phase == "tokenize"][1]
+    assert grouping.startswith("grouping: ") and "padded tokens" in grouping
     fit = next(e for e in events_of(run_dir, PhaseEvent) if e.phase == "fit")
     assert fit.message.startswith("the longest batch fits") and "GiB" not in fit.message  # CPU: no VRAM figures
     assert info.phase_peaks_gib == {} and info.failed_phases == {} and info.phase_running == ""

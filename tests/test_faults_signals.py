@@ -86,20 +86,22 @@ def test_a_changed_config_is_refused_with_the_difference_and_accepted_with_force
     assert error.kind == "recipe" and "lora.r: 8 -> 4" in error.message and "--force" in error.message
 
 
-def _oom_recipe(model, **checkpoint):
-    return fault_recipe(model, 8, train={"micro_batch": 4, "grad_accum": 2},
+def _oom_recipe(model, rows: bool = False, **checkpoint):
+    """``rows``: plain rows, no length groups (whose OOM shrink regroups the rows: tests/test_engine_grouping.py)."""
+    return fault_recipe(model, 8, train={"micro_batch": 4, "grad_accum": 2}, data={"group_by_length": not rows},
                         checkpoint={"every_steps": 2, **checkpoint})
 
 
 def test_an_oom_at_step_1_and_at_a_later_step_halves_the_micro_batch_and_completes(tiny, tmp_path):
+    """On plain rows (pinned): a step then trains on the very rows of the uninterrupted run."""
     model, data = tiny
     home = tmp_path / "home"
     traces = {name: tmp_path / f"{name}.jsonl" for name in ("plain", "oom1", "oom5")}
-    plain = launch(_oom_recipe(model), data, home, trace=traces["plain"])
+    plain = launch(_oom_recipe(model, rows=True), data, home, trace=traces["plain"])
     assert wait_dead(plain) == "completed"
-    early = launch(_oom_recipe(model), data, home, fault="oom:train:2@1,oom:eval:1", trace=traces["oom1"])
+    early = launch(_oom_recipe(model, rows=True), data, home, fault="oom:train:2@1,oom:eval:1", trace=traces["oom1"])
     assert wait_dead(early) == "completed", (early / "worker.log").read_text()[-2000:]
-    late = launch(_oom_recipe(model), data, home, fault="oom:train:2@5", trace=traces["oom5"])
+    late = launch(_oom_recipe(model, rows=True), data, home, fault="oom:train:2@5", trace=traces["oom5"])
     assert wait_dead(late) == "completed", (late / "worker.log").read_text()[-2000:]
 
     reference = read_trace(traces["plain"])

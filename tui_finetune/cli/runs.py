@@ -26,7 +26,7 @@ from tui_finetune.core.hardware import detect_hardware
 from tui_finetune.core.presets import find_recipe
 from tui_finetune.core.recipe import RecipeError, load_recipe, save_recipe
 from tui_finetune.core.run_folder.control import launch_run, request_stop, resume_run, settle_recipe_devices
-from tui_finetune.core.run_folder.info import RunError, read_run_info, update_run_info
+from tui_finetune.core.run_folder.info import RunError, read_run_info, read_run_recipe, update_run_info
 from tui_finetune.core.run_folder.layout import CHECKPOINTS_DIR, EVENTS_FILE, RECIPE_FILE
 from tui_finetune.core.run_folder.listing import RunSummary, find_run, list_runs, pid_alive, shown_state
 
@@ -89,7 +89,7 @@ def _resume(args: argparse.Namespace) -> int:
     if state == "completed":
         raise RunError(f"{run_dir.name} already completed: its adapter is in {run_dir / 'adapter'}")
     overrides = list(args.overrides) + devices_override(args)
-    recipe = settle_recipe_devices(load_recipe(run_dir / RECIPE_FILE, overrides), detect_hardware())
+    recipe = settle_recipe_devices(read_run_recipe(run_dir, overrides), detect_hardware())
     try:
         choice = find_resume_checkpoint(run_dir / CHECKPOINTS_DIR, args.from_step)
     except CheckpointError as err:

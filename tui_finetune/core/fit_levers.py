@@ -183,6 +183,7 @@ def _shorter_sequences(recipe: RecipeSpec, data_longest: int | None) -> Iterator
     """The data's longest row if that is shorter (nothing is cut), then halvings of the recipe's length."""
     seq = recipe.data.seq_len
     floor = min(MIN_SEQ_LEN, seq)
+    # flat bins fill seq_len whatever the rows; length groups hold micro_batch x the longest row, as rows do
     longest = data_longest if data_longest and data_longest < seq and not recipe.data.packing else None
     if longest:
         yield _with_seq(recipe, longest)

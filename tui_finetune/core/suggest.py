@@ -175,7 +175,8 @@ def estimate_cpu_ram_gib(recipe: RecipeSpec, longest_row_tokens: int | None = No
     """A CPU run's peak RAM (the worker's RSS) in GiB: the planner's tensors without the CUDA context and
     the allocator's slack (the CPU has neither), plus the worker itself. A batch is padded to its longest
     row, not to ``seq_len``, so the data's longest row (from the data check) sizes the logits when known;
-    with ``data.packing`` a bin holds up to ``seq_len`` tokens of rows, so it is ``seq_len`` again."""
+    with ``data.packing`` a bin holds up to ``seq_len`` tokens of rows, so it is ``seq_len`` again; a length group
+    (``data.group_by_length``) holds at most micro_batch x the longest row padded, so the longest row still sizes it."""
     case, profile = _plan_case_of(recipe, None)
     profile = replace(profile, input_embedding_on_cpu=False)  # on the CPU, RAM holds the embedding either way
     if longest_row_tokens and not recipe.data.packing:  # packed, a micro-batch fills seq_len with rows

@@ -1,4 +1,4 @@
-"""Batch tokenized rows for the Trainer: padding, or padding-free packing.
+"""Batch tokenized rows for the Trainer: padding (of rows or of length groups), or padding-free packing.
 
 * ``packing = false``: :class:`PaddingCollator` pads ``input_ids`` with the pad id (EOS when the
   tokenizer has no pad token), ``labels`` with -100 and builds ``attention_mask``. Padding is
@@ -20,6 +20,9 @@ each row. The Trainer's ``per_device_train_batch_size`` (``train.micro_batch``) 
 :class:`FlatteningCollator` splits each bin back into its rows at those restarts before flattening
 the lot, so a micro-batch of bins is one row of at most ``micro_batch x seq_len`` tokens, exactly what
 ``DataCollatorWithFlattening`` makes of all their rows; plain rows (evaluation) flatten as before.
+With length grouping (``data.group_by_length``, data/packing.py) an example is a group of padded rows
+stored the same way; :class:`GroupCollator` cuts it back into its rows and pads them (``PaddingCollator``),
+so a group trains exactly as those rows would as one padded micro-batch; plain rows (evaluation) pad as before.
 ``TokenBudgetBatchSampler`` is the other way to cap a row by tokens, as a DataLoader's ``batch_sampler``.
 Extra columns (``length``, ``sample_id``, ``sample_ids``) are ignored by both collators.
 """
@@ -70,6 +73,17 @@ class FlatteningCollator:
         return self.inner([row for feature in features for row in split_bin(feature)])
 
 
+class GroupCollator:
+    """``PaddingCollator`` over rows, where an example may be a group of rows (data/packing.py ``group_dataset``):
+    a group is cut back into its rows (``split_bin``) and they are padded to the longest, with attention_mask."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.inner = PaddingCollator(pad_id)
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        return self.inner([row for feature in features for row in split_bin(feature)])
+
+
 def split_bin(feature: dict[str, Any]) -> list[dict[str, Any]]:
     """A bin's rows (``input_ids``, ``labels``), cut where its ``position_ids`` restart; a plain row alone."""
     ids, labels = list(feature["input_ids"]), list(feature.get("labels", feature["input_ids"]))
@@ -80,15 +94,15 @@ def split_bin(feature: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"input_ids": ids[a:b], "labels": labels[a:b]} for a, b in zip(starts, starts[1:]) if b > a]
 
 
-def make_collator(tokenizer: Any, packing: bool) -> Any:
-    """The collator for the Trainer or a DataLoader (see the module docstring for packing)."""
+def make_collator(tokenizer: Any, packing: bool, grouped: bool = False) -> Any:
+    """The collator for the Trainer or a DataLoader (see the module docstring for packing and grouping)."""
     if packing:
         return FlatteningCollator()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise ValueError("the tokenizer has neither a pad token nor an EOS token to pad with: "
                          "set pad_token in its tokenizer_config.json")
-    return PaddingCollator(pad)
+    return GroupCollator(pad) if grouped else PaddingCollator(pad)
 
 
 class TokenBudgetBatchSampler:

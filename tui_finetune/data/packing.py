@@ -1,4 +1,6 @@
-"""Token-budget packing (``data.packing = true``): the training rows in bins of at most ``data.seq_len`` tokens.
+"""Token-budget bins of the training rows: flat packing (``data.packing = true``), bins of at most
+``data.seq_len`` tokens flattened into one row, and length grouping (``data.group_by_length``, the default),
+groups of rows of similar length that padded hold at most a budget of tokens.
 
 Why bins: on short rows a forward and backward pass costs nearly the same whatever its token count (each
 pass dequantises every NF4 weight three times and launches the same kernels), so on real data, where most
@@ -19,6 +21,14 @@ rows are a few hundred tokens, the lever is fewer, fuller passes (issue #14). Fl
   number of bins a step takes on each device is fixed for the run (``PackedBins.bins_per_step``): an OOM
   that halves the micro-batch doubles the accumulation, as it does for rows, so a resume skips exactly
   the bins already trained.
+* ``group_lengths`` / ``group_dataset``: a group is stored like a bin (rows concatenated, ``position_ids``
+  restarting per row, so ``collate.split_bin`` cuts it back), but with the labels untouched, and trained as
+  ordinary padded rows (``collate.GroupCollator``): attention as without grouping. Its budget is
+  ``group_budget``: ``micro_batch x min(seq_len, the longest row)`` padded tokens, the worst case of a
+  micro-batch of rows, so the planner and the fit-check size it unchanged. One group is one micro-batch
+  (the Trainer's micro-batch is 1) and ``bins_per_step(effective, devices, 1, rows a group)`` groups make a
+  step. An OOM halves the recipe's micro-batch, so the budget: the groups are rebuilt and the step size
+  chosen again (engine/packed_training.py).
 
 No torch import here: transformers' collator is called with numpy tensors (return_tensors="np").
 """
@@ -30,25 +40,31 @@ import uuid
 from bisect import bisect_left, insort
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from tui_finetune.data.render import IGNORE_INDEX
 
 
 @dataclass(frozen=True)
 class PackedBins:
-    """What packing made of a run's training rows, and how many bins a step takes (run.json ``packing``)."""
+    """What packing or grouping made of a run's training rows, and how many bins a step takes (run.json
+    ``packing``)."""
 
     rows: int
     bins: int
     tokens: int
     """The rows' tokens, all of them in some bin."""
     seq_len: int
-    """The budget of one bin (``data.seq_len``)."""
+    """The budget of one bin: ``data.seq_len`` tokens (flat), or padded tokens (grouped: ``group_budget``)."""
     effective_batch: int = 0
     """The recipe's effective batch in rows that ``bins_per_step`` was chosen for."""
     bins_per_step: int = 0
     """Bins one device trains per optimizer step (micro-batch x accumulation), fixed for the run."""
+    kind: str = "flat"
+    """``flat`` (``data.packing``: one row of rows, no padding) or ``grouped`` (``data.group_by_length``: padded
+    rows of similar length, one group a micro-batch). A record from before grouping existed is flat."""
+    padded: int = 0
+    """Grouped: the groups' tokens padded (each group's rows x its longest); flat: 0 (nothing is padded)."""
 
     @property
     def rows_per_bin(self) -> float:
@@ -56,7 +72,9 @@ class PackedBins:
 
     @property
     def fill(self) -> float:
-        """The bins' tokens over their capacity (bins x seq_len)."""
+        """Flat: the bins' tokens over their capacity (bins x seq_len); grouped: the real share of the padded tokens."""
+        if self.kind == "grouped":
+            return self.tokens / max(self.padded, 1)
         return self.tokens / max(self.bins * self.seq_len, 1)
 
     def accumulation(self, micro_batch: int) -> int:
@@ -65,8 +83,8 @@ class PackedBins:
 
     def same_bins(self, other: PackedBins) -> bool:
         """Built from the same rows at the same budget, so ``other``'s step size still applies."""
-        return (self.rows, self.bins, self.tokens, self.seq_len) == (other.rows, other.bins, other.tokens,
-                                                                     other.seq_len)
+        return ((self.kind, self.rows, self.bins, self.tokens, self.seq_len, self.padded)
+                == (other.kind, other.rows, other.bins, other.tokens, other.seq_len, other.padded))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -74,8 +92,9 @@ class PackedBins:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PackedBins | None:
         try:
-            return cls(**{k: int(data[k]) for k in ("rows", "bins", "tokens", "seq_len", "effective_batch",
-                                                    "bins_per_step")})
+            counts = {k: int(data[k]) for k in ("rows", "bins", "tokens", "seq_len", "effective_batch",
+                                                "bins_per_step")}
+            return cls(**counts, kind=str(data.get("kind", "flat")), padded=int(data.get("padded", 0)))
         except (KeyError, TypeError, ValueError):
             return None
 
@@ -146,15 +165,56 @@ def flatten_rows(rows: list[dict[str, Any]]) -> dict[str, list[int]]:
     return {k: [int(x) for x in flat[k][0].tolist()] for k in ("input_ids", "labels", "position_ids")}
 
 
+def concatenate_rows(rows: list[dict[str, Any]]) -> dict[str, list[int]]:
+    """One group as one example: its rows' ``input_ids`` and ``labels`` concatenated as they are (no label
+    changed: ``split_bin`` gives back the very rows) and ``position_ids`` restarting at 0 for each row."""
+    out: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": []}
+    for row in rows:
+        ids = [int(x) for x in row["input_ids"]]
+        out["input_ids"] += ids
+        out["labels"] += [int(x) for x in row.get("labels", ids)]
+        out["position_ids"] += list(range(len(ids)))
+    return out
+
+
+def group_budget(micro_batch: int, seq_len: int, longest_row: int) -> int:
+    """A group's padded tokens: ``micro_batch x min(seq_len, longest_row)``, the padded worst case of a
+    micro-batch of rows, which is what the planner, auto-fit and the fit-check size."""
+    return max(1, micro_batch * min(seq_len, longest_row or seq_len))
+
+
 def pack_dataset(dataset: Any, seq_len: int, seed: int, cache_dir: str | Path | None = None) -> tuple[Any, PackedBins]:
     """The bins of ``dataset``'s rows as a ``datasets.Dataset`` (one bin a row, see the module docstring),
     written to Arrow in ``cache_dir`` (default: a temporary folder removed at exit), and what packing made."""
+    lengths = [int(n) for n in dataset["length"]]
+    bins = pack_lengths(lengths, seq_len, seed)
+    packed = _bins_dataset(dataset, bins, flatten_rows, lambda members: sum(lengths[i] for i in members), cache_dir)
+    return packed, PackedBins(rows=len(lengths), bins=len(bins), tokens=sum(lengths), seq_len=seq_len)
+
+
+def group_dataset(dataset: Any, budget: int, seed: int, cache_dir: str | Path | None = None) -> tuple[Any, PackedBins]:
+    """``dataset``'s rows in groups of similar length (``group_lengths``) of at most ``budget`` padded tokens,
+    one group a row of a ``datasets.Dataset`` (``concatenate_rows``); ``length`` is the group's padded tokens
+    (rows x its longest), so the fit-check's longest batch is the group with the most of them."""
+    lengths = [int(n) for n in dataset["length"]]
+    groups = group_lengths(lengths, budget, seed)
+
+    def padded(members: list[int]) -> int:
+        return len(members) * max(lengths[i] for i in members)
+
+    grouped = _bins_dataset(dataset, groups, concatenate_rows, padded, cache_dir)
+    return grouped, PackedBins(rows=len(lengths), bins=len(groups), tokens=sum(lengths), seq_len=budget,
+                               kind="grouped", padded=sum(padded(g) for g in groups))
+
+
+def _bins_dataset(dataset: Any, bins: list[list[int]], join: Callable[[list[dict[str, Any]]], dict[str, list[int]]],
+                  length_of: Callable[[list[int]], int], cache_dir: str | Path | None) -> Any:
+    """Each bin of row indices as one example (``join`` of its rows, ``length_of`` its indices, its rows'
+    ``sample_ids``), written to Arrow in ``cache_dir`` (default: a temporary folder removed at exit)."""
     import datasets
 
     from tui_finetune.data.prepare import temporary_cache_dir
 
-    lengths = [int(n) for n in dataset["length"]]
-    bins = pack_lengths(lengths, seq_len, seed)
     features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
                                   "labels": datasets.Sequence(datasets.Value("int32")),
                                   "position_ids": datasets.Sequence(datasets.Value("int32")),
@@ -164,7 +224,7 @@ def pack_dataset(dataset: Any, seq_len: int, seed: int, cache_dir: str | Path | 
     def examples() -> Iterator[dict[str, Any]]:
         for members in bins:
             rows = [dataset[i] for i in members]
-            yield {**flatten_rows(rows), "length": sum(lengths[i] for i in members),
+            yield {**join(rows), "length": length_of(members),
                    "sample_ids": [int(r.get("sample_id", i)) for r, i in zip(rows, members)]}
 
     quiet = datasets.utils.are_progress_bars_disabled()
@@ -176,7 +236,7 @@ def pack_dataset(dataset: Any, seq_len: int, seed: int, cache_dir: str | Path | 
     finally:
         if not quiet:
             datasets.enable_progress_bars()
-    return packed, PackedBins(rows=len(lengths), bins=len(bins), tokens=sum(lengths), seq_len=seq_len)
+    return packed
 
 
 def describe_packing(packed: PackedBins, micro_batch: int, row_accumulation: int, devices: int = 1) -> str:
@@ -188,3 +248,13 @@ def describe_packing(packed: PackedBins, micro_batch: int, row_accumulation: int
             f"({packed.rows_per_bin:.1f} rows a bin, {packed.fill:.0%} full); accumulation {row_accumulation} -> "
             f"{accumulation} at micro-batch {micro_batch} bin(s), so a step sees about {seen:.0f} rows "
             f"(the recipe's effective batch: {packed.effective_batch})")
+
+
+def describe_grouping(grouped: PackedBins, row_accumulation: int, devices: int = 1) -> str:
+    """The one line a grouped run logs: ``grouping: 480 rows -> 80 groups of <= 2048 padded tokens (6.0 rows
+    a group, 93% real tokens); accumulation 16 -> 3, so a step sees about 18 rows``."""
+    seen = grouped.bins_per_step * max(devices, 1) * grouped.rows_per_bin
+    return (f"grouping: {grouped.rows} rows -> {grouped.bins} groups of <= {grouped.seq_len} padded tokens "
+            f"({grouped.rows_per_bin:.1f} rows a group, {grouped.fill:.0%} real tokens); accumulation "
+            f"{row_accumulation} -> {grouped.accumulation(1)} at one group a micro-batch, so a step sees about "
+            f"{seen:.0f} rows (the recipe's effective batch: {grouped.effective_batch})")

@@ -63,7 +63,10 @@ class PreparedData:
     warnings: list[str] = field(default_factory=list)
     """Things a run should log (truncations, missing EOS, no eval split); never fatal."""
     packing: Any = None
-    """``data/packing.PackedBins`` once ``train`` holds bins instead of rows (``data.packing``); else None."""
+    """``data/packing.PackedBins`` once ``train`` holds bins instead of rows (``data.packing`` or
+    ``data.group_by_length``); else None."""
+    train_rows: Any = None
+    """The training rows themselves once ``train`` holds bins: a regroup after an OOM starts from them."""
 
 
 def hash_data_files(data_path: str | Path, validation_path: str | Path | None = None) -> str:

@@ -127,6 +127,9 @@ class LeanTrainer(Trainer):
         """Micro-batches of this optimizer step still to run on this rank: at 0 the ranks sync."""
         self.rank_oom = ""
         """This rank's out-of-memory in the current step ('' for none), until all ranks have heard of it."""
+        self.recipe_micro_batch = 0
+        """The recipe's micro-batch (0: the Trainer's), what an injected OOM compares: with length groups the
+        Trainer's is 1 and the recipe's sets the groups' budget (engine/packed_training.py)."""
 
     # ------------------------------------------------ test hooks (engine/faults.py): injected OOMs, the trace
 
@@ -175,9 +178,9 @@ class LeanTrainer(Trainer):
         if traced is not None:
             self.step_sample_ids.extend(int(i) for i in traced.tolist())
         limit = oom_limit("train", self.state.global_step + 1)  # fault injection for tests; None in a real run
-        if limit is not None and self.args.per_device_train_batch_size > limit:
-            raise torch.OutOfMemoryError(f"CUDA out of memory (injected by the test hook at micro-batch "
-                                         f"{self.args.per_device_train_batch_size})")
+        micro_batch = self.recipe_micro_batch or self.args.per_device_train_batch_size
+        if limit is not None and micro_batch > limit:
+            raise torch.OutOfMemoryError(f"CUDA out of memory (injected by the test hook at micro-batch {micro_batch})")
         loss = super().training_step(model, inputs, num_items_in_batch)
         if self.trace_path:
             self.step_loss += loss.item()

@@ -10,7 +10,8 @@ begins, so an out-of-memory there and one in any later step reach the same handl
 2. else the micro-batch shrinks and the accumulation grows by the same factor (``next_micro_batch``:
    the effective batch stays exactly the same), written to the run's recipe.toml
    (recipe_refit.shrink_micro_batch), and training goes on from the last checkpoint, or from the very
-   same initial adapter when there is none yet;
+   same initial adapter when there is none yet; a length-grouped run's groups are rebuilt first, as
+   their budget is the micro-batch times the longest row (``regroup``);
 3. at micro-batch 1, a run with no checkpoint yet raises ``SequenceTooLong`` (the worker first moves the
    input embedding to CPU RAM where it can, then halves the sequence and tokenizes again; either way from
    the initial adapter and seed); once a checkpoint fixes the sequence length, it gives up with advice
@@ -42,10 +43,11 @@ from tui_finetune.data.collate import make_collator
 from tui_finetune.engine.backends import Backend, BackendFailed
 from tui_finetune.engine.callbacks import EventsCallback, SealCheckpointCallback, StepHooksCallback, StopCallback
 from tui_finetune.engine.fit_check import FitCheckCallback, FitCheckResult, row_lengths
-from tui_finetune.engine.packed_training import describe_bins_a_step, trainer_recipe
+from tui_finetune.engine.packed_training import describe_bins_a_step, pack_training_data, trainer_recipe
 from tui_finetune.engine.post_training import record_peak
 from tui_finetune.engine.recipe_refit import SequenceTooLong, shrink_micro_batch
-from tui_finetune.engine.training import build_trainer, build_training_args, free_cuda_memory, is_oom
+from tui_finetune.engine.training import (
+    build_trainer, build_training_args, free_cuda_memory, is_oom, plan_total_steps)
 from tui_finetune.engine.vram_figures import reset_phase_peak
 
 
@@ -65,6 +67,10 @@ class TrainingLoop:
         self.stop_requested = stop_requested
         self.restart_without = restart_without
         """Records a failed backend and replaces this process with a fresh worker (never returns)."""
+        self.data: Any = None
+        self.total_steps = 0
+        """The data training ran on and its optimizer steps: the worker's, or after an OOM shrink of length groups
+        its rows regrouped (``regroup``)."""
         self.evaluated_steps: set[int] = set()
         """The steps Trainer evaluated, so the worker doesn't evaluate the last one twice."""
 
@@ -77,7 +83,7 @@ class TrainingLoop:
         micro-batch shrinks and the accumulation grows by the same factor, and training goes on from
         the last checkpoint; at micro-batch 1 with no checkpoint yet, ``SequenceTooLong``.
         """
-        recipe, run_dir = self.recipe, self.run_dir
+        recipe, run_dir, self.data, self.total_steps = self.recipe, self.run_dir, data, total_steps
         checkpoints = run_dir / CHECKPOINTS_DIR
         info = read_run_info(run_dir)
         self.eval_batch = info.eval_batch or None
@@ -85,17 +91,18 @@ class TrainingLoop:
         stop_cb, events_cb, hooks_cb = StopCallback(self.stop_requested, recipe.checkpoint.every_minutes), EventsCallback(self.log), StepHooksCallback()
         seal_cb = SealCheckpointCallback(checkpoints, recipe.checkpoint.keep_last, self.log, recipe, data.data_hash)
         has_eval = data.eval is not None and len(data.eval) > 0 and "eval" not in info.failed_phases
-        collator = make_collator(tokenizer, recipe.data.packing)
-        unit = "GPUs" if device.has_cuda else "processes"
         packed = getattr(data, "packing", None)
+        collator = make_collator(tokenizer, recipe.data.packing, grouped=packed is not None and packed.kind == "grouped")
+        unit = "GPUs" if device.has_cuda else "processes"
         train_message = (f"{total_steps} steps of {describe_batch(recipe, unit)}{describe_bins_a_step(recipe, packed)}"
                          + (f", resuming from {resume.name}" if resume else ""))
         while True:  # the Trainer's micro-batch and accumulation count bins when packed (trainer_recipe)
             args = build_training_args(trainer_recipe(recipe, packed), run_dir, device, total_steps, has_eval,
-                                       eval_batch=self.eval_batch)
+                                       eval_batch=self.eval_batch or recipe.train.micro_batch)  # eval: rows
             trainer = build_trainer(model, tokenizer, args, data.train, data.eval if has_eval else None, collator,
                                     [events_cb, stop_cb, seal_cb, hooks_cb], recipe.memory, self._eval_shrunk,
                                     self.backend, self._eval_skipped)
+            trainer.recipe_micro_batch = recipe.train.micro_batch
             fit_cb = FitCheckCallback(trainer, data.train, collator,
                                       lambda result, m=recipe.train.micro_batch, msg=train_message: self._fit_checked(result, m, msg))
             trainer.callback_handler.callbacks.insert(0, fit_cb)  # before the others see training begin
@@ -127,6 +134,9 @@ class TrainingLoop:
                     raise SequenceTooLong(max(row_lengths(data.train), default=0), first_line(err),
                                           "the fit-check" if in_check else "training") from None
                 recipe = seal_cb.recipe = self.shrink_after_oom(err, in_check)
+                if packed is not None and packed.kind == "grouped":  # the budget halved with the micro-batch
+                    data, total_steps = self.regroup(data)
+                    self.data, self.total_steps, packed = data, total_steps, data.packing
                 if resume is None:  # no checkpoint yet: start over from the very same initial adapter
                     model.load_state_dict(initial, strict=False)
                     set_seed(recipe.train.seed)
@@ -148,6 +158,14 @@ class TrainingLoop:
         smaller micro-batch and the same effective batch, written to the run's recipe.toml; or give up."""
         self.recipe = shrink_micro_batch(self.run_dir, self.recipe, self.log, first_line(err), in_check)
         return self.recipe
+
+    def regroup(self, data: Any) -> tuple[Any, int]:
+        """After an OOM shrink of a grouped run: its rows in groups of the halved budget, the step size chosen
+        again and announced (engine/packed_training.py), and the run's optimizer steps planned anew."""
+        data = pack_training_data(self.run_dir, data, self.recipe, self.log)
+        total_steps = plan_total_steps(trainer_recipe(self.recipe, data.packing), len(data.train), self.world_size)
+        update_run_info(self.run_dir, total_steps=total_steps)
+        return data, total_steps
 
     def _eval_skipped(self, why: str) -> None:
         mark_phase_failed(self.run_dir, "eval", why)

@@ -283,7 +283,8 @@ class Worker:
             except SequenceTooLong as err:  # OOM at micro-batch 1, no checkpoint yet: shorter rows, tokenized again
                 moved = recipe_refit.move_embeddings_after_oom(run_dir, loop.recipe, model, self.backend, self.log, err)
                 if moved is not None:  # first the lever that cuts no row: the input embedding in CPU RAM
-                    recipe = self.recipe = moved
+                    recipe, data, total_steps = moved, loop.data, loop.total_steps  # of the batch in effect
+                    self.recipe = recipe
                     continue
                 recipe = self.recipe = recipe_refit.shorten_sequence(run_dir, loop.recipe, err.longest, err.error,
                                                                      self.log, err.where)
@@ -376,11 +377,9 @@ class Worker:
                               f"vs {self.info.data_hash[:12]}): resume with the same data, or start a new run")
         for warning in getattr(data, "warnings", []) or []:
             self.log.emit(WarningEvent(message=str(warning)))
-        if self.recipe.data.packing:  # the rows in bins of seq_len tokens (engine/packed_training.py)
-            from tui_finetune.engine.packed_training import pack_training_data
+        from tui_finetune.engine.packed_training import pack_training_data
 
-            data = pack_training_data(self.run_dir, data, self.recipe, self.log)
-        return data
+        return pack_training_data(self.run_dir, data, self.recipe, self.log)  # flat bins, length groups or rows
 
     def _sample(self, model: Any, tokenizer: Any, prompt: list[int], label: str) -> None:
         from tui_finetune.engine.faults import raise_injected_oom

@@ -8,6 +8,7 @@ recovery rewrite it (also by atomic replace), so every reader and a resume see t
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tui_finetune.core.paths import runs_dir
-from tui_finetune.core.recipe import RecipeSpec, load_recipe, recipe_to_toml
+from tui_finetune.core.recipe import RecipeSpec, fill_missing_keys, load_recipe, recipe_from_dict, recipe_to_toml
 from tui_finetune.core.run_folder.layout import CHECKPOINTS_DIR, EVENTS_FILE, RECIPE_FILE, RUN_FILE
 
 STATES = ("running", "stopping", "completed", "failed", "interrupted")
@@ -88,9 +89,12 @@ class RunInfo:
     shows it), ``name`` and ``total_mb`` (``core/devices.py::run_gpus``; empty where that can't be told, or
     without a GPU). The monitor names each rank's card from it, live and after the run."""
     packing: dict[str, Any] = field(default_factory=dict)
-    """With ``data.packing``: rows, bins, tokens, seq_len, effective_batch and bins_per_step (bins a device
-    trains per optimizer step), as engine/packed_training.py chose them; a resume with the same bins reuses
-    bins_per_step, so it skips exactly the bins trained. The recipe in recipe.toml keeps counting rows."""
+    """With ``data.packing`` or ``data.group_by_length``: kind (``flat`` bins or ``grouped`` rows; a record
+    without it is flat), rows, bins, tokens, seq_len (a bin's budget: tokens, or padded tokens for a group),
+    padded (a grouped run's padded tokens), effective_batch and bins_per_step (bins a device trains per
+    optimizer step), as engine/packed_training.py chose them; a resume with the same bins reuses
+    bins_per_step, so it skips exactly the bins trained. An OOM shrink of a grouped run rewrites it with the
+    groups of the halved budget. The recipe in recipe.toml keeps counting rows. Empty: plain rows."""
 
 
 def make_run_id(model: str, now: datetime | None = None) -> str:
@@ -165,8 +169,20 @@ def update_run_info(run_dir: Path, **changes: Any) -> RunInfo:
     return info
 
 
-def read_run_recipe(run_dir: Path) -> RecipeSpec:
-    return load_recipe(run_dir / RECIPE_FILE)
+KEYS_OLDER_RUNS_LACK = {"data.group_by_length": False}
+"""Recipe keys a run folder written before they existed lacks, with the value that trains it as it trained
+then (not today's default): an interrupted run resumed on other batches (groups instead of rows) would skip
+other rows than those it trained. New runs write every key, so this applies to old folders alone."""
+
+
+def read_run_recipe(run_dir: Path, overrides: list[str] | None = None) -> RecipeSpec:
+    """The run's recipe.toml (with ``--set`` ``overrides``); keys it lacks as ``KEYS_OLDER_RUNS_LACK`` says."""
+    return load_recipe(run_dir / RECIPE_FILE, overrides, missing=KEYS_OLDER_RUNS_LACK)
+
+
+def run_recipe_from_dict(data: dict[str, Any], source: str) -> RecipeSpec:
+    """A recipe a run folder stored as a dict (a checkpoint's run_state.json), read as ``read_run_recipe`` does."""
+    return recipe_from_dict(fill_missing_keys(copy.deepcopy(data), KEYS_OLDER_RUNS_LACK), source)
 
 
 def write_run_recipe(run_dir: Path, recipe: RecipeSpec, data_path: str | Path | None = None) -> None:

@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tui_finetune.core.recipe import RecipeSpec, recipe_diff, recipe_from_dict
+from tui_finetune.core.recipe import RecipeSpec, recipe_diff
 from tui_finetune.core.run_folder.checkpoints import (
     CheckpointCheck, CheckpointError, check_checkpoint, list_checkpoints, read_run_state)
+from tui_finetune.core.run_folder.info import run_recipe_from_dict
 from tui_finetune.core.run_folder.layout import CHECKPOINT_MARKER, CHECKPOINTS_DIR, step_dir_name, step_of
 
 
@@ -125,7 +126,7 @@ def resume_differences(checkpoint: Path, recipe: RecipeSpec, data_hash: str | No
     state = read_run_state(checkpoint)
     if not state.get("recipe"):
         return []
-    then = recipe_from_dict(state["recipe"], f"{checkpoint.name}/run_state.json")
+    then = run_recipe_from_dict(state["recipe"], f"{checkpoint.name}/run_state.json")
     diffs = [line + (DEVICES_NOTE if line.startswith("train.devices:") else "")
              for line in recipe_diff(then, recipe) if not line.startswith(IGNORED_PREFIXES + BATCH_KEYS)]
     diffs += batch_difference(then, recipe)
