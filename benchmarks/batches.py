@@ -206,16 +206,12 @@ def packed_steps(case: dict, steps: int, vocab: int) -> list[list[list[dict[str,
             for first in range(0, steps * per_step, per_step)]
 
 
-def group_budget(case: dict, lengths: list[int]) -> int:
-    """The engine's padded-token budget of a group: micro-batch x min(seq, the longest row)."""
-    return case["batch"] * min(case["seq"], max(lengths))
-
-
 def group_rows(case: dict, lengths: list[int]) -> list[list[int]]:
-    """The engine's length groups of these rows (``group_lengths`` at ``group_budget``, seed ``PACK_SEED``)."""
-    from tui_finetune.data.packing import group_lengths
+    """The engine's length groups of these rows: ``group_lengths`` at the engine's ``group_budget``
+    (micro-batch x min(seq, the longest row)), seed ``PACK_SEED``."""
+    from tui_finetune.data.packing import group_budget, group_lengths
 
-    return group_lengths(lengths, group_budget(case, lengths), PACK_SEED)
+    return group_lengths(lengths, group_budget(case["batch"], case["seq"], max(lengths)), PACK_SEED)
 
 
 def grouped_steps(case: dict, steps: int, vocab: int) -> list[list[list[dict[str, list[int]]]]]:

@@ -84,3 +84,27 @@ def assert_same_adapter(a: Path, b: Path) -> None:
     assert sorted(x) == sorted(y) and x
     different = [k for k in x if not torch.equal(x[k], y[k])]
     assert not different, f"adapter tensors differ: {different[:5]}"
+
+
+def assert_kill_resume_matches(recipe, data: Path, reference: tuple[Path, dict[int, dict]], tmp_path: Path,
+                               steps: int, kill_at: int = 3) -> None:
+    """The run killed right after its step-``kill_at`` checkpoint and resumed trains every step on the
+    reference run's rows (or bins, or groups), to its very losses and adapter."""
+    from tui_finetune.core.run_folder.resume import find_resume_checkpoint
+
+    ref_dir, ref_records = reference
+    home, trace = tmp_path / "home", tmp_path / "trace.jsonl"
+    run_dir = launch(recipe, data, home, fault=f"exit:after-save@{kill_at}", trace=trace)
+    assert wait_dead(run_dir) == "running"  # killed
+    checkpoint = f"step-{kill_at:06d}"
+    assert find_resume_checkpoint(run_dir / "checkpoints").path.name == checkpoint
+    relaunch(run_dir, home, trace=trace)
+    assert wait_dead(run_dir) == "completed", (run_dir / "worker.log").read_text()[-3000:]
+    assert read_run_info(run_dir).resumed_from == checkpoint
+    records = read_trace(trace)
+    assert sorted(records) == list(range(1, steps + 1))
+    for step in range(1, steps + 1):
+        assert records[step]["ids"] == ref_records[step]["ids"], f"step {step} trained on other rows"
+        assert records[step]["loss"] == ref_records[step]["loss"], f"step {step}: another loss"
+        assert records[step]["micro_batches"] == ref_records[step]["micro_batches"]
+    assert_same_adapter(run_dir, ref_dir)

@@ -12,10 +12,10 @@ import pytest
 
 from engine_runs import events_of
 from engine_tiny import build_tiny_llama
-from faults_support import assert_same_adapter, fault_recipe, launch, read_trace, relaunch, wait_dead
+from faults_support import assert_kill_resume_matches, fault_recipe, launch, read_trace, wait_dead
 from tui_finetune.core.events import PhaseEvent, WarningEvent
 from tui_finetune.core.run_folder.info import create_run, read_run_info, read_run_recipe
-from tui_finetune.core.run_folder.resume import find_resume_checkpoint, resume_differences
+from tui_finetune.core.run_folder.resume import resume_differences
 from tui_finetune.data.packing import PackedBins
 
 STEPS = 6
@@ -81,21 +81,7 @@ def test_a_run_groups_its_rows_by_default_and_says_so(tiny, reference):
 @pytest.mark.faults
 def test_a_killed_grouped_run_resumes_with_the_same_groups_bit_identical(tiny, reference, tmp_path):
     model, data = tiny
-    ref_dir, ref_records = reference
-    home, trace = tmp_path / "home", tmp_path / "trace.jsonl"
-    run_dir = launch(grouped_recipe(model), data, home, fault="exit:after-save@3", trace=trace)
-    assert wait_dead(run_dir) == "running"  # killed
-    assert find_resume_checkpoint(run_dir / "checkpoints").path.name == "step-000003"
-    relaunch(run_dir, home, trace=trace)
-    assert wait_dead(run_dir) == "completed", (run_dir / "worker.log").read_text()[-3000:]
-    assert read_run_info(run_dir).resumed_from == "step-000003"
-    records = read_trace(trace)
-    assert sorted(records) == list(range(1, STEPS + 1))
-    for step in range(1, STEPS + 1):
-        assert records[step]["ids"] == ref_records[step]["ids"], f"step {step} trained on other groups"
-        assert records[step]["loss"] == ref_records[step]["loss"], f"step {step}: another loss"
-        assert records[step]["micro_batches"] == ref_records[step]["micro_batches"]
-    assert_same_adapter(run_dir, ref_dir)
+    assert_kill_resume_matches(grouped_recipe(model), data, reference, tmp_path, STEPS)
 
 
 @pytest.mark.faults

@@ -13,12 +13,11 @@ import pytest
 
 from engine_runs import events_of
 from engine_tiny import build_tiny_llama, write_alpaca
-from faults_support import assert_same_adapter, fault_recipe, launch, read_trace, relaunch, wait_dead
+from faults_support import assert_kill_resume_matches, fault_recipe, launch, read_trace, wait_dead
 from tui_finetune.core.events import EventLog, PhaseEvent
 from tui_finetune.core.recipe import RecipeSpec, TrainSpec
 from tui_finetune.core.run_folder.info import create_run, read_run_info, read_run_recipe
 from tui_finetune.core.fit_levers import with_smaller_micro_batch
-from tui_finetune.core.run_folder.resume import find_resume_checkpoint
 from tui_finetune.data.packing import PackedBins
 from tui_finetune.data.prepare import PreparedData
 from tui_finetune.engine.packed_training import pack_training_data, trainer_recipe
@@ -88,21 +87,7 @@ def test_a_packed_run_trains_on_bins_in_fewer_passes_and_says_so(tiny, reference
 @pytest.mark.faults
 def test_a_killed_packed_run_resumes_with_the_same_bins_bit_identical(tiny, reference, tmp_path):
     model, data = tiny
-    ref_dir, ref_records = reference
-    home, trace = tmp_path / "home", tmp_path / "trace.jsonl"
-    run_dir = launch(packed_recipe(model), data, home, fault="exit:after-save@3", trace=trace)
-    assert wait_dead(run_dir) == "running"  # killed
-    assert find_resume_checkpoint(run_dir / "checkpoints").path.name == "step-000003"
-    relaunch(run_dir, home, trace=trace)
-    assert wait_dead(run_dir) == "completed", (run_dir / "worker.log").read_text()[-3000:]
-    assert read_run_info(run_dir).resumed_from == "step-000003"
-    records = read_trace(trace)
-    assert sorted(records) == list(range(1, STEPS + 1))
-    for step in range(1, STEPS + 1):
-        assert records[step]["ids"] == ref_records[step]["ids"], f"step {step} trained on other bins"
-        assert records[step]["loss"] == ref_records[step]["loss"], f"step {step}: another loss"
-        assert records[step]["micro_batches"] == ref_records[step]["micro_batches"]
-    assert_same_adapter(run_dir, ref_dir)
+    assert_kill_resume_matches(packed_recipe(model), data, reference, tmp_path, STEPS)
 
 
 def test_after_an_oom_shrink_a_step_still_takes_the_same_bins(tmp_path, monkeypatch):

@@ -155,23 +155,31 @@ def test_an_oom_in_training_on_an_accelerated_backend_restarts_on_the_universal_
     assert backends.expected_backend(model, recipe, detect_device(), info.backend_failures) == "universal"
 
 
-def test_an_unprobed_backend_that_fails_in_the_fit_check_is_dropped_like_a_failed_probe(tiny, tmp_path, monkeypatch):
-    """Unsloth skips the 16-token probe (backends.Backend.probes): the fit-check is its probe, so any failure
-    there, not only an out-of-memory, restarts the worker without it."""
-    from tui_finetune.engine import worker
-    from tui_finetune.engine.backends import BACKENDS, UniversalBackend
+def _unprobed_liger(loss):
+    from tui_finetune.engine.backends import UniversalBackend
 
-    class UnprobedLiger(UniversalBackend):  # an available accelerated backend that can't run this model
+    class UnprobedLiger(UniversalBackend):  # an available accelerated backend with no probe step
         name, probes = "liger", False
 
         def unavailable(self, model_type, recipe, device):
             return None
 
         def loss(self, model, inputs, memory, num_items_in_batch=None):
-            raise ValueError("unsupported head dimension 80\nmore detail")
+            return loss(super().loss(model, inputs, memory, num_items_in_batch))
+
+    return UnprobedLiger()
+
+
+def _raise_unsupported(value):
+    raise ValueError("unsupported head dimension 80\nmore detail")
+
+
+def _run_on_unprobed_liger(tiny, tmp_path, monkeypatch, loss):
+    from tui_finetune.engine import worker
+    from tui_finetune.engine.backends import BACKENDS
 
     model, data = tiny
-    monkeypatch.setitem(BACKENDS, "liger", UnprobedLiger())
+    monkeypatch.setitem(BACKENDS, "liger", _unprobed_liger(loss))
     monkeypatch.setenv("TUI_FINETUNE_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(worker.StopSignal, "install", lambda self: None)
     execs = []
@@ -182,9 +190,34 @@ def test_an_unprobed_backend_that_fails_in_the_fit_check_is_dropped_like_a_faile
 
     monkeypatch.setattr(worker.os, "execv", execv)
     run_dir = create_run(fault_recipe(model, 4, memory={"backend": "liger"}), data, base=tmp_path / "runs")
+    return run_dir, worker.Worker(run_dir), execs
+
+
+@pytest.mark.parametrize("loss, reason", [
+    (_raise_unsupported, "ValueError in the fit-check: unsupported head dimension 80"),
+    (lambda value: value * float("nan"), "RuntimeError in the fit-check: the fit-check's loss is nan"),
+])
+def test_an_unprobed_backend_that_fails_in_the_fit_check_is_dropped_like_a_failed_probe(tiny, tmp_path, monkeypatch,
+                                                                                           loss, reason):
+    """Unsloth skips the 16-token probe (backends.Backend.probes): the fit-check is its probe, so any failure
+    of its step there, a non-finite loss included, restarts the worker without it."""
+    run_dir, work, execs = _run_on_unprobed_liger(tiny, tmp_path, monkeypatch, loss)
     with pytest.raises(SystemExit):
-        worker.Worker(run_dir).run()
+        work.run()
     info = read_run_info(run_dir)
     assert execs and info.backend == "liger" and info.oom_shrinks == []
-    # loading passed (no probe ran), and the fit-check's failure named it
-    assert info.backend_failures == {"liger": "ValueError in the fit-check: unsupported head dimension 80"}
+    assert info.backend_failures == {"liger": reason}  # loading passed (no probe ran); the fit-check named it
+
+
+def test_a_failure_before_the_fit_checks_step_is_not_blamed_on_the_unprobed_backend(tiny, tmp_path, monkeypatch):
+    """What Trainer.train does before the check's step (a checkpoint, the data) is not the backend's fault."""
+    from tui_finetune.engine import fit_check
+
+    def broken_batch(*args, **kwargs):
+        raise ValueError("a broken row")
+
+    monkeypatch.setattr(fit_check, "longest_batch", broken_batch)
+    run_dir, work, execs = _run_on_unprobed_liger(tiny, tmp_path, monkeypatch, lambda value: value)
+    assert work.run() != 0
+    info = read_run_info(run_dir)
+    assert not execs and info.backend_failures == {} and info.state == "failed"

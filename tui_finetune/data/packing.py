@@ -99,6 +99,14 @@ class PackedBins:
             return None
 
 
+def longest_first(lengths: list[int], seed: int) -> list[int]:
+    """Row indices, longest first; rows of equal length in an order shuffled by ``seed`` (deterministic)."""
+    order = list(range(len(lengths)))
+    random.Random(seed).shuffle(order)
+    order.sort(key=lambda i: -lengths[i])  # stable: equal lengths keep the seeded order
+    return order
+
+
 def pack_lengths(lengths: list[int], max_tokens: int, seed: int = 0) -> list[list[int]]:
     """Best-fit decreasing: row indices grouped into bins of at most ``max_tokens`` tokens.
 
@@ -106,9 +114,7 @@ def pack_lengths(lengths: list[int], max_tokens: int, seed: int = 0) -> list[lis
     else a new bin. Each bin lists its rows in dataset order; bins come in the order they were opened."""
     if max_tokens < 1:
         raise ValueError("max_tokens must be at least 1")
-    order = list(range(len(lengths)))
-    random.Random(seed).shuffle(order)
-    order.sort(key=lambda i: -lengths[i])  # stable: equal lengths keep the seeded order
+    order = longest_first(lengths, seed)
     bins: list[list[int]] = []
     rooms: list[tuple[int, int]] = []  # (tokens still free, bin), sorted: the best fit is the first that fits
     for i in order:
@@ -135,9 +141,7 @@ def group_lengths(lengths: list[int], max_padded_tokens: int, seed: int = 0) -> 
     dataset order; groups come longest first. A pure function, so a resume rebuilds the same groups."""
     if max_padded_tokens < 1:
         raise ValueError("max_padded_tokens must be at least 1")
-    order = list(range(len(lengths)))
-    random.Random(seed).shuffle(order)
-    order.sort(key=lambda i: -lengths[i])  # stable: equal lengths keep the seeded order
+    order = longest_first(lengths, seed)
     groups: list[list[int]] = []
     widest = 0
     for i in order:

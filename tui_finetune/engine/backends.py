@@ -93,9 +93,10 @@ class Backend:
     torch.compile'd kernels specialise on the first shapes they see, and Unsloth warns that a different
     first call poisons that cache; on an H200 our Unsloth path, probed, stayed at the speed of Unsloth's
     first (cold) run while Unsloth called directly ran up to 1.44x faster in later runs
-    (benchmarks/results/unsloth-ab-mistral-7b-2048.md). Its probe is the fit-check instead: the run's
-    own first step, on its longest batch, where a failure drops the backend just the same
-    (engine/training_loop.py)."""
+    (benchmarks/results/unsloth-ab-mistral-7b-2048.md). Its probe is the fit-check's step instead (the
+    first training step, on the longest batch; the before-sample's generation may run earlier), where any
+    failure of the step, a non-finite loss included, drops the backend just the same (engine/fit_check.py,
+    engine/training_loop.py)."""
     moves_embeddings = False
     """Whether it honours ``memory.embeddings_on_cpu`` (engine/embedding_offload.py): the backends that load
     through engine/loading.py's ``add_lora`` do; the planner's Unsloth profile never moves it either."""

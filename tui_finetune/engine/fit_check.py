@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import gc
 import heapq
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -213,15 +214,22 @@ class FitCheckCallback(TrainerCallback):
         self.collator = collator
         self.on_checked = on_checked
         self.passed = False
+        self.stepping = False
+        """True from the check's own step on: a failure then is the step's (so the backend's), not the data's
+        or a checkpoint's, which ``Trainer.train`` loads before the check (engine/training_loop.py)."""
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.passed or not len(self.dataset):
             return
         batch = longest_batch(self.dataset, self.collator, args.per_device_train_batch_size)
+        self.stepping = True
         if args.world_size <= 1:
             result = fit_check_step(self.trainer, batch)
         else:
             result = self._check_on_every_rank(batch)
+        if not math.isfinite(result.loss) and not getattr(getattr(self.trainer, "backend", None), "probes", True):
+            # the check is an unprobed backend's probe (engine/backends.py Backend.probes), NaN guard included
+            raise RuntimeError(f"the fit-check's loss is {result.loss:.4g}")
         self.passed = True
         self.on_checked(result)
 

@@ -114,7 +114,7 @@ class TrainingLoop:
             except Exception as err:
                 in_check = not fit_cb.passed
                 if not is_oom(err):
-                    if in_check and self.backend is not None and not self.backend.probes:
+                    if in_check and fit_cb.stepping and self.backend is not None and not self.backend.probes:
                         # the fit-check is an unprobed backend's probe (backends.Backend.probes): its failure
                         # there drops it, as a failed probe would
                         self.restart_without(BackendFailed(self.backend.name, f"{type(err).__name__} in the "
