@@ -119,3 +119,11 @@ def test_find_recipe_takes_preset_names_and_suggests():
     assert find_recipe("4gb-phi-2-qlora").name == "4gb-phi-2-qlora.toml"
     with pytest.raises(RecipeError, match="Did you mean 4gb-phi-2-qlora"):
         find_recipe("4gb-phi2-qlora")
+
+
+def test_the_batching_in_words_follows_packing_then_grouping():
+    from tui_finetune.core.recipe import DataSpec
+
+    assert DataSpec().batching == "length groups"  # the default
+    assert DataSpec(packing=True).batching == "packed bins"  # flat packing wins over grouping
+    assert DataSpec(group_by_length=False).batching == "padded rows"

@@ -88,6 +88,14 @@ class DataSpec:
     """Refuse the data when more than this fraction of its rows is unusable (a broken export shouldn't
     train on what is left by accident); 1.0 accepts any loss. ``--allow-drop`` on the CLI sets 1.0."""
 
+    @property
+    def batching(self) -> str:
+        """How the training rows become batches, in words: ``packed bins`` (``packing`` wins), ``length groups``
+        (``group_by_length``) or ``padded rows``; the launch screen shows it."""
+        if self.packing:
+            return "packed bins"
+        return "length groups" if self.group_by_length else "padded rows"
+
 
 @dataclass
 class TrainSpec:

@@ -102,7 +102,7 @@ class LaunchScreen(WizardScreen):
         length = f"{t.max_steps} steps" if t.max_steps else f"{t.epochs:g} epochs"
         table.add_row("schedule", f"{length} · lr {t.learning_rate:g} ({t.scheduler}) · {t.optimizer}")
         table.add_row("memory", f"gradient checkpointing {'on' if t.gradient_checkpointing else 'off'} · "
-                                f"packing {'on' if recipe.data.packing else 'off'} · save every "
+                                f"{recipe.data.batching} · save every "
                                 f"{recipe.checkpoint.every_steps} steps")
         table.add_row("data", f"{s.data_path} · {data.get('format', '?')} · {data.get('kept', 0)} rows")
         lengths = data.get("lengths") or {}
