@@ -10,7 +10,7 @@ import datasets
 import pytest
 import torch
 
-from test_data_packing import _items, _rows, _step, _tiny_llama, _token_losses
+from test_data_packing import _rows, _tiny_llama, _token_losses, assert_same_step
 from tui_finetune.core.recipe import MemorySpec, RecipeSpec, TrainSpec
 from tui_finetune.data.collate import GroupCollator, PaddingCollator, make_collator, split_bin
 from tui_finetune.data.packing import (
@@ -113,9 +113,4 @@ def test_a_step_over_groups_equals_a_step_over_the_same_rows_in_loss_and_gradien
                 torch.testing.assert_close(_token_losses(logits[row:row + 1, :n], batch["labels"][row:row + 1, :n]),
                                            _token_losses(alone, batch["labels"][row:row + 1, :n]), rtol=1e-5, atol=1e-6)
 
-    loss_groups, grads_groups = _step(model, group_batches, memory)
-    loss_rows, grads_rows = _step(model, row_batches, memory)
-    assert _items(group_batches) == _items(row_batches) > 0
-    torch.testing.assert_close(loss_groups, loss_rows, rtol=1e-5, atol=1e-6)
-    for from_groups, from_rows in zip(grads_groups, grads_rows):
-        torch.testing.assert_close(from_groups, from_rows, rtol=1e-4, atol=1e-6)
+    assert_same_step(model, group_batches, row_batches, memory)

@@ -165,14 +165,21 @@ def test_a_step_over_bins_equals_an_unpacked_step_over_the_same_rows_in_loss_and
                                              torch.tensor([by_id[i]["labels"]])) for i in example["sample_ids"]])
             torch.testing.assert_close(per_bin, alone, rtol=1e-5, atol=1e-6)
 
-    loss_packed, grads_packed = _step(model, packed_batches, memory)
-    loss_rows, grads_rows = _step(model, row_batches, memory)
-    assert _items(packed_batches) == _items(row_batches) > 0
-    torch.testing.assert_close(loss_packed, loss_rows, rtol=1e-5, atol=1e-6)
-    for from_bins, from_rows in zip(grads_packed, grads_rows):
-        torch.testing.assert_close(from_bins, from_rows, rtol=1e-4, atol=1e-6)
+    loss_rows = assert_same_step(model, packed_batches, row_batches, memory)
     leaky = [{"input_ids": b["input_ids"], "labels": b["labels"]} for b in packed_batches]  # rows see each other
     assert not torch.allclose(_step(model, leaky, memory)[0], loss_rows, atol=1e-4)
+
+
+def assert_same_step(model, batches: list[dict], row_batches: list[dict], memory: MemorySpec) -> torch.Tensor:
+    """One optimizer step's loss and LoRA gradients over ``batches`` (bins or groups) equal those over the
+    same rows as plain padded micro-batches, with the same label tokens counted; the rows' loss, for more checks."""
+    loss, grads = _step(model, batches, memory)
+    loss_rows, grads_rows = _step(model, row_batches, memory)
+    assert _items(batches) == _items(row_batches) > 0
+    torch.testing.assert_close(loss, loss_rows, rtol=1e-5, atol=1e-6)
+    for from_batches, from_rows in zip(grads, grads_rows):
+        torch.testing.assert_close(from_batches, from_rows, rtol=1e-4, atol=1e-6)
+    return loss_rows
 
 
 def _token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
