@@ -108,3 +108,10 @@ def assert_kill_resume_matches(recipe, data: Path, reference: tuple[Path, dict[i
         assert records[step]["loss"] == ref_records[step]["loss"], f"step {step}: another loss"
         assert records[step]["micro_batches"] == ref_records[step]["micro_batches"]
     assert_same_adapter(run_dir, ref_dir)
+
+
+def reference_run(recipe, data: Path, root: Path) -> tuple[Path, dict[int, dict]]:
+    """The run of ``recipe`` uninterrupted, in ``root``: its folder and its trace (what kill/resume runs match)."""
+    run_dir = launch(recipe, data, root / "home", trace=root / "trace.jsonl")
+    assert wait_dead(run_dir) == "completed", (run_dir / "worker.log").read_text()[-3000:]
+    return run_dir, read_trace(root / "trace.jsonl")

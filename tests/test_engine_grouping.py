@@ -12,7 +12,7 @@ import pytest
 
 from engine_runs import events_of
 from engine_tiny import build_tiny_llama
-from faults_support import assert_kill_resume_matches, fault_recipe, launch, read_trace, wait_dead
+from faults_support import assert_kill_resume_matches, reference_run, fault_recipe, launch, read_trace, wait_dead
 from tui_finetune.core.events import PhaseEvent, WarningEvent
 from tui_finetune.core.run_folder.info import create_run, read_run_info, read_run_recipe
 from tui_finetune.core.run_folder.resume import resume_differences
@@ -47,10 +47,7 @@ def grouped_recipe(model, grouping: bool = True, **train):
 @pytest.fixture(scope="module")
 def reference(tiny, tmp_path_factory):
     model, data = tiny
-    root = tmp_path_factory.mktemp("grouped-reference")
-    run_dir = launch(grouped_recipe(model), data, root / "home", trace=root / "trace.jsonl")
-    assert wait_dead(run_dir) == "completed", (run_dir / "worker.log").read_text()[-3000:]
-    return run_dir, read_trace(root / "trace.jsonl")
+    return reference_run(grouped_recipe(model), data, tmp_path_factory.mktemp("grouped-reference"))
 
 
 def test_a_run_groups_its_rows_by_default_and_says_so(tiny, reference):

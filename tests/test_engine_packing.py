@@ -13,7 +13,7 @@ import pytest
 
 from engine_runs import events_of
 from engine_tiny import build_tiny_llama, write_alpaca
-from faults_support import assert_kill_resume_matches, fault_recipe, launch, read_trace, wait_dead
+from faults_support import assert_kill_resume_matches, reference_run, fault_recipe, launch, read_trace, wait_dead
 from tui_finetune.core.events import EventLog, PhaseEvent
 from tui_finetune.core.recipe import RecipeSpec, TrainSpec
 from tui_finetune.core.run_folder.info import create_run, read_run_info, read_run_recipe
@@ -43,10 +43,7 @@ def packed_recipe(model, packing: bool = True):
 def reference(tiny, tmp_path_factory):
     """The packed run, uninterrupted: its folder and trace."""
     model, data = tiny
-    root = tmp_path_factory.mktemp("packed-reference")
-    run_dir = launch(packed_recipe(model), data, root / "home", trace=root / "trace.jsonl")
-    assert wait_dead(run_dir) == "completed", (run_dir / "worker.log").read_text()[-3000:]
-    return run_dir, read_trace(root / "trace.jsonl")
+    return reference_run(packed_recipe(model), data, tmp_path_factory.mktemp("packed-reference"))
 
 
 def test_a_packed_run_trains_on_bins_in_fewer_passes_and_says_so(tiny, reference, tmp_path):
