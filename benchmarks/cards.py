@@ -15,8 +15,8 @@ Cells are ``PRESET:STATE:INSTALL[:kill]``:
 plus the 4/8/16 GB Unsloth cells, and ``:kill`` on the desktop cell of the first preset of each card size.
 
 Each cell gets a fresh TUI_FINETUNE_HOME and trains ``--steps`` steps (checkpoint every 2) on random
-weights of the preset's architecture (built once per model under $TUIFT_BENCH_SCRATCH) and on chat rows
-longer than every preset's seq_len. Results go to ``--out``/cards.json and cards.md after every cell;
+weights of the preset's architecture (built once per model under $TUIFT_BENCH_SCRATCH) and on chat rows,
+most longer than every preset's seq_len (write_chat_data). Results go to ``--out``/cards.json and cards.md after every cell;
 a cell already there is skipped (``--redo`` runs it again), so a killed call loses at most one cell.
 
   python -m benchmarks.cards --cells issue11 --only 4gb- --out "$OUT" --drop-models
@@ -148,15 +148,18 @@ def model_key(cell: CellSpec) -> str:
 # ---------------------------------------------------------------- inputs: data, smoke recipe, install, models
 
 def write_chat_data(path: Path, long_words: int = 4400) -> Path:
-    """48 chat rows: 42 with answers of ``long_words`` to 18% more words (each word one token of the
+    """60 chat rows: 42 with answers of ``long_words`` to 18% more words (each word one token of the
     stand-in tokenizer; the default is longer than every preset's seq_len, so the longest batch is a full
-    one) and 6 short ones of 8-40 words. The same rows every time."""
+    one), 12 of middling length (``long_words`` / 16 to 0.9 x ``long_words``, spread evenly on a log scale,
+    so length groups of several padded rows near the group budget occur at every preset's seq_len) and 6
+    short ones of 8-40 words. The same rows every time."""
     rng = random.Random(0)
     words = lambda n: " ".join(f"t{rng.randrange(3, 500)}" for _ in range(n))  # noqa: E731 - ids 0-2 are special
+    middling = [round(long_words / 16 * (0.9 * 16) ** (i / 11)) for i in range(12)]
+    answers = ([rng.randrange(long_words, int(long_words * 1.18)) for _ in range(42)] + middling
+               + [rng.randrange(8, 40) for _ in range(6)])
     rows = [{"messages": [{"role": "user", "content": words(rng.randrange(6, 13))},
-                          {"role": "assistant", "content": words(rng.randrange(long_words, int(long_words * 1.18))
-                                                                 if i < 42 else rng.randrange(8, 40))}]}
-            for i in range(48)]
+                          {"role": "assistant", "content": words(n)}]} for n in answers]
     rng.shuffle(rows)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")

@@ -265,7 +265,9 @@ def test_chat_data_is_deterministic_and_longer_than_every_preset(tmp_path):
     from tui_finetune.core.recipe import load_recipe
 
     longest_preset = max(load_recipe(find_recipe(p)).data.seq_len for p in cards.gpu_presets())
-    assert len(rows) == 48 and sum(n > longest_preset + 64 for n in lengths) == 42 and min(lengths) < 64
+    assert len(rows) == 60 and sum(n > longest_preset + 64 for n in lengths) == 42 and min(lengths) < 64
+    middling = sorted(n for n in lengths if 64 <= n < cards.LONG_WORDS)
+    assert len(middling) == 12 and middling[0] < 300 and middling[-1] > 3900  # groups of several rows at any seq_len
     assert cards.LONG_WORDS > longest_preset
     assert all(r["messages"][0]["role"] == "user" and r["messages"][1]["role"] == "assistant" for r in rows)
 
