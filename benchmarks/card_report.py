@@ -107,6 +107,8 @@ def notes_of(row: dict[str, Any]) -> list[str]:
                      "when the holder was ready)")
     if row.get("backend_reason"):
         notes.append(f"backend {row.get('backend')}: {row['backend_reason']}")
+    if row.get("batching"):
+        notes.append(f"batching: {row['batching']}")
     for name, why in (row.get("backend_failures") or {}).items():
         notes.append(f"backend {name} failed: {why}")
     notes += [f"auto-fit: {change}" for change in row.get("autofit") or []]

@@ -290,7 +290,18 @@ def read_results(run_dir: Path) -> dict[str, Any]:
         "eval_batch": raw.get("eval_batch") or None,
         "oom_shrinks": len(raw.get("oom_shrinks") or []),
         "adapter_saved": (run_dir / "adapter").is_dir(),
+        "batching": batching_of(raw.get("packing") or {}),
     }
+
+
+def batching_of(packing: dict[str, Any]) -> str:
+    """How the run's rows became batches, from run.json ``packing`` (the engine writes it for length groups
+    and packed bins): a cell's fit is only evidence for the batching it ran."""
+    if not packing:
+        return "padded rows"
+    kind = "length groups" if packing.get("kind") == "grouped" else "packed bins"
+    return (f"{kind}: {packing.get('rows')} rows in {packing.get('bins')} of <= {packing.get('seq_len')} tokens, "
+            f"{packing.get('bins_per_step')} a step")
 
 
 def dedupe(messages: Any) -> list[str]:

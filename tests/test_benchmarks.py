@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import math
 import os
 import subprocess
@@ -532,6 +533,8 @@ def test_card_smoke_trains_kills_resumes_and_is_resumable(tmp_path):
         assert row["outcome"] == "completed" and row["state"] == "completed" and row["adapter_saved"], row
         assert row["steps_done"] == cards.DEFAULT_STEPS and row["backend"] == "universal"
         assert (row["micro_batch"], row["grad_accum"], row["seq_len"]) == (2, 2, 64)
+        rows, groups = map(int, re.match(r"length groups: (\d+) rows in (\d+) of", row["batching"]).groups())
+        assert 50 <= rows <= 60 and groups < rows, row["batching"]  # the default; several short rows a group
     kill = killed["kill"]
     assert kill["done"] and kill["state_after_kill"] == "interrupted" and kill["resume_exit"] == 0
     assert kill["after_checkpoint"].startswith("step-")  # the first checkpoint: the one it was killed after
@@ -539,6 +542,7 @@ def test_card_smoke_trains_kills_resumes_and_is_resumable(tmp_path):
     md = (tmp_path / "out" / "cards.md").read_text()
     assert "`smoke-llama-lora:cpu:default`" in md and "`smoke-llama-lora:cpu:default:kill`" in md
     assert f"resumed from {kill['after_checkpoint']}" in md and "**2 cells: 2 completed" in md
+    assert f"batching: {plain['batching']}" in md
     assert not list((tmp_path / "scratch" / "homes").iterdir())  # each cell's home is gone
     again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "2 cells, 2 already in" in again.stdout
