@@ -27,7 +27,7 @@ from benchmarks.card_holder import GIB, NvmlCard, end_process
 from benchmarks.memory_speed import REPO_ROOT, kill_tree
 from tui_finetune.core.events import (
     CheckpointEvent, ErrorEvent, PhaseEvent, StepEvent, WarningEvent, read_events)
-from tui_finetune.core.recipe import load_recipe
+from tui_finetune.core.recipe_io import load_recipe
 from tui_finetune.core.run_folder.info import RunError, read_run_info
 from tui_finetune.core.run_folder.layout import EVENTS_FILE, RECIPE_FILE, RUN_FILE
 from tui_finetune.core.run_folder.listing import pid_alive, shown_state

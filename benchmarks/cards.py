@@ -140,7 +140,7 @@ def model_key(cell: CellSpec) -> str:
     if cell.preset == SMOKE_PRESET:
         return stacks.SMOKE_MODEL
     from tui_finetune.core.presets import find_recipe
-    from tui_finetune.core.recipe import load_recipe
+    from tui_finetune.core.recipe_io import load_recipe
 
     return load_recipe(find_recipe(cell.preset)).model
 

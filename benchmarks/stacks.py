@@ -152,7 +152,8 @@ def split_stack(stack: str) -> tuple[str, str, str]:
 def ours_recipe(folder: Path, case: dict, backend: str, overrides: list[str], smoke: bool,
                 variant: str = "") -> Any:
     """The default recipe for the case, --set overrides applied, then the stack's backend and variant."""
-    from tui_finetune.core.recipe import RecipeSpec, apply_override, recipe_from_dict
+    from tui_finetune.core.recipe import RecipeSpec
+    from tui_finetune.core.recipe_io import apply_override, recipe_from_dict
 
     raw = RecipeSpec(model=str(folder), method=case["method"]).to_dict()
     raw["data"]["seq_len"], raw["train"]["micro_batch"] = case["seq"], case["batch"]

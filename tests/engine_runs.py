@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tui_finetune.core.events import Event, read_events
 from tui_finetune.core.run_folder.control import launch_run
-from tui_finetune.core.recipe import recipe_from_dict
+from tui_finetune.core.recipe_io import recipe_from_dict
 from tui_finetune.core.run_folder.info import read_run_info
 from tui_finetune.core.run_folder.listing import pid_alive
 

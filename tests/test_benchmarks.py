@@ -263,7 +263,7 @@ def test_chat_data_is_deterministic_and_longer_than_every_preset(tmp_path):
     rows = [json.loads(line) for line in first.splitlines()]
     lengths = [len(r["messages"][1]["content"].split()) for r in rows]
     from tui_finetune.core.presets import find_recipe
-    from tui_finetune.core.recipe import load_recipe
+    from tui_finetune.core.recipe_io import load_recipe
 
     longest_preset = max(load_recipe(find_recipe(p)).data.seq_len for p in cards.gpu_presets())
     assert len(rows) == 60 and sum(n > longest_preset + 64 for n in lengths) == 42 and min(lengths) < 64

@@ -17,7 +17,8 @@ from tui_finetune.cli import main
 from tui_finetune.cli.parser import build_parser
 from tui_finetune.core.run_folder import control
 from tui_finetune.core.events import EventLog, WarningEvent
-from tui_finetune.core.recipe import DataSpec, RecipeError, load_recipe
+from tui_finetune.core.recipe import DataSpec, RecipeError
+from tui_finetune.core.recipe_io import load_recipe
 from tui_finetune.core.paths import runs_dir
 from tui_finetune.core.run_folder.info import create_run
 from tui_finetune.core.run_folder.layout import RECIPE_FILE

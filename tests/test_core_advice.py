@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from tui_finetune.core.advice import memory_advice, memory_tips, nothing_fits_advice, shorter_seq_len
 from tui_finetune.core.planner import GIB, MIN_SEQ_LEN
-from tui_finetune.core.recipe import RecipeSpec, load_recipe, recipe_to_toml
+from tui_finetune.core.recipe import RecipeSpec
+from tui_finetune.core.recipe_io import load_recipe, recipe_to_toml
 
 
 def base_recipe() -> RecipeSpec:

@@ -15,7 +15,8 @@ import pytest
 from tui_finetune.core.devices import (
     DATA_PARALLEL_NOTE, describe_batch, pick_gpus, pin_gpus, settle_devices, smallest_gpu, worker_command)
 from tui_finetune.core.hardware import GpuInfo, GpuProcess, HardwareReport
-from tui_finetune.core.recipe import RecipeError, RecipeSpec, TrainSpec, load_recipe, recipe_to_toml
+from tui_finetune.core.recipe import RecipeError, RecipeSpec, TrainSpec
+from tui_finetune.core.recipe_io import load_recipe, recipe_to_toml
 
 GIB = 2**30
 

@@ -11,7 +11,8 @@ from tui_finetune.core.planner import MIN_SEQ_LEN, MLP_CHUNK_TOKENS
 from tui_finetune.core.catalog import get_model
 from tui_finetune.core.planner import GIB, PlanCase, estimate_peak_vram, profile_from_memory
 from tui_finetune.core.presets import find_recipe
-from tui_finetune.core.recipe import MemorySpec, apply_override, load_recipe, recipe_from_dict
+from tui_finetune.core.recipe import MemorySpec
+from tui_finetune.core.recipe_io import apply_override, load_recipe, recipe_from_dict
 
 
 def preset(name: str):

@@ -238,7 +238,7 @@ def test_plan_vram_16_lists_mistral_qlora():
 
 def test_every_preset_fits_the_card_it_names():
     from tui_finetune.core.presets import list_presets, preset_card_gb
-    from tui_finetune.core.recipe import load_recipe
+    from tui_finetune.core.recipe_io import load_recipe
     from tui_finetune.core.suggest import plan_case
 
     for path in list_presets():
@@ -320,7 +320,7 @@ def test_the_input_embedding_stays_where_it_cant_leave(key, memory, method):
 
 
 def test_the_plan_says_when_embeddings_on_cpu_has_no_effect_and_the_ram_estimate_keeps_the_embedding():
-    from tui_finetune.core.recipe import recipe_from_dict
+    from tui_finetune.core.recipe_io import recipe_from_dict
     from tui_finetune.core.suggest import estimate_cpu_ram_gib, plan_recipe
 
     def recipe(model, on_cpu):
@@ -333,7 +333,7 @@ def test_the_plan_says_when_embeddings_on_cpu_has_no_effect_and_the_ram_estimate
 
 def test_the_cpu_ram_estimate_of_a_packed_run_sizes_a_full_bin_not_the_longest_row():
     """Packed, a micro-batch is a bin of up to seq_len tokens of rows, however short each row is."""
-    from tui_finetune.core.recipe import recipe_from_dict
+    from tui_finetune.core.recipe_io import recipe_from_dict
     from tui_finetune.core.suggest import estimate_cpu_ram_gib
 
     def recipe(packing, grouping=True):

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from tui_finetune.core.presets import find_recipe, list_presets
-from tui_finetune.core.recipe import RecipeError, RecipeSpec, apply_override, load_recipe, recipe_diff, save_recipe
+from tui_finetune.core.recipe import RecipeError, RecipeSpec, recipe_diff
+from tui_finetune.core.recipe_io import apply_override, load_recipe, save_recipe
 from tui_finetune.core.recipe_machine import MachineFacts, check_recipe_fits_machine, resolve_precision
 
 GPU_BF16 = MachineFacts(has_cuda=True, supports_bf16=True, device_name="RTX 3060")

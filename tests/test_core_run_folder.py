@@ -10,7 +10,8 @@ from datetime import datetime
 import pytest
 
 from tui_finetune.core.events import EventLog, StepEvent
-from tui_finetune.core.recipe import RecipeSpec, load_recipe
+from tui_finetune.core.recipe import RecipeSpec
+from tui_finetune.core.recipe_io import load_recipe
 from tui_finetune.core.run_folder.control import request_stop
 from tui_finetune.core.run_folder.info import RunError, create_run, make_run_id, read_run_info, update_run_info
 from tui_finetune.core.run_folder.listing import find_run, list_runs, pid_alive, summarize_run

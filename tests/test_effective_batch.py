@@ -14,7 +14,8 @@ import pytest
 
 from tui_finetune.cli import main
 from tui_finetune.core.events import EventLog
-from tui_finetune.core.recipe import RecipeSpec, TrainSpec, load_recipe
+from tui_finetune.core.recipe import RecipeSpec, TrainSpec
+from tui_finetune.core.recipe_io import load_recipe
 from tui_finetune.core.run_folder.checkpoints import finalize_checkpoint, write_json_atomic
 from tui_finetune.core.run_folder.info import create_run, read_run_info, read_run_recipe, update_run_info
 from tui_finetune.core.run_folder.layout import RUN_STATE, STAGING

@@ -110,7 +110,8 @@ def test_an_oom_shrink_rebuilds_the_groups_at_half_the_budget_and_the_run_comple
 def test_an_old_run_folder_without_the_key_resumes_on_rows(tmp_path, monkeypatch):
     """recipe.toml and the checkpoint's recipe from before ``group_by_length`` existed: read as false (the rows
     it trained on), not today's default, and the checkpoint sees no change."""
-    from tui_finetune.core.recipe import RecipeSpec, load_recipe
+    from tui_finetune.core.recipe import RecipeSpec
+    from tui_finetune.core.recipe_io import load_recipe
 
     monkeypatch.setenv("TUI_FINETUNE_HOME", str(tmp_path / "home"))
     old = RecipeSpec(model="phi-2")

@@ -10,7 +10,7 @@ import pytest
 from tui_finetune.core.events import EventLog, WarningEvent, read_events
 from tui_finetune.core.planner import GIB
 from tui_finetune.core.presets import find_recipe
-from tui_finetune.core.recipe import load_recipe, recipe_from_dict
+from tui_finetune.core.recipe_io import load_recipe, recipe_from_dict
 from tui_finetune.core.run_folder.info import create_run, read_run_info, read_run_recipe
 from tui_finetune.core.run_folder.layout import EVENTS_FILE, RECIPE_FILE
 from tui_finetune.engine.recipe_refit import FitRefused, auto_fit_run, shorten_sequence, split_change

@@ -15,7 +15,7 @@ from engine_runs import cli, events_of, start, tiny_recipe, wait_for, wait_for_e
 from engine_tiny import build_tiny_llama, write_alpaca
 from tui_finetune.core.events import (
     CheckpointEvent, EndEvent, ErrorEvent, EvalEvent, PhaseEvent, SampleEvent, StepEvent)
-from tui_finetune.core.recipe import recipe_to_toml
+from tui_finetune.core.recipe_io import recipe_to_toml
 from tui_finetune.core.run_folder.info import read_run_info, read_run_recipe
 from tui_finetune.core.run_folder.checkpoints import check_checkpoint, list_checkpoints
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tui_finetune.cli import main
-from tui_finetune.core.recipe import load_recipe
+from tui_finetune.core.recipe_io import load_recipe
 from tui_finetune.core.run_folder import control
 from tui_finetune.core.run_folder.layout import RECIPE_FILE
 from tui_finetune.core.run_folder.listing import list_runs

@@ -51,7 +51,7 @@ async def test_recipe_presets_by_number_key_and_save_as_toml(ui_home, tmp_path):
         app.screen.query_one("#save-path").value = str(target)
         await pilot.press("enter")
         await wait_for(pilot, lambda: target.exists())
-    from tui_finetune.core.recipe import load_recipe
+    from tui_finetune.core.recipe_io import load_recipe
 
     assert load_recipe(target).model == "phi-2"
 

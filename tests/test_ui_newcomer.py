@@ -12,7 +12,7 @@ from tui_finetune.core.event_text import resume_wording
 from tui_finetune.core.events import EndEvent, EventLog, PhaseEvent, StepEvent
 from tui_finetune.core.preferences import load_preferences
 from tui_finetune.core.presets import list_presets
-from tui_finetune.core.recipe import load_recipe
+from tui_finetune.core.recipe_io import load_recipe
 from tui_finetune.core.paths import runs_dir
 from tui_finetune.core.run_folder.info import update_run_info
 from tui_finetune.core.run_folder.layout import CHECKPOINT_MARKER

@@ -18,7 +18,7 @@ from tui_finetune.core.events import (
     CheckpointEvent, EndEvent, EvalEvent, EventLog, PhaseEvent, StepEvent, WarningEvent)
 from tui_finetune.core.hardware import GpuInfo, GpuProcess, HardwareReport
 from tui_finetune.core.preferences import Preferences
-from tui_finetune.core.recipe import load_recipe
+from tui_finetune.core.recipe_io import load_recipe
 from tui_finetune.core.run_folder.info import create_run, update_run_info
 from tui_finetune.ui.app import AppContext, make_app
 

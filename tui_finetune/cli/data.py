@@ -51,7 +51,8 @@ def run_data_check_command(args: Namespace) -> int:
 def data_spec_from_args(args: Namespace) -> DataSpec:
     """The [data] table ``train`` would use with the same options: defaults, ``--seq``, ``--set data.*``,
     then the shorthands ``--columns``, ``--format``, ``--allow-drop`` (cli/data_options.py)."""
-    from tui_finetune.core.recipe import RecipeError, apply_override, recipe_from_dict
+    from tui_finetune.core.recipe import RecipeError
+    from tui_finetune.core.recipe_io import apply_override, recipe_from_dict
 
     items = data_overrides(args)
     raw: dict[str, Any] = {"model": "data-check", "data": {"seq_len": getattr(args, "seq", None) or 1024}}

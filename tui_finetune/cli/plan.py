@@ -18,7 +18,8 @@ from tui_finetune.core.hardware import a_card_of, best_gpu, detect_hardware
 from tui_finetune.core.model_shape import resolve_model_spec
 from tui_finetune.core.planner import PlanCase, VramEstimate, profile_from_memory
 from tui_finetune.core.presets import find_recipe, list_presets, preset_card_gb
-from tui_finetune.core.recipe import RecipeError, RecipeSpec, load_recipe
+from tui_finetune.core.recipe import RecipeError, RecipeSpec
+from tui_finetune.core.recipe_io import load_recipe
 from tui_finetune.core.suggest import (
     FIT_COLOURS, FITS, SEQ_CHOICES, WONT_FIT, CardSpec, card_from_gpu, plan_case, plan_recipe, suggest)
 

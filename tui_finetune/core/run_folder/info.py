@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from tui_finetune.core.paths import runs_dir
-from tui_finetune.core.recipe import RecipeSpec, fill_missing_keys, load_recipe, recipe_from_dict, recipe_to_toml
+from tui_finetune.core.recipe import RecipeSpec
+from tui_finetune.core.recipe_io import fill_missing_keys, load_recipe, recipe_from_dict, recipe_to_toml
 from tui_finetune.core.run_folder.layout import CHECKPOINTS_DIR, EVENTS_FILE, RECIPE_FILE, RUN_FILE
 
 STATES = ("running", "stopping", "completed", "failed", "interrupted")

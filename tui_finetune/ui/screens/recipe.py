@@ -14,7 +14,8 @@ from textual.widgets import Input, Label, OptionList, Select, Static, Switch
 
 from tui_finetune.core.catalog import UnknownModelError
 from tui_finetune.core.hardware import a_card_of, machine_facts
-from tui_finetune.core.recipe import METHODS, OPTIMIZERS, RecipeError, RecipeSpec, check_recipe_values, save_recipe
+from tui_finetune.core.recipe import METHODS, OPTIMIZERS, RecipeError, RecipeSpec, check_recipe_values
+from tui_finetune.core.recipe_io import save_recipe
 from tui_finetune.core.recipe_machine import MachineFacts, check_recipe_fits_machine
 from tui_finetune.core.run_folder.info import model_short_name
 from tui_finetune.core.model_shape import resolve_model_spec
