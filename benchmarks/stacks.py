@@ -180,20 +180,27 @@ def setup_ours(folder: Path, recipe: Any) -> tuple[Any, LossFn, dict]:
     backend, memory = loaded.backend, recipe.memory
     info = {"backend": loaded.backend.name, "backend_requested": loaded.choice.requested,
             "backend_reason": loaded.choice.reason, "backend_skipped": list(loaded.choice.skipped)}
-    def loss(model: Any, batch: dict, step_items: int | None) -> Any:  # as our Trainer's compute_loss
+    return loaded.model, ours_loss(backend, memory), info
+
+
+def ours_loss(backend: Any, memory: Any) -> LossFn:
+    """The loss our Trainer's ``compute_loss`` takes for this backend and ``[memory]`` table."""
+    def loss(model: Any, batch: dict, step_items: int | None) -> Any:
         if step_items is not None and backend.uses_model_loss(memory):
             return model_loss(model, batch, step_items)
         return backend.loss(model, batch, memory, step_items)
 
-    return loaded.model, loss, info
+    return loss
 
 
-def setup_baseline(folder: Path, case: dict, gpu: bool) -> tuple[Any, LossFn, dict]:
+def setup_baseline(folder: Path, case: dict, gpu: bool, dtype: Any = None) -> tuple[Any, LossFn, dict]:
+    """``dtype``: of the loaded weights, default bf16 on a GPU and fp32 on the CPU (step_ops.py passes a GPU's)."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, set_seed
 
-    kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if gpu else torch.float32, "attn_implementation": "sdpa"}
+    dtype = dtype or (torch.bfloat16 if gpu else torch.float32)
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": "sdpa"}
     if gpu:
         kwargs["device_map"] = {"": 0}
     if case["method"] == "qlora":

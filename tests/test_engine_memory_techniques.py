@@ -288,3 +288,36 @@ def test_auto_rule_chunks_only_long_batches():
     mlp._unchunked_forward = lambda x: calls.append(x.shape) or original(x)
     model(input_ids=batch()[0])
     assert calls == [torch.Size([2, 37, 32])]
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_chunked_loss_in_bf16_equals_the_plain_loss_and_syncs_the_host_once(softcap):
+    """The GPU's dtypes (bf16 hidden states and head, fp32 logits): the fused chunks give transformers' loss
+    and autograd's gradient, and the whole loss reads one value back to the host (the nonzero that drops
+    the -100 tokens), none per chunk: on a fast card a sync per chunk stalled the launch-bound step."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    torch.manual_seed(5)
+    head = torch.nn.Linear(32, 300, bias=False).to(torch.bfloat16)
+    hidden = torch.randn(2, 37, 32, dtype=torch.bfloat16)
+    _, labels = batch()
+
+    class Ops(TorchDispatchMode):
+        names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Ops.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    h_fused, h_plain = hidden.clone().requires_grad_(True), hidden.clone().requires_grad_(True)
+    with Ops():
+        fused = chunked_causal_lm_loss(h_fused, head, labels, chunk_tokens=9, final_logit_softcapping=softcap)
+    logits = head(h_plain).float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    plain = ForCausalLMLoss(logits, labels, vocab_size=300)
+    fused.backward()
+    plain.backward()
+    assert torch.allclose(fused, plain, rtol=1e-5)
+    assert torch.allclose(h_fused.grad.float(), h_plain.grad.float(), atol=1e-3, rtol=1e-2)
+    assert Ops.names.count("nonzero") == 1 and "_local_scalar_dense" not in Ops.names and "item" not in Ops.names

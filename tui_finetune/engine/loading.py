@@ -74,15 +74,21 @@ def load_tokenizer(folder: Path, recipe: RecipeSpec) -> Any:
     return tokenizer
 
 
+def base_model_kwargs(recipe: RecipeSpec, device: DeviceFacts) -> dict[str, Any]:
+    """``from_pretrained``'s dtype, quantization and attention for the recipe on ``device``, without the
+    device map (benchmarks/step_ops.py loads with a GPU's dtypes on the CPU)."""
+    kwargs: dict[str, Any] = {"dtype": compute_dtype(recipe, device), "trust_remote_code": recipe.trust_remote_code,
+                              "attn_implementation": recipe.memory.attention}
+    quant = quantization_config(recipe, device)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+    return kwargs
+
+
 def load_base_model(folder: Path, recipe: RecipeSpec, device: DeviceFacts) -> Any:
     from transformers import AutoModelForCausalLM
 
-    quant = quantization_config(recipe, device)
-    dtype = compute_dtype(recipe, device)
-    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": recipe.trust_remote_code,
-                              "attn_implementation": recipe.memory.attention}
-    if quant is not None:
-        kwargs["quantization_config"] = quant
+    kwargs = base_model_kwargs(recipe, device)
     if device.has_cuda:
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)

@@ -156,7 +156,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     """The lm_head matmul and the summed cross-entropy, a chunk of tokens at a time, with the gradients
     computed in the forward pass (the technique of Liger's fused linear cross-entropy, in plain PyTorch).
 
-    Each chunk's fp32 logits become the softmax in place, then ``softmax - onehot`` (masked, through the
+    Each chunk's fp32 logits become the softmax in place, then ``softmax - onehot`` (through the
     softcap's derivative) is multiplied straight into the gradient of the hidden states. So nothing of
     the chunk is kept for the backward pass, and the lm_head matmul runs twice per chunk instead of the
     three times a checkpointed chunk needs (forward, recompute, backward); on Gemma's 256k vocabulary
@@ -166,39 +166,39 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 labels: torch.Tensor, chunk: int, softcap: float | None) -> torch.Tensor:
+        """``labels``: one per row of ``hidden``, none of them -100 (``chunked_causal_lm_loss`` drops those
+        tokens first), so no chunk needs a mask. A chunk is about a dozen ops and no host sync: the step is
+        launch-bound on a fast card, and Gemma's 256k vocabulary makes 8 chunks at seq 1024."""
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_bias = bias is not None and ctx.needs_input_grad[2]
-        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None  # every row is written below
         grad_weight = torch.zeros_like(weight) if need_weight else None
         grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_bias else None
         total = hidden.new_zeros((), dtype=torch.float32)
+        minus_one = None
         for start in range(0, hidden.shape[0], chunk):
-            piece_labels = labels[start:start + chunk]
-            valid = piece_labels != IGNORE_INDEX
-            if not bool(valid.any()):
-                continue
+            target = labels[start:start + chunk, None]
             piece = hidden[start:start + chunk]
             logits = F.linear(piece, weight, bias).float()
             capped = None
             if softcap:
                 capped = torch.tanh(logits / softcap)
                 logits = capped * softcap
-            target = piece_labels.clamp(min=0)
             log_norm = torch.logsumexp(logits, dim=-1)
-            picked = logits.gather(1, target[:, None]).squeeze(1)
-            total += torch.where(valid, log_norm - picked, 0.0).sum()
+            total += (log_norm - logits.gather(1, target).squeeze(1)).sum()
             if not (need_hidden or need_weight or need_bias):
                 continue
             grad = logits.sub_(log_norm[:, None]).exp_()  # the softmax, in the logits' memory
-            grad[torch.arange(grad.shape[0], device=grad.device), target] -= 1.0
-            grad.mul_(valid[:, None])
+            if minus_one is None:
+                minus_one = torch.full((min(chunk, hidden.shape[0]), 1), -1.0, device=grad.device)
+            grad.scatter_add_(1, target, minus_one[:grad.shape[0]])  # softmax - onehot(label)
             if capped is not None:
                 grad.mul_(1.0 - capped * capped)
             if grad_bias is not None:
                 grad_bias += grad.sum(0)
             grad = grad.to(hidden.dtype)
             if grad_hidden is not None:
-                grad_hidden[start:start + chunk] = grad @ weight
+                torch.mm(grad, weight, out=grad_hidden[start:start + chunk])
             if grad_weight is not None:
                 grad_weight.addmm_(grad.t().to(weight.dtype), piece.to(weight.dtype))
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
@@ -243,8 +243,9 @@ def chunked_causal_lm_loss(hidden_states: torch.Tensor, lm_head: torch.nn.Module
     flat = hidden_states.reshape(-1, hidden_states.shape[-1])
     # Only the tokens that carry loss go through the lm_head: prompt and padding tokens add nothing to the
     # loss or its gradient, and on a 256k vocabulary their matmul was most of the loss's time.
-    counted = shifted != IGNORE_INDEX
-    flat, shifted = flat[counted], shifted[counted]
+    # One nonzero (a host sync on a GPU) for both selections; a boolean index would sync once for each.
+    keep = (shifted != IGNORE_INDEX).nonzero().squeeze(1)
+    flat, shifted = flat.index_select(0, keep), shifted.index_select(0, keep)
     needs_grad = torch.is_grad_enabled() and (flat.requires_grad or weight.requires_grad or
                                              (bias is not None and bias.requires_grad))
     if needs_grad:
@@ -252,12 +253,10 @@ def chunked_causal_lm_loss(hidden_states: torch.Tensor, lm_head: torch.nn.Module
     else:
         total = flat.new_zeros((), dtype=torch.float32)
         for start in range(0, flat.shape[0], chunk):
-            piece_labels = shifted[start:start + chunk]
-            if bool((piece_labels != IGNORE_INDEX).any()):
-                total = total + _chunk_loss_sum(flat[start:start + chunk], weight, bias, piece_labels,
-                                                final_logit_softcapping)
+            total = total + _chunk_loss_sum(flat[start:start + chunk], weight, bias, shifted[start:start + chunk],
+                                            final_logit_softcapping)
     if num_items_in_batch is None:
-        denominator: Any = (shifted != IGNORE_INDEX).sum().clamp(min=1)
+        denominator: Any = max(shifted.numel(), 1)  # every token left carries loss
     else:
         denominator = num_items_in_batch
     if torch.is_tensor(denominator):
