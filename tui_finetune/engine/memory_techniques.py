@@ -198,7 +198,9 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                 grad_bias += grad.sum(0)
             grad = grad.to(hidden.dtype)
             if grad_hidden is not None:
-                torch.mm(grad, weight, out=grad_hidden[start:start + chunk])
+                # Not mm(out=): an out= op is never autocast, so a bf16 chunk against an fp32 lm_head under
+                # autocast would fail where this assignment casts; the copy is one kernel a chunk.
+                grad_hidden[start:start + chunk] = grad @ weight
             if grad_weight is not None:
                 grad_weight.addmm_(grad.t().to(weight.dtype), piece.to(weight.dtype))
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
