@@ -250,8 +250,13 @@ def run_one(case: dict, stack: str, steps: int, overrides: list[str], smoke: boo
         recipe = ours_recipe(folder, case, backend, overrides, smoke, variant)  # plain Python: no transformers yet
         from tui_finetune.engine import backends
 
-        backends.prepare_process(recipe.memory.backend)  # imports Unsloth first when it may be used
+        backends.prepare_process(recipe.memory.backend,  # imports Unsloth first when it may be used
+                                 model_type=backends.model_type_of(folder))
     elif kind == "unsloth":
+        from tui_finetune.engine.backends import UNSLOTH_UNCOMPILED, model_type_of
+
+        if model_type_of(folder) in UNSLOTH_UNCOMPILED:  # as our engine runs it (Unsloth direct fails too)
+            os.environ.setdefault("UNSLOTH_COMPILE_DISABLE", "1")
         import unsloth  # noqa: F401 - patches transformers and peft, so it must come first
     import torch
 

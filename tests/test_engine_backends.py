@@ -230,3 +230,33 @@ def test_unsloths_compiled_cache_goes_to_our_cache_folder_not_the_run_folder(tmp
 
     assert os.environ["UNSLOTH_COMPILE_LOCATION"] == str(tmp_path / "cache" / "unsloth_compiled_cache")
     assert backends._unsloth_import_error is not None
+
+
+def test_gemma_gets_unsloths_compiler_off_before_unsloth_imports_and_others_keep_it(tmp_path, monkeypatch):
+    """Gemma's compiled backward fails in Inductor (docs/verification/speed.md section 7): the worker sets
+    UNSLOTH_COMPILE_DISABLE before the import for it alone, and never over the user's own setting."""
+    monkeypatch.setenv("TUI_FINETUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(backends, "_unsloth_import_error", None)
+    monkeypatch.setattr(backends, "module_installed", lambda name: True)
+    monkeypatch.setattr(backends, "cuda_capability", lambda: (8, 9))
+    monkeypatch.setitem(__import__("sys").modules, "unsloth", None)
+    import os
+
+    for model_type, user_setting, expected in (("gemma", None, "1"), ("llama", None, None), ("gemma", "0", "0")):
+        if user_setting is None:
+            monkeypatch.delenv("UNSLOTH_COMPILE_DISABLE", raising=False)
+        else:
+            monkeypatch.setenv("UNSLOTH_COMPILE_DISABLE", user_setting)
+        backends.prepare_process("auto", None, model_type)
+        assert os.environ.get("UNSLOTH_COMPILE_DISABLE") == expected, model_type
+    monkeypatch.delenv("UNSLOTH_COMPILE_DISABLE", raising=False)
+    backends.prepare_process("universal", None, "gemma")  # a run that can't use Unsloth changes nothing
+    assert "UNSLOTH_COMPILE_DISABLE" not in os.environ
+
+
+def test_the_model_type_is_known_before_any_download(tmp_path):
+    assert backends.model_type_before_loading("gemma-2b") == "gemma"
+    assert backends.model_type_before_loading("google/gemma-2b") == "gemma"
+    (tmp_path / "config.json").write_text('{"model_type": "mistral"}')
+    assert backends.model_type_before_loading(str(tmp_path)) == "mistral"
+    assert backends.model_type_before_loading("someone/not-in-the-catalog") == ""

@@ -41,6 +41,12 @@ results/goals.md), so it added a patched model for no measured gain. Unsloth ran
 TRITON_MIN_CAPABILITY = (7, 0)
 """Triton (so Liger and Unsloth) needs a Volta or newer card; GTX 10xx cards are 6.1."""
 UNSLOTH_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+UNSLOTH_UNCOMPILED = frozenset({"gemma"})
+"""``model_type`` values that Unsloth trains with its compiler off (``UNSLOTH_COMPILE_DISABLE=1``, set
+before it imports unless the user set it): with it on, Gemma's compiled backward fails in Inductor
+(``InductorError: AssertionError``, torch 2.11 with unsloth 2026.10.9: docs/verification/speed.md
+section 7 and the card grid's 4 GB Gemma Unsloth cell), the worker drops Unsloth and restarts on the
+slower universal path. Compiler off, Unsloth ran Gemma-2B at 1.5x our universal path (issue #14's table)."""
 
 _unsloth_import_error: str | None = None
 
@@ -56,9 +62,10 @@ def cuda_capability() -> tuple[int, int] | None:
     return torch.cuda.get_device_capability() if torch.cuda.is_available() else None
 
 
-def prepare_process(setting: str, excluded: dict[str, str] | None = None) -> None:
+def prepare_process(setting: str, excluded: dict[str, str] | None = None, model_type: str = "") -> None:
     """Import Unsloth now if this run may use it: it patches transformers and peft, so it must be
-    imported before them. Call first thing in the worker (or a benchmark child)."""
+    imported before them. Call first thing in the worker (or a benchmark child). ``model_type``
+    (``model_type_before_loading``) decides its compiler (UNSLOTH_UNCOMPILED)."""
     global _unsloth_import_error
     if setting not in ("auto", "unsloth") or not module_installed("unsloth") or cuda_capability() is None:
         return
@@ -69,10 +76,23 @@ def prepare_process(setting: str, excluded: dict[str, str] | None = None) -> Non
     from tui_finetune.core.paths import unsloth_compile_dir
 
     os.environ.setdefault("UNSLOTH_COMPILE_LOCATION", str(unsloth_compile_dir()))
+    if model_type in UNSLOTH_UNCOMPILED:
+        os.environ.setdefault("UNSLOTH_COMPILE_DISABLE", "1")
     try:
         import unsloth  # noqa: F401
     except Exception as err:  # noqa: BLE001 - any failure means: not this backend
         _unsloth_import_error = f"{type(err).__name__}: {first_line(err, 160)}"
+
+
+def model_type_before_loading(model: str) -> str:
+    """A recipe's ``model``'s ``model_type`` before anything downloads (prepare_process runs first): a
+    catalog key's or Hub id's from the catalog, a local folder's from its config.json; '' otherwise."""
+    from tui_finetune.core.catalog import CATALOG
+
+    for spec in CATALOG.values():
+        if model in (spec.key, spec.hub_id):
+            return spec.model_type
+    return model_type_of(Path(model)) if Path(model).is_dir() else ""
 
 
 def model_type_of(folder: Path) -> str:

@@ -214,7 +214,8 @@ class Worker:
         failures = dict(self.info.backend_failures)
         if self.ranks.distributed:
             self._keep_to_the_universal_backend()
-        backends.prepare_process(self.recipe.memory.backend, failures)  # Unsloth must come before transformers
+        backends.prepare_process(self.recipe.memory.backend, failures,  # Unsloth must come before transformers
+                                 backends.model_type_before_loading(self.recipe.model))
         from tui_finetune.engine import distributed, loading, recipe_refit, samples
         from tui_finetune.engine.post_training import run_optional_phase, save_adapter
         from tui_finetune.engine.recipe_refit import SequenceTooLong
