@@ -128,3 +128,19 @@ def test_the_batching_in_words_follows_packing_then_grouping():
     assert DataSpec().batching == "length groups"  # the default
     assert DataSpec(packing=True).batching == "packed bins"  # flat packing wins over grouping
     assert DataSpec(group_by_length=False).batching == "padded rows"
+
+
+@pytest.mark.parametrize("packing", [False, True])
+@pytest.mark.parametrize("group_by_length", [False, True])
+def test_batched_as_sets_the_two_keys_its_words_name_and_inverts_batching(packing, group_by_length):
+    from tui_finetune.core.recipe import BATCHINGS, DataSpec
+
+    data = DataSpec(packing=packing, group_by_length=group_by_length, seq_len=512)
+    assert data.batched_as(data.batching) == data  # the wizard's knob reads back the recipe it loaded
+    assert data.batched_as("length groups") == DataSpec(packing=False, group_by_length=True, seq_len=512)
+    assert data.batched_as("padded rows") == DataSpec(packing=False, group_by_length=False, seq_len=512)
+    # packing wins over grouping, so the ignored key stays what it was
+    assert data.batched_as("packed bins") == DataSpec(packing=True, group_by_length=group_by_length, seq_len=512)
+    assert [data.batched_as(word).batching for word in BATCHINGS] == list(BATCHINGS)
+    with pytest.raises(RecipeError, match="batching: 'packed' is not one of length groups, packed bins, padded rows"):
+        data.batched_as("packed")

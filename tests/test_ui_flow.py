@@ -39,6 +39,52 @@ async def test_recipe_estimate_updates_on_every_change_and_turns_red(ui_home):
 
 
 @run_async
+async def test_recipe_batching_knob_sets_packing_and_grouping_in_the_saved_and_launched_recipe(ui_home, tmp_path):
+    from tui_finetune.core.recipe_io import load_recipe
+
+    app = build_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await to_recipe(pilot)
+        assert app.state.recipe.data.group_by_length and not app.state.recipe.data.packing  # the default
+        knob = app.screen.query_one("#knob-batching")
+        expected = {"padded rows": (False, False), "packed bins": (True, True), "length groups": (False, True)}
+        for word, flags in expected.items():
+            knob.value = word  # a word that is not one of the knob's options raises
+            # the live re-plan puts the knob's recipe in the state the launch screen starts the run from
+            await wait_for(pilot, lambda word=word: app.state.recipe.data.batching == word)
+            assert (app.state.recipe.data.packing, app.state.recipe.data.group_by_length) == flags
+            target = tmp_path / f"{word.replace(' ', '-')}.toml"
+            await pilot.press("ctrl+s")
+            await wait_for(pilot, lambda: screen_name(app) == "SaveRecipeDialog")
+            app.screen.query_one("#save-path").value = str(target)
+            await pilot.press("enter")
+            await wait_for(pilot, lambda target=target: target.exists() and screen_name(app) == "RecipeScreen")
+            saved = load_recipe(target).data
+            assert (saved.packing, saved.group_by_length) == flags
+        await pilot.press("ctrl+n")
+        await wait_for(pilot, lambda: screen_name(app) == "DatasetScreen")
+        assert (app.state.recipe.data.packing, app.state.recipe.data.group_by_length) == (False, True)
+
+
+@run_async
+async def test_loading_a_recipe_shows_its_batching_on_the_knob_and_reads_it_back_unchanged(ui_home):
+    from dataclasses import replace
+
+    app = build_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await to_recipe(pilot)
+        screen, base = app.screen, app.state.recipe
+        shown = {(False, True): "length groups", (True, True): "packed bins", (True, False): "packed bins",
+                 (False, False): "padded rows"}
+        for (packing, grouping), word in shown.items():
+            recipe = replace(base, data=replace(base.data, packing=packing, group_by_length=grouping))
+            screen.load_knobs(recipe)
+            await pilot.pause()
+            assert screen.query_one("#knob-batching").value == word
+            assert screen.read_knobs() == recipe and app.state.recipe == recipe
+
+
+@run_async
 async def test_recipe_presets_by_number_key_and_save_as_toml(ui_home, tmp_path):
     app = build_app()
     async with app.run_test(size=SIZE) as pilot:

@@ -12,7 +12,7 @@ This module is plain Python: it must not import torch.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from difflib import get_close_matches
 from typing import Any
 
@@ -24,6 +24,9 @@ QUANT_TYPES = ("nf4", "fp4")
 ADAPTER_DTYPES = ("fp32", "compute")
 ATTENTIONS = ("sdpa", "eager", "flash_attention_2")
 BACKENDS = ("auto", "universal", "liger", "unsloth")
+LENGTH_GROUPS, PACKED_BINS, PADDED_ROWS = BATCHINGS = ("length groups", "packed bins", "padded rows")
+"""How the training rows become batches, in words (``DataSpec.batching``, the wizard's batching knob, the
+launch screen): the two data keys ``packing`` and ``group_by_length`` give these three; the default first."""
 
 
 class RecipeError(ValueError):
@@ -89,8 +92,18 @@ class DataSpec:
         """How the training rows become batches, in words: ``packed bins`` (``packing`` wins), ``length groups``
         (``group_by_length``) or ``padded rows``; the launch screen shows it."""
         if self.packing:
-            return "packed bins"
-        return "length groups" if self.group_by_length else "padded rows"
+            return PACKED_BINS
+        return LENGTH_GROUPS if self.group_by_length else PADDED_ROWS
+
+    def batched_as(self, batching: str) -> DataSpec:
+        """This spec with its rows batched as ``batching`` (one of ``BATCHINGS``): the inverse of ``batching``,
+        for the wizard's knob. ``packed bins`` leaves ``group_by_length`` as it is: packing wins over it, and
+        kept it still says what turning packing off gives, so a recipe read back from the knobs is the one loaded."""
+        if batching not in BATCHINGS:
+            raise RecipeError(f"batching: {batching!r} is not one of {', '.join(BATCHINGS)}")
+        if batching == PACKED_BINS:
+            return replace(self, packing=True)
+        return replace(self, packing=False, group_by_length=batching == LENGTH_GROUPS)
 
 
 @dataclass

@@ -14,7 +14,7 @@ from textual.widgets import Input, Label, OptionList, Select, Static, Switch
 
 from tui_finetune.core.catalog import UnknownModelError
 from tui_finetune.core.hardware import a_card_of, machine_facts
-from tui_finetune.core.recipe import METHODS, OPTIMIZERS, RecipeError, RecipeSpec, check_recipe_values
+from tui_finetune.core.recipe import BATCHINGS, METHODS, OPTIMIZERS, RecipeError, RecipeSpec, check_recipe_values
 from tui_finetune.core.recipe_io import save_recipe
 from tui_finetune.core.recipe_machine import MachineFacts, check_recipe_fits_machine
 from tui_finetune.core.run_folder.info import model_short_name
@@ -53,7 +53,8 @@ class RecipeScreen(WizardScreen):
                 yield from self.knob("optimizer", Select([(o, o) for o in OPTIMIZERS], allow_blank=False,
                                                          id="knob-optimizer", compact=True))
                 yield from self.knob("grad checkpointing", Switch(id="knob-gc"))
-                yield from self.knob("packing", Switch(id="knob-packing"))
+                yield from self.knob("batching", Select([(b, b) for b in BATCHINGS], allow_blank=False,
+                                                        id="knob-batching", compact=True))
                 yield from self.knob("save every (steps)", Input(id="knob-save", type="integer", compact=True))
             with VerticalScroll(id="recipe-right"):
                 yield Static("", id="fit-verdict")
@@ -91,7 +92,7 @@ class RecipeScreen(WizardScreen):
                            ("knob-save", recipe.checkpoint.every_steps)):
             q(f"#{wid}", Input).value = str(value)
         q("#knob-gc", Switch).value = recipe.train.gradient_checkpointing
-        q("#knob-packing", Switch).value = recipe.data.packing
+        q("#knob-batching", Select).value = recipe.data.batching
         self.recompute()
 
     def read_knobs(self) -> RecipeSpec:
@@ -112,7 +113,7 @@ class RecipeScreen(WizardScreen):
         return replace(
             base, model=self.model, method=str(q("#knob-method", Select).value),
             lora=replace(base.lora, r=ints["knob-r"], alpha=ints["knob-alpha"]),
-            data=replace(base.data, seq_len=ints["knob-seq"], packing=q("#knob-packing", Switch).value),
+            data=replace(base.data, seq_len=ints["knob-seq"]).batched_as(str(q("#knob-batching", Select).value)),
             train=replace(base.train, micro_batch=ints["knob-mb"], grad_accum=ints["knob-accum"], epochs=epochs,
                           max_steps=ints["knob-steps"], learning_rate=lr,
                           optimizer=str(q("#knob-optimizer", Select).value),
