@@ -216,11 +216,20 @@ def test_a_resume_may_change_the_backend_and_maths_preserving_memory_switches_bu
     assert resume_differences(checkpoint, now, "abc") == ["memory.adapter_dtype: 'fp32' -> 'compute'"]
 
 
+def unset_until_teardown(monkeypatch, *names: str) -> None:
+    """Unset ``names`` for the test and restore them after it, also when they were unset before and the
+    code under test sets them: ``delenv`` of an absent variable records nothing to undo, so the value
+    prepare_process sets would leak into every later test of the session (the GPU tests' Unsloth too)."""
+    for name in names:
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+
+
 def test_unsloths_compiled_cache_goes_to_our_cache_folder_not_the_run_folder(tmp_path, monkeypatch):
     """Unsloth writes ./unsloth_compiled_cache unless told otherwise before it imports; the worker's
     working directory is the run folder."""
     monkeypatch.setenv("TUI_FINETUNE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("UNSLOTH_COMPILE_LOCATION", raising=False)
+    unset_until_teardown(monkeypatch, "UNSLOTH_COMPILE_LOCATION", "UNSLOTH_COMPILE_DISABLE")
     monkeypatch.setattr(backends, "_unsloth_import_error", None)
     monkeypatch.setattr(backends, "module_installed", lambda name: True)  # as on a GPU box with the extra
     monkeypatch.setattr(backends, "cuda_capability", lambda: (8, 9))
@@ -236,6 +245,7 @@ def test_gemma_gets_unsloths_compiler_off_before_unsloth_imports_and_others_keep
     """Gemma's compiled backward fails in Inductor (docs/verification/speed.md section 7): the worker sets
     UNSLOTH_COMPILE_DISABLE before the import for it alone, and never over the user's own setting."""
     monkeypatch.setenv("TUI_FINETUNE_CACHE", str(tmp_path / "cache"))
+    unset_until_teardown(monkeypatch, "UNSLOTH_COMPILE_LOCATION", "UNSLOTH_COMPILE_DISABLE")
     monkeypatch.setattr(backends, "_unsloth_import_error", None)
     monkeypatch.setattr(backends, "module_installed", lambda name: True)
     monkeypatch.setattr(backends, "cuda_capability", lambda: (8, 9))
@@ -254,9 +264,11 @@ def test_gemma_gets_unsloths_compiler_off_before_unsloth_imports_and_others_keep
     assert "UNSLOTH_COMPILE_DISABLE" not in os.environ
 
 
-def test_the_model_type_is_known_before_any_download(tmp_path):
+def test_the_model_type_is_known_before_any_download(tmp_path, monkeypatch):
     assert backends.model_type_before_loading("gemma-2b") == "gemma"
     assert backends.model_type_before_loading("google/gemma-2b") == "gemma"
     (tmp_path / "config.json").write_text('{"model_type": "mistral"}')
     assert backends.model_type_before_loading(str(tmp_path)) == "mistral"
+    monkeypatch.setenv("HOME", str(tmp_path.parent))  # '~' is expanded, as resolve_model expands it
+    assert backends.model_type_before_loading(f"~/{tmp_path.name}") == "mistral"
     assert backends.model_type_before_loading("someone/not-in-the-catalog") == ""

@@ -321,3 +321,23 @@ def test_chunked_loss_in_bf16_equals_the_plain_loss_and_syncs_the_host_once(soft
     assert torch.allclose(fused, plain, rtol=1e-5)
     assert torch.allclose(h_fused.grad.float(), h_plain.grad.float(), atol=1e-3, rtol=1e-2)
     assert Ops.names.count("nonzero") == 1 and "_local_scalar_dense" not in Ops.names and "item" not in Ops.names
+
+
+def test_chunked_loss_under_autocast_takes_bf16_hidden_states_against_an_fp32_head():
+    """The Trainer's bf16 autocast with an fp32 lm_head (``upcast_frozen_fp32``) and bf16 hidden states: the
+    chunks' matmuls autocast, so the hidden-state gradient must be assigned, not written by an out= op
+    (never autocast: ``mm(bf16, fp32, out=bf16)`` raises); loss and gradient still match the plain loss."""
+    torch.manual_seed(6)
+    head = torch.nn.Linear(32, 300, bias=False)  # fp32
+    hidden = torch.randn(2, 37, 32, dtype=torch.bfloat16)
+    _, labels = batch()
+    h_fused, h_plain = hidden.clone().requires_grad_(True), hidden.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = chunked_causal_lm_loss(h_fused, head, labels, chunk_tokens=9)
+        logits = head(h_plain).float()
+    plain = ForCausalLMLoss(logits, labels, vocab_size=300)
+    fused.backward()
+    plain.backward()
+    assert h_fused.grad.dtype == torch.bfloat16 and head.weight.grad is not None
+    assert torch.allclose(fused, plain, rtol=1e-2)
+    assert torch.allclose(h_fused.grad.float(), h_plain.grad.float(), atol=2e-3, rtol=2e-2)

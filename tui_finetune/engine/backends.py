@@ -46,7 +46,8 @@ UNSLOTH_UNCOMPILED = frozenset({"gemma"})
 before it imports unless the user set it): with it on, Gemma's compiled backward fails in Inductor
 (``InductorError: AssertionError``, torch 2.11 with unsloth 2026.10.9: docs/verification/speed.md
 section 7 and the card grid's 4 GB Gemma Unsloth cell), the worker drops Unsloth and restarts on the
-slower universal path. Compiler off, Unsloth ran Gemma-2B at 1.5x our universal path (issue #14's table)."""
+slower universal path. Compiler off, Unsloth ran Gemma-2B QLoRA at 1.53x our universal path (5195 against
+3390 tokens/s, H100: benchmarks/results/h100-gemma-backends.md)."""
 
 _unsloth_import_error: str | None = None
 
@@ -86,13 +87,18 @@ def prepare_process(setting: str, excluded: dict[str, str] | None = None, model_
 
 def model_type_before_loading(model: str) -> str:
     """A recipe's ``model``'s ``model_type`` before anything downloads (prepare_process runs first): a
-    catalog key's or Hub id's from the catalog, a local folder's from its config.json; '' otherwise."""
+    local folder's from its config.json (``resolve_model``'s rule: local first), else a catalog key's or
+    Hub id's from the catalog; '' otherwise."""
     from tui_finetune.core.catalog import CATALOG
+    from tui_finetune.engine.model_folder import local_model_folder
 
+    local = local_model_folder(model)
+    if local is not None:
+        return model_type_of(local)
     for spec in CATALOG.values():
         if model in (spec.key, spec.hub_id):
             return spec.model_type
-    return model_type_of(Path(model)) if Path(model).is_dir() else ""
+    return ""
 
 
 def model_type_of(folder: Path) -> str:

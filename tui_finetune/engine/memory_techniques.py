@@ -190,7 +190,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                 continue
             grad = logits.sub_(log_norm[:, None]).exp_()  # the softmax, in the logits' memory
             if minus_one is None:
-                minus_one = torch.full((min(chunk, hidden.shape[0]), 1), -1.0, device=grad.device)
+                minus_one = grad.new_full((min(chunk, hidden.shape[0]), 1), -1.0)  # grad's dtype, whatever the default
             grad.scatter_add_(1, target, minus_one[:grad.shape[0]])  # softmax - onehot(label)
             if capped is not None:
                 grad.mul_(1.0 - capped * capped)

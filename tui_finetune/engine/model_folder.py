@@ -37,6 +37,13 @@ class ModelSource:
     hub_id: str = ""
 
 
+def local_model_folder(model: str) -> Path | None:
+    """A recipe's ``model`` as a local folder (``~`` expanded), or None: a catalog key, a Hub id, the demo.
+    A local folder wins over a catalog key of the same name, here and wherever the model type is read."""
+    local = Path(model).expanduser()
+    return local if local.is_dir() else None
+
+
 def hub_id_for(model: str) -> str:
     """A catalog key's Hub id, or the string itself (already a Hub id)."""
     return CATALOG[model].hub_id if model in CATALOG else model
@@ -107,8 +114,8 @@ def download_model(hub_id: str, log: EventLog | None = None,
 def resolve_model(model: str, log: EventLog | None = None,
                   snapshot_download: Callable[..., str] | None = None) -> ModelSource:
     """Find or fetch the model folder named by a recipe's ``model``."""
-    local = Path(model).expanduser()
-    if local.is_dir():
+    local = local_model_folder(model)
+    if local is not None:
         if not (local / "config.json").is_file():
             raise ModelAccessError(f"{local} has no config.json", "give a folder saved by save_pretrained", kind="model")
         return ModelSource(local, "local")
