@@ -301,8 +301,12 @@ def repeat_lines(summary: list[dict]) -> list[str]:
 
 
 def backend_lines(rows: list[dict]) -> list[str]:
-    """Why each of our rows runs the backend it does (auto's choice, or the fallback from the one asked for)."""
+    """Why each of our rows runs the backend it does (auto's choice, or the fallback from the one asked for),
+    and which Unsloth rows ran with its compiler off."""
     lines = [f"- {row_label(r)}: {r['backend']}: {r.get('backend_reason') or '-'}" for r in rows if r.get("backend")]
+    lines += [f"- {row_label(r)}: Unsloth's compiler off (UNSLOTH_COMPILE_DISABLE={r['unsloth_compile_disable']})"
+              for r in rows if r.get("unsloth_compile_disable")
+              and (r.get("backend") == "unsloth" or r["stack"].startswith("unsloth"))]
     return ["## Backends", "", *lines, ""] if lines else []
 
 

@@ -285,6 +285,8 @@ def run_one(case: dict, stack: str, steps: int, overrides: list[str], smoke: boo
     row = {"stack": stack, **case, "accum": batches.accumulation(case), "steps": steps,
            "device": torch.cuda.get_device_name(0) if gpu else "CPU", "cuda": torch.version.cuda if gpu else None,
            "load_s": load_s, "packing": batching == PACKED, "batching": batching,
+           # set by this child for Gemma (backends.UNSLOTH_UNCOMPILED), so the parent's command line can't say it
+           "unsloth_compile_disable": os.environ.get("UNSLOTH_COMPILE_DISABLE"),
            "rows_per_step": batches.rows_per_step(case, steps, model_spec(case["model"]).vocab_size, batching),
            **info, **measured}
     if recipe is not None:

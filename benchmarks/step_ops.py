@@ -19,8 +19,13 @@ checkpointed layer run again in backward), backward or optimizer; its source is 
 known code (peft's LoRA layers, bitsandbytes, the model's norm / attention / MLP / rotary classes, our
 chunked loss, ...), and in backward the source of the forward op whose autograd node runs it. The
 optimizer here is torch's AdamW (the CPU's; on a GPU memory_speed uses bitsandbytes' paged AdamW 8-bit),
-the same for both stacks. Not counted: bitsandbytes' CPU dequantize differs from its one CUDA kernel, so
-read its row as the same for both stacks, not as the GPU's figure.
+the same for both stacks. bitsandbytes' CPU dequantize is counted, but it is other ops than its one
+CUDA kernel: read its row as the same for both stacks, not as the GPU's figure.
+
+What a count can't show: a host sync inside a kernel (a boolean-mask index runs a nonzero and waits for
+it on a GPU) is one op here; only explicit reads (``item``, ``_local_scalar_dense``) are visible as
+syncs. And the step is memory_speed's, without autocast: the product's Trainer runs under bf16 autocast,
+which adds casts of its own to both stacks' matmuls.
 
   python -m benchmarks.step_ops --model gemma-2b --method qlora --seq 1024 --stacks ours:universal,baseline
   python -m benchmarks.step_ops --smoke          # a quick check of the script (tests/test_benchmarks_step_ops.py)
@@ -85,7 +90,7 @@ def setup(stack: str, folder: Path, case: dict, overrides: list[str]) -> tuple[A
     if kind == "baseline":
         model, loss, _ = stacks.setup_baseline(folder, case, gpu=False, dtype=torch.bfloat16)
         return model, loss
-    if kind != "ours" or backend not in ("universal", "liger", ""):
+    if kind != "ours" or backend != "universal":  # it builds the universal path: another name would mislabel it
         raise SystemExit(f"step_ops counts ours:universal and baseline, not {stack}")
     from transformers import AutoModelForCausalLM
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import re
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -106,6 +106,21 @@ def test_parity_of_a_nan_loss_fails_and_of_nothing_is_unknown():
     assert report.within(math.nan, report.PARITY_GOAL) is False
     assert report.parity_max_rel([], [1.0]) is None
     assert report.within(None, report.PARITY_GOAL) is None
+
+
+def test_the_backends_section_says_which_unsloth_rows_ran_with_its_compiler_off():
+    """The child sets UNSLOTH_COMPILE_DISABLE for Gemma itself, so the parent's command line can't say it."""
+    case = {"model": "gemma-2b", "method": "qlora", "seq": 1024, "batch": 1}
+    rows = [{**case, "stack": "ours", "backend": "unsloth", "backend_reason": "fastest", "unsloth_compile_disable": "1"},
+            {**case, "stack": "unsloth", "unsloth_compile_disable": "1"},
+            {**case, "stack": "ours:universal", "backend": "universal", "unsloth_compile_disable": "1"},
+            {**case, "stack": "baseline", "unsloth_compile_disable": "1"},
+            {**case, "stack": "unsloth", "rep": 2, "unsloth_compile_disable": None}]
+    text = "\n".join(report.backend_lines(rows))
+    off = [line for line in text.splitlines() if "compiler off" in line]
+    assert off == ["- gemma-2b qlora seq 1024 x1 ours: Unsloth's compiler off (UNSLOTH_COMPILE_DISABLE=1)",
+                   "- gemma-2b qlora seq 1024 x1 unsloth: Unsloth's compiler off (UNSLOTH_COMPILE_DISABLE=1)"]
+
 
 
 def test_planner_error_is_relative_to_the_measured_peak():

@@ -9,9 +9,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # benchmarks/ is a top-level folder, not part of the installed package
     sys.path.insert(0, str(ROOT))
 
+import pytest  # noqa: E402
+
 from benchmarks import step_ops  # noqa: E402
 
 
+@pytest.mark.slow
 def test_smoke_counts_both_stacks_by_phase_and_source(tmp_path, monkeypatch, capsys):
     """A 2-layer Gemma with LoRA: both stacks count ops in every phase, our loss shows as our chunked loss and
     the baseline's as transformers', and the optimizer (the same AdamW over the same 28 LoRA tensors) the same."""
