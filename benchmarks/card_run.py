@@ -297,11 +297,14 @@ def read_results(run_dir: Path) -> dict[str, Any]:
 def batching_of(packing: dict[str, Any]) -> str:
     """How the run's rows became batches, from run.json ``packing`` (the engine writes it for length groups
     and packed bins): a cell's fit is only evidence for the batching it ran."""
-    if not packing:
-        return "padded rows"
-    kind = "length groups" if packing.get("kind") == "grouped" else "packed bins"
-    return (f"{kind}: {packing.get('rows')} rows in {packing.get('bins')} of <= {packing.get('seq_len')} tokens, "
-            f"{packing.get('bins_per_step')} a step")
+    from tui_finetune.core.recipe import LENGTH_GROUPS, PACKED_BINS, PADDED_ROWS
+    from tui_finetune.data.packing import PackedBins
+
+    bins = PackedBins.from_dict(packing)
+    if bins is None:
+        return PADDED_ROWS
+    kind = LENGTH_GROUPS if bins.kind == "grouped" else PACKED_BINS
+    return f"{kind}: {bins.rows} rows in {bins.bins} of <= {bins.seq_len} tokens, {bins.bins_per_step} a step"
 
 
 def dedupe(messages: Any) -> list[str]:
