@@ -99,6 +99,27 @@ def test_resume_compares_the_effective_batch_from_recipe_toml_not_its_split(run_
     assert read_run_info(run_dir).pid is None  # no worker was started
 
 
+def test_on_length_groups_a_split_the_engine_did_not_make_is_a_change(run_dir, capsys):
+    """A group holds micro_batch x the longest row's tokens: 1 x 24 instead of 3 x 8 makes other groups, so
+    other rows every step. The engine's own OOM shrink may do it (the test above); a user's --set may not,
+    without --force. On padded rows the split still doesn't matter."""
+    saved = _seal(run_dir, read_run_recipe(run_dir), 2)  # 3 x 8, length groups (the default)
+    now = read_run_recipe(run_dir)
+    split = replace(now, train=replace(now.train, micro_batch=1, grad_accum=24))
+    assert now.data.batching == "length groups"
+    assert resume_differences(saved, split) == [
+        "train.micro_batch: 3 -> 1 (on length groups a group holds micro_batch x the longest row's tokens: "
+        "other groups, so other rows every step)"]
+    rows = replace(split, data=replace(split.data, group_by_length=False))
+    rows_saved = _seal(run_dir, replace(now, data=rows.data), 4)
+    assert resume_differences(rows_saved, rows) == []
+    assert main(["resume", run_dir.name, "--from", "2", "--set", "train.micro_batch=1", "--set",
+                 "train.grad_accum=24"]) == 2
+    out = capsys.readouterr().out
+    assert "train.micro_batch: 3 -> 1" in out and "--force" in out
+    assert read_run_info(run_dir).pid is None  # no worker was started
+
+
 def test_with_several_processes_every_reader_multiplies_by_train_devices_from_recipe_toml(run_dir, capsys):
     """The world size is in recipe.toml too (``train.devices``, settled at launch): ``runs``, the monitor and
     the OOM warning all show micro-batch x accumulation x devices, the one product of RecipeSpec."""
