@@ -300,9 +300,11 @@ def batching_of(packing: dict[str, Any]) -> str:
     from tui_finetune.core.recipe import LENGTH_GROUPS, PACKED_BINS, PADDED_ROWS
     from tui_finetune.data.packing import PackedBins
 
+    if not packing:
+        return PADDED_ROWS
     bins = PackedBins.from_dict(packing)
     if bins is None:
-        return PADDED_ROWS
+        return f"unknown (run.json packing unreadable: {packing})"
     kind = LENGTH_GROUPS if bins.kind == "grouped" else PACKED_BINS
     return f"{kind}: {bins.rows} rows in {bins.bins} of <= {bins.seq_len} tokens, {bins.bins_per_step} a step"
 

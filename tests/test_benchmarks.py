@@ -108,6 +108,15 @@ def test_parity_of_a_nan_loss_fails_and_of_nothing_is_unknown():
     assert report.within(None, report.PARITY_GOAL) is None
 
 
+def test_a_cells_batching_comes_from_run_json_packing():
+    grouped = {"rows": 57, "bins": 29, "tokens": 3000, "seq_len": 128, "effective_batch": 4, "bins_per_step": 2,
+               "kind": "grouped", "padded": 3500}
+    assert card_run.batching_of({}) == "padded rows"  # the engine writes no record for plain rows
+    assert card_run.batching_of(grouped) == "length groups: 57 rows in 29 of <= 128 tokens, 2 a step"
+    assert card_run.batching_of({**grouped, "kind": "flat"}).startswith("packed bins: 57 rows in 29")
+    assert card_run.batching_of({"rows": 3}).startswith("unknown")  # not read as padded rows
+
+
 def test_the_backends_section_says_which_unsloth_rows_ran_with_its_compiler_off():
     """The child sets UNSLOTH_COMPILE_DISABLE for Gemma itself, so the parent's command line can't say it."""
     case = {"model": "gemma-2b", "method": "qlora", "seq": 1024, "batch": 1}

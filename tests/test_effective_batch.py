@@ -99,25 +99,37 @@ def test_resume_compares_the_effective_batch_from_recipe_toml_not_its_split(run_
     assert read_run_info(run_dir).pid is None  # no worker was started
 
 
-def test_on_length_groups_a_split_the_engine_did_not_make_is_a_change(run_dir, capsys):
-    """A group holds micro_batch x the longest row's tokens: 1 x 24 instead of 3 x 8 makes other groups, so
-    other rows every step. The engine's own OOM shrink may do it (the test above); a user's --set may not,
-    without --force. On padded rows the split still doesn't matter."""
-    saved = _seal(run_dir, read_run_recipe(run_dir), 2)  # 3 x 8, length groups (the default)
-    now = read_run_recipe(run_dir)
-    split = replace(now, train=replace(now.train, micro_batch=1, grad_accum=24))
-    assert now.data.batching == "length groups"
-    assert resume_differences(saved, split) == [
-        "train.micro_batch: 3 -> 1 (on length groups a group holds micro_batch x the longest row's tokens: "
-        "other groups, so other rows every step)"]
-    rows = replace(split, data=replace(split.data, group_by_length=False))
-    rows_saved = _seal(run_dir, replace(now, data=rows.data), 4)
-    assert resume_differences(rows_saved, rows) == []
-    assert main(["resume", run_dir.name, "--from", "2", "--set", "train.micro_batch=1", "--set",
-                 "train.grad_accum=24"]) == 2
-    out = capsys.readouterr().out
-    assert "train.micro_batch: 3 -> 1" in out and "--force" in out
-    assert read_run_info(run_dir).pid is None  # no worker was started
+@pytest.mark.parametrize("batching, refused", [("length groups", True), ("packed bins", True), ("padded rows", False)])
+def test_on_groups_or_bins_only_a_split_the_shrink_rule_reaches_keeps_the_run(run_dir, capsys, batching, refused):
+    """A group holds micro_batch x the longest row's tokens, and a step of bins must divide into micro-batches:
+    4 x 6 -> 3 x 8 or growing back to 6 x 4 is another run there, refused without --force. Halving to a
+    divisor (4 -> 2 -> 1) is what OOM recovery does and what its advice after giving up asks for: accepted.
+    On padded rows only the effective batch counts."""
+    base = read_run_recipe(run_dir)
+    data = base.data.batched_as(batching)
+    saved = _seal(run_dir, replace(base, data=data, train=replace(base.train, micro_batch=4, grad_accum=6)), 2)
+    split = lambda micro, accum: replace(base, data=data, train=replace(base.train, micro_batch=micro,  # noqa: E731
+                                                                           grad_accum=accum))
+    for micro, accum in ((2, 12), (1, 24)):
+        assert resume_differences(saved, split(micro, accum)) == []
+    for micro, accum in ((3, 8), (6, 4), (8, 3)):
+        diffs = resume_differences(saved, split(micro, accum))
+        if not refused:
+            assert diffs == []
+            continue
+        assert diffs == [f"train.micro_batch: 4 -> {micro} (on {batching} "
+                         + ("a group holds micro_batch x the longest row's tokens: other groups, so other rows every step"
+                            if batching == "length groups" else "a step's bins must divide into micro-batches of it")
+                         + "; only halving it to a divisor, as OOM recovery does, keeps the same run)"]
+    if refused:  # the CLI's resume refuses it before starting anything
+        from tui_finetune.core.run_folder.info import write_run_recipe
+
+        write_run_recipe(run_dir, split(4, 6))
+        assert main(["resume", run_dir.name, "--from", "2", "--set", "train.micro_batch=3", "--set",
+                     "train.grad_accum=8"]) == 2
+        out = capsys.readouterr().out
+        assert "train.micro_batch: 4 -> 3" in out and "--force" in out
+        assert read_run_info(run_dir).pid is None  # no worker was started
 
 
 def test_with_several_processes_every_reader_multiplies_by_train_devices_from_recipe_toml(run_dir, capsys):

@@ -9,6 +9,8 @@ tests/test_engine_backends_gpu.py.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -271,4 +273,11 @@ def test_the_model_type_is_known_before_any_download(tmp_path, monkeypatch):
     assert backends.model_type_before_loading(str(tmp_path)) == "mistral"
     monkeypatch.setenv("HOME", str(tmp_path.parent))  # '~' is expanded, as resolve_model expands it
     assert backends.model_type_before_loading(f"~/{tmp_path.name}") == "mistral"
-    assert backends.model_type_before_loading("someone/not-in-the-catalog") == ""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))  # a Hub model already downloaded: its cached config
+    snapshot = tmp_path / "hub" / "models--someone--gemma-tune" / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text(json.dumps({
+        "model_type": "gemma", "num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128,
+        "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 16, "vocab_size": 256}))
+    assert backends.model_type_before_loading("someone/gemma-tune") == "gemma"
+    assert backends.model_type_before_loading("someone/not-in-the-catalog") == ""  # only a download would tell

@@ -165,6 +165,14 @@ def next_micro_batch(micro_batch: int) -> int:
     return 1
 
 
+def shrinks_to(micro_batch: int, smaller: int) -> bool:
+    """Whether ``next_micro_batch``, applied again and again, goes from ``micro_batch`` to ``smaller``: the
+    splits OOM recovery (or following its advice) can reach, which a resume on bins or groups accepts."""
+    while micro_batch > smaller:
+        micro_batch = next_micro_batch(micro_batch)
+    return micro_batch == smaller
+
+
 def with_smaller_micro_batch(recipe: RecipeSpec) -> RecipeSpec:
     """The one shrink rule, for auto-fit, the fit-check and OOM recovery alike: the next smaller micro-batch
     (``next_micro_batch``) and the accumulation grown by the same factor, so the effective batch stays."""

@@ -3,8 +3,9 @@
 A recipe has one spec per concern, one TOML table each. ``check_recipe_values`` checks every value and names
 the key on a mistake, with a "did you mean" for typos, so that a bad recipe fails in a second instead of an
 hour into a run. This module is what a recipe *is*; turning TOML text, raw dicts and ``--set`` overrides into
-a spec and a spec back into TOML is recipe_io.py's (its docstring says why the cut is at the spec). Whether a recipe runs on this machine, and what its ``auto`` precisions become there, is
-recipe_machine.py's; the resolved recipe is what a run folder stores.
+a spec and a spec back into TOML is recipe_io.py's (its docstring says why the cut is at the spec).
+Whether a recipe runs on this machine, and what its ``auto`` precisions become there, is recipe_machine.py's;
+the resolved recipe is what a run folder stores.
 This module is plain Python: it must not import torch.
 """
 

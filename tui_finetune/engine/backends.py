@@ -86,19 +86,20 @@ def prepare_process(setting: str, excluded: dict[str, str] | None = None, model_
 
 
 def model_type_before_loading(model: str) -> str:
-    """A recipe's ``model``'s ``model_type`` before anything downloads (prepare_process runs first): a
-    local folder's from its config.json (``resolve_model``'s rule: local first), else a catalog key's or
-    Hub id's from the catalog; '' otherwise."""
-    from tui_finetune.core.catalog import CATALOG
+    """A recipe's ``model``'s ``model_type`` before anything downloads (prepare_process runs first): a local
+    folder's config.json first, as ``resolve_model`` loads it; else what the planner knows without a download
+    (the catalog, or a Hub model already in the cache: ``resolve_model_spec``); '' when only a download would tell."""
+    from tui_finetune.core.catalog import UnknownModelError
+    from tui_finetune.core.model_shape import resolve_model_spec
     from tui_finetune.engine.model_folder import local_model_folder
 
     local = local_model_folder(model)
     if local is not None:
         return model_type_of(local)
-    for spec in CATALOG.values():
-        if model in (spec.key, spec.hub_id):
-            return spec.model_type
-    return ""
+    try:
+        return resolve_model_spec(model).model_type
+    except UnknownModelError:
+        return ""
 
 
 def model_type_of(folder: Path) -> str:

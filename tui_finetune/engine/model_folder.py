@@ -39,7 +39,8 @@ class ModelSource:
 
 def local_model_folder(model: str) -> Path | None:
     """A recipe's ``model`` as a local folder (``~`` expanded), or None: a catalog key, a Hub id, the demo.
-    A local folder wins over a catalog key of the same name, here and wherever the model type is read."""
+    A local folder wins over a catalog key of the same name when the model loads (``resolve_model``), so
+    the worker reads the model type the same way (``backends.model_type_before_loading``)."""
     local = Path(model).expanduser()
     return local if local.is_dir() else None
 

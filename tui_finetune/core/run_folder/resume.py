@@ -10,8 +10,8 @@ smaller micro-batch included, as the run's recipe.toml has it) and the data hash
 worker and the ``resume`` command compare the run's recipe.toml with that record and refuse on a
 difference, showing it (core.recipe.recipe_diff), unless ``--force``. The batch is compared as the
 effective batch: an OOM after the checkpoint may have split it differently (4 x 2 -> 2 x 4), which
-trains the same rows with the same maths, as OOM recovery does within one worker. On length groups the
-split counts too (``batch_difference``). Another number of GPUs (``train.devices``) is always a change:
+trains the same rows with the same maths, as OOM recovery does within one worker. On length groups and
+packed bins the split counts too (``batch_difference``). Another number of GPUs (``train.devices``) is always a change:
 each step's rows are dealt out differently.
 Plain Python: no torch.
 """
@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tui_finetune.core.recipe import LENGTH_GROUPS, RecipeSpec, recipe_diff
+from tui_finetune.core.fit_levers import shrinks_to
+from tui_finetune.core.recipe import LENGTH_GROUPS, PADDED_ROWS, RecipeSpec, recipe_diff
 from tui_finetune.core.run_folder.checkpoints import (
     CheckpointCheck, CheckpointError, check_checkpoint, list_checkpoints, read_run_state)
-from tui_finetune.core.run_folder.info import RunError, read_run_info, run_recipe_from_dict
+from tui_finetune.core.run_folder.info import run_recipe_from_dict
 from tui_finetune.core.run_folder.layout import CHECKPOINT_MARKER, CHECKPOINTS_DIR, step_dir_name, step_of
 
 
@@ -106,14 +107,15 @@ BATCH_KEYS = ("train.micro_batch", "train.grad_accum")
 """Compared as their product, the effective batch (``batch_difference``), not one by one."""
 
 
-def batch_difference(then: RecipeSpec, now: RecipeSpec, shrunk_to: frozenset[int] = frozenset()) -> list[str]:
+def batch_difference(then: RecipeSpec, now: RecipeSpec) -> list[str]:
     """The effective batch's change in words, or nothing when the product is the same. Another number of
     GPUs is left to its own ``train.devices`` line (``DEVICES_NOTE``), which says the batch changes too.
 
-    On length groups the split matters as well: a group holds micro_batch x the longest row's tokens, so
-    another micro-batch makes other groups and every step trains other rows. Only the engine's own OOM
-    shrinks (``shrunk_to``: the micro-batches run.json ``oom_shrinks`` went down to) may change it; the
-    rest of that epoch is then not exact, as docs/design.md's Loop section says."""
+    On length groups or packed bins the split matters as well: a group holds micro_batch x the longest
+    row's tokens, and a step holds a fixed number of bins that the micro-batch must divide, so another
+    split makes other groups or another step size. Only a smaller micro-batch that the OOM shrink rule
+    reaches (``shrinks_to``: what recovery does, and what its advice after giving up asks for) passes;
+    the rest of that epoch is then not exact, as docs/design.md's Loop section says."""
     if then.device_count != now.device_count:
         return []
     if then.effective_batch != now.effective_batch:
@@ -121,19 +123,12 @@ def batch_difference(then: RecipeSpec, now: RecipeSpec, shrunk_to: frozenset[int
         return [f"effective batch ({keys}): {_split(then)} = {then.effective_batch} -> {_split(now)} = "
                 f"{now.effective_batch}"]
     micro_then, micro_now = then.train.micro_batch, now.train.micro_batch
-    if then.data.batching == LENGTH_GROUPS and micro_now != micro_then and micro_now not in shrunk_to:
-        return [f"train.micro_batch: {micro_then} -> {micro_now} (on length groups a group holds micro_batch x "
-                "the longest row's tokens: other groups, so other rows every step)"]
-    return []
-
-
-def engine_shrinks(run_dir: Path) -> frozenset[int]:
-    """The micro-batches the engine's OOM recovery shrank this run to (run.json ``oom_shrinks``)."""
-    try:
-        shrinks = read_run_info(run_dir).oom_shrinks
-    except RunError:  # a checkpoint outside a run folder (a test's, a copied one): no shrinks known
-        return frozenset()
-    return frozenset(int(s["micro_batch"][1]) for s in shrinks if len(s.get("micro_batch") or ()) == 2)
+    if then.data.batching == PADDED_ROWS or micro_now == micro_then or shrinks_to(micro_then, micro_now):
+        return []
+    why = ("a group holds micro_batch x the longest row's tokens: other groups, so other rows every step"
+           if then.data.batching == LENGTH_GROUPS else "a step's bins must divide into micro-batches of it")
+    return [f"train.micro_batch: {micro_then} -> {micro_now} (on {then.data.batching} {why}; only halving it "
+            "to a divisor, as OOM recovery does, keeps the same run)"]
 
 
 def _split(recipe: RecipeSpec) -> str:
@@ -150,7 +145,7 @@ def resume_differences(checkpoint: Path, recipe: RecipeSpec, data_hash: str | No
     then = run_recipe_from_dict(state["recipe"], f"{checkpoint.name}/run_state.json")
     diffs = [line + (DEVICES_NOTE if line.startswith("train.devices:") else "")
              for line in recipe_diff(then, recipe) if not line.startswith(IGNORED_PREFIXES + BATCH_KEYS)]
-    diffs += batch_difference(then, recipe, engine_shrinks(checkpoint.parent.parent))
+    diffs += batch_difference(then, recipe)
     if data_hash and state.get("data_hash") and data_hash != state["data_hash"]:
         diffs.append(f"data hash: {state['data_hash'][:12]} -> {data_hash[:12]} (the data file changed)")
     return diffs
