@@ -89,7 +89,6 @@ def model_type_before_loading(model: str) -> str:
     """A recipe's ``model``'s ``model_type`` before anything downloads (prepare_process runs first): a local
     folder's config.json first, as ``resolve_model`` loads it; else what the planner knows without a download
     (the catalog, or a Hub model already in the cache: ``resolve_model_spec``); '' when only a download would tell."""
-    from tui_finetune.core.catalog import UnknownModelError
     from tui_finetune.core.model_shape import resolve_model_spec
     from tui_finetune.engine.model_folder import local_model_folder
 
@@ -98,7 +97,7 @@ def model_type_before_loading(model: str) -> str:
         return model_type_of(local)
     try:
         return resolve_model_spec(model).model_type
-    except UnknownModelError:
+    except Exception:  # noqa: BLE001 - unknown here; resolve_model reports a bad name or folder properly later
         return ""
 
 

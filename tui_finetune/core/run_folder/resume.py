@@ -11,8 +11,8 @@ worker and the ``resume`` command compare the run's recipe.toml with that record
 difference, showing it (core.recipe.recipe_diff), unless ``--force``. The batch is compared as the
 effective batch: an OOM after the checkpoint may have split it differently (4 x 2 -> 2 x 4), which
 trains the same rows with the same maths, as OOM recovery does within one worker. On length groups and
-packed bins the split counts too (``batch_difference``). Another number of GPUs (``train.devices``) is always a change:
-each step's rows are dealt out differently.
+packed bins the split counts too (``batch_difference``). Another number of GPUs (``train.devices``) is
+always a change: each step's rows are dealt out differently.
 Plain Python: no torch.
 """
 
