@@ -202,6 +202,7 @@ def test_expected_backend_names_what_will_load_so_the_planner_can_model_it(tiny,
 
 
 def test_a_resume_may_change_the_backend_and_maths_preserving_memory_switches_but_not_precision(tmp_path):
+    """Gradient checkpointing among them: it recomputes the same forward with the RNG state it had."""
     import json
 
     from tui_finetune.core.run_folder.layout import RUN_STATE
@@ -213,6 +214,7 @@ def test_a_resume_may_change_the_backend_and_maths_preserving_memory_switches_bu
     (checkpoint / RUN_STATE).write_text(json.dumps(checkpoint_state(then, "abc", 4, None)))
     now = _recipe(tmp_path, "universal")  # the advice after a backend failure
     now.memory.offload_activations, now.memory.mlp_chunk_tokens = True, 4096
+    now.train.gradient_checkpointing = not then.train.gradient_checkpointing  # the OOM advice's tip
     assert resume_differences(checkpoint, now, "abc") == []
     now.memory.adapter_dtype = "compute"
     assert resume_differences(checkpoint, now, "abc") == ["memory.adapter_dtype: 'fp32' -> 'compute'"]
