@@ -16,8 +16,9 @@ plus the 4/8/16 GB Unsloth cells, and ``:kill`` on the desktop cell of the first
 
 Each cell gets a fresh TUI_FINETUNE_HOME and trains ``--steps`` steps (checkpoint every 2) on random
 weights of the preset's architecture (built once per model under $TUIFT_BENCH_SCRATCH) and on chat rows,
-most longer than every preset's seq_len (write_chat_data). Results go to ``--out``/cards.json and cards.md after every cell;
-a cell already there is skipped (``--redo`` runs it again), so a killed call loses at most one cell.
+most longer than every preset's seq_len (write_chat_data). Results go to ``--out``/cards.json and cards.md
+after every cell; a cell already there is skipped (``--redo`` runs it again), so a killed call loses at
+most one cell.
 
   python -m benchmarks.cards --cells issue11 --only 4gb- --out "$OUT" --drop-models
   python -m benchmarks.cards --smoke --out /tmp/cards   # tests the script on the CPU (no holder, no NVML)

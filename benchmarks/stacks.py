@@ -253,10 +253,9 @@ def run_one(case: dict, stack: str, steps: int, overrides: list[str], smoke: boo
         backends.prepare_process(recipe.memory.backend,  # imports Unsloth first when it may be used
                                  model_type=backends.model_type_of(folder))
     elif kind == "unsloth":
-        from tui_finetune.engine.backends import UNSLOTH_UNCOMPILED, model_type_of
+        from tui_finetune.engine.backends import model_type_of, set_unsloth_compiler
 
-        if model_type_of(folder) in UNSLOTH_UNCOMPILED:  # as our engine runs it (Unsloth direct fails too)
-            os.environ.setdefault("UNSLOTH_COMPILE_DISABLE", "1")
+        set_unsloth_compiler(model_type_of(folder))  # as our engine runs it (Unsloth direct fails too on Gemma)
         import unsloth  # noqa: F401 - patches transformers and peft, so it must come first
     import torch
 

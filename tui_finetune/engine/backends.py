@@ -77,12 +77,18 @@ def prepare_process(setting: str, excluded: dict[str, str] | None = None, model_
     from tui_finetune.core.paths import unsloth_compile_dir
 
     os.environ.setdefault("UNSLOTH_COMPILE_LOCATION", str(unsloth_compile_dir()))
-    if model_type in UNSLOTH_UNCOMPILED:
-        os.environ.setdefault("UNSLOTH_COMPILE_DISABLE", "1")
+    set_unsloth_compiler(model_type)
     try:
         import unsloth  # noqa: F401
     except Exception as err:  # noqa: BLE001 - any failure means: not this backend
         _unsloth_import_error = f"{type(err).__name__}: {first_line(err, 160)}"
+
+
+def set_unsloth_compiler(model_type: str) -> None:
+    """Turn Unsloth's compiler off for ``model_type`` when it is in UNSLOTH_UNCOMPILED, unless the user set
+    ``UNSLOTH_COMPILE_DISABLE``; before Unsloth imports, which reads it then."""
+    if model_type in UNSLOTH_UNCOMPILED:
+        os.environ.setdefault("UNSLOTH_COMPILE_DISABLE", "1")
 
 
 def model_type_before_loading(model: str) -> str:
