@@ -15,8 +15,9 @@ on the same random token rows with the same seed:
                   liger or unsloth; on real lengths it trains the engine's length groups (the recipe's
                   default data.group_by_length = true; ``:grouped`` says so), ``:rows`` sets it false
                   (``batch`` padded rows a pass, the baseline's batches), ``:packed`` sets data.packing =
-                  true (the engine's bins); batches.py says how each batches; --set changes its recipe
-                  (e.g. --set memory.offload_activations=true, --set data.packing=true)
+                  true (the engine's bins); batches.py says how each batches; ``:fitted`` auto-fits the
+                  recipe to the case's cap as the worker does to a card (with room, layers keep their
+                  activations); --set changes its recipe (e.g. --set memory.offload_activations=true)
   baseline        transformers + peft + bitsandbytes (prepare_model_for_kbit_training); on real
                   lengths each batch padded to its longest row, as HF Trainer's defaults do
   unsloth         Unsloth's own FastLanguageModel (batched like the baseline)

@@ -187,7 +187,9 @@ def _backend_cell(row: dict) -> str:
     if "backend" not in row:
         return "-"
     asked = row.get("backend_requested")
-    return row["backend"] if asked in (None, "auto", row["backend"]) else f"{row['backend']} (asked {asked})"
+    cell = row["backend"] if asked in (None, "auto", row["backend"]) else f"{row['backend']} (asked {asked})"
+    fitted = row.get("autofit")  # the :fitted variant's auto-fit to the cap
+    return cell + (f"; fitted: {', '.join(fitted)}" if fitted else "")
 
 
 def _ratio_cell(ratio: float | None, memory: float | None) -> str:

@@ -45,7 +45,11 @@ GROUPED = batches.GROUPED
 """The stack variant ``ours:<backend>:grouped``: the recipe with ``data.group_by_length = true`` (its default)."""
 ROWS = batches.ROWS
 """The stack variant ``ours:<backend>:rows``: ``data.group_by_length = false``, ``batch`` padded rows a pass."""
-VARIANTS = (PACKED, GROUPED, ROWS)
+FITTED = "fitted"
+"""The stack variant ``ours:<backend>:fitted``: the recipe auto-fitted to the case's cap, as the worker fits a
+fresh run to a card's free memory (core/fit_levers.py): on a cap with room, layers keep their activations. The
+speed we reach with a reference's memory (issue #14 item 4) is this variant at the reference's peak as cap."""
+VARIANTS = (PACKED, GROUPED, ROWS, FITTED)
 SMOKE_MODEL = "smoke-llama"
 """The --smoke model: a 2-layer Llama (hidden 64, vocabulary 512) built locally with random weights."""
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -171,6 +175,17 @@ def ours_recipe(folder: Path, case: dict, backend: str, overrides: list[str], sm
     return recipe_from_dict(raw, "benchmark recipe")
 
 
+def fit_to_cap(recipe: Any, case: dict) -> tuple[Any, list[str]]:
+    """``recipe`` auto-fitted to the case's cap, the memory torch may reserve (so the CUDA context is not
+    counted), with the planner's profile of the backend it asks for; and the ``key=value`` settings changed."""
+    from tui_finetune.core.fit_levers import auto_fit
+
+    if not case.get("cap_gb"):
+        raise SystemExit(f"the {FITTED} variant fits the recipe to the case's cap: give the case one")
+    decision = auto_fit(recipe, model_spec(case["model"]), case["cap_gb"] * GIB, context_allocated=True)
+    return decision.recipe, decision.settings
+
+
 def setup_ours(folder: Path, recipe: Any) -> tuple[Any, LossFn, dict]:
     """Load through the engine's backend interface; ``backends.prepare_process`` has run already."""
     from tui_finetune.engine import backends
@@ -246,8 +261,11 @@ def run_one(case: dict, stack: str, steps: int, overrides: list[str], smoke: boo
     kind, backend, variant = split_stack(stack)
     folder = model_folder(case["model"])
     recipe = None
+    fitted: list[str] = []
     if kind == "ours":
         recipe = ours_recipe(folder, case, backend, overrides, smoke, variant)  # plain Python: no transformers yet
+        if variant == FITTED:
+            recipe, fitted = fit_to_cap(recipe, case)
         from tui_finetune.engine import backends
 
         backends.prepare_process(recipe.memory.backend,  # imports Unsloth first when it may be used
@@ -283,7 +301,7 @@ def run_one(case: dict, stack: str, steps: int, overrides: list[str], smoke: boo
     measured = train_and_measure(model, loss_fn, case, steps, gpu, collate, batching, observer)
     row = {"stack": stack, **case, "accum": batches.accumulation(case), "steps": steps,
            "device": torch.cuda.get_device_name(0) if gpu else "CPU", "cuda": torch.version.cuda if gpu else None,
-           "load_s": load_s, "packing": batching == PACKED, "batching": batching,
+           "load_s": load_s, "packing": batching == PACKED, "batching": batching, "autofit": fitted,
            # set by this child for Gemma (backends.UNSLOTH_UNCOMPILED), so the parent's command line can't say it
            "unsloth_compile_disable": os.environ.get("UNSLOTH_COMPILE_DISABLE"),
            "rows_per_step": batches.rows_per_step(case, steps, model_spec(case["model"]).vocab_size, batching),

@@ -572,3 +572,18 @@ def test_card_smoke_trains_kills_resumes_and_is_resumable(tmp_path):
     assert again.returncode == 0 and "2 cells, 2 already in" in again.stdout
     after = json.loads((tmp_path / "out" / "cards.json").read_text())
     assert after["cells"] == results["cells"] and len(after["invocations"]) == 1  # nothing ran: no new header
+
+
+def test_the_fitted_variant_auto_fits_the_recipe_to_the_cases_cap_and_the_report_says_what_changed(tmp_path):
+    from benchmarks.report import _backend_cell
+    from benchmarks.stacks import fit_to_cap, ours_recipe
+
+    roomy, tight = parse_case("gemma-2b:qlora:1024:1:12"), parse_case("gemma-2b:qlora:1024:1:2.4")
+    recipe = ours_recipe(tmp_path, roomy, "universal", [], False, "fitted")
+    fitted, settings = fit_to_cap(recipe, roomy)
+    kept = fitted.memory.layers_keeping_activations
+    assert isinstance(kept, int) and kept > 0 and settings == [f"memory.layers_keeping_activations={kept}"]
+    assert fit_to_cap(recipe, tight)[1] != settings  # a tight cap spends nothing on kept layers
+    assert _backend_cell({"backend": "universal", "autofit": settings}) == f"universal; fitted: {settings[0]}"
+    with pytest.raises(SystemExit, match="give the case one"):
+        fit_to_cap(recipe, parse_case("gemma-2b:qlora:1024:1"))

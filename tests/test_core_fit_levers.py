@@ -6,10 +6,10 @@ from dataclasses import replace
 
 import pytest
 
-from tui_finetune.core.fit_levers import auto_fit, next_micro_batch
+from tui_finetune.core.fit_levers import ROOM_MARGIN, auto_fit, next_micro_batch
 from tui_finetune.core.planner import MIN_SEQ_LEN, MLP_CHUNK_TOKENS
 from tui_finetune.core.catalog import get_model
-from tui_finetune.core.planner import GIB, PlanCase, estimate_peak_vram, profile_from_memory
+from tui_finetune.core.planner import GIB, PlanCase, estimate_peak_vram, kept_layer_bytes, profile_from_memory
 from tui_finetune.core.presets import find_recipe
 from tui_finetune.core.recipe import MemorySpec
 from tui_finetune.core.recipe_io import apply_override, load_recipe, recipe_from_dict
@@ -39,6 +39,7 @@ def test_a_16gb_preset_on_8gb_free_is_adjusted_until_the_estimate_fits():
 
 def test_a_recipe_that_already_fits_is_returned_unchanged():
     recipe, model = preset("4gb-phi-2-qlora"), get_model("phi-2")
+    recipe = replace(recipe, memory=replace(recipe.memory, layers_keeping_activations=0))  # pinned: room unspent
     decision = auto_fit(recipe, model, 8 * GIB)
     assert decision.fits and not decision.changed
     assert decision.changes == [] and decision.settings == []
@@ -178,3 +179,51 @@ def test_unsloth_never_gets_the_input_embedding_lever():
     recipe = replace(recipe, memory=replace(recipe.memory, backend="unsloth"))
     decision = auto_fit(recipe, model, estimate_total(recipe, model) - 0.5 * GIB, reserve_bytes=0)
     assert not decision.recipe.memory.embeddings_on_cpu
+
+
+
+def test_room_on_the_card_is_spent_on_layers_that_keep_their_activations():
+    recipe, model = preset("4gb-phi-2-qlora"), get_model("phi-2")
+    assert recipe.memory.layers_keeping_activations == "auto"
+    tight, roomy, spacious = (auto_fit(recipe, model, free * GIB) for free in (3.2, 6, 24))
+    assert not tight.changed and tight.recipe == recipe
+    kept = roomy.recipe.memory.layers_keeping_activations
+    assert 0 < kept < spacious.recipe.memory.layers_keeping_activations == model.num_layers
+    for decision in (roomy, spacious):
+        kept = decision.recipe.memory.layers_keeping_activations
+        assert decision.fits and decision.settings == [f"memory.layers_keeping_activations={kept}"]
+        assert decision.changes[0].startswith(f'memory.layers_keeping_activations "auto" -> {kept} (the card has room')
+        assert decision.after.total * (1 + ROOM_MARGIN) <= decision.budget_bytes  # the planner's error to spare
+        assert decision.after.total > decision.before.total
+        assert estimate_total(decision.recipe, model) == pytest.approx(decision.after.total)
+    one_more = replace(roomy.recipe, memory=replace(roomy.recipe.memory, layers_keeping_activations=kept + 1))
+    assert estimate_total(one_more, model) * (1 + ROOM_MARGIN) > roomy.budget_bytes  # as many as fit, no more
+
+
+@pytest.mark.parametrize("setting", [
+    "memory.layers_keeping_activations=0", "memory.layers_keeping_activations=2", "memory.offload_activations=true",
+    "train.gradient_checkpointing=false", "memory.backend=unsloth"])
+def test_the_room_is_left_alone_where_the_recipe_decided_or_the_backend_checkpoints_its_own_way(setting):
+    raw = preset("4gb-phi-2-qlora").to_dict()
+    apply_override(raw, setting, "test")
+    recipe, model = recipe_from_dict(raw, "test"), get_model("phi-2")
+    decision = auto_fit(recipe, model, 24 * GIB)
+    assert decision.fits and not decision.changed and decision.recipe == recipe
+
+
+def test_a_tight_fit_spends_nothing_after_its_savers():
+    recipe, model = preset("16gb-mistral-7b-qlora"), get_model("mistral-7b")
+    decision = auto_fit(recipe, model, 8 * GIB)
+    assert decision.recipe.memory.offload_activations and decision.recipe.memory.layers_keeping_activations == "auto"
+
+
+def test_each_kept_layer_costs_what_the_planner_says_a_layer_keeps():
+    recipe, model = preset("16gb-mistral-7b-qlora"), get_model("mistral-7b")
+    totals = [estimate_total(replace(recipe, memory=replace(recipe.memory, layers_keeping_activations=kept)), model)
+              for kept in (0, 1, 2, model.num_layers, model.num_layers + 5)]
+    tokens = recipe.data.seq_len * recipe.train.micro_batch
+    per_layer = tokens * (kept_layer_bytes(model, 2, "fp32") - model.hidden_size * 2)  # all kept less one copy
+    slack = profile_from_memory(recipe.memory).slack
+    assert totals[1] - totals[0] == pytest.approx(per_layer * (1 + slack))
+    assert totals[2] - totals[1] == pytest.approx(totals[1] - totals[0])
+    assert totals[3] == totals[4]  # no more layers than the model has

@@ -46,9 +46,49 @@ def test_auto_fit_saves_the_adjusted_recipe_records_and_warns_each_change(mistra
 def test_auto_fit_leaves_a_fitting_run_alone(mistral_run):
     run_dir, recipe, log = mistral_run
     before = (run_dir / RECIPE_FILE).read_bytes()
-    assert auto_fit_run(run_dir, recipe, "mistral-7b", 24 * GIB, log) == recipe
+    assert auto_fit_run(run_dir, recipe, "mistral-7b", 13 * GIB, log) == recipe  # fits, but no room for a kept layer
     assert (run_dir / RECIPE_FILE).read_bytes() == before
     assert read_run_info(run_dir).autofit == [] and events(run_dir, WarningEvent) == []
+
+
+def test_auto_fit_spends_a_roomy_cards_memory_on_kept_layers_and_says_so(mistral_run):
+    run_dir, recipe, log = mistral_run
+    fitted = auto_fit_run(run_dir, recipe, "mistral-7b", 24 * GIB, log)
+    kept = fitted.memory.layers_keeping_activations
+    assert isinstance(kept, int) and 0 < kept < 32 and fitted.train == recipe.train and fitted.data == recipe.data
+    assert read_run_recipe(run_dir) == fitted
+    [change] = read_run_info(run_dir).autofit
+    assert change.endswith(f"--set memory.layers_keeping_activations={kept}") and "the card has room" in change
+    [warning] = events(run_dir, WarningEvent)
+    assert warning.message.startswith(f'auto-fit: memory.layers_keeping_activations "auto" -> {kept}')
+
+
+def test_an_oom_turns_the_kept_layers_back_to_recomputing_first(tmp_path):
+    import torch.nn as nn
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from tui_finetune.engine.memory_techniques import keep_activations
+    from tui_finetune.engine.recipe_refit import recompute_every_layer
+
+    class Layer(GradientCheckpointingLayer):
+        def forward(self, x):
+            return x
+
+    model = nn.Sequential(*(Layer() for _ in range(4)))
+    for layer in model:
+        layer.gradient_checkpointing = True
+    run_dir, recipe = small_run(tmp_path, seq_len=512)
+    assert keep_activations(model, 3) == 3 and [layer.gradient_checkpointing for layer in model] == [False] * 3 + [True]
+    with EventLog(run_dir / EVENTS_FILE) as log:
+        assert recompute_every_layer(run_dir, recipe, model, log, "CUDA out of memory", "training") is None  # auto: none kept
+        kept = recipe_from_dict({**recipe.to_dict(), "memory": {"layers_keeping_activations": 3}})
+        relieved = recompute_every_layer(run_dir, kept, model, log, "CUDA out of memory", "the fit-check")
+    assert relieved.memory.layers_keeping_activations == 0 and relieved.train == recipe.train
+    assert all(layer.gradient_checkpointing for layer in model)
+    assert read_run_recipe(run_dir) == relieved
+    change = read_run_info(run_dir).autofit[-1]
+    assert change.startswith("CUDA out of memory in the fit-check: memory.layers_keeping_activations 3 -> 0")
+    assert events(run_dir, WarningEvent)[-1].advice == "to keep this value: --set memory.layers_keeping_activations=0"
 
 
 def test_auto_fit_refuses_a_run_that_cannot_fit_with_advice(mistral_run):

@@ -221,3 +221,29 @@ def test_a_failure_before_the_fit_checks_step_is_not_blamed_on_the_unprobed_back
     assert work.run() != 0
     info = read_run_info(run_dir)
     assert not execs and info.backend_failures == {} and info.state == "failed"
+
+
+def test_an_oom_with_kept_layers_first_turns_them_back_to_recomputing_and_keeps_the_micro_batch(tiny, tmp_path,
+                                                                                                monkeypatch):
+    """Kept layers are what auto-fit spent a card's room on: an out-of-memory takes that back before the
+    micro-batch shrinks, and training goes on from the same initial adapter with every layer recomputing."""
+    from tui_finetune.core.run_folder.info import read_run_recipe
+    from tui_finetune.engine import worker
+
+    model, data = tiny
+    monkeypatch.setenv("TUI_FINETUNE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("TUI_FINETUNE_FAULT", "oom:kept:0@2")  # from step 2 on, while any layer keeps its own
+    monkeypatch.setattr(worker.StopSignal, "install", lambda self: None)
+    recipe = fault_recipe(model, 4, train={"gradient_checkpointing": True},
+                          memory={"layers_keeping_activations": 1})
+    run_dir = create_run(recipe, data, base=tmp_path / "runs")
+    assert worker.Worker(run_dir).run() == 0
+    info = read_run_info(run_dir)
+    assert info.state == "completed" and info.oom_shrinks == []  # the micro-batch stayed
+    assert info.autofit == ["CUDA out of memory in training: memory.layers_keeping_activations 1 -> 0 (every layer "
+                            "recomputes its activations again; the micro-batch stays): "
+                            "--set memory.layers_keeping_activations=0"]
+    fitted = read_run_recipe(run_dir)
+    assert fitted.memory.layers_keeping_activations == 0 and fitted.train.micro_batch == recipe.train.micro_batch
+    phases = [e.message for e in events_of(run_dir, PhaseEvent) if e.phase == "train"]
+    assert any(m.startswith("continuing with every layer recomputing from ") for m in phases)

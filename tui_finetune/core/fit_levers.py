@@ -12,6 +12,10 @@ estimate is still over the budget:
 3. a shorter sequence length: first down to the data's longest row when that is known (nothing is
    cut), then halving, never below ``MIN_SEQ_LEN``: longer rows get truncated.
 
+Where the estimate fits with room to spare, auto-fit spends it on speed: with
+``memory.layers_keeping_activations`` left at ``auto``, it lets as many layers keep their activations (no
+recompute for them) as the estimate allows with ``ROOM_MARGIN`` to spare.
+
 Every change is a sentence that names the old and the new value and the ``--set`` that makes it
 permanent, so the user learns what happened and can pin it. When nothing fits, ``fits`` is False
 and ``advice`` says what the smallest estimate was and what to do instead.
@@ -26,12 +30,18 @@ from typing import Callable, Iterator
 from tui_finetune.core.catalog import ModelSpec
 from tui_finetune.core.advice import nothing_fits_advice
 from tui_finetune.core.planner import (  # MLP_CHUNK_TOKENS: the chunk auto-fit turns on is the planner's auto size
-    DTYPE_BYTES, MIN_SEQ_LEN, MLP_CHUNK_TOKENS, TIGHT_MARGIN, EngineProfile, PlanCase, VramEstimate,
-    estimate_peak_vram, profile_from_memory)
-from tui_finetune.core.recipe import MemorySpec, RecipeSpec
+    DTYPE_BYTES, MIN_SEQ_LEN, MLP_CHUNK_TOKENS, PLANNER_TOLERANCE, TIGHT_MARGIN, EngineProfile, PlanCase,
+    VramEstimate, estimate_peak_vram, profile_from_memory)
+from tui_finetune.core.recipe import AUTO, MemorySpec, RecipeSpec
 RESERVE_FRACTION = TIGHT_MARGIN
 """Free VRAM kept back by default: the planner's 'tight' margin. The estimate already counts the CUDA
 context and the allocator's slack, and leans high; the fit-check on the longest batch confirms it."""
+
+ROOM_MARGIN = PLANNER_TOLERANCE
+"""Kept layers are chosen so that the estimate, grown by the planner's own error, still fits: spending the
+room must not turn a run that fits into one that runs out of memory in its first hour. The fit-check then
+measures the longest batch, and an out-of-memory turns every layer back to recomputing first
+(engine/recipe_refit.py ``recompute_every_layer``)."""
 
 ProfileFor = Callable[[MemorySpec], EngineProfile]
 
@@ -98,11 +108,40 @@ def auto_fit(recipe: RecipeSpec, model: ModelSpec, free_bytes: float, *, reserve
         candidate_need, estimate = need(candidate)
         if candidate_need < best_need:  # a lever the planner says doesn't help is not worth its cost
             best, best_need, after = candidate, candidate_need, estimate
-    changes = describe_changes(recipe, best, data_longest)
     fits = best_need <= budget
+    if fits:
+        best, after = _use_the_room(best, after, budget, model.num_layers, need, profile_for)
+    changes = describe_changes(recipe, best, data_longest)
     return FitDecision(recipe=best, changes=[sentence for sentence, _ in changes],
                        settings=[item for _, items in changes for item in items], before=before, after=after,
                        budget_bytes=budget, fits=fits, advice="" if fits else nothing_fits_advice(best, best_need, budget))
+
+
+def _use_the_room(recipe: RecipeSpec, estimate: VramEstimate, budget: float, num_layers: int,
+                  need: Callable[[RecipeSpec], tuple[float, VramEstimate]],
+                  profile_for: ProfileFor) -> tuple[RecipeSpec, VramEstimate]:
+    """The recipe with ``memory.layers_keeping_activations`` at the most layers whose estimate, with
+    ``ROOM_MARGIN`` added, fits ``budget``; unchanged where the setting isn't ``auto``, nothing is checkpointed,
+    activations go to CPU RAM (the recipe expects a tight card), the backend checkpoints its own way, or not
+    one layer fits. Each kept layer costs the same, so the estimate grows with their number: a bisection."""
+    memory = recipe.memory
+    if (memory.layers_keeping_activations != AUTO or not recipe.train.gradient_checkpointing
+            or memory.offload_activations or not profile_for(memory).keeps_layers):
+        return recipe, estimate
+
+    def keeping(kept: int) -> RecipeSpec:
+        return replace(recipe, memory=replace(memory, layers_keeping_activations=kept))
+
+    low, high = 0, num_layers  # keeping `low` layers fits (none kept: the fit already found); find the most
+    while low < high:
+        middle = (low + high + 1) // 2
+        if need(keeping(middle))[0] * (1 + ROOM_MARGIN) <= budget:
+            low = middle
+        else:
+            high = middle - 1
+    if low == 0:
+        return recipe, estimate
+    return keeping(low), need(keeping(low))[1]
 
 
 # ------------------------------------------------------------ the levers, cheapest first
@@ -223,6 +262,8 @@ SAVER_REASONS = {
     "memory.offload_activations": "checkpointed activations wait in CPU RAM: slower, same result",
     "memory.mlp_chunk_tokens": "each layer's MLP runs a chunk of tokens at a time: about 10% slower, same result",
     "memory.adapter_dtype": "LoRA weights and gradients in the compute dtype: half their memory",
+    "memory.layers_keeping_activations": "the card has room: that many layers keep their activations instead of "
+                                         "recomputing them in the backward pass: faster, same result",
 }
 
 
@@ -243,7 +284,9 @@ def describe_changes(old: RecipeSpec, new: RecipeSpec, data_longest: int | None 
             ("memory.offload_activations", old.memory.offload_activations, new.memory.offload_activations),
             ("memory.mlp_chunk_tokens", getattr(old.memory, "mlp_chunk_tokens", None),
              getattr(new.memory, "mlp_chunk_tokens", None)),
-            ("memory.adapter_dtype", old.memory.adapter_dtype, new.memory.adapter_dtype)):
+            ("memory.adapter_dtype", old.memory.adapter_dtype, new.memory.adapter_dtype),
+            ("memory.layers_keeping_activations", old.memory.layers_keeping_activations,
+             new.memory.layers_keeping_activations)):
         if before != after:
             out.append((f"{key} {_toml(before)} -> {_toml(after)} ({SAVER_REASONS[key]})",
                         [f"{key}={_toml(after, bare=True)}"]))

@@ -6,7 +6,8 @@ The estimate is a sum of named parts, so the user sees *why* a run fits or not:
                    16- or 32-bit parts (embeddings, lm_head, norms); without the input embedding
                    when it waits in CPU RAM (``memory.embeddings_on_cpu``, untied models only)
   lora             adapter weights, their gradients and the optimizer states
-  activations      the checkpointed hidden state of every layer (or of none, when offloaded)
+  activations      the checkpointed hidden state of every recomputing layer (or of none, when offloaded),
+                   and everything autograd keeps of each layer that is not checkpointed
   layer            one decoder layer's working set, recomputed during the backward pass (its MLP
                    part over one chunk of tokens when the MLP runs in chunks)
   attention        the score matrix, when the attention kernel has to materialise it
@@ -77,6 +78,13 @@ MLP_CHUNK_ABOVE_TOKENS = 16384
 (an estimated 10-15% more step time at these lengths; attention's share grows with the sequence). Up
 to 16k tokens a 7-8B's one-layer MLP working set is under 3.3 GiB, less than its 4-bit weights; beyond
 that it becomes the largest part of the peak and keeps growing with the sequence."""
+KEPT_LAYER_BYTES = {"fp32": (12.46, 11.33), "bf16": (7.96, 7.61)}
+"""What one decoder layer keeps for its backward pass when it is not checkpointed, in bytes a token with 16-bit
+activations, by adapter dtype: (per unit of the attention's widths, hidden + q + 2 kv; per unit of the MLP's
+width / 3). Fitted by least squares to what autograd saves in our engine's LoRA layers (saved-tensor hooks
+on the CPU, seq 256, 2026-12-02) for Gemma-2B, Llama-3.2-1B, Qwen2.5-1.5B, Mistral-7B and Phi-2, each
+within 4%. fp32 adapters cost more because peft casts each adapted layer's input to fp32 and keeps the copy.
+tests/test_core_planner.py measures a layer again and holds the fit to its tolerance."""
 MLP_LINEARS = frozenset({"gate_proj", "up_proj", "down_proj", "gate_up_proj", "fc1", "fc2"})
 """The linear layers inside the MLP block (``ModelSpec.linear_shapes`` names): they run per chunk."""
 
@@ -134,6 +142,8 @@ class EngineProfile:
     """Copies of the s x s score matrix the math backend keeps (scores, softmax, their gradients)."""
     slack: float = 0.06
     """Allocator slack as a fraction of the activation memory."""
+    keeps_layers: bool = True
+    """The engine honours ``memory.layers_keeping_activations``; Unsloth checkpoints its own way, every layer."""
 
 
 BASELINE = EngineProfile(
@@ -152,7 +162,7 @@ the MLP in chunks for long batches.
 Fitted to our engine measured on H200 and H100 (seq 1024 to 32768): within 6%, leaning high."""
 
 UNSLOTH = replace(LEAN, name="unsloth", adapter_dtype="bf16", offload_checkpoints=True, ce_chunk_tokens=256,
-                  mlp_chunk_tokens=-1)
+                  mlp_chunk_tokens=-1, keeps_layers=False)
 """Unsloth's FastLanguageModel (engine/backends.py): bf16 LoRA weights, its CPU-offloaded checkpoints,
 and a fused cross-entropy whose working set matches a 256-token chunk of ours. Fitted to Gemma-2B
 1024/2048, Mistral-7B 2048 and Llama-3.1-8B 2048 on an H100 (within 9%); it ignores our [memory] table."""
@@ -193,6 +203,9 @@ class PlanCase:
     double_quant: bool = True
     optimizer: str = "adamw_8bit"
     gradient_checkpointing: bool = True
+    kept_layers: int = 0
+    """Checkpointed models: decoder layers that keep their activations (``memory.layers_keeping_activations``;
+    ``auto`` not yet decided plans as 0)."""
 
     @classmethod
     def from_recipe(cls, model: ModelSpec, recipe: RecipeSpec) -> PlanCase:
@@ -204,7 +217,8 @@ class PlanCase:
                    lora_targets=targets if isinstance(targets, str) else tuple(targets),
                    compute_dtype=compute if recipe.method == "qlora" else precision,
                    double_quant=recipe.quant.double_quant, optimizer=recipe.train.optimizer,
-                   gradient_checkpointing=recipe.train.gradient_checkpointing)
+                   gradient_checkpointing=recipe.train.gradient_checkpointing,
+                   kept_layers=kept_layers_of(recipe.memory))
 
 
 @dataclass(frozen=True)
@@ -278,10 +292,12 @@ def estimate_peak_vram(case: PlanCase, profile: EngineProfile = BASELINE) -> Vra
         adapter_bytes = DTYPE_BYTES[profile.adapter_dtype]
         parts["lora"] = lora_params(m, case.lora_r, case.lora_targets) * (2 * adapter_bytes + optimizer_bytes)
 
-    stored_layers = 0 if profile.offload_checkpoints else m.num_layers
-    if not case.gradient_checkpointing:
-        stored_layers = m.num_layers * 12  # every intermediate of every layer stays alive
-    parts["activations"] = stored_layers * tokens * m.hidden_size * act_bytes
+    kept = min(case.kept_layers if profile.keeps_layers else 0, m.num_layers)
+    recomputed = m.num_layers - kept if case.gradient_checkpointing else 0
+    hidden_copies = 0 if profile.offload_checkpoints else recomputed
+    kept_adapter = "bf16" if case.method == "full" else profile.adapter_dtype
+    parts["activations"] = tokens * (hidden_copies * m.hidden_size * act_bytes
+                                     + (m.num_layers - recomputed) * kept_layer_bytes(m, act_bytes, kept_adapter))
 
     q_width = m.num_heads * m.head_dim
     kv_width = m.num_kv_heads * m.head_dim
@@ -319,6 +335,21 @@ def estimate_peak_vram(case: PlanCase, profile: EngineProfile = BASELINE) -> Vra
     parts["slack"] = profile.slack * (parts["activations"] + peak_transient + parts["weights"] * 0.1)
     parts["cuda_context"] = CUDA_CONTEXT_GIB * GIB
     return VramEstimate({k: v for k, v in parts.items() if v > 0})
+
+
+def kept_layers_of(memory: MemorySpec) -> int:
+    """``memory.layers_keeping_activations`` as a number: ``auto`` not yet decided by auto-fit keeps none."""
+    kept = memory.layers_keeping_activations
+    return kept if isinstance(kept, int) else 0
+
+
+def kept_layer_bytes(model: ModelSpec, act_bytes: int, adapter_dtype: str) -> float:
+    """Bytes a token that one decoder layer keeps for the backward pass when it is not checkpointed
+    (``KEPT_LAYER_BYTES``), scaled to the activations' dtype."""
+    per_width, per_mlp = KEPT_LAYER_BYTES["fp32" if adapter_dtype == "fp32" else "bf16"]
+    attention_width = model.hidden_size + (model.num_heads + 2 * model.num_kv_heads) * model.head_dim
+    mlp_width = model.intermediate_size * (3 if model.mlp_is_gated else 2)
+    return (per_width * attention_width + per_mlp * mlp_width / 3) * act_bytes / 2
 
 
 EMBEDDINGS_STAY_NOTE = ("memory.embeddings_on_cpu has no effect here: the input embedding stays on the GPU where "

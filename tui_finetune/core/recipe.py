@@ -23,6 +23,8 @@ QUANT_TYPES = ("nf4", "fp4")
 ADAPTER_DTYPES = ("fp32", "compute")
 ATTENTIONS = ("sdpa", "eager", "flash_attention_2")
 BACKENDS = ("auto", "universal", "liger", "unsloth")
+AUTO = "auto"
+"""A setting the engine decides on the card (``memory.layers_keeping_activations``)."""
 LENGTH_GROUPS, PACKED_BINS, PADDED_ROWS = BATCHINGS = ("length groups", "packed bins", "padded rows")
 """How the training rows become batches, in words (``DataSpec.batching``, the wizard's batching knob, the
 launch screen): the two data keys ``packing`` and ``group_by_length`` give these three; the default first."""
@@ -177,6 +179,14 @@ class MemorySpec:
     Same result, but the MLP's forward runs once more. 0 = auto: chunks of 4096 tokens for batches of
     more than 16384 tokens (seq_len x micro_batch), where the MLP outweighs that cost; -1 = never;
     N > 0 = always chunks of N tokens."""
+    layers_keeping_activations: int | str = AUTO
+    """With ``train.gradient_checkpointing`` on: how many decoder layers (the first N) keep their activations
+    for the backward pass instead of recomputing them. Such a layer skips its recompute, a quarter of its
+    step's work, and holds all its activations instead of one hidden-state copy (the planner's
+    ``kept_layer_bytes``: about 240 KB a token for a Gemma-2B layer). Same result. ``auto``: none on a tight
+    card; where the card has room, auto-fit keeps as many as still fit with the planner's error to spare,
+    and says so; an out-of-memory turns them all back to recomputing before anything else changes.
+    0: every layer recomputes (the classic); N: pinned."""
     attention: str = "sdpa"
     """Attention kernel: sdpa (PyTorch's flash/memory-efficient kernels), eager, or flash_attention_2."""
     backend: str = "auto"
@@ -249,6 +259,10 @@ def check_recipe_values(recipe: RecipeSpec, source: str = "recipe") -> None:
     _check_choice(f"{source}: memory.backend", recipe.memory.backend, BACKENDS)
     _check_range(f"{source}: memory.loss_chunk_tokens", recipe.memory.loss_chunk_tokens, 0)
     _check_range(f"{source}: memory.mlp_chunk_tokens", recipe.memory.mlp_chunk_tokens, -1)
+    kept = recipe.memory.layers_keeping_activations
+    if kept != AUTO and not (isinstance(kept, int) and kept >= 0):
+        raise RecipeError(f"{source}: memory.layers_keeping_activations: {kept!r} must be \"{AUTO}\" or a number "
+                          "of layers (0 or more)")
     _check_range(f"{source}: lora.r", recipe.lora.r, 1, 1024)
     _check_range(f"{source}: lora.alpha", recipe.lora.alpha, 1)
     _check_range(f"{source}: lora.dropout", recipe.lora.dropout, 0.0, 0.9)

@@ -14,6 +14,8 @@ environment, whether to die. Unset (every real run), it costs one dict lookup.
 - ``enospc:save@S``              the marker write of step S's save raises ``OSError(ENOSPC)``
 - ``oom:train:MB@S``             from step S on, a training micro-step raises
                                  ``torch.cuda.OutOfMemoryError`` while the micro-batch exceeds MB
+- ``oom:kept:N@S``               from step S on, a training micro-step raises it while more than N decoder
+                                 layers keep their activations (``memory.layers_keeping_activations``)
 - ``oom:eval:MB``                evaluation raises it while the eval batch exceeds MB
 - ``oom:sample`` / ``oom:save``  the before/after generation, or the final adapter save, raises it
 

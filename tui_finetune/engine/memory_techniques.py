@@ -16,6 +16,8 @@ modelled by the planner (``core/planner.py``), which is why they live in one pla
   so the backward pass recomputes one chunk's (tokens x intermediate) working set at a time instead
   of the whole sequence's: at 40k tokens that working set is the peak of a 7B.
 * ``activation_offload`` keeps the checkpointed layer inputs in CPU RAM.
+* ``keep_activations`` lets the first N decoder layers keep their activations where the card has room
+  (``memory.layers_keeping_activations``, chosen by auto-fit): they skip their recompute.
 
 (``memory.embeddings_on_cpu``, the input embedding in CPU RAM, is engine/embedding_offload.py's.)
 """
@@ -30,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from tui_finetune.core.planner import MLP_CHUNK_ABOVE_TOKENS, MLP_CHUNK_TOKENS, loss_chunk_size
+from tui_finetune.core.planner import MLP_CHUNK_ABOVE_TOKENS, MLP_CHUNK_TOKENS, kept_layers_of, loss_chunk_size
 from tui_finetune.core.recipe import MemorySpec
 
 IGNORE_INDEX = -100
@@ -47,9 +49,12 @@ def prepare_for_training(model: Any, memory: MemorySpec, gradient_checkpointing:
     if memory.upcast_frozen_fp32:
         from peft import prepare_model_for_kbit_training
 
-        return prepare_model_for_kbit_training(
+        model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False})
+        if gradient_checkpointing:
+            keep_activations(model, kept_layers_of(memory))
+        return model
     for param in model.parameters():
         param.requires_grad_(False)
     if gradient_checkpointing:
@@ -57,6 +62,7 @@ def prepare_for_training(model: Any, memory: MemorySpec, gradient_checkpointing:
         # checkpointed blocks would then have none to recompute for: make the inputs require grad.
         model.enable_input_require_grads()
         enable_checkpointing(model)
+        keep_activations(model, kept_layers_of(memory))
     model.config.use_cache = False
     return model
 
@@ -72,6 +78,38 @@ def enable_checkpointing(model: Any) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def keep_activations(model: Any, kept: int) -> int:
+    """On a model whose checkpointing is on: the first ``kept`` decoder layers keep their activations (no
+    recompute), the rest recompute; returns how many keep theirs (0 where checkpointing is off).
+
+    Set on each layer's own flag (transformers' ``GradientCheckpointingLayer.gradient_checkpointing``), which
+    every forward reads: an out-of-memory turns them all back to recomputing on the loaded model between two
+    steps (engine/recipe_refit.py ``recompute_every_layer``). transformers 5.2x's ``every_n_layers`` keeps
+    every layer but each N-th, too coarse for this: one kept layer in N is as few as it gets (half of them for
+    N = 2), where a card's room may hold three."""
+    layers = _checkpointed_layers(model)
+    for index, layer in enumerate(layers):
+        layer.gradient_checkpointing = index >= kept
+        layer.keeps_activations = index < kept  # still a checkpointed model's layer when every one keeps its own
+    return sum(layer.keeps_activations for layer in layers)
+
+
+def layers_keeping_activations(model: Any) -> int:
+    """Decoder layers of a checkpointed model that keep their activations (``keep_activations``); 0 where
+    checkpointing is off."""
+    return sum(not layer.gradient_checkpointing for layer in _checkpointed_layers(model))
+
+
+def _checkpointed_layers(model: Any) -> list[torch.nn.Module]:
+    """The model's decoder layers (transformers' ``GradientCheckpointingLayer``) when checkpointing is on (a
+    layer recomputes, or keeps its activations by ``keep_activations``), else none."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    on = any(layer.gradient_checkpointing or getattr(layer, "keeps_activations", False) for layer in layers)
+    return layers if on else []
 
 
 def is_checkpointing(model: Any) -> bool:

@@ -12,6 +12,9 @@
   (core/fit_levers.py ``with_smaller_micro_batch``: the effective batch stays), written to recipe.toml,
   so the monitor, ``runs`` and a resume read the batch in effect there; run.json keeps only the history
   (``oom_shrinks``). It gives up at micro-batch 1, or after ``MAX_OOM_SHRINKS`` shrinks in training.
+* ``recompute_every_layer``, after an out-of-memory in the fit-check or a training step of a run whose
+  auto-fit spent the card's room on keeping layers' activations (``memory.layers_keeping_activations``):
+  every layer recomputes again, on the loaded model and in recipe.toml, before the micro-batch shrinks.
 * ``move_embeddings_after_oom``, when the fit-check or a first training step ran out of memory at
   micro-batch 1 on a fresh run: before any row is cut, the input embedding goes to CPU RAM where it can
   (engine/embedding_offload.py: an untied model on a backend that loads through ``add_lora``), in the
@@ -37,7 +40,8 @@ from tui_finetune.core.events import EventLog, WarningEvent
 from tui_finetune.core.fit_levers import auto_fit, describe_changes, with_smaller_micro_batch
 from tui_finetune.core.model_shape import resolve_model_spec
 from tui_finetune.core.planner import (
-    CUDA_CONTEXT_GROWTH_GIB, EMBEDDINGS_STAY_NOTE, GIB, MIN_SEQ_LEN, PLANNER_TOLERANCE, profile_from_memory)
+    CUDA_CONTEXT_GROWTH_GIB, EMBEDDINGS_STAY_NOTE, GIB, MIN_SEQ_LEN, PLANNER_TOLERANCE, kept_layers_of,
+    profile_from_memory)
 from tui_finetune.core.recipe import RecipeSpec
 from tui_finetune.core.recipe_machine import MachineFacts, resolve_precision
 from tui_finetune.core.run_folder.info import read_run_info, update_run_info, write_run_recipe
@@ -165,6 +169,26 @@ def shrink_micro_batch(run_dir: Path, recipe: RecipeSpec, log: EventLog, error: 
                 "unchanged); nothing partial was saved",
         advice=f"to skip this next time: --set train.micro_batch={new_micro} train.grad_accum={new_accum}"))
     return recipe
+
+
+def recompute_every_layer(run_dir: Path, recipe: RecipeSpec, model: Any, log: EventLog, error: str,
+                          where: str) -> RecipeSpec | None:
+    """After an out-of-memory (``error``: its first line) in ``where``: if some layers keep their activations
+    (``memory.layers_keeping_activations``, usually auto-fit's use of the room), every layer of the loaded
+    ``model`` recomputes again and recipe.toml says so, recorded as an auto-fit change. The first recovery,
+    as it undoes only what was spent on speed. None when every layer recomputes already."""
+    kept = kept_layers_of(recipe.memory)
+    if kept == 0 or not recipe.train.gradient_checkpointing:
+        return None
+    from tui_finetune.engine.memory_techniques import keep_activations
+
+    keep_activations(model, 0)
+    relieved = replace(recipe, memory=replace(recipe.memory, layers_keeping_activations=0))
+    write_run_recipe(run_dir, relieved)
+    record_changes(run_dir, log, [f"CUDA out of memory in {where}: memory.layers_keeping_activations {kept} -> 0 "
+                                  "(every layer recomputes its activations again; the micro-batch stays): "
+                                  "--set memory.layers_keeping_activations=0"])
+    return relieved
 
 
 def move_embeddings_after_oom(run_dir: Path, recipe: RecipeSpec, model: Any, backend: Any, log: EventLog,

@@ -181,6 +181,9 @@ class LeanTrainer(Trainer):
         micro_batch = self.recipe_micro_batch or self.args.per_device_train_batch_size
         if limit is not None and micro_batch > limit:
             raise torch.OutOfMemoryError(f"CUDA out of memory (injected by the test hook at micro-batch {micro_batch})")
+        limit = oom_limit("kept", self.state.global_step + 1)  # fault injection for tests; None in a real run
+        if limit is not None and memory_techniques.layers_keeping_activations(model) > limit:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected by the test hook: layers keep their activations)")
         loss = super().training_step(model, inputs, num_items_in_batch)
         if self.trace_path:
             self.step_loss += loss.item()

@@ -7,12 +7,15 @@ begins, so an out-of-memory there and one in any later step reach the same handl
    restarts on the universal path, as after a backend failure, before anything else shrinks
    (``auto`` must not keep a backend the fit-check can't prove on this card); for a backend that gets
    no probe step (Unsloth, ``backends.Backend.probes``) any failure in the fit-check drops it too;
-2. else the micro-batch shrinks and the accumulation grows by the same factor (``next_micro_batch``:
+2. else, where auto-fit let some layers keep their activations (``memory.layers_keeping_activations``),
+   every layer recomputes again (recipe_refit.recompute_every_layer) and training goes on as after a
+   shrink, with the same micro-batch;
+3. else the micro-batch shrinks and the accumulation grows by the same factor (``next_micro_batch``:
    the effective batch stays exactly the same), written to the run's recipe.toml
    (recipe_refit.shrink_micro_batch), and training goes on from the last checkpoint, or from the very
    same initial adapter when there is none yet; a length-grouped run's groups are rebuilt first, as
    their budget is the micro-batch times the longest row (``regroup``);
-3. at micro-batch 1, a run with no checkpoint yet raises ``SequenceTooLong`` (the worker first moves the
+4. at micro-batch 1, a run with no checkpoint yet raises ``SequenceTooLong`` (the worker first moves the
    input embedding to CPU RAM where it can, then halves the sequence and tokenizes again; either way from
    the initial adapter and seed); once a checkpoint fixes the sequence length, it gives up with advice
    (``OomGiveUp``).
@@ -45,7 +48,7 @@ from tui_finetune.engine.callbacks import EventsCallback, SealCheckpointCallback
 from tui_finetune.engine.fit_check import FitCheckCallback, FitCheckResult, row_lengths
 from tui_finetune.engine.packed_training import describe_bins_a_step, pack_training_data, trainer_recipe
 from tui_finetune.engine.post_training import record_peak
-from tui_finetune.engine.recipe_refit import SequenceTooLong, shrink_micro_batch
+from tui_finetune.engine.recipe_refit import SequenceTooLong, recompute_every_layer, shrink_micro_batch
 from tui_finetune.engine.training import (
     build_trainer, build_training_args, free_cuda_memory, is_oom, plan_total_steps)
 from tui_finetune.engine.vram_figures import reset_phase_peak
@@ -128,11 +131,21 @@ class TrainingLoop:
                     self.restart_without(BackendFailed(self.backend.name, f"CUDA out of memory in the "
                                                         f"{'fit-check' if in_check else 'training'}: {first_line(err)}"))
                 resume = find_resume_checkpoint(checkpoints).path
+                where = "the fit-check" if in_check else "training"
+                relieved = recompute_every_layer(self.run_dir, recipe, model, self.log, first_line(err), where)
+                if relieved is not None:  # first undo what the room was spent on; the micro-batch stays
+                    recipe = self.recipe = seal_cb.recipe = relieved
+                    if resume is None:
+                        model.load_state_dict(initial, strict=False)
+                        set_seed(recipe.train.seed)
+                    train_message = ("continuing with every layer recomputing from "
+                                     + (resume.name if resume else "the start"))
+                    reset_phase_peak()
+                    continue
                 if recipe.train.micro_batch <= 1 and resume is None:  # no checkpoint yet: the length may change
                     model.load_state_dict(initial, strict=False)  # the worker starts over: from the initial adapter,
                     set_seed(recipe.train.seed)                   # not from the steps trained before the OOM
-                    raise SequenceTooLong(max(row_lengths(data.train), default=0), first_line(err),
-                                          "the fit-check" if in_check else "training") from None
+                    raise SequenceTooLong(max(row_lengths(data.train), default=0), first_line(err), where) from None
                 recipe = seal_cb.recipe = self.shrink_after_oom(err, in_check)
                 if packed is not None and packed.kind == "grouped":  # the budget halved with the micro-batch
                     data, total_steps = self.regroup(data)

@@ -84,11 +84,13 @@ def resume_step(run_dir: Path) -> int | None:
 
 IGNORED_PREFIXES = ("checkpoint.", "eval.", "description", "memory.backend", "memory.offload_activations",
                     "memory.embeddings_on_cpu", "memory.mlp_chunk_tokens", "memory.loss_chunk_tokens",
-                    "memory.chunked_loss", "memory.attention", "train.gradient_checkpointing")
+                    "memory.chunked_loss", "memory.attention", "train.gradient_checkpointing",
+                    "memory.layers_keeping_activations")
 """Keys a resume may change freely: how often to save or evaluate does not change what is learnt, and neither do
 the kernels or the memory techniques that compute the same maths (``memory.adapter_dtype`` and the
 fp32 upcast change precision, so they still count). Gradient checkpointing recomputes the same forward
-with the RNG state it had (dropout included), so it is such a technique too. The worker's advice after
+with the RNG state it had (dropout included), so it is such a technique too, and so is which layers it
+covers (``memory.layers_keeping_activations``). The worker's advice after
 a backend failure, ``--set memory.backend=universal``, and the out-of-memory advice's
 ``--set train.gradient_checkpointing=true`` must not get the resume refused."""
 
