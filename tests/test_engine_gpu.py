@@ -17,7 +17,9 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 from engine_runs import REPO, events_of, plain_loop_losses, start, tiny_recipe, wait_for_end  # noqa: E402
 from engine_tiny import build_tokenizer  # noqa: E402
+from tui_finetune.core.catalog import get_model  # noqa: E402
 from tui_finetune.core.events import StepEvent  # noqa: E402
+from tui_finetune.core.run_folder.info import read_run_info, read_run_recipe  # noqa: E402
 
 SAMPLES = REPO / "tests" / "data" / "samples" / "instructions.alpaca.jsonl"
 STEPS = 30
@@ -26,8 +28,6 @@ STEPS = 30
 @pytest.fixture(scope="module")
 def phi2(tmp_path_factory):
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from tui_finetune.core.catalog import get_model
 
     folder = tmp_path_factory.mktemp("phi2")
     tokenizer = build_tokenizer(folder)
@@ -54,6 +54,7 @@ def _gpu_recipe(model, method, **train):
 
 def test_qlora_and_lora_runs_complete_with_vram_figures(phi2, tmp_path):
     peaks = {}
+    free_at_start = torch.cuda.mem_get_info()[0]
     for method in ("qlora", "lora"):
         run_dir = start(_gpu_recipe(phi2, method), SAMPLES, tmp_path / "home")
         assert wait_for_end(run_dir, timeout=240) == "completed", (run_dir / "worker.log").read_text()[-3000:]
@@ -64,6 +65,13 @@ def test_qlora_and_lora_runs_complete_with_vram_figures(phi2, tmp_path):
         assert last.vram_reserved_mb > 0 and last.vram_peak_mb >= last.vram_reserved_mb * 0.5
         assert last.nvml_total_mb > 0 and last.nvml_used_mb > 0
         peaks[method] = last.vram_peak_mb
+        # a card with this much room lets every layer keep its activations (auto-fit, memory.layers_keeping_activations)
+        kept = read_run_recipe(run_dir).memory.layers_keeping_activations
+        print(f"\n{method}: layers keeping their activations: {kept}; auto-fit: {read_run_info(run_dir).autofit}")
+        if free_at_start > 40 * 2**30:
+            assert kept == get_model("phi-2").num_layers
+            assert any(c.startswith(f'memory.layers_keeping_activations "auto" -> {kept}')
+                       for c in read_run_info(run_dir).autofit)
         print(f"\n{method}: {json.dumps({k: v for k, v in vars(last).items()})}")
     assert peaks["qlora"] < peaks["lora"], f"4-bit weights should need less memory: {peaks}"
 
