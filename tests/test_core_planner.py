@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -345,3 +346,13 @@ def test_the_cpu_ram_estimate_of_a_packed_run_sizes_a_full_bin_not_the_longest_r
     # length groups hold micro_batch x the longest row padded: the longest row still sizes them, as for rows
     assert (estimate_cpu_ram_gib(recipe(False, True), longest_row_tokens=72)
             == estimate_cpu_ram_gib(recipe(False, False), longest_row_tokens=72))
+
+
+def test_plan_recipe_says_what_auto_fit_will_spend_a_roomy_cards_memory_on():
+    code, text = plan_output(vram=24, recipe="4gb-phi-2-qlora")
+    assert code == 0
+    room = " ".join(text.split())
+    match = re.search(r"Room to spare: auto-fit will let (\d+) of 32 layers keep their activations", room)
+    assert match and 0 < int(match.group(1)) <= 32
+    assert "--set memory.layers_keeping_activations=0" in room
+    assert "Room to spare" not in plan_output(vram=3.5, recipe="4gb-phi-2-qlora")[1]  # a tight card: nothing to spend

@@ -13,10 +13,12 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from tui_finetune.core.catalog import UnknownModelError
+from tui_finetune.core.catalog import ModelSpec, UnknownModelError
+from tui_finetune.core.fit_levers import auto_fit
 from tui_finetune.core.hardware import a_card_of, best_gpu, detect_hardware
 from tui_finetune.core.model_shape import resolve_model_spec
-from tui_finetune.core.planner import PlanCase, VramEstimate, profile_from_memory
+from tui_finetune.core.planner import (
+    CUDA_CONTEXT_GIB, CUDA_CONTEXT_GROWTH_GIB, GIB, PlanCase, VramEstimate, profile_from_memory)
 from tui_finetune.core.presets import find_recipe, list_presets, preset_card_gb
 from tui_finetune.core.recipe import RecipeError, RecipeSpec
 from tui_finetune.core.recipe_io import load_recipe
@@ -61,7 +63,23 @@ def plan_one_recipe(console: Console, card: CardSpec, recipe: RecipeSpec, label:
     console.print(f"{_fit_text(plan.fit)}: {plan.reason}")
     if plan.fit == WONT_FIT:
         console.print(Text(plan.advice()))
+    elif (room := room_sentence(recipe, model, card)):
+        console.print(Text(room))
     return 0 if plan.fit != WONT_FIT else 1
+
+
+def room_sentence(recipe: RecipeSpec, model: ModelSpec, card: CardSpec) -> str:
+    """What auto-fit will spend this card's room on when the run starts (core/fit_levers.py), in words; empty
+    when it spends none. The worker decides on the free memory it reads then, after its CUDA context started
+    and less what the context still grows by (engine/recipe_refit.py ``auto_fit_run``); so does this."""
+    free_in_worker = (card.usable_gib - CUDA_CONTEXT_GIB - CUDA_CONTEXT_GROWTH_GIB) * GIB
+    decision = auto_fit(recipe, model, free_in_worker, context_allocated=True)
+    kept = decision.recipe.memory.layers_keeping_activations
+    if kept == recipe.memory.layers_keeping_activations or not isinstance(kept, int):
+        return ""
+    return (f"Room to spare: auto-fit will let {kept} of {model.num_layers} layers keep their activations instead of "
+            f"recomputing them (faster, same result; about {decision.after.total_gib:.1f} GiB with the CUDA context). "
+            "--set memory.layers_keeping_activations=0 keeps every layer recomputing.")
 
 
 def plan_model(console: Console, card: CardSpec, model_name: str) -> int:
