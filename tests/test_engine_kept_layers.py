@@ -76,7 +76,7 @@ def test_kept_layers_train_the_same_as_recomputed_ones_dropout_included():
         model = lora_model(config, kept, "fp32", dtype=torch.float32, dropout=0.1)
         recomputing = [m.gradient_checkpointing for m in model.modules()
                        if isinstance(m, transformers.modeling_layers.GradientCheckpointingLayer)]
-        assert recomputing == [index >= kept for index in range(3)]
+        assert recomputing == [index < 3 - kept for index in range(3)]  # the last ones keep theirs
         torch.manual_seed(11)
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
@@ -100,3 +100,20 @@ def test_every_layer_may_keep_its_activations_and_still_be_turned_back():
     assert keep_activations(model, 0) == 0 and layers_keeping_activations(model) == 0
     assert all(m.gradient_checkpointing for m in model.modules()
                if isinstance(m, transformers.modeling_layers.GradientCheckpointingLayer))
+
+
+def test_only_the_decoders_layers_keep_their_activations_not_a_vision_towers():
+    """AutoModelForCausalLM builds Gemma 3 with its vision tower, whose layers come first in ``modules()`` and
+    never run in text training: keeping two of those would keep nothing."""
+    config = transformers.Gemma3Config(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                         num_key_value_heads=1, head_dim=16, vocab_size=300),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8), mm_tokens_per_image=4)
+    model = prepare_for_training(transformers.AutoModelForCausalLM.from_config(config),
+                                 MemorySpec(layers_keeping_activations=2), True)
+    flags = {name: module.gradient_checkpointing for name, module in model.named_modules()
+             if isinstance(module, transformers.modeling_layers.GradientCheckpointingLayer)}
+    assert {name for name, recomputes in flags.items() if not recomputes} == {
+        "model.language_model.layers.1", "model.language_model.layers.2"}
+    assert layers_keeping_activations(model) == 2

@@ -64,32 +64,29 @@ def test_auto_fit_spends_a_roomy_cards_memory_on_kept_layers_and_says_so(mistral
 
 
 def test_an_oom_turns_the_kept_layers_back_to_recomputing_first(tmp_path):
-    import torch.nn as nn
-    from transformers.modeling_layers import GradientCheckpointingLayer
+    import transformers
 
-    from tui_finetune.engine.memory_techniques import keep_activations
+    from tui_finetune.core.recipe import MemorySpec
+    from tui_finetune.engine.memory_techniques import layers_keeping_activations, prepare_for_training
     from tui_finetune.engine.recipe_refit import recompute_every_layer
 
-    class Layer(GradientCheckpointingLayer):
-        def forward(self, x):
-            return x
-
-    model = nn.Sequential(*(Layer() for _ in range(4)))
-    for layer in model:
-        layer.gradient_checkpointing = True
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=64)
+    model = prepare_for_training(transformers.LlamaForCausalLM(config), MemorySpec(layers_keeping_activations=3), True)
     run_dir, recipe = small_run(tmp_path, seq_len=512)
-    assert keep_activations(model, 3) == 3 and [layer.gradient_checkpointing for layer in model] == [False] * 3 + [True]
+    assert layers_keeping_activations(model) == 3
     with EventLog(run_dir / EVENTS_FILE) as log:
-        assert recompute_every_layer(run_dir, recipe, model, log, "CUDA out of memory", "training") is None  # auto: none kept
+        assert recompute_every_layer(run_dir, recipe, model, log, "training") is None  # auto: none asked
         kept = recipe_from_dict({**recipe.to_dict(), "memory": {"layers_keeping_activations": 3}})
-        relieved = recompute_every_layer(run_dir, kept, model, log, "CUDA out of memory", "the fit-check")
+        relieved = recompute_every_layer(run_dir, kept, model, log, "the fit-check")
+        assert recompute_every_layer(run_dir, kept, model, log, "training") is None  # none keeps its own any more
     assert relieved.memory.layers_keeping_activations == 0 and relieved.train == recipe.train
-    assert all(layer.gradient_checkpointing for layer in model)
+    assert layers_keeping_activations(model) == 0
+    assert all(layer.gradient_checkpointing for layer in model.model.layers)
     assert read_run_recipe(run_dir) == relieved
     change = read_run_info(run_dir).autofit[-1]
     assert change.startswith("CUDA out of memory in the fit-check: memory.layers_keeping_activations 3 -> 0")
     assert events(run_dir, WarningEvent)[-1].advice == "to keep this value: --set memory.layers_keeping_activations=0"
-
 
 def test_auto_fit_refuses_a_run_that_cannot_fit_with_advice(mistral_run):
     run_dir, recipe, log = mistral_run

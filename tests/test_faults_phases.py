@@ -247,3 +247,24 @@ def test_an_oom_with_kept_layers_first_turns_them_back_to_recomputing_and_keeps_
     assert fitted.memory.layers_keeping_activations == 0 and fitted.train.micro_batch == recipe.train.micro_batch
     phases = [e.message for e in events_of(run_dir, PhaseEvent) if e.phase == "train"]
     assert any(m.startswith("continuing with every layer recomputing from ") for m in phases)
+
+
+def test_on_an_accelerated_backend_an_oom_takes_the_kept_layers_back_before_the_backend(tiny, tmp_path, monkeypatch):
+    """The room spent on kept layers is undone first: the run stays on its backend (no restart) and completes."""
+    from tui_finetune.engine import worker
+    from tui_finetune.engine.backends import BACKENDS
+
+    model, data = tiny
+    monkeypatch.setitem(BACKENDS, "liger", _unprobed_liger(lambda value: value))
+    monkeypatch.setenv("TUI_FINETUNE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("TUI_FINETUNE_FAULT", "oom:kept:0@2")
+    monkeypatch.setattr(worker.StopSignal, "install", lambda self: None)
+    execs = []
+    monkeypatch.setattr(worker.os, "execv", lambda path, argv: execs.append(argv))
+    recipe = fault_recipe(model, 4, train={"gradient_checkpointing": True},
+                          memory={"backend": "liger", "layers_keeping_activations": 2})
+    run_dir = create_run(recipe, data, base=tmp_path / "runs")
+    assert worker.Worker(run_dir).run() == 0
+    info = read_run_info(run_dir)
+    assert execs == [] and (info.state, info.backend) == ("completed", "liger") and info.backend_failures == {}
+    assert info.oom_shrinks == [] and "memory.layers_keeping_activations 2 -> 0" in info.autofit[-1]

@@ -77,9 +77,10 @@ def room_sentence(recipe: RecipeSpec, model: ModelSpec, card: CardSpec) -> str:
     kept = decision.recipe.memory.layers_keeping_activations
     if kept == recipe.memory.layers_keeping_activations or not isinstance(kept, int):
         return ""
+    where = " on the PyTorch path (Unsloth, where it loads, checkpoints its own way)" if recipe.memory.backend == "auto" else ""
     return (f"Room to spare: auto-fit will let {kept} of {model.num_layers} layers keep their activations instead of "
-            f"recomputing them (faster, same result; about {decision.after.total_gib:.1f} GiB with the CUDA context). "
-            "--set memory.layers_keeping_activations=0 keeps every layer recomputing.")
+            f"recomputing them{where} (faster, same result; about {decision.after.total_gib:.1f} GiB with the CUDA "
+            "context). --set memory.layers_keeping_activations=0 keeps every layer recomputing.")
 
 
 def plan_model(console: Console, card: CardSpec, model_name: str) -> int:

@@ -121,12 +121,16 @@ def _use_the_room(recipe: RecipeSpec, estimate: VramEstimate, budget: float, num
                   need: Callable[[RecipeSpec], tuple[float, VramEstimate]],
                   profile_for: ProfileFor) -> tuple[RecipeSpec, VramEstimate]:
     """The recipe with ``memory.layers_keeping_activations`` at the most layers whose estimate, with
-    ``ROOM_MARGIN`` added, fits ``budget``; unchanged where the setting isn't ``auto``, nothing is checkpointed,
-    activations go to CPU RAM (the recipe expects a tight card), the backend checkpoints its own way, or not
-    one layer fits. Each kept layer costs the same, so the estimate grows with their number: a bisection."""
+    ``ROOM_MARGIN`` added, fits ``budget``; unchanged where the setting isn't ``auto``, nothing is checkpointed
+    (full fine-tuning never is: the engine checkpoints only what it wraps in LoRA), activations go to CPU RAM
+    (the recipe expects a tight card), the backend checkpoints its own way, the attention keeps its seq x seq
+    scores (eager, or the fp32 upcast's math kernel: ``kept_layer_bytes`` counts per-token widths only), or
+    not one layer fits. Each kept layer costs the same, so the estimate grows with their number: a bisection."""
     memory = recipe.memory
+    profile = profile_for(memory)
     if (memory.layers_keeping_activations != AUTO or not recipe.train.gradient_checkpointing
-            or memory.offload_activations or not profile_for(memory).keeps_layers):
+            or recipe.method == "full" or memory.offload_activations or not profile.keeps_layers
+            or profile.attention_materialises_scores):
         return recipe, estimate
 
     def keeping(kept: int) -> RecipeSpec:

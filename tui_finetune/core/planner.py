@@ -84,7 +84,8 @@ activations, by adapter dtype: (per unit of the attention's widths, hidden + q +
 width / 3). Fitted by least squares to what autograd saves in our engine's LoRA layers (saved-tensor hooks
 on the CPU, seq 256, 2026-12-02) for Gemma-2B, Llama-3.2-1B, Qwen2.5-1.5B, Mistral-7B and Phi-2, each
 within 4%. fp32 adapters cost more because peft casts each adapted layer's input to fp32 and keeps the copy.
-tests/test_core_planner.py measures a layer again and holds the fit to its tolerance."""
+tests/test_engine_kept_layers.py measures a layer again and holds the fit to 10%. Per-token widths only: where
+the attention keeps its seq x seq scores (eager, the fp32 upcast) a kept layer costs more, and auto-fit keeps none."""
 MLP_LINEARS = frozenset({"gate_proj", "up_proj", "down_proj", "gate_up_proj", "fc1", "fc2"})
 """The linear layers inside the MLP block (``ModelSpec.linear_shapes`` names): they run per chunk."""
 

@@ -185,7 +185,8 @@ class MemorySpec:
     step's work, and holds all its activations instead of one hidden-state copy (the planner's
     ``kept_layer_bytes``: about 240 KB a token for a Gemma-2B layer). Same result. ``auto``: none on a tight
     card; where the card has room, auto-fit keeps as many as still fit with the planner's error to spare,
-    and says so; an out-of-memory turns them all back to recomputing before anything else changes.
+    and says so; an out-of-memory turns them all back to recomputing before anything else changes. Auto-fit
+    runs on a fresh run only: a resume keeps the number recipe.toml holds (``auto`` there: none).
     0: every layer recomputes (the classic); N: pinned."""
     attention: str = "sdpa"
     """Attention kernel: sdpa (PyTorch's flash/memory-efficient kernels), eager, or flash_attention_2."""

@@ -102,8 +102,8 @@ def raise_injected_oom(point: str) -> None:
 
 
 def oom_limit(point: str, step: int) -> int | None:
-    """Fault injection for tests: the batch size above which an injected OOM fires at this point and step,
-    or None (always None in a real run)."""
+    """Fault injection for tests: the figure above which an injected OOM fires at this point and step (a
+    batch size; for ``kept``, layers keeping their activations), or None (always None in a real run)."""
     for fault in active_faults():
         if fault.action == "oom" and fault.point == point and (fault.step is None or step >= fault.step):
             return fault.arg or 0

@@ -81,8 +81,12 @@ def enable_checkpointing(model: Any) -> None:
 
 
 def keep_activations(model: Any, kept: int) -> int:
-    """On a model whose checkpointing is on: the first ``kept`` decoder layers keep their activations (no
-    recompute), the rest recompute; returns how many keep theirs (0 where checkpointing is off).
+    """On a model whose checkpointing is on: the last ``kept`` decoder layers keep their activations (no
+    recompute), the rest recompute; returns how many keep theirs (0 where checkpointing is off, or where the
+    decoder's layers aren't transformers' checkpointing layers, as in some remote code).
+
+    The last ones, because the backward pass meets them first: their activations are freed before the
+    first recompute starts, so the peak holds them or a recomputing layer's working set, not both.
 
     Set on each layer's own flag (transformers' ``GradientCheckpointingLayer.gradient_checkpointing``), which
     every forward reads: an out-of-memory turns them all back to recomputing on the loaded model between two
@@ -90,9 +94,10 @@ def keep_activations(model: Any, kept: int) -> int:
     every layer but each N-th, too coarse for this: one kept layer in N is as few as it gets (half of them for
     N = 2), where a card's room may hold three."""
     layers = _checkpointed_layers(model)
+    first_kept = len(layers) - kept
     for index, layer in enumerate(layers):
-        layer.gradient_checkpointing = index >= kept
-        layer.keeps_activations = index < kept  # still a checkpointed model's layer when every one keeps its own
+        layer.gradient_checkpointing = index < first_kept
+        layer.keeps_activations = index >= first_kept  # still a checkpointed model's layer when every one keeps its own
     return sum(layer.keeps_activations for layer in layers)
 
 
@@ -103,11 +108,12 @@ def layers_keeping_activations(model: Any) -> int:
 
 
 def _checkpointed_layers(model: Any) -> list[torch.nn.Module]:
-    """The model's decoder layers (transformers' ``GradientCheckpointingLayer``) when checkpointing is on (a
-    layer recomputes, or keeps its activations by ``keep_activations``), else none."""
+    """The decoder's layers (``decoder_layers``) when they are transformers' ``GradientCheckpointingLayer`` and
+    checkpointing is on (a layer recomputes, or keeps its activations by ``keep_activations``), else none. Only
+    the decoder's: a multimodal model's vision layers (Gemma 3) never run in text training."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    layers = [layer for layer in decoder_layers(model) if isinstance(layer, GradientCheckpointingLayer)]
     on = any(layer.gradient_checkpointing or getattr(layer, "keeps_activations", False) for layer in layers)
     return layers if on else []
 
@@ -146,10 +152,16 @@ def decoder_mlps(model: Any) -> list[torch.nn.Module]:
     """The MLP block of every decoder layer (``layers[i].mlp``: Llama, Mistral, Qwen, Gemma, Phi), through a
     peft wrapper; none for other layouts. Mixture-of-experts blocks are left out: their routing may
     balance load across the whole batch, so chunks of it are not the same computation."""
+    mlps = [getattr(layer, "mlp", None) for layer in decoder_layers(model)]
+    return [mlp for mlp in mlps if isinstance(mlp, torch.nn.Module) and not hasattr(mlp, "experts")]
+
+
+def decoder_layers(model: Any) -> list[torch.nn.Module]:
+    """The decoder's layers (``get_decoder().layers``: Llama, Mistral, Qwen, Gemma, Phi, and the language model of
+    a multimodal one), through a peft wrapper; none for other layouts."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder = base.get_decoder() if hasattr(base, "get_decoder") else getattr(base, "model", None)
-    mlps = [getattr(layer, "mlp", None) for layer in getattr(decoder, "layers", None) or []]
-    return [mlp for mlp in mlps if isinstance(mlp, torch.nn.Module) and not hasattr(mlp, "experts")]
+    return list(getattr(decoder, "layers", None) or [])
 
 
 def chunk_mlps(model: Any, chunk_tokens: int, *, above_tokens: int = 0) -> int:

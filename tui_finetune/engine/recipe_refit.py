@@ -171,17 +171,18 @@ def shrink_micro_batch(run_dir: Path, recipe: RecipeSpec, log: EventLog, error: 
     return recipe
 
 
-def recompute_every_layer(run_dir: Path, recipe: RecipeSpec, model: Any, log: EventLog, error: str,
+def recompute_every_layer(run_dir: Path, recipe: RecipeSpec, model: Any, log: EventLog,
                           where: str) -> RecipeSpec | None:
-    """After an out-of-memory (``error``: its first line) in ``where``: if some layers keep their activations
-    (``memory.layers_keeping_activations``, usually auto-fit's use of the room), every layer of the loaded
-    ``model`` recomputes again and recipe.toml says so, recorded as an auto-fit change. The first recovery,
-    as it undoes only what was spent on speed. None when every layer recomputes already."""
-    kept = kept_layers_of(recipe.memory)
-    if kept == 0 or not recipe.train.gradient_checkpointing:
-        return None
-    from tui_finetune.engine.memory_techniques import keep_activations
+    """After an out-of-memory in ``where``: if layers of the loaded ``model`` keep their activations
+    (``memory.layers_keeping_activations``, usually auto-fit's use of the room), every layer recomputes again
+    and recipe.toml says so, recorded as an auto-fit change. The first recovery, as it undoes only what was
+    spent on speed. None when no layer keeps its own (none asked, or the model's layers can't: a retry would
+    only meet the same out-of-memory)."""
+    from tui_finetune.engine.memory_techniques import keep_activations, layers_keeping_activations
 
+    kept = kept_layers_of(recipe.memory)
+    if kept == 0 or layers_keeping_activations(model) == 0:
+        return None
     keep_activations(model, 0)
     relieved = replace(recipe, memory=replace(recipe.memory, layers_keeping_activations=0))
     write_run_recipe(run_dir, relieved)

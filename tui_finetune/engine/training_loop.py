@@ -3,13 +3,13 @@
 The fit-check (engine/fit_check.py) runs the run's own training step on its longest batch as training
 begins, so an out-of-memory there and one in any later step reach the same handler:
 
-1. on an accelerated backend (Liger, Unsloth), the backend is dropped: the worker records it and
+1. where auto-fit let some layers keep their activations (``memory.layers_keeping_activations``), every
+   layer recomputes again (recipe_refit.recompute_every_layer) and training goes on as after a shrink,
+   with the same micro-batch and backend: it undoes only what was spent on speed;
+2. else, on an accelerated backend (Liger, Unsloth), the backend is dropped: the worker records it and
    restarts on the universal path, as after a backend failure, before anything else shrinks
    (``auto`` must not keep a backend the fit-check can't prove on this card); for a backend that gets
    no probe step (Unsloth, ``backends.Backend.probes``) any failure in the fit-check drops it too;
-2. else, where auto-fit let some layers keep their activations (``memory.layers_keeping_activations``),
-   every layer recomputes again (recipe_refit.recompute_every_layer) and training goes on as after a
-   shrink, with the same micro-batch;
 3. else the micro-batch shrinks and the accumulation grows by the same factor (``next_micro_batch``:
    the effective batch stays exactly the same), written to the run's recipe.toml
    (recipe_refit.shrink_micro_batch), and training goes on from the last checkpoint, or from the very
@@ -81,8 +81,8 @@ class TrainingLoop:
         """Trainer.train, which fit-checks the longest batch first (engine/fit_check.py); the Trainer that
         finished, or None when a stop ended training early.
 
-        One rule for a CUDA OOM, in the fit-check or in any later step: an accelerated backend is
-        dropped (the worker restarts on the universal path, as after a backend failure); else the
+        One rule for a CUDA OOM, in the fit-check or in any later step: kept layers recompute again; else an
+        accelerated backend is dropped (the worker restarts on the universal path, as after a backend failure); else the
         micro-batch shrinks and the accumulation grows by the same factor, and training goes on from
         the last checkpoint; at micro-batch 1 with no checkpoint yet, ``SequenceTooLong``.
         """
@@ -127,13 +127,13 @@ class TrainingLoop:
                 free_cuda_memory()
                 if self.world_size <= 1 or args.process_index == 0:
                     clear_staging(checkpoints)
-                if self.backend is not None and self.backend.name != "universal":
-                    self.restart_without(BackendFailed(self.backend.name, f"CUDA out of memory in the "
-                                                        f"{'fit-check' if in_check else 'training'}: {first_line(err)}"))
                 resume = find_resume_checkpoint(checkpoints).path
                 where = "the fit-check" if in_check else "training"
-                relieved = recompute_every_layer(self.run_dir, recipe, model, self.log, first_line(err), where)
-                if relieved is not None:  # first undo what the room was spent on; the micro-batch stays
+                relieved = recompute_every_layer(self.run_dir, recipe, model, self.log, where)
+                if relieved is None and self.backend is not None and self.backend.name != "universal":
+                    self.restart_without(BackendFailed(self.backend.name, f"CUDA out of memory in {where}: "
+                                                        f"{first_line(err)}"))
+                if relieved is not None:  # first undo what the room was spent on; micro-batch and backend stay
                     recipe = self.recipe = seal_cb.recipe = relieved
                     if resume is None:
                         model.load_state_dict(initial, strict=False)
