@@ -223,8 +223,25 @@ def test_each_kept_layer_costs_what_the_planner_says_a_layer_keeps():
     totals = [estimate_total(replace(recipe, memory=replace(recipe.memory, layers_keeping_activations=kept)), model)
               for kept in (0, 1, 2, model.num_layers, model.num_layers + 5)]
     tokens = recipe.data.seq_len * recipe.train.micro_batch
-    per_layer = tokens * (kept_layer_bytes(model, 2, "fp32") - model.hidden_size * 2)  # all kept less one copy
+    # all it keeps, with the padding mask's seq_len a token, less the one hidden-state copy a recomputing layer keeps
+    per_layer = tokens * (kept_layer_bytes(model, 2, "fp32") + recipe.data.seq_len * 2 - model.hidden_size * 2)
     slack = profile_from_memory(recipe.memory).slack
     assert totals[1] - totals[0] == pytest.approx(per_layer * (1 + slack))
     assert totals[2] - totals[1] == pytest.approx(totals[1] - totals[0])
     assert totals[3] == totals[4]  # no more layers than the model has
+
+
+def test_on_an_fp16_card_compute_dtype_adapters_are_planned_fp32_as_the_engine_keeps_them():
+    """Without bf16 the engine keeps adapters fp32 whatever the recipe says (loading.adapter_compute_dtype), so a
+    kept layer keeps fp32 copies of its inputs: auto-fit must not plan them at bf16 and keep too many."""
+    model = get_model("phi-2")
+
+    def fp16(adapter_dtype):
+        raw = preset("4gb-phi-2-qlora").to_dict()
+        for item in ("train.precision=fp16", f"memory.adapter_dtype={adapter_dtype}"):
+            apply_override(raw, item, "test")
+        return recipe_from_dict(raw, "test")
+
+    assert estimate_total(fp16("compute"), model) == estimate_total(fp16("fp32"), model)
+    kept = [auto_fit(fp16(dtype), model, 8 * GIB).recipe.memory.layers_keeping_activations for dtype in ("compute", "fp32")]
+    assert kept[0] == kept[1] > 0

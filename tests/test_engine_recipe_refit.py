@@ -88,6 +88,7 @@ def test_an_oom_turns_the_kept_layers_back_to_recomputing_first(tmp_path):
     assert change.startswith("CUDA out of memory in the fit-check: memory.layers_keeping_activations 3 -> 0")
     assert events(run_dir, WarningEvent)[-1].advice == "to keep this value: --set memory.layers_keeping_activations=0"
 
+
 def test_auto_fit_refuses_a_run_that_cannot_fit_with_advice(mistral_run):
     run_dir, recipe, log = mistral_run
     before = (run_dir / RECIPE_FILE).read_bytes()

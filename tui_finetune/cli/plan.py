@@ -73,7 +73,7 @@ def room_sentence(recipe: RecipeSpec, model: ModelSpec, card: CardSpec) -> str:
     when it spends none. The worker decides on the free memory it reads then, after its CUDA context started
     and less what the context still grows by (engine/recipe_refit.py ``auto_fit_run``); so does this."""
     free_in_worker = (card.usable_gib - CUDA_CONTEXT_GIB - CUDA_CONTEXT_GROWTH_GIB) * GIB
-    decision = auto_fit(recipe, model, free_in_worker, context_allocated=True)
+    decision = auto_fit(recipe, model, free_in_worker, context_allocated=True, shorten_sequences=False)
     kept = decision.recipe.memory.layers_keeping_activations
     if kept == recipe.memory.layers_keeping_activations or not isinstance(kept, int):
         return ""

@@ -285,20 +285,24 @@ def estimate_peak_vram(case: PlanCase, profile: EngineProfile = BASELINE) -> Vra
         parts["weights"] = (linear + frozen_other) * compute_bytes
         act_bytes = compute_bytes
 
+    # fp16 training (cards without bf16) keeps adapters fp32 whatever the recipe says (engine/loading.py
+    # ``adapter_compute_dtype``): the fp16 grad scaler refuses to unscale fp16 gradients
+    adapter_dtype = "fp32" if case.compute_dtype == "fp16" else profile.adapter_dtype
     optimizer_bytes = OPTIMIZER_STATE_BYTES[case.optimizer]
     if case.method == "full":
         trainable = linear + frozen_other
         parts["trainable"] = trainable * (4 + 4 + optimizer_bytes)  # fp32 master copy, grads, states
     else:
-        adapter_bytes = DTYPE_BYTES[profile.adapter_dtype]
+        adapter_bytes = DTYPE_BYTES[adapter_dtype]
         parts["lora"] = lora_params(m, case.lora_r, case.lora_targets) * (2 * adapter_bytes + optimizer_bytes)
 
     kept = min(case.kept_layers if profile.keeps_layers else 0, m.num_layers)
     recomputed = m.num_layers - kept if case.gradient_checkpointing else 0
     hidden_copies = 0 if profile.offload_checkpoints else recomputed
-    kept_adapter = "bf16" if case.method == "full" else profile.adapter_dtype
-    parts["activations"] = tokens * (hidden_copies * m.hidden_size * act_bytes
-                                     + (m.num_layers - recomputed) * kept_layer_bytes(m, act_bytes, kept_adapter))
+    kept_adapter = "bf16" if case.method == "full" else adapter_dtype
+    # a kept layer also keeps the attention's (rows x s x s) padding mask, at most tokens x seq_len
+    kept_each = tokens * (kept_layer_bytes(m, act_bytes, kept_adapter) + case.seq_len * act_bytes)
+    parts["activations"] = tokens * hidden_copies * m.hidden_size * act_bytes + (m.num_layers - recomputed) * kept_each
 
     q_width = m.num_heads * m.head_dim
     kv_width = m.num_kv_heads * m.head_dim
@@ -309,11 +313,11 @@ def estimate_peak_vram(case: PlanCase, profile: EngineProfile = BASELINE) -> Vra
     mlp_tokens = min(tokens, mlp_chunk_size(profile.mlp_chunk_tokens, tokens) or tokens)
     mlp_factor = profile.mlp_factor or profile.layer_factor
     layer = (profile.layer_factor * tokens * rest_width + mlp_factor * mlp_tokens * mlp_width) * act_bytes
-    if case.method != "full" and DTYPE_BYTES[profile.adapter_dtype] > act_bytes:
+    if case.method != "full" and DTYPE_BYTES[adapter_dtype] > act_bytes:
         adapted = _targeted_shapes(m, case.lora_targets)
         upcast_elements = sum(i * (mlp_tokens if name in MLP_LINEARS else tokens)
                               for name, (i, _) in adapted)
-        layer += profile.adapter_upcast_copies * upcast_elements * DTYPE_BYTES[profile.adapter_dtype]
+        layer += profile.adapter_upcast_copies * upcast_elements * DTYPE_BYTES[adapter_dtype]
 
     attention = 0.0
     # The math SDPA backend is the fallback for fp32 inputs with grouped-query attention; eager always

@@ -180,7 +180,7 @@ class MemorySpec:
     more than 16384 tokens (seq_len x micro_batch), where the MLP outweighs that cost; -1 = never;
     N > 0 = always chunks of N tokens."""
     layers_keeping_activations: int | str = AUTO
-    """With ``train.gradient_checkpointing`` on: how many decoder layers (the first N) keep their activations
+    """With ``train.gradient_checkpointing`` on: how many decoder layers (the last N) keep their activations
     for the backward pass instead of recomputing them. Such a layer skips its recompute, a quarter of its
     step's work, and holds all its activations instead of one hidden-state copy (the planner's
     ``kept_layer_bytes``: about 240 KB a token for a Gemma-2B layer). Same result. ``auto``: none on a tight

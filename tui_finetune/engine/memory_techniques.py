@@ -16,7 +16,7 @@ modelled by the planner (``core/planner.py``), which is why they live in one pla
   so the backward pass recomputes one chunk's (tokens x intermediate) working set at a time instead
   of the whole sequence's: at 40k tokens that working set is the peak of a 7B.
 * ``activation_offload`` keeps the checkpointed layer inputs in CPU RAM.
-* ``keep_activations`` lets the first N decoder layers keep their activations where the card has room
+* ``keep_activations`` lets the last N decoder layers keep their activations where the card has room
   (``memory.layers_keeping_activations``, chosen by auto-fit): they skip their recompute.
 
 (``memory.embeddings_on_cpu``, the input embedding in CPU RAM, is engine/embedding_offload.py's.)
