@@ -356,3 +356,17 @@ def test_plan_recipe_says_what_auto_fit_will_spend_a_roomy_cards_memory_on():
     assert match and 0 < int(match.group(1)) <= 32
     assert "--set memory.layers_keeping_activations=0" in room
     assert "Room to spare" not in plan_output(vram=3.5, recipe="4gb-phi-2-qlora")[1]  # a tight card: nothing to spend
+
+
+def test_plans_room_on_a_card_without_bf16_counts_adapters_fp32_as_the_worker_does():
+    from tui_finetune.cli.plan import room_sentence
+    from tui_finetune.core.recipe_io import recipe_from_dict
+
+    def phi2(adapter_dtype):
+        return recipe_from_dict({"model": "phi-2", "memory": {"adapter_dtype": adapter_dtype}})
+
+    fp16_card, bf16_card = CardSpec(8, supports_bf16=False), CardSpec(8)
+    assert room_sentence(phi2("compute"), get_model("phi-2"), fp16_card) == \
+        room_sentence(phi2("fp32"), get_model("phi-2"), fp16_card)
+    assert room_sentence(phi2("compute"), get_model("phi-2"), bf16_card) != \
+        room_sentence(phi2("fp32"), get_model("phi-2"), bf16_card)  # with bf16 the compute dtype is smaller

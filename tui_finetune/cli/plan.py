@@ -14,14 +14,15 @@ from rich.table import Table
 from rich.text import Text
 
 from tui_finetune.core.catalog import ModelSpec, UnknownModelError
-from tui_finetune.core.fit_levers import auto_fit
+from tui_finetune.core.fit_levers import auto_fit, usable_in_worker
 from tui_finetune.core.hardware import a_card_of, best_gpu, detect_hardware
 from tui_finetune.core.model_shape import resolve_model_spec
 from tui_finetune.core.planner import (
-    CUDA_CONTEXT_GIB, CUDA_CONTEXT_GROWTH_GIB, GIB, PlanCase, VramEstimate, profile_from_memory)
+    CUDA_CONTEXT_GIB, GIB, PlanCase, VramEstimate, profile_from_memory)
 from tui_finetune.core.presets import find_recipe, list_presets, preset_card_gb
 from tui_finetune.core.recipe import RecipeError, RecipeSpec
 from tui_finetune.core.recipe_io import load_recipe
+from tui_finetune.core.recipe_machine import MachineFacts, resolve_precision
 from tui_finetune.core.suggest import (
     FIT_COLOURS, FITS, SEQ_CHOICES, WONT_FIT, CardSpec, card_from_gpu, plan_case, plan_recipe, suggest)
 
@@ -70,10 +71,11 @@ def plan_one_recipe(console: Console, card: CardSpec, recipe: RecipeSpec, label:
 
 def room_sentence(recipe: RecipeSpec, model: ModelSpec, card: CardSpec) -> str:
     """What auto-fit will spend this card's room on when the run starts (core/fit_levers.py), in words; empty
-    when it spends none. The worker decides on the free memory it reads then, after its CUDA context started
-    and less what the context still grows by (engine/recipe_refit.py ``auto_fit_run``); so does this."""
-    free_in_worker = (card.usable_gib - CUDA_CONTEXT_GIB - CUDA_CONTEXT_GROWTH_GIB) * GIB
-    decision = auto_fit(recipe, model, free_in_worker, context_allocated=True, shorten_sequences=False)
+    when it spends none. As the worker decides (engine/recipe_refit.py ``auto_fit_run``): on the free memory it
+    reads after its CUDA context started (``usable_in_worker``), at the card's precision."""
+    resolved = resolve_precision(recipe, MachineFacts(has_cuda=True, supports_bf16=card.supports_bf16))
+    free = usable_in_worker((card.usable_gib - CUDA_CONTEXT_GIB) * GIB)
+    decision = auto_fit(resolved, model, free, context_allocated=True, shorten_sequences=False)
     kept = decision.recipe.memory.layers_keeping_activations
     if kept == recipe.memory.layers_keeping_activations or not isinstance(kept, int):
         return ""

@@ -30,8 +30,8 @@ from typing import Callable, Iterator
 from tui_finetune.core.catalog import ModelSpec
 from tui_finetune.core.advice import nothing_fits_advice
 from tui_finetune.core.planner import (  # MLP_CHUNK_TOKENS: the chunk auto-fit turns on is the planner's auto size
-    DTYPE_BYTES, MIN_SEQ_LEN, MLP_CHUNK_TOKENS, PLANNER_TOLERANCE, TIGHT_MARGIN, EngineProfile, PlanCase,
-    VramEstimate, estimate_peak_vram, profile_from_memory)
+    CUDA_CONTEXT_GROWTH_GIB, DTYPE_BYTES, GIB, MIN_SEQ_LEN, MLP_CHUNK_TOKENS, PLANNER_TOLERANCE, TIGHT_MARGIN,
+    EngineProfile, PlanCase, VramEstimate, estimate_peak_vram, profile_from_memory)
 from tui_finetune.core.recipe import AUTO, MemorySpec, RecipeSpec
 RESERVE_FRACTION = TIGHT_MARGIN
 """Free VRAM kept back by default: the planner's 'tight' margin. The estimate already counts the CUDA
@@ -44,6 +44,12 @@ measures the longest batch, and an out-of-memory turns every layer back to recom
 (engine/recipe_refit.py ``recompute_every_layer``)."""
 
 ProfileFor = Callable[[MemorySpec], EngineProfile]
+
+
+def usable_in_worker(free_after_context: float) -> float:
+    """The free bytes the worker auto-fits to (``context_allocated``): read after its CUDA context started, less
+    what the context still grows by (``CUDA_CONTEXT_GROWTH_GIB``). ``plan`` asks the same question for a card."""
+    return free_after_context - CUDA_CONTEXT_GROWTH_GIB * GIB
 
 
 @dataclass(frozen=True)
@@ -133,19 +139,17 @@ def _use_the_room(recipe: RecipeSpec, estimate: VramEstimate, budget: float, num
             or profile.attention_materialises_scores):
         return recipe, estimate
 
-    def keeping(kept: int) -> RecipeSpec:
-        return replace(recipe, memory=replace(memory, layers_keeping_activations=kept))
-
+    best, best_estimate = recipe, estimate
     low, high = 0, num_layers  # keeping `low` layers fits (none kept: the fit already found); find the most
     while low < high:
         middle = (low + high + 1) // 2
-        if need(keeping(middle))[0] * (1 + ROOM_MARGIN) <= budget:
-            low = middle
+        candidate = replace(recipe, memory=replace(memory, layers_keeping_activations=middle))
+        candidate_need, candidate_estimate = need(candidate)
+        if candidate_need * (1 + ROOM_MARGIN) <= budget:
+            low, best, best_estimate = middle, candidate, candidate_estimate
         else:
             high = middle - 1
-    if low == 0:
-        return recipe, estimate
-    return keeping(low), need(keeping(low))[1]
+    return best, best_estimate
 
 
 # ------------------------------------------------------------ the levers, cheapest first

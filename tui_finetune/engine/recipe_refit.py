@@ -37,10 +37,10 @@ from typing import Any
 from tui_finetune.core.advice import memory_advice
 from tui_finetune.core.catalog import UnknownModelError
 from tui_finetune.core.events import EventLog, WarningEvent
-from tui_finetune.core.fit_levers import auto_fit, describe_changes, with_smaller_micro_batch
+from tui_finetune.core.fit_levers import auto_fit, describe_changes, usable_in_worker, with_smaller_micro_batch
 from tui_finetune.core.model_shape import resolve_model_spec
 from tui_finetune.core.planner import (
-    CUDA_CONTEXT_GROWTH_GIB, EMBEDDINGS_STAY_NOTE, GIB, MIN_SEQ_LEN, PLANNER_TOLERANCE, kept_layers_of,
+    EMBEDDINGS_STAY_NOTE, GIB, MIN_SEQ_LEN, PLANNER_TOLERANCE, kept_layers_of,
     profile_from_memory)
 from tui_finetune.core.recipe import RecipeSpec
 from tui_finetune.core.recipe_machine import MachineFacts, resolve_precision
@@ -115,7 +115,7 @@ def auto_fit_run(run_dir: Path, recipe: RecipeSpec, model: str, free_bytes: floa
         return profile_from_memory(replace(memory, backend=backend or memory.backend))
 
     original, recipe = recipe, resolve_precision(recipe, machine) if machine else recipe
-    usable = free_bytes - CUDA_CONTEXT_GROWTH_GIB * GIB
+    usable = usable_in_worker(free_bytes)
 
     def fit(shorten: bool) -> Any:
         return auto_fit(recipe, spec, usable, context_allocated=True, profile_for=profile_for,
