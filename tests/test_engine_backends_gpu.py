@@ -1,6 +1,6 @@
 """On a CUDA GPU: the accelerated backends train through the real worker exactly like the universal path.
 
-For each backend installed on the machine (Liger; Unsloth where its wheels are present), a QLoRA run
+For each backend installed on the machine (compiled and Liger need Triton; Unsloth its wheels), a QLoRA run
 on a small Llama is killed with SIGKILL after a checkpoint and resumed; it must complete, record its
 backend in run.json, train on the same rows as the universal run, and its losses must track the
 universal run's. Figures are printed for docs/verification/backends.md.
@@ -66,7 +66,7 @@ def universal_trace(llama, tmp_path_factory):
     return read_trace(root / "trace.jsonl")
 
 
-@pytest.mark.parametrize("name", ["liger", "unsloth"])
+@pytest.mark.parametrize("name", ["compiled", "liger", "unsloth"])
 def test_backend_trains_checkpoints_resumes_and_tracks_the_universal_path(name, llama, universal_trace, tmp_path):
     why_not = BACKENDS[name].unavailable(model_type_of(llama), _recipe(llama, name), detect_device())
     if why_not:

@@ -22,7 +22,7 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 QUANT_TYPES = ("nf4", "fp4")
 ADAPTER_DTYPES = ("fp32", "compute")
 ATTENTIONS = ("sdpa", "eager", "flash_attention_2")
-BACKENDS = ("auto", "universal", "liger", "unsloth")
+BACKENDS = ("auto", "universal", "compiled", "liger", "unsloth")
 AUTO = "auto"
 """A setting the engine decides on the card (``memory.layers_keeping_activations``)."""
 LENGTH_GROUPS, PACKED_BINS, PADDED_ROWS = BATCHINGS = ("length groups", "packed bins", "padded rows")
@@ -191,7 +191,8 @@ class MemorySpec:
     attention: str = "sdpa"
     """Attention kernel: sdpa (PyTorch's flash/memory-efficient kernels), eager, or flash_attention_2."""
     backend: str = "auto"
-    """Kernels: ``universal`` (pure PyTorch, works everywhere), ``liger`` (Triton kernels), ``unsloth``
+    """Kernels: ``universal`` (pure PyTorch, works everywhere), ``compiled`` (the same with its decoder
+    layers through torch.compile; needs Triton), ``liger`` (Triton kernels), ``unsloth``
     (when installed), or ``auto``: Unsloth where it is installed and supports the card and architecture,
     else universal (engine/backends.py; the choice and its reason go to run.json)."""
 

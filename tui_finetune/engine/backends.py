@@ -226,6 +226,32 @@ class LigerBackend(UniversalBackend):
         return memory_techniques.lean_causal_lm_loss(model, inputs, memory, num_items_in_batch)
 
 
+class CompiledBackend(UniversalBackend):
+    """The universal path with each decoder layer compiled (engine/regional_compile.py): Inductor fuses the
+    small kernels that make a tight card's step launch-bound. It needs Triton, so it is never the only path."""
+
+    name = "compiled"
+    probes = False
+    """It probes inside ``load``, where a passing probe also turns on the eager fallback for later compiles."""
+    compiler = "inductor"
+    """torch.compile's backend; the CPU tests trace the same graphs with ``aot_eager``."""
+
+    def unavailable(self, model_type: str, recipe: RecipeSpec, device: DeviceFacts) -> str | None:
+        return _needs_triton(device) or super().unavailable(model_type, recipe, device)
+
+    def load(self, folder: Path, recipe: RecipeSpec, device: DeviceFacts) -> Any:
+        from tui_finetune.engine import regional_compile
+
+        model = super().load(folder, recipe, device)
+        regional_compile.compile_decoder_layers(model, self.compiler)
+        try:  # compiles now: a compiler that fails here drops the backend
+            probe_step(model, self, recipe.memory)
+        except Exception as err:
+            raise regional_compile.compiler_error(err) from err
+        regional_compile.fall_back_to_eager_on_late_failures()
+        return model
+
+
 class UnslothBackend(Backend):
     name = "unsloth"
     architectures = frozenset({"llama", "mistral", "gemma", "gemma2", "qwen2", "qwen3"})
@@ -269,7 +295,8 @@ class UnslothBackend(Backend):
         return model(**inputs, **extra).loss
 
 
-BACKENDS: dict[str, Backend] = {b.name: b for b in (UniversalBackend(), LigerBackend(), UnslothBackend())}
+BACKENDS: dict[str, Backend] = {b.name: b for b in (UniversalBackend(), CompiledBackend(), LigerBackend(),
+                                                     UnslothBackend())}
 
 
 @dataclass
@@ -378,6 +405,7 @@ def load_for_training(folder: Path, recipe: RecipeSpec, device: DeviceFacts,
 def _reason(name: str, requested: str, model_type: str, skipped: list[str]) -> str:
     arch = model_type or "this"
     what = {"universal": "pure PyTorch (chunked loss, no Triton)",
+            "compiled": "the PyTorch path with its decoder layers compiled (torch.compile, Triton)",
             "liger": f"Liger's Triton kernels for the {arch} architecture",
             "unsloth": f"Unsloth's kernels for the {arch} architecture"}[name]
     if requested == name:

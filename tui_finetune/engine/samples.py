@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from tui_finetune.engine import regional_compile
+
 STOP_TOKENS = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<|end|>")
 
 
@@ -47,10 +49,11 @@ def generate_sample(model: Any, tokenizer: Any, prompt_ids: list[int], max_new_t
     device = next(model.parameters()).device
     input_ids = torch.tensor([prompt_ids], device=device)
     try:
-        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                             max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                             eos_token_id=stop_token_ids(tokenizer, model),
-                             pad_token_id=tokenizer.pad_token_id)
+        with regional_compile.eager():  # a compiled backend's layers would recompile on every new cache length
+            out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                 max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                                 eos_token_id=stop_token_ids(tokenizer, model),
+                                 pad_token_id=tokenizer.pad_token_id)
     finally:
         if was_training:
             model.train()

@@ -28,7 +28,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from tui_finetune.core.events import first_line
 from tui_finetune.core.recipe import MemorySpec, RecipeSpec
 from tui_finetune.core.run_folder.layout import STAGING
-from tui_finetune.engine import distributed, memory_techniques
+from tui_finetune.engine import distributed, memory_techniques, regional_compile
 from tui_finetune.engine.faults import TRACE_ENV, oom_limit
 from tui_finetune.engine.loading import DeviceFacts, compute_dtype
 
@@ -228,7 +228,7 @@ class LeanTrainer(Trainer):
         if not prediction_loss_only or "labels" not in inputs:
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
         inputs = self._prepare_inputs(inputs)
-        with torch.no_grad(), self.compute_loss_context_manager():
+        with torch.no_grad(), self.compute_loss_context_manager(), regional_compile.eager():
             loss = memory_techniques.lean_causal_lm_loss(self._bare(model), inputs, self.memory)
         return loss.detach(), None, None
 

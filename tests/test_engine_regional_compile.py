@@ -1,0 +1,126 @@
+"""The compiled backend (engine/regional_compile.py, ``memory.backend = "compiled"``), on the CPU.
+
+Dynamo traces the decoder layers here exactly as on a GPU; only the last stage differs (``aot_eager`` runs the
+traced graphs instead of Inductor's Triton kernels), so these tests show what compiling does to the training:
+the same losses and gradients with checkpointing and kept layers, no graph break, evaluation and generation
+left eager, and a compiler that fails on the probe ends in the usual backend fallback. Inductor's kernels on
+a card run in tests/test_engine_backends_gpu.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from engine_tiny import build_tiny_llama
+from test_engine_kept_layers import config_dict, lora_model
+from tui_finetune.core.recipe import RecipeSpec
+from tui_finetune.engine import backends, regional_compile
+from tui_finetune.engine.backends import BACKENDS, CompiledBackend, load_for_training
+from tui_finetune.engine.loading import DeviceFacts
+from tui_finetune.engine.memory_techniques import keep_activations
+
+CPU = DeviceFacts(has_cuda=False, supports_bf16=False, name="CPU")
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo(monkeypatch):
+    """Each test compiles from nothing, and the eager fallback a passing probe turns on is undone after it."""
+    torch._dynamo.reset()
+    counters.clear()
+    monkeypatch.setattr(torch._dynamo.config, "suppress_errors", False)
+    yield
+    torch._dynamo.reset()
+
+
+def _train(model, steps=3) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """A few SGD steps on batches of different lengths (the dynamic-shape path), from a fixed seed."""
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 256, (2, 64), generator=generator)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    losses = []
+    for step in range(steps):
+        batch = ids[:, :64 - 8 * step]
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(loss.detach()))
+    return losses, {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+
+
+@pytest.mark.parametrize("kept", [0, 1])
+def test_compiled_layers_train_exactly_like_eager_ones_with_checkpointing(kept):
+    eager = lora_model(config_dict("llama"), kept, "fp32", dtype=torch.float32)
+    compiled = lora_model(config_dict("llama"), kept, "fp32", dtype=torch.float32)
+    keep_activations(eager, kept), keep_activations(compiled, kept)
+    assert regional_compile.compile_decoder_layers(compiled, "aot_eager") == 3
+    assert regional_compile.is_compiled(compiled) and not regional_compile.is_compiled(eager)
+    eager_losses, eager_weights = _train(eager)
+    compiled_losses, compiled_weights = _train(compiled)
+    assert counters["stats"]["unique_graphs"] >= 1, "nothing was compiled"
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert compiled_losses == pytest.approx(eager_losses, rel=1e-5)
+    assert eager_losses[-1] < eager_losses[0]
+    assert all(torch.allclose(compiled_weights[k], eager_weights[k], atol=1e-6) for k in eager_weights)
+
+
+def test_evaluation_and_generation_run_the_compiled_layers_eager():
+    model = lora_model(config_dict("llama"), 0, "fp32", dtype=torch.float32).eval()
+    regional_compile.compile_decoder_layers(model, "aot_eager")
+    ids = torch.arange(5, 37).unsqueeze(0)
+    with torch.no_grad(), regional_compile.eager():
+        first = model(input_ids=ids).logits
+        again = model(input_ids=ids[:, :20]).logits
+    assert counters["stats"]["calls_captured"] == 0, "a compile ran inside the eager block"
+    with torch.no_grad():
+        compiled = model(input_ids=ids).logits
+    assert counters["stats"]["calls_captured"] > 0
+    assert torch.allclose(compiled, first, atol=1e-5) and torch.allclose(again, first[:, :20], atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build_tiny_llama(tmp_path_factory.mktemp("compiled") / "model")
+
+
+def _recipe(model, backend) -> RecipeSpec:
+    recipe = RecipeSpec(model=str(model), method="lora")
+    recipe.memory.backend = backend
+    return recipe
+
+
+def test_on_a_machine_without_triton_compiled_falls_back_to_the_universal_path_and_says_why(tiny):
+    loaded = load_for_training(tiny, _recipe(tiny, "compiled"), CPU)
+    assert (loaded.choice.requested, loaded.choice.name) == ("compiled", "universal")
+    assert loaded.choice.skipped == ["compiled: needs an NVIDIA GPU"]
+    assert not regional_compile.is_compiled(loaded.model)
+
+
+def test_the_compiled_backend_loads_probes_and_trains_like_the_universal_path(tiny, monkeypatch):
+    monkeypatch.setattr(backends, "_needs_triton", lambda device: None)
+    monkeypatch.setattr(CompiledBackend, "compiler", "aot_eager")
+    loaded = load_for_training(tiny, _recipe(tiny, "compiled"), CPU)
+    assert loaded.choice.name == "compiled" and "compiled" in loaded.choice.reason
+    assert regional_compile.is_compiled(loaded.model)
+    assert counters["stats"]["calls_captured"] > 0, "the probe step did not run the compiled layers"
+    assert torch._dynamo.config.suppress_errors, "a later compile failure would end the run"
+    universal = load_for_training(tiny, _recipe(tiny, "universal"), CPU)
+    ids = torch.arange(3, 40).unsqueeze(0)
+    losses = [float(x.backend.loss(x.model, {"input_ids": ids, "labels": ids}, _recipe(tiny, "universal").memory).detach())
+              for x in (loaded, universal)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_a_compiler_that_fails_on_the_probe_drops_the_backend(tiny, monkeypatch):
+    def broken_compiler(graph, example_inputs):
+        raise RuntimeError("triton: no kernel image for sm_61")
+
+    monkeypatch.setattr(backends, "_needs_triton", lambda device: None)
+    monkeypatch.setattr(CompiledBackend, "compiler", staticmethod(broken_compiler))
+    with pytest.raises(backends.BackendFailed) as failed:
+        load_for_training(tiny, _recipe(tiny, "compiled"), CPU)
+    assert failed.value.name == "compiled" and "no kernel image for sm_61" in failed.value.reason
+    assert not torch._dynamo.config.suppress_errors
+    assert "compiled" in BACKENDS and backends.candidates("compiled") == ["compiled", "universal"]

@@ -1,0 +1,66 @@
+"""Regional compilation: each decoder layer through ``torch.compile`` (Inductor, so Triton on a GPU).
+
+Why: on a tight card the universal path's step is launch-bound. A Gemma-2B layer at 1024 tokens launches
+hundreds of small kernels (norms, RoPE, casts, the LoRA adds; benchmarks/results/step-ops-gemma-2b-qlora-1024.md),
+and Inductor fuses them. Only the decoder layers are compiled, as transformers' own docs advise ("regional
+compilation"): the layers are identical, so one graph serves all of them and the compile takes seconds per
+shape, not minutes; the embedding, the head and our chunked loss stay eager.
+
+What stays the same: the maths (the same ops, fused), the memory techniques around the layer (checkpointing
+wraps the compiled layer, so its saved tensors are still dropped and recomputed; kept layers, offload and
+MLP chunks as on the universal path) and the bitsandbytes 4-bit matmul, which dynamo traces without a graph
+break (its ops are registered with torch.library).
+
+Evaluation and sample generation run eager (``eager``): they are rare, generation's cache changes shape on
+every token, and a compile there would cost more than it saves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from tui_finetune.engine.memory_techniques import decoder_layers
+
+
+def compile_decoder_layers(model: Any, compiler: str = "inductor") -> int:
+    """Compile every decoder layer in place (``nn.Module.compile``: the module stays itself, so peft, the
+    checkpointing flags and the state dict are untouched); returns how many. ``compiler`` is torch.compile's
+    ``backend``: tests on the CPU use ``aot_eager``, which traces the same graphs without a C++ compiler.
+
+    ``dynamic=None``: the first shape compiles static (the probe's 16 tokens), the next one marks the
+    sequence length dynamic, and from then on rows of any length reuse that graph."""
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile(backend=compiler, dynamic=None)
+    return len(layers)
+
+
+def is_compiled(model: Any) -> bool:
+    return any(getattr(layer, "_compiled_call_impl", None) is not None for layer in decoder_layers(model))
+
+
+def fall_back_to_eager_on_late_failures() -> None:
+    """After the probe step has compiled and run the layer once, a later failure to compile (a new shape
+    that hits a compiler bug, hours into a run) runs that call eager instead of ending the run:
+    dynamo's ``suppress_errors``, process-wide, which is this worker's alone. The probe itself runs without
+    it, so a backend that can't compile on this card fails there and the worker falls back to universal."""
+    torch._dynamo.config.suppress_errors = True
+
+
+def compiler_error(err: Exception) -> Exception:
+    """What went wrong under dynamo's wrapper (``BackendCompilerFailed`` says only "backend='inductor'
+    raised:" on its first line, which is what run.json keeps), so the reason, or an out-of-memory that must
+    stay one, is the compiler's own."""
+    return getattr(err, "inner_exception", None) or err
+
+
+@contextmanager
+def eager() -> Iterator[None]:
+    """Run compiled modules eager inside the block (``torch.compiler.set_stance``); a no-op for a model
+    that isn't compiled."""
+    with torch.compiler.set_stance("force_eager"):
+        yield
