@@ -51,9 +51,9 @@ import time
 from pathlib import Path
 
 from benchmarks import batches, report, stacks
+from tui_finetune.core.recipe import BACKENDS as OURS_BACKENDS
 
 METHODS = ("qlora", "lora")
-OURS_BACKENDS = ("auto", "universal", "liger", "unsloth")
 OTHER_STACKS = ("baseline", "unsloth")
 SMOKE_CASE = f"{stacks.SMOKE_MODEL}:lora:512:2x2:real"
 SMOKE_STACKS = f"ours:universal,ours:universal:{stacks.ROWS},ours:universal:{stacks.PACKED},baseline"
@@ -273,8 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.memory_speed", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", help="comma-separated model:method:seq:batch[xaccum][:capGB][:real]")
-    parser.add_argument("--stacks", help="comma-separated: ours (= ours:auto), ours:universal, ours:liger, "
-                                         "ours:unsloth, each optionally :packed, :grouped or :rows "
+    parser.add_argument("--stacks", help="comma-separated: ours (= ours:auto), ours:universal, ours:compiled, "
+                                         "ours:liger, ours:unsloth, each optionally :packed, :grouped or :rows "
                                          "(ours:packed = ours:auto:packed), baseline, unsloth "
                                          "(default: ours,baseline)")
     parser.add_argument("--repeat", type=int, default=1,

@@ -4,7 +4,7 @@ Every function here runs inside a child started by ``memory_speed.py`` (one proc
 stack, so peaks don't mix). Imports of torch, transformers and peft stay inside the functions: our
 engine's backends and Unsloth must be imported before transformers.
 
-  ours:<backend>  our engine through ``tui_finetune.engine.backends`` (universal, liger, unsloth or
+  ours:<backend>  our engine through ``tui_finetune.engine.backends`` (universal, compiled, liger, unsloth or
                   auto), the default recipe plus --set overrides, the backend's own loss; with the
                   recipe's default ``data.group_by_length = true`` it trains the engine's length groups;
                   ``:packed`` also sets ``data.packing = true``, ``:grouped`` ``data.group_by_length =
