@@ -44,7 +44,7 @@ def _train_one_step(loaded, recipe) -> float:
 
 
 def test_candidates_try_the_request_then_the_universal_path():
-    assert candidates("auto") == ["unsloth", "universal"]
+    assert candidates("auto") == ["unsloth", "compiled", "universal"]
     assert candidates("liger") == ["liger", "universal"]
     assert candidates("universal") == ["universal"]
 
@@ -53,7 +53,7 @@ def test_auto_on_a_cpu_passes_over_unsloth_with_its_reason(tiny):
     recipe = _recipe(tiny)
     loaded = load_for_training(tiny, recipe, CPU)
     assert loaded.choice.name == loaded.backend.name == "universal"
-    assert [s.split(":")[0] for s in loaded.choice.skipped] == ["unsloth"]
+    assert [s.split(":")[0] for s in loaded.choice.skipped] == ["unsloth", "compiled"]
     for line in loaded.choice.skipped:  # not installed here, or installed but no GPU: either way, said
         assert any(why in line for why in ("not installed", "needs an NVIDIA GPU")), line
     assert loaded.choice.reason.startswith("pure PyTorch")

@@ -124,3 +124,4 @@ def test_a_compiler_that_fails_on_the_probe_drops_the_backend(tiny, monkeypatch)
     assert failed.value.name == "compiled" and "no kernel image for sm_61" in failed.value.reason
     assert not torch._dynamo.config.suppress_errors
     assert "compiled" in BACKENDS and backends.candidates("compiled") == ["compiled", "universal"]
+

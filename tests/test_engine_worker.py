@@ -52,9 +52,9 @@ def test_detached_run_completes_and_leaves_the_documented_run_folder(tiny, tmp_p
     info = read_run_info(run_dir)
     assert (info.state, info.total_steps, info.pid is not None) == ("completed", 12, True)
     assert len(info.data_hash) >= 16 and "torch" in info.versions and info.ended_at >= info.started_at
-    # memory.backend = "auto" on a CPU: Unsloth is passed over, with its reason
+    # memory.backend = "auto" on a CPU: Unsloth and the compiled path are passed over, with its reason
     assert info.backend == "universal" and "pure PyTorch" in info.backend_reason
-    assert [s.split(":")[0] for s in info.backend_skipped] == ["unsloth"]
+    assert [s.split(":")[0] for s in info.backend_skipped] == ["unsloth", "compiled"]
     assert all(len(s.split(": ", 1)[1]) > 5 for s in info.backend_skipped)
     assert info.autofit == [] and info.oom_shrinks == []  # auto-fit: CUDA only
     train = read_run_recipe(run_dir).train  # the batch in effect lives in recipe.toml: unchanged here

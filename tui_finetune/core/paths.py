@@ -92,3 +92,9 @@ def unsloth_compile_dir() -> Path:
     """Where Unsloth writes its compiled kernels (``UNSLOTH_COMPILE_LOCATION``): our cache, never the
     worker's working directory, which is a run folder."""
     return cache_dir() / "unsloth_compiled_cache"
+
+
+def inductor_cache_dir() -> Path:
+    """Where the compiled backend's Inductor kernels go (``TORCHINDUCTOR_CACHE_DIR``): with our other rebuildable
+    files, so a later run of the same model starts without compiling again and clearing our cache clears them."""
+    return cache_dir() / "inductor"

@@ -1,12 +1,14 @@
 """Kernel backends behind one interface: the engine picks the fastest that works and says why.
 
 * ``universal``: pure PyTorch (engine/memory_techniques.py): no Triton, so it runs everywhere, Windows included.
+* ``compiled``: the universal path with each decoder layer through ``torch.compile`` (engine/regional_compile.py),
+  where Triton exists.
 * ``liger``: Liger's Triton kernels (RMSNorm, SwiGLU/GeGLU, RoPE) patched into the same
   transformers + peft model; the loss and everything else is the universal path.
 * ``unsloth``: Unsloth's ``FastLanguageModel`` where it is installed (an optional extra, as in
   LLaMA-Factory), with its own kernels, loss and offloaded checkpointing.
 
-``memory.backend = "auto"`` tries Unsloth, then the universal path (``AUTO_ORDER``). A backend is
+``memory.backend = "auto"`` tries Unsloth, the compiled path, then the universal path (``AUTO_ORDER``). A backend is
 skipped when it is missing or the card, architecture or recipe is unsupported. One that raises while
 loading, on a one-step probe (a Triton kernel that fails to compile on an old card fails there, not
 hours into the run) or, for Unsloth, which is not probed (``Backend.probes``), in the fit-check, ends the
@@ -34,10 +36,14 @@ from tui_finetune.core.recipe import MemorySpec, RecipeSpec
 from tui_finetune.engine import memory_techniques
 from tui_finetune.engine.loading import DeviceFacts, add_lora, compute_dtype, load_base_model
 
-AUTO_ORDER = ("unsloth", "universal")
-"""What ``auto`` tries. Liger is left to an explicit ``memory.backend = "liger"``: on an H100 and an H200
+AUTO_ORDER = ("unsloth", "compiled", "universal")
+"""What ``auto`` tries. Unsloth ran 1.5-2.2x the baseline. The compiled backend (the universal path with its
+decoder layers compiled) ran Gemma-2B QLoRA 1024 at 1.51x and Phi-2 2048 at 1.97x the universal path on a
+4 GB cap, at the same memory within 3% (H200, docs/verification/speed.md section 13); it needs Triton, so
+without it (Windows without triton-windows, a pre-Volta card) ``auto`` is the universal path.
+Liger is left to an explicit ``memory.backend = "liger"``: on an H100 and an H200
 it ran within 2% of the universal path's speed, with memory between 4% less and 4% more (benchmarks/
-results/goals.md), so it added a patched model for no measured gain. Unsloth ran 1.5-2.2x the baseline."""
+results/goals.md), so it added a patched model for no measured gain."""
 TRITON_MIN_CAPABILITY = (7, 0)
 """Triton (so Liger and Unsloth) needs a Volta or newer card; GTX 10xx cards are 6.1."""
 UNSLOTH_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -240,8 +246,10 @@ class CompiledBackend(UniversalBackend):
         return _needs_triton(device) or super().unavailable(model_type, recipe, device)
 
     def load(self, folder: Path, recipe: RecipeSpec, device: DeviceFacts) -> Any:
+        from tui_finetune.core.paths import inductor_cache_dir
         from tui_finetune.engine import regional_compile
 
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(inductor_cache_dir()))
         model = super().load(folder, recipe, device)
         regional_compile.compile_decoder_layers(model, self.compiler)
         try:  # compiles now: a compiler that fails here drops the backend
