@@ -194,7 +194,7 @@ class MemorySpec:
     """Kernels: ``universal`` (pure PyTorch, works everywhere), ``compiled`` (the same with its decoder
     layers through torch.compile; needs Triton), ``liger`` (Triton kernels), ``unsloth``
     (when installed), or ``auto``: Unsloth where it is installed and supports the card and architecture,
-    else universal (engine/backends.py; the choice and its reason go to run.json)."""
+    else compiled where Triton exists, else universal (engine/backends.py; the choice and its reason go to run.json)."""
 
 
 @dataclass

@@ -255,7 +255,10 @@ class CompiledBackend(UniversalBackend):
         try:  # compiles now: a compiler that fails here drops the backend
             probe_step(model, self, recipe.memory)
         except Exception as err:
-            raise regional_compile.compiler_error(err) from err
+            inner = regional_compile.compiler_error(err)
+            if inner is err:
+                raise
+            raise inner from err
         regional_compile.fall_back_to_eager_on_late_failures()
         return model
 
