@@ -143,6 +143,25 @@ def test_the_worker_records_the_failure_and_re_executes_itself(tiny, tmp_path, m
     assert "restarting the worker without it" in warnings[-1].message
 
 
+def test_an_oom_while_loading_drops_only_a_backend_that_loads_differently(tiny, tmp_path, monkeypatch):
+    """Liger and Unsloth load their own way, so the universal path gets its chance; the compiled backend
+    loads the universal path's weights, so an OOM there is the card's answer: refused with advice."""
+    from tui_finetune.core.run_folder.info import create_run
+    from tui_finetune.engine import worker
+    from tui_finetune.engine.recipe_refit import FitRefused
+
+    run_dir = create_run(_recipe(tiny, "auto"), tiny / "data.jsonl", base=tmp_path)
+    execs = []
+    monkeypatch.setattr(worker.os, "execv", lambda path, argv: execs.append(argv))
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    with pytest.raises(FitRefused, match="doesn't fit this card"):
+        worker.Worker(run_dir)._refuse_load_oom(oom, "compiled")
+    assert execs == []
+    with pytest.raises(FitRefused):  # the test's execv returns, so the refusal follows the restart here
+        worker.Worker(run_dir)._refuse_load_oom(oom, "unsloth")
+    assert len(execs) == 1
+
+
 def test_an_out_of_memory_is_not_a_backend_failure(tiny, monkeypatch):
     monkeypatch.setitem(BACKENDS, "liger", _OutOfMemory())
     with pytest.raises(torch.OutOfMemoryError):

@@ -121,7 +121,7 @@ def test_an_oom_in_training_on_an_accelerated_backend_restarts_on_the_universal_
     from tui_finetune.engine.loading import detect_device
 
     class UsableLiger(UniversalBackend):  # the universal path's code, reporting itself as an available Liger
-        name = "liger"
+        name, allocates_like_universal = "liger", False
 
         def unavailable(self, model_type, recipe, device):
             return None
@@ -153,6 +153,49 @@ def test_an_oom_in_training_on_an_accelerated_backend_restarts_on_the_universal_
     assert (info.state, info.backend) == ("completed", "universal")
     assert any(s.startswith("liger: failed in an earlier attempt (CUDA out of memory") for s in info.backend_skipped)
     assert backends.expected_backend(model, recipe, detect_device(), info.backend_failures) == "universal"
+
+
+def test_an_oom_on_the_compiled_backend_shrinks_the_batch_and_drops_it_only_at_micro_batch_1(
+        tiny, tmp_path, monkeypatch):
+    """The compiled backend allocates like the universal path, so an OOM is answered as there: the batch
+    shrinks and the run keeps its speed. Only when nothing is left to shrink is it dropped, before the
+    sequence would be cut."""
+    from tui_finetune.engine import worker
+    from tui_finetune.engine.backends import BACKENDS, CompiledBackend, UniversalBackend
+
+    class UsableCompiled(UniversalBackend):  # the universal path's code, as an available compiled backend
+        name, allocates_like_universal = "compiled", CompiledBackend.allocates_like_universal
+
+        def unavailable(self, model_type, recipe, device):
+            return None
+
+    model, data = tiny
+    monkeypatch.setitem(BACKENDS, "compiled", UsableCompiled())
+    monkeypatch.setenv("TUI_FINETUNE_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(worker.StopSignal, "install", lambda self: None)
+    execs = []
+
+    def execv(path, argv):
+        execs.append(argv)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(worker.os, "execv", execv)
+    recipe = fault_recipe(model, 4, memory={"backend": "compiled"}, train={"micro_batch": 2, "grad_accum": 1})
+    monkeypatch.setenv("TUI_FINETUNE_FAULT", "oom:train:1@2")  # micro-batch 2 runs out of memory from step 2
+    run_dir = create_run(recipe, data, base=tmp_path / "runs")
+    assert worker.Worker(run_dir).run() == 0
+    info = read_run_info(run_dir)
+    assert (info.state, info.backend, execs) == ("completed", "compiled", [])  # kept, not restarted
+    assert [shrink["micro_batch"] for shrink in info.oom_shrinks] == [[2, 1]]
+
+    monkeypatch.setenv("TUI_FINETUNE_FAULT", "oom:train:0@1")  # not even micro-batch 1 fits
+    recipe = fault_recipe(model, 4, memory={"backend": "compiled"}, train={"micro_batch": 1, "grad_accum": 2})
+    run_dir = create_run(recipe, data, base=tmp_path / "runs")
+    with pytest.raises(SystemExit):
+        worker.Worker(run_dir).run()
+    info = read_run_info(run_dir)
+    assert execs and info.oom_shrinks == [] and list(info.backend_failures) == ["compiled"]
+    assert info.backend_failures["compiled"].startswith("CUDA out of memory in the fit-check")
 
 
 def _unprobed_liger(loss):

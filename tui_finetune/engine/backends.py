@@ -126,6 +126,10 @@ class Backend:
     name = ""
     architectures: frozenset[str] | None = None
     """The ``model_type`` values it supports; None: all."""
+    allocates_like_universal = False
+    """Whether its memory is the universal path's, so that an out-of-memory is answered as there (shrink the
+    micro-batch) and the backend is dropped only when nothing is left to shrink (engine/training_loop.py).
+    Liger and Unsloth allocate differently, so an OOM drops them first."""
     probes = True
     """Whether a 16-token probe step follows loading (``probe_step``). Unsloth's is skipped: its
     torch.compile'd kernels specialise on the first shapes they see, and Unsloth warns that a different
@@ -169,6 +173,7 @@ def add_seeded_lora(model: Any, recipe: RecipeSpec, device: DeviceFacts) -> Any:
 class UniversalBackend(Backend):
     name = "universal"
     moves_embeddings = True
+    allocates_like_universal = True
 
     def load(self, folder: Path, recipe: RecipeSpec, device: DeviceFacts) -> Any:
         return add_seeded_lora(load_base_model(folder, recipe, device), recipe, device)
@@ -196,6 +201,7 @@ def _needs_triton(device: DeviceFacts) -> str | None:
 
 class LigerBackend(UniversalBackend):
     name = "liger"
+    allocates_like_universal = False  # its Triton kernels keep other tensors than the eager ops they replace
 
     def unavailable(self, model_type: str, recipe: RecipeSpec, device: DeviceFacts) -> str | None:
         if not module_installed("liger_kernel"):
@@ -234,7 +240,9 @@ class LigerBackend(UniversalBackend):
 
 class CompiledBackend(UniversalBackend):
     """The universal path with each decoder layer compiled (engine/regional_compile.py): Inductor fuses the
-    small kernels that make a tight card's step launch-bound. It needs Triton, so it is never the only path."""
+    small kernels that make a tight card's step launch-bound. It needs Triton, so it is never the only path.
+    Its memory is the universal path's (``allocates_like_universal``): Gemma-2B 2.87 GiB against 2.80, Phi-2
+    2.95 against 2.95 (H200, docs/verification/speed.md section 13), so an OOM shrinks the batch and keeps it."""
 
     name = "compiled"
     probes = False

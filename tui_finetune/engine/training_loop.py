@@ -6,10 +6,12 @@ begins, so an out-of-memory there and one in any later step reach the same handl
 1. where auto-fit let some layers keep their activations (``memory.layers_keeping_activations``), every
    layer recomputes again (recipe_refit.recompute_every_layer) and training goes on as after a shrink,
    with the same micro-batch and backend: it undoes only what was spent on speed;
-2. else, on an accelerated backend (Liger, Unsloth), the backend is dropped: the worker records it and
-   restarts on the universal path, as after a backend failure, before anything else shrinks
-   (``auto`` must not keep a backend the fit-check can't prove on this card); for a backend that gets
-   no probe step (Unsloth, ``backends.Backend.probes``) any failure in the fit-check drops it too;
+2. else, on an accelerated backend that allocates differently (Liger, Unsloth), the backend is dropped: the
+   worker records it and restarts on the universal path, as after a backend failure, before anything else
+   shrinks (``auto`` must not keep a backend the fit-check can't prove on this card); the compiled backend
+   allocates like the universal path (``Backend.allocates_like_universal``), so it is dropped only at
+   micro-batch 1, before the sequence would be cut; for a backend without the generic probe step (Unsloth,
+   compiled: ``backends.Backend.probes``) any failure in the fit-check drops it too;
 3. else the micro-batch shrinks and the accumulation grows by the same factor (``next_micro_batch``:
    the effective batch stays exactly the same), written to the run's recipe.toml
    (recipe_refit.shrink_micro_batch), and training goes on from the last checkpoint, or from the very
@@ -130,7 +132,7 @@ class TrainingLoop:
                 resume = find_resume_checkpoint(checkpoints).path
                 where = "the fit-check" if in_check else "training"
                 relieved = recompute_every_layer(self.run_dir, recipe, model, self.log, where)
-                if relieved is None and self.backend is not None and self.backend.name != "universal":
+                if relieved is None and self._drops_backend_after_oom(recipe):
                     self.restart_without(BackendFailed(self.backend.name, f"CUDA out of memory in {where}: "
                                                         f"{first_line(err)}"))
                 if relieved is not None:  # first undo what the room was spent on; micro-batch and backend stay
@@ -165,6 +167,15 @@ class TrainingLoop:
         self.log.emit(PhaseEvent(phase="fit", message=result.message(micro_batch)))
         self.log.emit(PhaseEvent(phase="train", message=train_message))
         reset_phase_peak()
+
+    def _drops_backend_after_oom(self, recipe: RecipeSpec) -> bool:
+        """Rule 2: an accelerated backend that allocates differently from the universal path is dropped before
+        anything shrinks; one that allocates like it (compiled) only when the micro-batch can't shrink, so
+        the sequence is never cut where the universal path might still fit it."""
+        backend = self.backend
+        if backend is None or backend.name == "universal":
+            return False
+        return not backend.allocates_like_universal or recipe.train.micro_batch <= 1
 
     def shrink_after_oom(self, err: BaseException, in_check: bool = False) -> RecipeSpec:
         """The one shrink rule after an OOM (``recipe_refit.shrink_micro_batch``): the recipe in effect, with a

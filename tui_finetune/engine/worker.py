@@ -349,9 +349,10 @@ class Worker:
 
     def _refuse_load_oom(self, err: BaseException, backend: str) -> None:
         """Out of memory while loading: measured, the weights don't fit. An accelerated backend may load
-        differently, so it is dropped first; on the universal path the run is refused with what to change."""
-        from tui_finetune.engine.backends import BackendFailed
-        if backend != "universal":
+        differently, so it is dropped first; on the universal path, or one that allocates like it (compiled:
+        its weights load the same way), the run is refused with what to change."""
+        from tui_finetune.engine.backends import BACKENDS, BackendFailed
+        if not BACKENDS[backend].allocates_like_universal:
             self._restart_without(BackendFailed(backend, f"CUDA out of memory while loading: {first_line(err)}"))
         raise FitRefused(f"the model doesn't fit this card: CUDA out of memory while loading its weights "
                          f"({first_line(err)})", memory_advice(self.recipe)) from None
