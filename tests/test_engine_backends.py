@@ -180,7 +180,7 @@ def test_the_universal_path_failing_is_an_error_not_a_fallback(tiny, monkeypatch
 
 def test_unsloth_is_passed_over_for_architectures_it_lacks_full_fine_tuning_and_packing(monkeypatch):
     monkeypatch.setattr(backends, "module_installed", lambda name: True)
-    monkeypatch.setattr(backends, "_needs_triton", lambda device: None)
+    monkeypatch.setattr(backends, "why_no_triton", lambda device: None)
     unsloth = BACKENDS["unsloth"]
     recipe = RecipeSpec(model="x")
     assert unsloth.unavailable("mistral", recipe, CPU) is None
@@ -195,10 +195,12 @@ def test_unsloth_is_passed_over_for_architectures_it_lacks_full_fine_tuning_and_
 def test_triton_backends_need_a_volta_or_newer_card(monkeypatch):
     monkeypatch.setattr(backends, "cuda_capability", lambda: (6, 1))
     gpu = DeviceFacts(has_cuda=True, supports_bf16=False, name="GeForce GTX 1080")
-    assert "compute capability 7.0" in backends._needs_triton(gpu)
+    assert "compute capability 7.0" in backends.why_no_triton(gpu)
     monkeypatch.setattr(backends, "cuda_capability", lambda: (8, 6))
     monkeypatch.setattr(backends, "module_installed", lambda name: name != "triton")
-    assert "Triton is not installed" in backends._needs_triton(gpu)
+    assert "Triton is not installed" in backends.why_no_triton(gpu)
+    monkeypatch.setattr(backends.sys, "platform", "win32")  # where torch comes without it: say what to install
+    assert "pip install triton-windows" in backends.why_no_triton(gpu)
 
 
 def test_model_loss_backends_let_the_trainer_scale_for_accumulation():

@@ -12,11 +12,12 @@ from rich.console import Console
 
 from tui_finetune.core.hardware import GIB, GpuInfo, HardwareReport, detect_hardware
 from tui_finetune.cli.doctor import render_doctor_report
+from tui_finetune.engine import doctor
 from tui_finetune.engine.doctor import (BitsandbytesStatus, TorchStatus, _disk_warnings, _torch_warnings,
-                                        collect_doctor_report, decide_verdict)
+                                        check_kernels, collect_doctor_report, decide_verdict)
 
 HAS_GPU = bool(detect_hardware().gpus)
-SECTIONS = ("GPUs", "Driver", "Software", "bitsandbytes", "Folders", "Verdict")
+SECTIONS = ("GPUs", "Driver", "Software", "bitsandbytes", "Faster kernels", "Folders", "Verdict")
 
 
 def _render(report) -> str:
@@ -38,6 +39,7 @@ def test_doctor_on_this_cpu_machine_reports_every_section_and_the_cpu_verdict(cp
     assert report.torch.cuda_build is None and report.torch.cuda_available is False
     assert report.bitsandbytes.imports and not report.bitsandbytes.four_bit_ok
     assert "needs an NVIDIA GPU" in report.bitsandbytes.message
+    assert not report.kernels.compiled_ok and "needs an NVIDIA GPU" in report.kernels.compiled
     assert report.verdict.startswith("No GPU: run the CPU demo")
     text = _render(report)
     for section in SECTIONS:
@@ -109,3 +111,43 @@ def test_torch_built_for_a_newer_cuda_than_the_driver_is_warned_about():
 
 def test_low_disk_is_warned_about_only_below_the_threshold():
     assert len(_disk_warnings({"runs": 5 * GIB, "model cache": 500 * GIB, "x": None})) == 1
+
+
+def test_the_compiled_backend_is_reported_with_why_not_and_what_to_install(monkeypatch):
+    """Triton missing (Windows: the package to install), or installed and failing to compile (a Triton made
+    for another torch): each is a line saying training uses the PyTorch path, with the compiler's reason."""
+    from tui_finetune.engine import backends, loading
+
+    monkeypatch.setattr(loading, "detect_device", lambda: loading.DeviceFacts(True, True, "NVIDIA GeForce RTX 3060"))
+    monkeypatch.setattr(backends, "cuda_capability", lambda: (8, 6))
+    monkeypatch.setattr(backends, "module_installed", lambda name: name != "triton")
+    monkeypatch.setattr(backends.sys, "platform", "win32")
+    missing = check_kernels(CUDA_TORCH)
+    assert not missing.compiled_ok and "pip install triton-windows" in missing.compiled
+    assert missing.compiled.endswith("training uses the PyTorch path")
+
+    class BackendCompilerFailed(Exception):  # what dynamo wraps the compiler's own error in
+        inner_exception = ImportError("cannot import name 'triton_key' from 'triton.compiler.compiler'")
+
+    def fail():
+        raise BackendCompilerFailed("backend='inductor' raised:")
+
+    monkeypatch.setattr(backends, "module_installed", lambda name: True)
+    monkeypatch.setattr(doctor, "_compile_a_small_function_on_the_gpu", fail)
+    failing = check_kernels(CUDA_TORCH)
+    assert not failing.compiled_ok and "torch.compile failed on the GPU" in failing.compiled
+    assert "ImportError: cannot import name 'triton_key'" in failing.compiled
+
+    monkeypatch.setattr(doctor, "_compile_a_small_function_on_the_gpu", lambda: None)
+    assert check_kernels(CUDA_TORCH).compiled_ok
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+def test_on_a_gpu_with_triton_the_doctor_compiles_for_real(monkeypatch, tmp_path):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TUI_FINETUNE_HOME", str(tmp_path))
+    import torch
+
+    kernels = check_kernels(TorchStatus(version=torch.__version__, cuda_build=torch.version.cuda, cuda_available=True))
+    assert kernels.compiled_ok, kernels.compiled

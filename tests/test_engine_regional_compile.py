@@ -99,7 +99,7 @@ def test_on_a_machine_without_triton_compiled_falls_back_to_the_universal_path_a
 
 
 def test_the_compiled_backend_loads_probes_and_trains_like_the_universal_path(tiny, monkeypatch):
-    monkeypatch.setattr(backends, "_needs_triton", lambda device: None)
+    monkeypatch.setattr(backends, "why_no_triton", lambda device: None)
     monkeypatch.setattr(CompiledBackend, "compiler", "aot_eager")
     loaded = load_for_training(tiny, _recipe(tiny, "compiled"), CPU)
     assert loaded.choice.name == "compiled" and "compiled" in loaded.choice.reason
@@ -117,7 +117,7 @@ def test_a_compiler_that_fails_on_the_probe_drops_the_backend(tiny, monkeypatch)
     def broken_compiler(graph, example_inputs):
         raise RuntimeError("triton: no kernel image for sm_61")
 
-    monkeypatch.setattr(backends, "_needs_triton", lambda device: None)
+    monkeypatch.setattr(backends, "why_no_triton", lambda device: None)
     monkeypatch.setattr(CompiledBackend, "compiler", staticmethod(broken_compiler))
     with pytest.raises(backends.BackendFailed) as failed:
         load_for_training(tiny, _recipe(tiny, "compiled"), CPU)

@@ -15,7 +15,7 @@ from tui_finetune.engine.doctor import DoctorReport, collect_doctor_report
 def run_doctor_command(args: argparse.Namespace | None = None) -> int:
     """Print the report. Exits 0 even on a CPU machine: the doctor informs, the verdict says what to do."""
     console = Console()
-    with console.status("Checking GPUs, PyTorch and bitsandbytes..."):
+    with console.status("Checking GPUs, PyTorch, bitsandbytes and Triton..."):
         report = collect_doctor_report()
     console.print(render_doctor_report(report))
     return 0
@@ -46,6 +46,7 @@ def render_doctor_report(report: DoctorReport) -> Table:
                 if name not in ("torch", "bitsandbytes")]
     section("Software", [("Python", report.python), ("OS", report.os), ("torch", torch_line), *packages])
     section("bitsandbytes", [("status", report.bitsandbytes.message)])
+    section("Faster kernels", [("compiled", report.kernels.compiled), ("Unsloth", report.kernels.unsloth)])
     folders = [(name, str(path)) for name, path in report.folders.items()]
     disk = [(f"free ({name})", format_gb(free) if free is not None else "unknown")
             for name, free in report.disk_free_bytes.items()]

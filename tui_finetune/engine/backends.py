@@ -25,6 +25,7 @@ import gc
 import importlib.util
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -188,14 +189,18 @@ class UniversalBackend(Backend):
         return model(**inputs).loss
 
 
-def _needs_triton(device: DeviceFacts) -> str | None:
+def why_no_triton(device: DeviceFacts) -> str | None:
+    """Why Triton's kernels (the compiled, Liger and Unsloth backends) can't run here, or None; the doctor
+    says it too (engine/doctor.py)."""
     capability = cuda_capability()
     if not device.has_cuda or capability is None:
         return "needs an NVIDIA GPU"
     if capability < TRITON_MIN_CAPABILITY:
         return f"needs compute capability 7.0 or newer for Triton (this card is {capability[0]}.{capability[1]})"
     if not module_installed("triton"):
-        return "Triton is not installed (it is not available on every platform, e.g. Windows)"
+        if sys.platform == "win32":
+            return "Triton is not installed (on Windows: pip install triton-windows, the release made for this torch)"
+        return "Triton is not installed"
     return None
 
 
@@ -206,7 +211,7 @@ class LigerBackend(UniversalBackend):
     def unavailable(self, model_type: str, recipe: RecipeSpec, device: DeviceFacts) -> str | None:
         if not module_installed("liger_kernel"):
             return "not installed (pip install 'tui-finetune[liger]')"
-        reason = _needs_triton(device)
+        reason = why_no_triton(device)
         if reason:
             return reason
         try:
@@ -251,7 +256,7 @@ class CompiledBackend(UniversalBackend):
     """torch.compile's backend; the CPU tests trace the same graphs with ``aot_eager``."""
 
     def unavailable(self, model_type: str, recipe: RecipeSpec, device: DeviceFacts) -> str | None:
-        return _needs_triton(device) or super().unavailable(model_type, recipe, device)
+        return why_no_triton(device) or super().unavailable(model_type, recipe, device)
 
     def load(self, folder: Path, recipe: RecipeSpec, device: DeviceFacts) -> Any:
         from tui_finetune.core.paths import inductor_cache_dir
@@ -279,7 +284,7 @@ class UnslothBackend(Backend):
     def unavailable(self, model_type: str, recipe: RecipeSpec, device: DeviceFacts) -> str | None:
         if not module_installed("unsloth"):
             return "not installed (pip install 'tui-finetune[unsloth]')"
-        reason = _needs_triton(device)
+        reason = why_no_triton(device)
         if reason:
             return reason
         if _unsloth_import_error:
