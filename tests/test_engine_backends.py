@@ -16,7 +16,7 @@ import torch
 
 from engine_tiny import build_tiny_llama
 from tui_finetune.core.recipe import RecipeSpec
-from tui_finetune.engine import backends
+from tui_finetune.engine import backends, kernel_support
 from tui_finetune.engine.backends import BACKENDS, UniversalBackend, candidates, load_for_training
 from tui_finetune.engine.loading import DeviceFacts
 
@@ -179,8 +179,8 @@ def test_the_universal_path_failing_is_an_error_not_a_fallback(tiny, monkeypatch
 
 
 def test_unsloth_is_passed_over_for_architectures_it_lacks_full_fine_tuning_and_packing(monkeypatch):
-    monkeypatch.setattr(backends, "module_installed", lambda name: True)
-    monkeypatch.setattr(backends, "why_no_triton", lambda device: None)
+    monkeypatch.setattr(kernel_support, "module_installed", lambda name: True)
+    monkeypatch.setattr(kernel_support, "why_no_triton", lambda has_cuda: None)
     unsloth = BACKENDS["unsloth"]
     recipe = RecipeSpec(model="x")
     assert unsloth.unavailable("mistral", recipe, CPU) is None
@@ -193,14 +193,30 @@ def test_unsloth_is_passed_over_for_architectures_it_lacks_full_fine_tuning_and_
 
 
 def test_triton_backends_need_a_volta_or_newer_card(monkeypatch):
-    monkeypatch.setattr(backends, "cuda_capability", lambda: (6, 1))
+    monkeypatch.setattr(kernel_support, "cuda_capability", lambda: (6, 1))
     gpu = DeviceFacts(has_cuda=True, supports_bf16=False, name="GeForce GTX 1080")
-    assert "compute capability 7.0" in backends.why_no_triton(gpu)
-    monkeypatch.setattr(backends, "cuda_capability", lambda: (8, 6))
-    monkeypatch.setattr(backends, "module_installed", lambda name: name != "triton")
-    assert "Triton is not installed" in backends.why_no_triton(gpu)
-    monkeypatch.setattr(backends.sys, "platform", "win32")  # where torch comes without it: say what to install
-    assert "pip install triton-windows" in backends.why_no_triton(gpu)
+    assert "compute capability 7.0" in kernel_support.why_no_triton(gpu.has_cuda)
+    monkeypatch.setattr(kernel_support, "cuda_capability", lambda: (8, 6))
+    monkeypatch.setattr(kernel_support, "module_installed", lambda name: name != "triton")
+    assert "Triton is not installed" in kernel_support.why_no_triton(gpu.has_cuda)
+    monkeypatch.setattr(kernel_support.sys, "platform", "win32")  # where torch comes without it: say what to install
+    windows = kernel_support.why_no_triton(gpu.has_cuda)
+    assert "pip install" in windows and "triton-windows" in windows
+
+
+def test_the_triton_windows_release_named_is_the_one_this_torch_was_built_with(monkeypatch):
+    """torch's metadata pins Triton (Linux wheels install it); triton-windows follows its minor versions."""
+    import importlib.metadata
+
+    pinned = [line for line in importlib.metadata.requires("torch") or [] if line.startswith("triton")]
+    if pinned:  # a CUDA-capable torch wheel
+        minor = pinned[0].split("==")[1].split(".")[:2]
+        assert kernel_support.triton_windows_requirement() == (
+            f'"triton-windows>={minor[0]}.{minor[1]},<{minor[0]}.{int(minor[1]) + 1}"')
+    monkeypatch.setattr(importlib.metadata, "requires", lambda name: ['triton==3.7.1; platform_system == "Linux"'])
+    assert kernel_support.triton_windows_requirement() == '"triton-windows>=3.7,<3.8"'
+    monkeypatch.setattr(importlib.metadata, "requires", lambda name: ["filelock"])  # a build that names none
+    assert kernel_support.triton_windows_requirement() == "triton-windows"
 
 
 def test_model_loss_backends_let_the_trainer_scale_for_accumulation():
@@ -256,8 +272,8 @@ def test_unsloths_compiled_cache_goes_to_our_cache_folder_not_the_run_folder(tmp
     monkeypatch.setenv("TUI_FINETUNE_CACHE", str(tmp_path / "cache"))
     unset_until_teardown(monkeypatch, "UNSLOTH_COMPILE_LOCATION", "UNSLOTH_COMPILE_DISABLE")
     monkeypatch.setattr(backends, "_unsloth_import_error", None)
-    monkeypatch.setattr(backends, "module_installed", lambda name: True)  # as on a GPU box with the extra
-    monkeypatch.setattr(backends, "cuda_capability", lambda: (8, 9))
+    monkeypatch.setattr(kernel_support, "module_installed", lambda name: True)  # as on a GPU box with the extra
+    monkeypatch.setattr(kernel_support, "cuda_capability", lambda: (8, 9))
     monkeypatch.setitem(__import__("sys").modules, "unsloth", None)  # its import fails here: recorded, not raised
     backends.prepare_process("auto")
     import os
@@ -272,8 +288,8 @@ def test_gemma_gets_unsloths_compiler_off_before_unsloth_imports_and_others_keep
     monkeypatch.setenv("TUI_FINETUNE_CACHE", str(tmp_path / "cache"))
     unset_until_teardown(monkeypatch, "UNSLOTH_COMPILE_LOCATION", "UNSLOTH_COMPILE_DISABLE")
     monkeypatch.setattr(backends, "_unsloth_import_error", None)
-    monkeypatch.setattr(backends, "module_installed", lambda name: True)
-    monkeypatch.setattr(backends, "cuda_capability", lambda: (8, 9))
+    monkeypatch.setattr(kernel_support, "module_installed", lambda name: True)
+    monkeypatch.setattr(kernel_support, "cuda_capability", lambda: (8, 9))
     monkeypatch.setitem(__import__("sys").modules, "unsloth", None)
     import os
 

@@ -116,14 +116,13 @@ def test_low_disk_is_warned_about_only_below_the_threshold():
 def test_the_compiled_backend_is_reported_with_why_not_and_what_to_install(monkeypatch):
     """Triton missing (Windows: the package to install), or installed and failing to compile (a Triton made
     for another torch): each is a line saying training uses the PyTorch path, with the compiler's reason."""
-    from tui_finetune.engine import backends, loading
+    from tui_finetune.engine import kernel_support
 
-    monkeypatch.setattr(loading, "detect_device", lambda: loading.DeviceFacts(True, True, "NVIDIA GeForce RTX 3060"))
-    monkeypatch.setattr(backends, "cuda_capability", lambda: (8, 6))
-    monkeypatch.setattr(backends, "module_installed", lambda name: name != "triton")
-    monkeypatch.setattr(backends.sys, "platform", "win32")
+    monkeypatch.setattr(kernel_support, "cuda_capability", lambda: (8, 6))
+    monkeypatch.setattr(kernel_support, "module_installed", lambda name: name != "triton")
+    monkeypatch.setattr(kernel_support.sys, "platform", "win32")
     missing = check_kernels(CUDA_TORCH)
-    assert not missing.compiled_ok and "pip install triton-windows" in missing.compiled
+    assert not missing.compiled_ok and "triton-windows" in missing.compiled
     assert missing.compiled.endswith("training uses the PyTorch path")
 
     class BackendCompilerFailed(Exception):  # what dynamo wraps the compiler's own error in
@@ -132,7 +131,7 @@ def test_the_compiled_backend_is_reported_with_why_not_and_what_to_install(monke
     def fail():
         raise BackendCompilerFailed("backend='inductor' raised:")
 
-    monkeypatch.setattr(backends, "module_installed", lambda name: True)
+    monkeypatch.setattr(kernel_support, "module_installed", lambda name: True)
     monkeypatch.setattr(doctor, "_compile_a_small_function_on_the_gpu", fail)
     failing = check_kernels(CUDA_TORCH)
     assert not failing.compiled_ok and "torch.compile failed on the GPU" in failing.compiled

@@ -16,7 +16,7 @@ from torch._dynamo.utils import counters
 from engine_tiny import build_tiny_llama
 from test_engine_kept_layers import config_dict, lora_model
 from tui_finetune.core.recipe import RecipeSpec
-from tui_finetune.engine import backends, regional_compile
+from tui_finetune.engine import backends, kernel_support, regional_compile
 from tui_finetune.engine.backends import BACKENDS, CompiledBackend, load_for_training
 from tui_finetune.engine.loading import DeviceFacts
 from tui_finetune.engine.memory_techniques import keep_activations
@@ -99,7 +99,7 @@ def test_on_a_machine_without_triton_compiled_falls_back_to_the_universal_path_a
 
 
 def test_the_compiled_backend_loads_probes_and_trains_like_the_universal_path(tiny, monkeypatch):
-    monkeypatch.setattr(backends, "why_no_triton", lambda device: None)
+    monkeypatch.setattr(kernel_support, "why_no_triton", lambda has_cuda: None)
     monkeypatch.setattr(CompiledBackend, "compiler", "aot_eager")
     loaded = load_for_training(tiny, _recipe(tiny, "compiled"), CPU)
     assert loaded.choice.name == "compiled" and "compiled" in loaded.choice.reason
@@ -117,7 +117,7 @@ def test_a_compiler_that_fails_on_the_probe_drops_the_backend(tiny, monkeypatch)
     def broken_compiler(graph, example_inputs):
         raise RuntimeError("triton: no kernel image for sm_61")
 
-    monkeypatch.setattr(backends, "why_no_triton", lambda device: None)
+    monkeypatch.setattr(kernel_support, "why_no_triton", lambda has_cuda: None)
     monkeypatch.setattr(CompiledBackend, "compiler", staticmethod(broken_compiler))
     with pytest.raises(backends.BackendFailed) as failed:
         load_for_training(tiny, _recipe(tiny, "compiled"), CPU)

@@ -22,10 +22,8 @@ events, checkpoints, resume and stop are the same.
 from __future__ import annotations
 
 import gc
-import importlib.util
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +32,7 @@ import torch
 
 from tui_finetune.core.events import first_line
 from tui_finetune.core.recipe import MemorySpec, RecipeSpec
-from tui_finetune.engine import memory_techniques
+from tui_finetune.engine import kernel_support, memory_techniques
 from tui_finetune.engine.loading import DeviceFacts, add_lora, compute_dtype, load_base_model
 
 AUTO_ORDER = ("unsloth", "compiled", "universal")
@@ -45,8 +43,6 @@ without it (Windows without triton-windows, a pre-Volta card) ``auto`` is the un
 Liger is left to an explicit ``memory.backend = "liger"``: on an H100 and an H200
 it ran within 2% of the universal path's speed, with memory between 4% less and 4% more (benchmarks/
 results/goals.md), so it added a patched model for no measured gain."""
-TRITON_MIN_CAPABILITY = (7, 0)
-"""Triton (so Liger and Unsloth) needs a Volta or newer card; GTX 10xx cards are 6.1."""
 UNSLOTH_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 UNSLOTH_UNCOMPILED = frozenset({"gemma"})
 """``model_type`` values that Unsloth trains with its compiler off (``UNSLOTH_COMPILE_DISABLE=1``, set
@@ -59,23 +55,13 @@ slower universal path. Compiler off, Unsloth ran Gemma-2B QLoRA at 1.53x our uni
 _unsloth_import_error: str | None = None
 
 
-def module_installed(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def cuda_capability() -> tuple[int, int] | None:
-    return torch.cuda.get_device_capability() if torch.cuda.is_available() else None
-
-
 def prepare_process(setting: str, excluded: dict[str, str] | None = None, model_type: str = "") -> None:
     """Import Unsloth now if this run may use it: it patches transformers and peft, so it must be
     imported before them. Call first thing in the worker (or a benchmark child). ``model_type``
     (``model_type_before_loading``) decides its compiler (UNSLOTH_UNCOMPILED)."""
     global _unsloth_import_error
-    if setting not in ("auto", "unsloth") or not module_installed("unsloth") or cuda_capability() is None:
+    if (setting not in ("auto", "unsloth") or not kernel_support.module_installed("unsloth")
+            or kernel_support.cuda_capability() is None):
         return
     if "unsloth" in (excluded or {}):
         return
@@ -189,29 +175,14 @@ class UniversalBackend(Backend):
         return model(**inputs).loss
 
 
-def why_no_triton(device: DeviceFacts) -> str | None:
-    """Why Triton's kernels (the compiled, Liger and Unsloth backends) can't run here, or None; the doctor
-    says it too (engine/doctor.py)."""
-    capability = cuda_capability()
-    if not device.has_cuda or capability is None:
-        return "needs an NVIDIA GPU"
-    if capability < TRITON_MIN_CAPABILITY:
-        return f"needs compute capability 7.0 or newer for Triton (this card is {capability[0]}.{capability[1]})"
-    if not module_installed("triton"):
-        if sys.platform == "win32":
-            return "Triton is not installed (on Windows: pip install triton-windows, the release made for this torch)"
-        return "Triton is not installed"
-    return None
-
-
 class LigerBackend(UniversalBackend):
     name = "liger"
     allocates_like_universal = False  # its Triton kernels keep other tensors than the eager ops they replace
 
     def unavailable(self, model_type: str, recipe: RecipeSpec, device: DeviceFacts) -> str | None:
-        if not module_installed("liger_kernel"):
+        if not kernel_support.module_installed("liger_kernel"):
             return "not installed (pip install 'tui-finetune[liger]')"
-        reason = why_no_triton(device)
+        reason = kernel_support.why_no_triton(device.has_cuda)
         if reason:
             return reason
         try:
@@ -256,7 +227,7 @@ class CompiledBackend(UniversalBackend):
     """torch.compile's backend; the CPU tests trace the same graphs with ``aot_eager``."""
 
     def unavailable(self, model_type: str, recipe: RecipeSpec, device: DeviceFacts) -> str | None:
-        return why_no_triton(device) or super().unavailable(model_type, recipe, device)
+        return kernel_support.why_no_triton(device.has_cuda) or super().unavailable(model_type, recipe, device)
 
     def load(self, folder: Path, recipe: RecipeSpec, device: DeviceFacts) -> Any:
         from tui_finetune.core.paths import inductor_cache_dir
@@ -282,9 +253,9 @@ class UnslothBackend(Backend):
     probes = False
 
     def unavailable(self, model_type: str, recipe: RecipeSpec, device: DeviceFacts) -> str | None:
-        if not module_installed("unsloth"):
+        if not kernel_support.module_installed("unsloth"):
             return "not installed (pip install 'tui-finetune[unsloth]')"
-        reason = why_no_triton(device)
+        reason = kernel_support.why_no_triton(device.has_cuda)
         if reason:
             return reason
         if _unsloth_import_error:

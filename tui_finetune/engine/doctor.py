@@ -150,10 +150,9 @@ def check_kernels(torch_status: TorchStatus) -> KernelsStatus:
                else "not installed (optional: pip install 'tui-finetune[unsloth]')")
     if not torch_status.cuda_available:
         return KernelsStatus(compiled="needs an NVIDIA GPU that PyTorch can use", unsloth=unsloth)
-    from tui_finetune.engine.backends import why_no_triton
-    from tui_finetune.engine.loading import detect_device
+    from tui_finetune.engine.kernel_support import why_no_triton
 
-    missing = why_no_triton(detect_device())
+    missing = why_no_triton(has_cuda=True)
     if missing:
         return KernelsStatus(compiled=f"not available: {missing}; training uses the PyTorch path", unsloth=unsloth)
     try:
