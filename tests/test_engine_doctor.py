@@ -141,11 +141,30 @@ def test_the_compiled_backend_is_reported_with_why_not_and_what_to_install(monke
     assert check_kernels(CUDA_TORCH).compiled_ok
 
 
+def test_the_kernels_check_never_raises_and_unsloth_is_said_usable_only_where_triton_is(monkeypatch):
+    from tui_finetune.engine import kernel_support
+
+    def busy():
+        raise RuntimeError("CUDA error: all CUDA-capable devices are busy or unavailable")
+
+    monkeypatch.setattr(kernel_support, "cuda_capability", busy)
+    monkeypatch.setattr(doctor, "_dist_version", lambda name: "2026.10.9" if name == "unsloth" else None)
+    queried = check_kernels(CUDA_TORCH)
+    assert not queried.compiled_ok and "couldn't be queried (RuntimeError: CUDA error" in queried.compiled
+    assert queried.unsloth.startswith("2026.10.9 installed, but not usable here")
+    assert "needs an NVIDIA GPU" in check_kernels(TorchStatus(version="2.13.0+cpu")).unsloth
+    monkeypatch.setattr(kernel_support, "cuda_capability", lambda: (8, 9))
+    monkeypatch.setattr(kernel_support, "module_installed", lambda name: True)
+    monkeypatch.setattr(doctor, "_compile_a_small_function_on_the_gpu", lambda: None)
+    assert check_kernels(CUDA_TORCH).unsloth == "2026.10.9 installed: auto uses its kernels for the models it supports"
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
 def test_on_a_gpu_with_triton_the_doctor_compiles_for_real(monkeypatch, tmp_path):
     pytest.importorskip("triton")
     monkeypatch.setenv("TUI_FINETUNE_HOME", str(tmp_path))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # the check sets it; teardown takes it back
     import torch
 
     kernels = check_kernels(TorchStatus(version=torch.__version__, cuda_build=torch.version.cuda, cuda_available=True))

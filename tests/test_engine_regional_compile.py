@@ -125,3 +125,17 @@ def test_a_compiler_that_fails_on_the_probe_drops_the_backend(tiny, monkeypatch)
     assert not torch._dynamo.config.suppress_errors
     assert "compiled" in BACKENDS and backends.candidates("compiled") == ["compiled", "universal"]
 
+
+
+def test_an_oom_in_the_compiled_probe_drops_the_backend_rather_than_refusing_the_run(tiny, monkeypatch):
+    """The weights loaded; only the probe ran out. The universal path has no probe, and its fit-check's OOM
+    can still move the embedding or shorten rows, so this is the backend's failure, not the card's refusal."""
+    def out_of_memory(graph, example_inputs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+
+    monkeypatch.setattr(kernel_support, "why_no_triton", lambda has_cuda: None)
+    monkeypatch.setattr(CompiledBackend, "compiler", staticmethod(out_of_memory))
+    with pytest.raises(backends.BackendFailed) as failed:
+        load_for_training(tiny, _recipe(tiny, "compiled"), CPU)
+    assert failed.value.name == "compiled"
+    assert failed.value.reason.startswith("CUDA out of memory in its probe step: CUDA out of memory. Tried")

@@ -158,8 +158,8 @@ def test_an_oom_in_training_on_an_accelerated_backend_restarts_on_the_universal_
 def test_an_oom_on_the_compiled_backend_shrinks_the_batch_and_drops_it_only_at_micro_batch_1(
         tiny, tmp_path, monkeypatch):
     """The compiled backend allocates like the universal path, so an OOM is answered as there: the batch
-    shrinks and the run keeps its speed. Only when nothing is left to shrink is it dropped, before the
-    sequence would be cut."""
+    shrinks and the run keeps its speed. At micro-batch 1 the input embedding goes to CPU RAM first (it
+    cuts no row); only then is the backend dropped, before the sequence would be cut."""
     from tui_finetune.engine import worker
     from tui_finetune.engine.backends import BACKENDS, CompiledBackend, UniversalBackend
 
@@ -195,7 +195,9 @@ def test_an_oom_on_the_compiled_backend_shrinks_the_batch_and_drops_it_only_at_m
         worker.Worker(run_dir).run()
     info = read_run_info(run_dir)
     assert execs and info.oom_shrinks == [] and list(info.backend_failures) == ["compiled"]
-    assert info.backend_failures["compiled"].startswith("CUDA out of memory in the fit-check")
+    assert info.backend_failures["compiled"].startswith("CUDA out of memory in the fit-check at micro-batch 1")
+    assert any("embeddings_on_cpu" in change for change in info.autofit)  # the lever tried before the drop
+    assert not any("seq_len" in change for change in info.autofit)  # no row was cut
 
 
 def _unprobed_liger(loss):

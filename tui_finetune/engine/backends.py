@@ -239,7 +239,12 @@ class CompiledBackend(UniversalBackend):
         try:  # compiles now: a compiler that fails here drops the backend
             probe_step(model, self, recipe.memory)
         except Exception as err:
+            from tui_finetune.engine.training import is_oom
+
             inner = regional_compile.compiler_error(err)
+            if is_oom(inner):  # the weights fit; the universal path has no probe, and its fit-check's OOM
+                raise BackendFailed(self.name, "CUDA out of memory in its probe step: "  # moves the embedding
+                                    + first_line(inner)) from None  # to CPU RAM or shortens rows instead
             if inner is err:
                 raise
             raise inner from err
@@ -384,6 +389,8 @@ def load_for_training(folder: Path, recipe: RecipeSpec, device: DeviceFacts,
             model = backend.load(folder, recipe, device)
             if name != "universal" and backend.probes:
                 probe_step(model, backend, recipe.memory)
+        except BackendFailed:  # a backend's own verdict (compiled: out of memory in its probe)
+            raise
         except Exception as err:  # noqa: BLE001 - any failure of an accelerated backend means: fall back
             if is_oom(err) or name == "universal":
                 raise

@@ -141,18 +141,20 @@ def check_bitsandbytes(torch_status: TorchStatus, hardware: HardwareReport) -> B
 
 
 def check_kernels(torch_status: TorchStatus) -> KernelsStatus:
-    """Can ``auto`` train on the compiled backend (1.5-1.9x the PyTorch path on a tight card) or Unsloth?
-    For the compiled one, a real compile on the GPU: a Triton that installs but wasn't made for this torch
+    """Can ``auto`` train on the compiled backend (engine/backends.py ``AUTO_ORDER``) or on Unsloth? For the
+    compiled one, a real compile on the GPU: a Triton that installs but wasn't made for this torch
     (triton-windows is pinned per torch release) fails only when it compiles. Unsloth is only looked up,
     never imported: importing it patches transformers for the whole process."""
-    unsloth_version = _dist_version("unsloth")
-    unsloth = (f"{unsloth_version} installed: auto uses its kernels for the models it supports" if unsloth_version
-               else "not installed (optional: pip install 'tui-finetune[unsloth]')")
     if not torch_status.cuda_available:
-        return KernelsStatus(compiled="needs an NVIDIA GPU that PyTorch can use", unsloth=unsloth)
-    from tui_finetune.engine.kernel_support import why_no_triton
+        missing: str | None = "needs an NVIDIA GPU that PyTorch can use"
+    else:
+        try:  # reading the card's capability starts CUDA, which can fail (a card another process holds)
+            from tui_finetune.engine.kernel_support import why_no_triton
 
-    missing = why_no_triton(has_cuda=True)
+            missing = why_no_triton(has_cuda=True)
+        except Exception as exc:  # noqa: BLE001 - no check may raise
+            missing = f"the card couldn't be queried ({_one_line(exc)})"
+    unsloth = _unsloth_line(missing)
     if missing:
         return KernelsStatus(compiled=f"not available: {missing}; training uses the PyTorch path", unsloth=unsloth)
     try:
@@ -167,7 +169,18 @@ def check_kernels(torch_status: TorchStatus) -> KernelsStatus:
                          compiled="works (torch.compile with Triton on the GPU): auto compiles each decoder layer")
 
 
+def _unsloth_line(no_triton: str | None) -> str:
+    version = _dist_version("unsloth")
+    if not version:
+        return "not installed (optional: pip install 'tui-finetune[unsloth]')"
+    if no_triton:
+        return f"{version} installed, but not usable here: {no_triton}"
+    return f"{version} installed: auto uses its kernels for the models it supports"
+
+
 def _compile_a_small_function_on_the_gpu() -> None:
+    """With dynamo's ``suppress_errors`` off: on (the user's TORCHDYNAMO_SUPPRESS_ERRORS, or a process where
+    the compiled backend loaded), a failing compiler would run eager and pass for one that works."""
     import torch
 
     from tui_finetune.core.paths import inductor_cache_dir
@@ -178,7 +191,8 @@ def _compile_a_small_function_on_the_gpu() -> None:
         return torch.nn.functional.silu(x) * x + 1.0
 
     x = torch.randn(64, 64, device="cuda")
-    compiled = torch.compile(fused, backend="inductor")(x)
+    with torch._dynamo.config.patch(suppress_errors=False), contextlib.redirect_stderr(io.StringIO()):
+        compiled = torch.compile(fused, backend="inductor")(x)
     if not torch.allclose(compiled, fused(x), atol=1e-4):
         raise RuntimeError("the compiled function's result differs from eager's")
 

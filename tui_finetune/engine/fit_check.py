@@ -7,7 +7,7 @@ backward) on the ``micro_batch`` longest rows, collated as training collates the
 flattened into one row when packing), then the optimizer's step, so its states exist as they will
 after the first real step. Nothing is estimated or held on the side. An out-of-memory propagates out
 of ``train()`` like one in a real step, and the worker's one recovery rule handles both
-(engine/worker.py): an accelerated backend is dropped, then the micro-batch shrinks, then a fresh
+(engine/training_loop.py): Liger or Unsloth is dropped, then the micro-batch shrinks, then a fresh
 run's sequence is halved.
 
 It leaves no trace: the LoRA weights and the optimizer's state are put back as they were (a resumed

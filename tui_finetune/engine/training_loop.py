@@ -10,7 +10,7 @@ begins, so an out-of-memory there and one in any later step reach the same handl
    worker records it and restarts on the universal path, as after a backend failure, before anything else
    shrinks (``auto`` must not keep a backend the fit-check can't prove on this card); the compiled backend
    allocates like the universal path (``Backend.allocates_like_universal``), so it is dropped only at
-   micro-batch 1, before the sequence would be cut; for a backend without the generic probe step (Unsloth,
+   micro-batch 1, before the run would give up or cut rows (after the embedding move of step 4); for a backend without the generic probe step (Unsloth,
    compiled: ``backends.Backend.probes``) any failure in the fit-check drops it too;
 3. else the micro-batch shrinks and the accumulation grows by the same factor (``next_micro_batch``:
    the effective batch stays exactly the same), written to the run's recipe.toml
@@ -83,10 +83,11 @@ class TrainingLoop:
         """Trainer.train, which fit-checks the longest batch first (engine/fit_check.py); the Trainer that
         finished, or None when a stop ended training early.
 
-        One rule for a CUDA OOM, in the fit-check or in any later step: kept layers recompute again; else an
-        accelerated backend is dropped (the worker restarts on the universal path, as after a backend failure); else the
-        micro-batch shrinks and the accumulation grows by the same factor, and training goes on from
-        the last checkpoint; at micro-batch 1 with no checkpoint yet, ``SequenceTooLong``.
+        One rule for a CUDA OOM, in the fit-check or in any later step (the module docstring has it whole):
+        kept layers recompute again; else Liger or Unsloth is dropped (the worker restarts on the universal
+        path, as after a backend failure); else the micro-batch shrinks and the accumulation grows by the same
+        factor, and training goes on from the last checkpoint; at micro-batch 1 with no checkpoint yet,
+        ``SequenceTooLong``.
         """
         recipe, run_dir, self.data, self.total_steps = self.recipe, self.run_dir, data, total_steps
         checkpoints = run_dir / CHECKPOINTS_DIR
@@ -132,7 +133,7 @@ class TrainingLoop:
                 resume = find_resume_checkpoint(checkpoints).path
                 where = "the fit-check" if in_check else "training"
                 relieved = recompute_every_layer(self.run_dir, recipe, model, self.log, where)
-                if relieved is None and self._drops_backend_after_oom(recipe):
+                if relieved is None and self._drops_backend_after_oom(recipe, resume):
                     self.restart_without(BackendFailed(self.backend.name, f"CUDA out of memory in {where}: "
                                                         f"{first_line(err)}"))
                 if relieved is not None:  # first undo what the room was spent on; micro-batch and backend stay
@@ -168,14 +169,15 @@ class TrainingLoop:
         self.log.emit(PhaseEvent(phase="train", message=train_message))
         reset_phase_peak()
 
-    def _drops_backend_after_oom(self, recipe: RecipeSpec) -> bool:
+    def _drops_backend_after_oom(self, recipe: RecipeSpec, resume: Path | None) -> bool:
         """Rule 2: an accelerated backend that allocates differently from the universal path is dropped before
-        anything shrinks; one that allocates like it (compiled) only when the micro-batch can't shrink, so
-        the sequence is never cut where the universal path might still fit it."""
+        anything shrinks; one that allocates like it (compiled) only where the run would otherwise give up:
+        at micro-batch 1 once a checkpoint fixes the length. Without a checkpoint the worker first moves the
+        input embedding to CPU RAM, and drops it before it would cut rows (``worker.Worker``'s SequenceTooLong)."""
         backend = self.backend
         if backend is None or backend.name == "universal":
             return False
-        return not backend.allocates_like_universal or recipe.train.micro_batch <= 1
+        return not backend.allocates_like_universal or (recipe.train.micro_batch <= 1 and resume is not None)
 
     def shrink_after_oom(self, err: BaseException, in_check: bool = False) -> RecipeSpec:
         """The one shrink rule after an OOM (``recipe_refit.shrink_micro_batch``): the recipe in effect, with a

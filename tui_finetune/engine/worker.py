@@ -9,8 +9,9 @@ on an interrupted run resumes from the newest valid checkpoint (or the one ``res
 recorded in run.json), after checking that the recipe, model and data are those it was saved with.
 On a GPU, a fresh run's recipe is first fitted to the free VRAM (auto-fit, engine/recipe_refit.py). Training
 (engine/training_loop.py) fit-checks the longest batch with the run's own training step before the
-first step, and recovers from a CUDA OOM anywhere in it: an accelerated backend is dropped (this process
-re-executes itself without it), else the micro-batch shrinks with the effective batch unchanged. The
+first step, and recovers from a CUDA OOM anywhere in it by its one rule (engine/training_loop.py): Liger or
+Unsloth is dropped (this process re-executes itself without it), else the micro-batch shrinks with the
+effective batch unchanged, and the compiled backend only goes where the run would otherwise cut rows. The
 adapter is saved before anything else happens after training, and evaluation and the samples can
 fail without failing the run (engine/post_training.py).
 
@@ -287,6 +288,9 @@ class Worker:
                     recipe, data, total_steps = moved, loop.data, loop.total_steps  # of the batch in effect
                     self.recipe = recipe
                     continue
+                if self.backend.name != "universal":  # compiled (the others went first): its speed before any row
+                    self._restart_without(backends.BackendFailed(
+                        self.backend.name, f"CUDA out of memory in {err.where} at micro-batch 1: {err.error}"))
                 recipe = self.recipe = recipe_refit.shorten_sequence(run_dir, loop.recipe, err.longest, err.error,
                                                                      self.log, err.where)
                 data = self._prepare_data(tokenizer)
