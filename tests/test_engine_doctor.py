@@ -54,6 +54,7 @@ def test_doctor_lists_versions_folders_and_free_disk(cpu_report):
     assert report.torch.version == torch.__version__ and report.torch.error is None
     for name in ("transformers", "peft", "datasets", "textual"):  # None where it is missing (a bare GPU image)
         assert report.packages[name] == _installed_version(name)
+    assert report.packages["transformers"], "the engine's own dependency is installed wherever this test runs"
     assert report.folders["runs"] == home / "runs" and report.folders["settings"] == home / "config"
     assert not (home / "runs").exists(), "the doctor must not create folders"
     assert report.disk_free_bytes["runs"] and report.disk_free_bytes["runs"] > 0
