@@ -37,6 +37,7 @@ BASELINE_H200 = "H200, transformers 5.17 + peft 0.21.2 + bitsandbytes 0.50.2 (is
 PROBE_H200 = "H200, plain-PyTorch feasibility probe (issue #7)"
 LEAN_H100 = "H100 2026-11-26, torch 2.11, transformers 5.17, peft 0.21.2, bitsandbytes 0.50.2"
 LEAN_H200 = "H200 2026-11-26, torch 2.11, transformers 5.17, peft 0.21.2, bitsandbytes 0.50.2"
+H200_DEC = "H200 2026-12-02/03, torch 2.11, triton 3.6, transformers 5.17, peft 0.21.2, unsloth 2026.10.9"
 CALIBRATION: list[tuple[str, str, int, int, str, float, str]] = [
     ("mistral-7b", "qlora", 2048, 1, "baseline", 9.18, BASELINE_H200),
     ("mistral-7b", "qlora", 4096, 1, "baseline", 18.37, BASELINE_H200),
@@ -85,6 +86,14 @@ CALIBRATION: list[tuple[str, str, int, int, str, float, str]] = [
     ("gemma-2b", "qlora", 2048, 1, "unsloth", 3.01, LEAN_H100),
     ("mistral-7b", "qlora", 2048, 1, "unsloth", 4.96, LEAN_H100),
     ("llama-3.1-8b", "qlora", 2048, 1, "unsloth", 5.83, LEAN_H100),
+    # Sessions 9-11: the compiled backend, and the Unsloth backend again (benchmarks/results/i14-compiled-*.md,
+    # i14-s11-*.md); Gemma and Phi-2 under a 3.55 GiB cap, the 7-8B models under 15.55 GiB.
+    ("gemma-2b", "qlora", 1024, 1, "compiled", 2.87, H200_DEC),
+    ("phi-2", "qlora", 2048, 1, "compiled", 2.95, H200_DEC),
+    ("mistral-7b", "qlora", 2048, 1, "compiled", 5.93, H200_DEC),
+    ("llama-3.1-8b", "qlora", 2048, 1, "compiled", 7.27, H200_DEC),
+    ("mistral-7b", "qlora", 2048, 1, "unsloth", 5.03, H200_DEC),
+    ("llama-3.1-8b", "qlora", 2048, 1, "unsloth", 6.47, H200_DEC),
 ]
 
 
@@ -102,7 +111,7 @@ def _calibration_profile(name: str):
         return profile_from_memory(MemorySpec(adapter_dtype="compute", offload_activations=True, mlp_chunk_tokens=-1))
     if name == "lean+offload+chunks":
         return profile_from_memory(MemorySpec(adapter_dtype="compute", offload_activations=True))
-    if name in ("liger", "unsloth"):  # our engine on that backend, default recipe
+    if name in ("liger", "unsloth", "compiled"):  # our engine on that backend, default recipe
         return profile_from_memory(MemorySpec(backend=name))
     return profile_named(name)
 
