@@ -64,6 +64,8 @@ def test_detached_run_completes_and_leaves_the_documented_run_folder(tiny, tmp_p
     # after-sample, and the final evaluation already ran at step 12 (every_steps divides 12)
     # the second tokenize is the line that says how the rows were grouped (data.group_by_length, the default)
     assert phases == ["download", "load", "tokenize", "tokenize", "sample", "fit", "train", "save", "sample", "done"]
+    load = next(e for e in events_of(run_dir, PhaseEvent) if e.phase == "load")
+    assert load.message.startswith("loading ") and "compil" not in load.message  # universal compiles nothing
     grouping = [e.message for e in events_of(run_dir, PhaseEvent) if e.phase == "tokenize"][1]
     assert grouping.startswith("grouping: ") and "padded tokens" in grouping
     fit = next(e for e in events_of(run_dir, PhaseEvent) if e.phase == "fit")

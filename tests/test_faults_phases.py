@@ -165,6 +165,7 @@ def test_an_oom_on_the_compiled_backend_shrinks_the_batch_and_drops_it_only_at_m
 
     class UsableCompiled(UniversalBackend):  # the universal path's code, as an available compiled backend
         name, allocates_like_universal = "compiled", CompiledBackend.allocates_like_universal
+        loading_note = CompiledBackend.loading_note
 
         def unavailable(self, model_type, recipe, device):
             return None
@@ -187,6 +188,9 @@ def test_an_oom_on_the_compiled_backend_shrinks_the_batch_and_drops_it_only_at_m
     info = read_run_info(run_dir)
     assert (info.state, info.backend, execs) == ("completed", "compiled", [])  # kept, not restarted
     assert [shrink["micro_batch"] for shrink in info.oom_shrinks] == [[2, 1]]
+    load = [e.message for e in events_of(run_dir, PhaseEvent) if e.phase == "load"]
+    assert load and load[0].endswith("then compiling its decoder layers with torch.compile (up to a minute on a "
+                                     "first start, cached for later runs)"), load  # a compile is not a hang
 
     monkeypatch.setenv("TUI_FINETUNE_FAULT", "oom:train:0@1")  # not even micro-batch 1 fits
     recipe = fault_recipe(model, 4, memory={"backend": "compiled"}, train={"micro_batch": 1, "grad_accum": 2})

@@ -126,6 +126,8 @@ class Backend:
     first training step, on the longest batch; the before-sample's generation may run earlier), where any
     failure of the step, a non-finite loss included, drops the backend just the same (engine/fit_check.py,
     engine/training_loop.py)."""
+    loading_note = ""
+    """What loading also does that takes a while, for the phase line (else a compile looks like a hang)."""
     moves_embeddings = False
     """Whether it honours ``memory.embeddings_on_cpu`` (engine/embedding_offload.py): the backends that load
     through engine/loading.py's ``add_lora`` do; the planner's Unsloth profile never moves it either."""
@@ -225,6 +227,8 @@ class CompiledBackend(UniversalBackend):
     """It probes inside ``load``, where a passing probe also turns on the eager fallback for later compiles."""
     compiler = "inductor"
     """torch.compile's backend; the CPU tests trace the same graphs with ``aot_eager``."""
+    loading_note = ("then compiling its decoder layers with torch.compile (up to a minute on a first start, "
+                    "cached for later runs)")
 
     def unavailable(self, model_type: str, recipe: RecipeSpec, device: DeviceFacts) -> str | None:
         return kernel_support.why_no_triton(device.has_cuda) or super().unavailable(model_type, recipe, device)

@@ -85,6 +85,10 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _with_note(message: str, note: str, applies: bool = True) -> str:
+    return f"{message}, {note}" if note and applies else message
+
+
 def _is_oom(err: BaseException) -> bool:
     from tui_finetune.engine.training import is_oom
 
@@ -241,10 +245,11 @@ class Worker:
             recipe = self.recipe = recipe_refit.auto_fit_run(run_dir, recipe, str(source.folder), free, self.log,
                                                              backends.expected_backend(source.folder, recipe, device, failures),
                                                              device.machine())
-        self.phase("load", f"loading {source.folder} on {device.name}")
+        note = backends.BACKENDS[backends.expected_backend(source.folder, recipe, device, failures)].loading_note
+        self.phase("load", _with_note(f"loading {source.folder} on {device.name}", note, recipe.method != "qlora"))
         tokenizer = loading.load_tokenizer(source.folder, recipe)
-        if recipe.method == "qlora":
-            self.phase("quantize", f"quantizing to 4-bit {recipe.quant.quant_type} while loading")
+        if recipe.method == "qlora":  # the phase that lasts until the model is ready says what else it does
+            self.phase("quantize", _with_note(f"quantizing to 4-bit {recipe.quant.quant_type} while loading", note))
         load_oom: BaseException | None = None
         try:
             loaded = backends.load_for_training(source.folder, recipe, device, failures)
