@@ -203,6 +203,18 @@ def test_an_oom_on_the_compiled_backend_shrinks_the_batch_and_drops_it_only_at_m
     assert any("embeddings_on_cpu" in change for change in info.autofit)  # the lever tried before the drop
     assert not any("seq_len" in change for change in info.autofit)  # no row was cut
 
+    execs.clear()  # micro-batch 1 after a checkpoint: the length is fixed, so the backend goes, not the run
+    monkeypatch.setenv("TUI_FINETUNE_FAULT", "oom:train:0@3")
+    recipe = fault_recipe(model, 4, memory={"backend": "compiled"}, train={"micro_batch": 1, "grad_accum": 2},
+                          checkpoint={"every_steps": 2})
+    run_dir = create_run(recipe, data, base=tmp_path / "runs")
+    with pytest.raises(SystemExit):
+        worker.Worker(run_dir).run()
+    info = read_run_info(run_dir)
+    assert execs and info.oom_shrinks == [] and list(info.backend_failures) == ["compiled"]
+    assert info.backend_failures["compiled"].startswith("CUDA out of memory in training")
+    assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == ["step-000002"]
+
 
 def _unprobed_liger(loss):
     from tui_finetune.engine.backends import UniversalBackend

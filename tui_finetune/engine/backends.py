@@ -11,7 +11,7 @@
 ``memory.backend = "auto"`` tries Unsloth, the compiled path, then the universal path (``AUTO_ORDER``). A backend is
 skipped when it is missing or the card, architecture or recipe is unsupported. One that raises while
 loading, on a one-step probe (a Triton kernel that fails to compile on an old card fails there, not
-hours into the run) or, for Unsloth, which is not probed (``Backend.probes``), in the fit-check, ends the
+hours into the run) or, for a backend with no separate probe (``Backend.probes``), in the fit-check, ends the
 process with ``BackendFailed``: Liger and Unsloth patch transformers'
 classes process-wide, so the worker re-executes itself and the fresh process skips that backend.
 The worker records the choice, the reason, every skip and every failure in
@@ -374,7 +374,8 @@ def load_for_training(folder: Path, recipe: RecipeSpec, device: DeviceFacts,
     earlier process), and survives loading and a probe step.
 
     An accelerated backend that raises ends in ``BackendFailed``; a CUDA out-of-memory is not a backend
-    failure and propagates as it is, so the caller's OOM advice applies.
+    failure and propagates as it is, so the caller's OOM advice applies, except in the compiled backend's
+    probe (the weights fit; the universal path, which has no probe, may still train).
     """
     from tui_finetune.engine.training import is_oom
 

@@ -8,7 +8,7 @@ flattened into one row when packing), then the optimizer's step, so its states e
 after the first real step. Nothing is estimated or held on the side. An out-of-memory propagates out
 of ``train()`` like one in a real step, and the worker's one recovery rule handles both
 (engine/training_loop.py): Liger or Unsloth is dropped, then the micro-batch shrinks, then a fresh
-run's sequence is halved.
+run's input embedding moves to CPU RAM, the compiled backend is dropped, and its sequence is halved.
 
 It leaves no trace: the LoRA weights and the optimizer's state are put back as they were (a resumed
 run's moments included), the gradients set to None, the RNG states and train/eval mode restored, and

@@ -11,7 +11,8 @@ On a GPU, a fresh run's recipe is first fitted to the free VRAM (auto-fit, engin
 (engine/training_loop.py) fit-checks the longest batch with the run's own training step before the
 first step, and recovers from a CUDA OOM anywhere in it by its one rule (engine/training_loop.py): Liger or
 Unsloth is dropped (this process re-executes itself without it), else the micro-batch shrinks with the
-effective batch unchanged, and the compiled backend only goes where the run would otherwise cut rows. The
+effective batch unchanged, and the compiled backend only goes at micro-batch 1, where the run would
+otherwise cut rows or give up. The
 adapter is saved before anything else happens after training, and evaluation and the samples can
 fail without failing the run (engine/post_training.py).
 
