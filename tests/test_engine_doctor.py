@@ -128,8 +128,9 @@ def test_the_compiled_backend_is_reported_with_why_not_and_what_to_install(monke
 
     monkeypatch.setattr(kernel_support, "cuda_capability", lambda: (8, 6))
     monkeypatch.setattr(kernel_support, "module_installed", lambda name: name != "triton")
-    monkeypatch.setattr(kernel_support.sys, "platform", "win32")
-    missing = check_kernels(CUDA_TORCH)
+    with monkeypatch.context() as windows:  # only this check runs as on Windows
+        windows.setattr(kernel_support.sys, "platform", "win32")
+        missing = check_kernels(CUDA_TORCH)
     assert not missing.compiled_ok and "triton-windows" in missing.compiled
     assert missing.compiled.endswith("training uses the PyTorch path")
 
@@ -165,6 +166,13 @@ def test_the_kernels_check_never_raises_and_unsloth_is_said_usable_only_where_tr
     monkeypatch.setattr(kernel_support, "module_installed", lambda name: True)
     monkeypatch.setattr(doctor, "_compile_a_small_function_on_the_gpu", lambda: None)
     assert check_kernels(CUDA_TORCH).unsloth == "2026.10.9 installed: auto uses its kernels for the models it supports"
+
+    def fail():
+        raise RuntimeError("triton: no kernel image is available for execution on the device")
+
+    monkeypatch.setattr(doctor, "_compile_a_small_function_on_the_gpu", fail)  # Triton there, but broken
+    assert check_kernels(CUDA_TORCH).unsloth.startswith("2026.10.9 installed, but not usable here: its kernels "
+                                                        "need the same Triton, and torch.compile failed")
 
 
 @pytest.mark.gpu

@@ -162,9 +162,9 @@ def check_kernels(torch_status: TorchStatus) -> KernelsStatus:
     except Exception as exc:  # noqa: BLE001 - any failure means: auto won't use it; the reason is the report
         from tui_finetune.engine.regional_compile import compiler_error
 
-        return KernelsStatus(compiled=f"Triton is installed, but torch.compile failed on the GPU "
-                                      f"({_one_line(compiler_error(exc))}): training uses the PyTorch path",
-                             unsloth=unsloth)
+        why = f"torch.compile failed on the GPU ({_one_line(compiler_error(exc))})"
+        return KernelsStatus(compiled=f"Triton is installed, but {why}: training uses the PyTorch path",
+                             unsloth=_unsloth_line(f"its kernels need the same Triton, and {why}"))
     return KernelsStatus(compiled_ok=True, unsloth=unsloth,
                          compiled="works (torch.compile with Triton on the GPU): auto compiles each decoder layer")
 

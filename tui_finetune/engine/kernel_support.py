@@ -32,8 +32,8 @@ def cuda_capability() -> tuple[int, int] | None:
 
 def why_no_triton(has_cuda: bool) -> str | None:
     """Why Triton's kernels can't run here, with what to do where there is something to do; None when they can."""
-    capability = cuda_capability()
-    if not has_cuda or capability is None:
+    capability = cuda_capability() if has_cuda else None  # the CPU path never starts CUDA
+    if capability is None:
         return "needs an NVIDIA GPU"
     if capability < TRITON_MIN_CAPABILITY:
         return f"needs compute capability 7.0 or newer for Triton (this card is {capability[0]}.{capability[1]})"

@@ -246,7 +246,8 @@ class Worker:
             recipe = self.recipe = recipe_refit.auto_fit_run(run_dir, recipe, str(source.folder), free, self.log,
                                                              backends.expected_backend(source.folder, recipe, device, failures),
                                                              device.machine())
-        note = backends.BACKENDS[backends.expected_backend(source.folder, recipe, device, failures)].loading_note
+        expected = backends.expected_backend(source.folder, recipe, device, failures)  # after auto-fit's changes
+        note = backends.BACKENDS[expected].loading_note
         self.phase("load", _with_note(f"loading {source.folder} on {device.name}", note, recipe.method != "qlora"))
         tokenizer = loading.load_tokenizer(source.folder, recipe)
         if recipe.method == "qlora":  # the phase that lasts until the model is ready says what else it does
@@ -262,7 +263,7 @@ class Worker:
             load_oom = err
         if distributed.any_rank(load_oom is not None)[0]:  # the smallest card refuses for all of them
             self._refuse_load_oom(load_oom or RuntimeError("CUDA out of memory on another GPU of this run"),
-                                  backends.expected_backend(source.folder, recipe, device, failures))
+                                  expected)
         model, self.backend = loaded.model, loaded.backend
         recipe_refit.warn_if_embeddings_stay(recipe, model, self.log)
         reason = loaded.choice.reason if not ranks.distributed else "pure PyTorch: multi-GPU runs train on it"
