@@ -192,26 +192,26 @@ def test_an_oom_on_the_compiled_backend_shrinks_the_batch_and_drops_it_only_at_m
     assert load and load[0].endswith("then compiling its decoder layers with torch.compile (up to a minute on a "
                                      "first start, cached for later runs)"), load  # a compile is not a hang
 
-    monkeypatch.setenv("TUI_FINETUNE_FAULT", "oom:train:0@1")  # not even micro-batch 1 fits
-    recipe = fault_recipe(model, 4, memory={"backend": "compiled"}, train={"micro_batch": 1, "grad_accum": 2})
-    run_dir = create_run(recipe, data, base=tmp_path / "runs")
-    with pytest.raises(SystemExit):
-        worker.Worker(run_dir).run()
-    info = read_run_info(run_dir)
-    assert execs and info.oom_shrinks == [] and list(info.backend_failures) == ["compiled"]
+    def dropped_at_micro_batch_1(fault: str, **checkpoint):
+        """Run until the worker re-executes itself without compiled; its run.json."""
+        execs.clear()
+        monkeypatch.setenv("TUI_FINETUNE_FAULT", fault)
+        recipe = fault_recipe(model, 4, memory={"backend": "compiled"}, train={"micro_batch": 1, "grad_accum": 2},
+                              checkpoint=checkpoint)
+        run_dir = create_run(recipe, data, base=tmp_path / "runs")
+        with pytest.raises(SystemExit):
+            worker.Worker(run_dir).run()
+        info = read_run_info(run_dir)
+        assert execs and info.oom_shrinks == [] and list(info.backend_failures) == ["compiled"]
+        return run_dir, info
+
+    _, info = dropped_at_micro_batch_1("oom:train:0@1")  # not even micro-batch 1 fits
     assert info.backend_failures["compiled"].startswith("CUDA out of memory in the fit-check at micro-batch 1")
     assert any("embeddings_on_cpu" in change for change in info.autofit)  # the lever tried before the drop
     assert not any("seq_len" in change for change in info.autofit)  # no row was cut
 
-    execs.clear()  # micro-batch 1 after a checkpoint: the length is fixed, so the backend goes, not the run
-    monkeypatch.setenv("TUI_FINETUNE_FAULT", "oom:train:0@3")
-    recipe = fault_recipe(model, 4, memory={"backend": "compiled"}, train={"micro_batch": 1, "grad_accum": 2},
-                          checkpoint={"every_steps": 2})
-    run_dir = create_run(recipe, data, base=tmp_path / "runs")
-    with pytest.raises(SystemExit):
-        worker.Worker(run_dir).run()
-    info = read_run_info(run_dir)
-    assert execs and info.oom_shrinks == [] and list(info.backend_failures) == ["compiled"]
+    # after a checkpoint the length is fixed, so the backend goes, not the run
+    run_dir, info = dropped_at_micro_batch_1("oom:train:0@3", every_steps=2)
     assert info.backend_failures["compiled"].startswith("CUDA out of memory in training")
     assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == ["step-000002"]
 
