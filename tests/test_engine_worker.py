@@ -160,7 +160,7 @@ def test_cuda_out_of_memory_is_recognised_as_oom():
 
 
 def test_sigterm_sets_the_stop_flag(tmp_path):
-    from tui_finetune.engine.worker import StopSignal
+    from tui_finetune.engine.stop_signal import StopSignal
 
     stop = StopSignal(tmp_path)
     old = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)

@@ -172,8 +172,9 @@ class TrainingLoop:
     def _drops_backend_after_oom(self, recipe: RecipeSpec, resume: Path | None) -> bool:
         """Rule 2: an accelerated backend that allocates differently from the universal path is dropped before
         anything shrinks; one that allocates like it (compiled) only at micro-batch 1, once a checkpoint fixes
-        the length (more shrinks than ``MAX_OOM_SHRINKS`` give up as on the universal path). Without a checkpoint the worker first moves the
-        input embedding to CPU RAM, and drops it before it would cut rows (``worker.Worker``'s SequenceTooLong)."""
+        the length (more shrinks than ``MAX_OOM_SHRINKS`` give up as on the universal path). Without a
+        checkpoint the worker first moves the input embedding to CPU RAM, and drops it before it would cut
+        rows (``worker.Worker``'s SequenceTooLong)."""
         backend = self.backend
         if backend is None or backend.name == "universal":
             return False

@@ -12,9 +12,9 @@ On a GPU, a fresh run's recipe is first fitted to the free VRAM (auto-fit, engin
 first step, and recovers from a CUDA OOM anywhere in it by its one rule (engine/training_loop.py): Liger or
 Unsloth is dropped (this process re-executes itself without it), else the micro-batch shrinks with the
 effective batch unchanged, and the compiled backend only goes at micro-batch 1, where the run would
-otherwise cut rows or give up. The
-adapter is saved before anything else happens after training, and evaluation and the samples can
-fail without failing the run (engine/post_training.py).
+otherwise cut rows or give up. The adapter is saved before anything else happens after training, and
+evaluation and the samples can fail without failing the run (engine/post_training.py). Stops arrive
+through engine/stop_signal.py.
 
 Started by torchrun (``train.devices`` above 1), each process is one rank (engine/distributed.py): all
 of them load the model on their own card and train; rank 0 alone writes the run folder, runs the
@@ -25,11 +25,9 @@ ends the rest and rank 0 records the run as ``interrupted``: it resumes like any
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -42,38 +40,7 @@ from tui_finetune.core.run_folder.info import (
 from tui_finetune.core.run_folder.layout import ADAPTER_DIR, CHECKPOINTS_DIR, EVENTS_FILE, STOP_FILE
 from tui_finetune.core.advice import memory_advice
 from tui_finetune.engine.recipe_refit import FitRefused
-
-
-class StopRequested(Exception):
-    """A stop arrived before training began: nothing to checkpoint yet."""
-
-
-@dataclass
-class StopSignal:
-    """Set by SIGINT/SIGTERM, or seen as a STOP file; polled at phase boundaries and every step."""
-
-    run_dir: Path
-    signalled: bool = False
-    signals: list[int] = field(default_factory=list)
-
-    def install(self) -> None:
-        def handler(signum: int, frame: Any) -> None:
-            self.signalled = True
-            self.signals.append(signum)
-
-        signal.signal(signal.SIGINT, handler)
-        signal.signal(signal.SIGTERM, handler)
-        if hasattr(signal, "SIGHUP"):  # a closed terminal, where the worker still has one
-            signal.signal(signal.SIGHUP, handler)
-        if hasattr(signal, "SIGBREAK"):  # pragma: no cover - Windows console close / Ctrl+Break
-            signal.signal(signal.SIGBREAK, handler)
-
-    def __call__(self) -> bool:
-        return self.signalled or (self.run_dir / STOP_FILE).exists()
-
-    def check(self) -> None:
-        if self():
-            raise StopRequested()
+from tui_finetune.engine.stop_signal import StopRequested, StopSignal
 
 
 def _versions() -> dict[str, str]:
@@ -86,8 +53,8 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _with_note(message: str, note: str, applies: bool = True) -> str:
-    return f"{message}, {note}" if note and applies else message
+def _with_note(message: str, note: str) -> str:
+    return f"{message}, {note}" if note else message
 
 
 def _is_oom(err: BaseException) -> bool:
@@ -248,9 +215,10 @@ class Worker:
                                                              device.machine())
         expected = backends.expected_backend(source.folder, recipe, device, failures)  # after auto-fit's changes
         note = backends.BACKENDS[expected].loading_note
-        self.phase("load", _with_note(f"loading {source.folder} on {device.name}", note, recipe.method != "qlora"))
+        quantizes = recipe.method == "qlora"  # the phase that lasts until the model is ready says what else it does
+        self.phase("load", _with_note(f"loading {source.folder} on {device.name}", "" if quantizes else note))
         tokenizer = loading.load_tokenizer(source.folder, recipe)
-        if recipe.method == "qlora":  # the phase that lasts until the model is ready says what else it does
+        if quantizes:
             self.phase("quantize", _with_note(f"quantizing to 4-bit {recipe.quant.quant_type} while loading", note))
         load_oom: BaseException | None = None
         try:
