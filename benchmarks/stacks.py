@@ -187,7 +187,7 @@ def fit_to_cap(recipe: Any, case: dict) -> tuple[Any, list[str]]:
 
 
 def setup_ours(folder: Path, recipe: Any) -> tuple[Any, LossFn, dict]:
-    """Load through the engine's backend interface; ``backends.prepare_process`` has run already."""
+    """Load through the engine's backend interface; ``unsloth_import.prepare_process`` has run already."""
     from tui_finetune.engine import backends
     from tui_finetune.engine.loading import detect_device
 
@@ -266,12 +266,14 @@ def run_one(case: dict, stack: str, steps: int, overrides: list[str], smoke: boo
         recipe = ours_recipe(folder, case, backend, overrides, smoke, variant)  # plain Python: no transformers yet
         if variant == FITTED:
             recipe, fitted = fit_to_cap(recipe, case)
-        from tui_finetune.engine import backends
+        from tui_finetune.engine import unsloth_import
+        from tui_finetune.engine.model_folder import model_type_of
 
-        backends.prepare_process(recipe.memory.backend,  # imports Unsloth first when it may be used
-                                 model_type=backends.model_type_of(folder))
+        unsloth_import.prepare_process(recipe.memory.backend,  # imports Unsloth first when it may be used
+                                       model_type=model_type_of(folder))
     elif kind == "unsloth":
-        from tui_finetune.engine.backends import model_type_of, set_unsloth_compiler
+        from tui_finetune.engine.model_folder import model_type_of
+        from tui_finetune.engine.unsloth_import import set_unsloth_compiler
 
         set_unsloth_compiler(model_type_of(folder))  # as our engine runs it (Unsloth direct fails too on Gemma)
         import unsloth  # noqa: F401 - patches transformers and peft, so it must come first
@@ -302,7 +304,7 @@ def run_one(case: dict, stack: str, steps: int, overrides: list[str], smoke: boo
     row = {"stack": stack, **case, "accum": batches.accumulation(case), "steps": steps,
            "device": torch.cuda.get_device_name(0) if gpu else "CPU", "cuda": torch.version.cuda if gpu else None,
            "load_s": load_s, "packing": batching == PACKED, "batching": batching, "autofit": fitted,
-           # set by this child for Gemma (backends.UNSLOTH_UNCOMPILED), so the parent's command line can't say it
+           # set by this child for Gemma (unsloth_import.UNSLOTH_UNCOMPILED), so the parent's command line can't say it
            "unsloth_compile_disable": os.environ.get("UNSLOTH_COMPILE_DISABLE"),
            "rows_per_step": batches.rows_per_step(case, steps, model_spec(case["model"]).vocab_size, batching),
            **info, **measured}

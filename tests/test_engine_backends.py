@@ -16,7 +16,7 @@ import torch
 
 from engine_tiny import build_tiny_llama
 from tui_finetune.core.recipe import RecipeSpec
-from tui_finetune.engine import backends, kernel_support
+from tui_finetune.engine import backends, kernel_support, model_folder, unsloth_import
 from tui_finetune.engine.backends import BACKENDS, UniversalBackend, candidates, load_for_training
 from tui_finetune.engine.loading import DeviceFacts
 
@@ -271,15 +271,15 @@ def test_unsloths_compiled_cache_goes_to_our_cache_folder_not_the_run_folder(tmp
     working directory is the run folder."""
     monkeypatch.setenv("TUI_FINETUNE_CACHE", str(tmp_path / "cache"))
     unset_until_teardown(monkeypatch, "UNSLOTH_COMPILE_LOCATION", "UNSLOTH_COMPILE_DISABLE")
-    monkeypatch.setattr(backends, "_unsloth_import_error", None)
+    monkeypatch.setattr(unsloth_import, "_import_error", None)
     monkeypatch.setattr(kernel_support, "module_installed", lambda name: True)  # as on a GPU box with the extra
     monkeypatch.setattr(kernel_support, "cuda_capability", lambda: (8, 9))
     monkeypatch.setitem(__import__("sys").modules, "unsloth", None)  # its import fails here: recorded, not raised
-    backends.prepare_process("auto")
+    unsloth_import.prepare_process("auto")
     import os
 
     assert os.environ["UNSLOTH_COMPILE_LOCATION"] == str(tmp_path / "cache" / "unsloth_compiled_cache")
-    assert backends._unsloth_import_error is not None
+    assert unsloth_import.import_error() is not None
 
 
 def test_gemma_gets_unsloths_compiler_off_before_unsloth_imports_and_others_keep_it(tmp_path, monkeypatch):
@@ -287,7 +287,7 @@ def test_gemma_gets_unsloths_compiler_off_before_unsloth_imports_and_others_keep
     UNSLOTH_COMPILE_DISABLE before the import for it alone, and never over the user's own setting."""
     monkeypatch.setenv("TUI_FINETUNE_CACHE", str(tmp_path / "cache"))
     unset_until_teardown(monkeypatch, "UNSLOTH_COMPILE_LOCATION", "UNSLOTH_COMPILE_DISABLE")
-    monkeypatch.setattr(backends, "_unsloth_import_error", None)
+    monkeypatch.setattr(unsloth_import, "_import_error", None)
     monkeypatch.setattr(kernel_support, "module_installed", lambda name: True)
     monkeypatch.setattr(kernel_support, "cuda_capability", lambda: (8, 9))
     monkeypatch.setitem(__import__("sys").modules, "unsloth", None)
@@ -298,25 +298,25 @@ def test_gemma_gets_unsloths_compiler_off_before_unsloth_imports_and_others_keep
             monkeypatch.delenv("UNSLOTH_COMPILE_DISABLE", raising=False)
         else:
             monkeypatch.setenv("UNSLOTH_COMPILE_DISABLE", user_setting)
-        backends.prepare_process("auto", None, model_type)
+        unsloth_import.prepare_process("auto", None, model_type)
         assert os.environ.get("UNSLOTH_COMPILE_DISABLE") == expected, model_type
     monkeypatch.delenv("UNSLOTH_COMPILE_DISABLE", raising=False)
-    backends.prepare_process("universal", None, "gemma")  # a run that can't use Unsloth changes nothing
+    unsloth_import.prepare_process("universal", None, "gemma")  # a run that can't use Unsloth changes nothing
     assert "UNSLOTH_COMPILE_DISABLE" not in os.environ
 
 
 def test_the_model_type_is_known_before_any_download(tmp_path, monkeypatch):
-    assert backends.model_type_before_loading("gemma-2b") == "gemma"
-    assert backends.model_type_before_loading("google/gemma-2b") == "gemma"
+    assert model_folder.model_type_before_loading("gemma-2b") == "gemma"
+    assert model_folder.model_type_before_loading("google/gemma-2b") == "gemma"
     (tmp_path / "config.json").write_text('{"model_type": "mistral"}')
-    assert backends.model_type_before_loading(str(tmp_path)) == "mistral"
+    assert model_folder.model_type_before_loading(str(tmp_path)) == "mistral"
     monkeypatch.setenv("HOME", str(tmp_path.parent))  # '~' is expanded, as resolve_model expands it
-    assert backends.model_type_before_loading(f"~/{tmp_path.name}") == "mistral"
+    assert model_folder.model_type_before_loading(f"~/{tmp_path.name}") == "mistral"
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))  # a Hub model already downloaded: its cached config
     snapshot = tmp_path / "hub" / "models--someone--gemma-tune" / "snapshots" / "abc"
     snapshot.mkdir(parents=True)
     (snapshot / "config.json").write_text(json.dumps({
         "model_type": "gemma", "num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128,
         "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 16, "vocab_size": 256}))
-    assert backends.model_type_before_loading("someone/gemma-tune") == "gemma"
-    assert backends.model_type_before_loading("someone/not-in-the-catalog") == ""  # only a download would tell
+    assert model_folder.model_type_before_loading("someone/gemma-tune") == "gemma"
+    assert model_folder.model_type_before_loading("someone/not-in-the-catalog") == ""  # only a download would tell

@@ -21,7 +21,8 @@ from engine_tiny import build_tokenizer  # noqa: E402
 from faults_support import launch, read_trace, relaunch, wait_dead  # noqa: E402
 from tui_finetune.core.events import CheckpointEvent  # noqa: E402
 from tui_finetune.core.run_folder.info import read_run_info  # noqa: E402
-from tui_finetune.engine.backends import BACKENDS, model_type_of  # noqa: E402
+from tui_finetune.engine.backends import BACKENDS  # noqa: E402
+from tui_finetune.engine.model_folder import model_type_of  # noqa: E402
 from tui_finetune.core.run_folder.layout import step_of  # noqa: E402
 from tui_finetune.core.run_folder.resume import find_resume_checkpoint  # noqa: E402
 from tui_finetune.engine.loading import detect_device  # noqa: E402

@@ -22,7 +22,6 @@ events, checkpoints, resume and stop are the same.
 from __future__ import annotations
 
 import gc
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +31,9 @@ import torch
 
 from tui_finetune.core.events import first_line
 from tui_finetune.core.recipe import MemorySpec, RecipeSpec
-from tui_finetune.engine import kernel_support, memory_techniques
+from tui_finetune.engine import kernel_support, memory_techniques, unsloth_import
 from tui_finetune.engine.loading import DeviceFacts, add_lora, compute_dtype, load_base_model
+from tui_finetune.engine.model_folder import model_type_of
 
 AUTO_ORDER = ("unsloth", "compiled", "universal")
 """What ``auto`` tries. Unsloth ran 1.5-2.2x the baseline. The compiled backend (the universal path with its
@@ -44,69 +44,6 @@ Liger is left to an explicit ``memory.backend = "liger"``: on an H100 and an H20
 it ran within 2% of the universal path's speed, with memory between 4% less and 4% more (benchmarks/
 results/goals.md), so it added a patched model for no measured gain."""
 UNSLOTH_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-UNSLOTH_UNCOMPILED = frozenset({"gemma"})
-"""``model_type`` values that Unsloth trains with its compiler off (``UNSLOTH_COMPILE_DISABLE=1``, set
-before it imports unless the user set it): with it on, Gemma's compiled backward fails in Inductor
-(``InductorError: AssertionError``, torch 2.11 with unsloth 2026.10.9: docs/verification/speed.md
-section 7 and the card grid's 4 GB Gemma Unsloth cell), the worker drops Unsloth and restarts on the
-slower universal path. Compiler off, Unsloth ran Gemma-2B QLoRA at 1.53x our universal path (5195 against
-3390 tokens/s, H100: benchmarks/results/h100-gemma-backends.md)."""
-
-_unsloth_import_error: str | None = None
-
-
-def prepare_process(setting: str, excluded: dict[str, str] | None = None, model_type: str = "") -> None:
-    """Import Unsloth now if this run may use it: it patches transformers and peft, so it must be
-    imported before them. Call first thing in the worker (or a benchmark child). ``model_type``
-    (``model_type_before_loading``) decides its compiler (UNSLOTH_UNCOMPILED)."""
-    global _unsloth_import_error
-    if (setting not in ("auto", "unsloth") or not kernel_support.module_installed("unsloth")
-            or kernel_support.cuda_capability() is None):
-        return
-    if "unsloth" in (excluded or {}):
-        return
-    # Unsloth writes its compiled kernels to ./unsloth_compiled_cache (the worker's working directory, a
-    # run folder) unless told otherwise before it imports; they belong with our other rebuildable files.
-    from tui_finetune.core.paths import unsloth_compile_dir
-
-    os.environ.setdefault("UNSLOTH_COMPILE_LOCATION", str(unsloth_compile_dir()))
-    set_unsloth_compiler(model_type)
-    try:
-        import unsloth  # noqa: F401
-    except Exception as err:  # noqa: BLE001 - any failure means: not this backend
-        _unsloth_import_error = f"{type(err).__name__}: {first_line(err, 160)}"
-
-
-def set_unsloth_compiler(model_type: str) -> None:
-    """Turn Unsloth's compiler off for ``model_type`` when it is in UNSLOTH_UNCOMPILED, unless the user set
-    ``UNSLOTH_COMPILE_DISABLE``; before Unsloth imports, which reads it then."""
-    if model_type in UNSLOTH_UNCOMPILED:
-        os.environ.setdefault("UNSLOTH_COMPILE_DISABLE", "1")
-
-
-def model_type_before_loading(model: str) -> str:
-    """A recipe's ``model``'s ``model_type`` before anything downloads (prepare_process runs first): a local
-    folder's config.json first, as ``resolve_model`` loads it; else what the planner knows without a download
-    (the catalog, or a Hub model already in the cache: ``resolve_model_spec``); '' when only a download would tell."""
-    from tui_finetune.core.model_shape import resolve_model_spec
-    from tui_finetune.engine.model_folder import local_model_folder
-
-    local = local_model_folder(model)
-    if local is not None:
-        return model_type_of(local)
-    try:
-        return resolve_model_spec(model).model_type
-    except Exception:  # noqa: BLE001 - unknown here; resolve_model reports a bad name or folder properly later
-        return ""
-
-
-def model_type_of(folder: Path) -> str:
-    try:
-        return str(json.loads((Path(folder) / "config.json").read_text(encoding="utf-8")).get("model_type", ""))
-    except (OSError, ValueError):
-        return ""
-
-
 class Backend:
     """One way to build the LoRA model and compute the training loss."""
 
@@ -267,8 +204,8 @@ class UnslothBackend(Backend):
         reason = kernel_support.why_no_triton(device.has_cuda)
         if reason:
             return reason
-        if _unsloth_import_error:
-            return f"failed to import: {_unsloth_import_error}"
+        if unsloth_import.import_error():
+            return f"failed to import: {unsloth_import.import_error()}"
         if recipe.method == "full":
             return "full fine-tuning runs on the PyTorch paths"
         if recipe.data.packing:

@@ -8,6 +8,7 @@ written anywhere by us. Tests inject ``snapshot_download`` to stay offline.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -40,9 +41,33 @@ class ModelSource:
 def local_model_folder(model: str) -> Path | None:
     """A recipe's ``model`` as a local folder (``~`` expanded), or None: a catalog key, a Hub id, the demo.
     A local folder wins over a catalog key of the same name when the model loads (``resolve_model``), so
-    the worker reads the model type the same way (``backends.model_type_before_loading``)."""
+    the worker reads the model type the same way (``model_type_before_loading``)."""
     local = Path(model).expanduser()
     return local if local.is_dir() else None
+
+
+def model_type_before_loading(model: str) -> str:
+    """A recipe's ``model``'s ``model_type`` before anything downloads (``unsloth_import.prepare_process``
+    needs it): a local folder's config.json first, as ``resolve_model`` loads it; else what the planner knows
+    without a download (the catalog, or a Hub model already in the cache: ``resolve_model_spec``); '' when only
+    a download would tell."""
+    from tui_finetune.core.model_shape import resolve_model_spec
+
+    local = local_model_folder(model)
+    if local is not None:
+        return model_type_of(local)
+    try:
+        return resolve_model_spec(model).model_type
+    except Exception:  # noqa: BLE001 - unknown here; resolve_model reports a bad name or folder properly later
+        return ""
+
+
+def model_type_of(folder: Path) -> str:
+    """The ``model_type`` in a model folder's config.json, or '' when it has none."""
+    try:
+        return str(json.loads((Path(folder) / "config.json").read_text(encoding="utf-8")).get("model_type", ""))
+    except (OSError, ValueError):
+        return ""
 
 
 def hub_id_for(model: str) -> str:

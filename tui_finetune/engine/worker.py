@@ -182,14 +182,15 @@ class Worker:
 
     def _train(self) -> bool:
         """Load, prepare, train and save; True when training stopped early on request."""
-        from tui_finetune.engine import backends
+        from tui_finetune.engine import unsloth_import
+        from tui_finetune.engine.model_folder import model_type_before_loading
 
         failures = dict(self.info.backend_failures)
         if self.ranks.distributed:
             self._keep_to_the_universal_backend()
-        backends.prepare_process(self.recipe.memory.backend, failures,  # Unsloth must come before transformers
-                                 backends.model_type_before_loading(self.recipe.model))
-        from tui_finetune.engine import distributed, loading, recipe_refit, samples
+        unsloth_import.prepare_process(self.recipe.memory.backend, failures,  # before transformers and peft
+                                       model_type_before_loading(self.recipe.model))
+        from tui_finetune.engine import backends, distributed, loading, recipe_refit, samples
         from tui_finetune.engine.post_training import run_optional_phase, save_adapter
         from tui_finetune.engine.recipe_refit import SequenceTooLong
         from tui_finetune.engine.training_loop import TrainingLoop
