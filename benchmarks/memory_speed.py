@@ -100,13 +100,16 @@ def case_text(case: dict) -> str:
 
 def parse_stack(text: str) -> str:
     """``ours`` -> ``ours:auto``, ``ours:packed`` -> ``ours:auto:packed``; ``ours:<backend>[:variant]``
-    (variant packed, grouped or rows), ``baseline`` and ``unsloth`` as they are."""
+    (variant packed, grouped, rows, fitted or dynamic), ``baseline`` and ``unsloth`` as they are."""
     name = text.strip()
     if name in OTHER_STACKS:
         return name
     kind, *rest = name.split(":")
     variant = rest[-1] if rest and rest[-1] in stacks.VARIANTS else ""
     rest = rest[:-1] if variant else rest
+    if variant == stacks.DYNAMIC and rest != ["compiled"]:
+        raise CaseError(f"stack '{text}': the {stacks.DYNAMIC} variant is the compiled backend's "
+                        f"(ours:compiled:{stacks.DYNAMIC})")
     if kind == "ours" and len(rest) <= 1 and (rest or ["auto"])[0] in OURS_BACKENDS:
         return ":".join(["ours", (rest or ["auto"])[0]] + ([variant] if variant else []))
     choices = ", ".join([f"ours:{b}" for b in OURS_BACKENDS] + list(OTHER_STACKS))
@@ -274,8 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", help="comma-separated model:method:seq:batch[xaccum][:capGB][:real]")
     parser.add_argument("--stacks", help="comma-separated: ours (= ours:auto), ours:universal, ours:compiled, "
-                                         "ours:liger, ours:unsloth, each optionally :packed, :grouped or :rows "
-                                         "(ours:packed = ours:auto:packed), baseline, unsloth "
+                                         "ours:liger, ours:unsloth, each optionally :packed, :grouped, :rows or :fitted "
+                                         "(ours:packed = ours:auto:packed), ours:compiled:dynamic, baseline, unsloth "
                                          "(default: ours,baseline)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="run the stacks N times in turn (A, B, A, B, ...); the report gives each stack's "

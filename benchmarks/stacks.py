@@ -49,7 +49,10 @@ FITTED = "fitted"
 """The stack variant ``ours:<backend>:fitted``: the recipe auto-fitted to the case's cap, as the worker fits a
 fresh run to a card's free memory (core/fit_levers.py): on a cap with room, layers keep their activations. The
 speed we reach with a reference's memory (issue #14 item 4) is this variant at the reference's peak as cap."""
-VARIANTS = (PACKED, GROUPED, ROWS, FITTED)
+DYNAMIC = "dynamic"
+"""The stack variant ``ours:compiled:dynamic``: the decoder layers compiled with ``dynamic=True``
+(``regional_compile.DYNAMIC_SHAPES``), so a GPU run can A/B it against the default before it becomes one."""
+VARIANTS = (PACKED, GROUPED, ROWS, FITTED, DYNAMIC)
 SMOKE_MODEL = "smoke-llama"
 """The --smoke model: a 2-layer Llama (hidden 64, vocabulary 512) built locally with random weights."""
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -271,6 +274,10 @@ def run_one(case: dict, stack: str, steps: int, overrides: list[str], smoke: boo
 
         unsloth_import.prepare_process(recipe.memory.backend,  # imports Unsloth first when it may be used
                                        model_type=model_type_of(folder))
+        if variant == DYNAMIC:  # ours:compiled:dynamic only (memory_speed.parse_stack)
+            from tui_finetune.engine import regional_compile
+
+            regional_compile.DYNAMIC_SHAPES = True  # this child process's alone
     elif kind == "unsloth":
         from tui_finetune.engine.model_folder import model_type_of
         from tui_finetune.engine.unsloth_import import set_unsloth_compiler

@@ -61,6 +61,9 @@ def test_stacks_plain_ours_means_auto_and_duplicates_collapse():
     assert parse_stack("ours") == "ours:auto"
     assert parse_stacks("ours,ours:universal,ours:auto,baseline,unsloth,ours:liger,ours:unsloth") == [
         "ours:auto", "ours:universal", "baseline", "unsloth", "ours:liger", "ours:unsloth"]
+    assert parse_stack("ours:compiled:dynamic") == "ours:compiled:dynamic"
+    with pytest.raises(CaseError, match="ours:compiled:dynamic"):
+        parse_stack("ours:universal:dynamic")  # only the compiled backend compiles layers
     with pytest.raises(CaseError, match="ours:universal"):
         parse_stack("ours:triton")
     with pytest.raises(CaseError):

@@ -139,3 +139,20 @@ def test_an_oom_in_the_compiled_probe_drops_the_backend_rather_than_refusing_the
         load_for_training(tiny, _recipe(tiny, "compiled"), CPU)
     assert failed.value.name == "compiled"
     assert failed.value.reason.startswith("CUDA out of memory in its probe step: CUDA out of memory. Tried")
+
+
+@pytest.mark.parametrize("dynamic, graphs_so_far", [(None, [1, 2, 2, 3]), (True, [1, 1, 1, 2])])
+def test_dynamic_shapes_decide_how_many_graphs_a_run_compiles(monkeypatch, dynamic, graphs_so_far):
+    """The probe's 16 tokens, two training rows of other lengths, then a length group of 2 rows. With the
+    default (``None``) the probe's graph is static and training compiles again; with ``True`` the probe
+    compiles the graph single rows train on, and only a group of several rows adds one (batch size 1 is
+    always its own graph). regional_compile.DYNAMIC_SHAPES says why the default stays ``None``."""
+    monkeypatch.setattr(regional_compile, "DYNAMIC_SHAPES", dynamic)
+    model = lora_model(config_dict("llama"), 0, "fp32", dtype=torch.float32)
+    regional_compile.compile_decoder_layers(model, "aot_eager")
+    compiled = []
+    for rows, length in ((1, 16), (1, 40), (1, 23), (2, 31)):
+        ids = torch.randint(0, 256, (rows, length))
+        model(input_ids=ids, labels=ids).loss.backward()
+        compiled.append(counters["stats"]["unique_graphs"])
+    assert compiled == graphs_so_far
