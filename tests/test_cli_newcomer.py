@@ -154,12 +154,15 @@ BAD_DATA = {
 @pytest.mark.parametrize("case", sorted(BAD_DATA))
 def test_bad_data_is_refused_in_seconds_and_leaves_no_run(home, tmp_path, capsys, case):
     make, message = BAD_DATA[case]
-    data = make(tmp_path)
+    deep = tmp_path / "a-folder-whose-long-name-takes-the-path-past-an-80-column-terminal"
+    deep.mkdir()
+    data = make(deep)
     start = time.perf_counter()
     rc = main(["train", "demo-cpu", "--data", str(data), "--detach"])
     elapsed = time.perf_counter() - start
     out = capsys.readouterr().out
     assert rc == 2, out
+    assert f"{data}:" in out, out  # the path whole, not folded at the terminal's width, to copy or grep
     assert message in " ".join(out.split()), out
     assert "no run folder was created" in out
     assert run_ids() == []

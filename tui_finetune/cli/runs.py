@@ -39,11 +39,11 @@ def run_command(args: argparse.Namespace) -> int:
 
     try:
         return {"train": _train, "runs": _runs, "logs": _logs, "stop": _stop, "resume": _resume}[args.command](args)
-    except (RecipeError, RunError) as err:
-        console.print(Text.assemble(("error:", "red"), f" {err}"))
+    except (RecipeError, RunError) as err:  # soft_wrap: a long path stays whole, to copy or grep
+        console.print(Text.assemble(("error:", "red"), f" {err}"), soft_wrap=True)
         return 2
     except DataError as err:
-        console.print(Text(str(err), style="red"))
+        console.print(Text(str(err), style="red"), soft_wrap=True)
         console.print(Text("✗ refused: nothing was started (no run folder was created)", style="bold red"))
         return 2
 
