@@ -39,7 +39,7 @@ def run_command(args: argparse.Namespace) -> int:
 
     try:
         return {"train": _train, "runs": _runs, "logs": _logs, "stop": _stop, "resume": _resume}[args.command](args)
-    except (RecipeError, RunError) as err:  # soft_wrap: a long path stays whole, to copy or grep
+    except (RecipeError, RunError) as err:  # soft_wrap here and below: a long path stays whole, to copy or grep
         console.print(Text.assemble(("error:", "red"), f" {err}"), soft_wrap=True)
         return 2
     except DataError as err:
@@ -74,7 +74,7 @@ def _train(args: argparse.Namespace) -> int:
         console.print(run_dir.name)
         return 0
     console.print(f"run [bold]{run_dir.name}[/] started in the background ({run_dir}); "
-                  "Ctrl+C stops it with a checkpoint, a second Ctrl+C leaves it running")
+                  "Ctrl+C stops it with a checkpoint, a second Ctrl+C leaves it running", soft_wrap=True)
     return follow_run(run_dir)
 
 
@@ -96,7 +96,7 @@ def _resume(args: argparse.Namespace) -> int:
     except CheckpointError as err:
         raise RunError(f"{run_dir.name}: {err}") from None
     for message in choice.messages():
-        console.print(Text.assemble(("warning:", "yellow"), f" {message}"))
+        console.print(Text.assemble(("warning:", "yellow"), f" {message}"), soft_wrap=True)
     diffs = resume_differences(choice.path, recipe) if choice.path else []
     if diffs and not args.force:
         raise RunError(f"{run_dir.name}: {refusal_message(choice.path, diffs, run_dir.name)}")
@@ -217,7 +217,7 @@ def print_event(event: Event) -> None:
         return
     line = describe_event(event)
     if line is not None:
-        console.print(line.to_text())
+        console.print(line.to_text(), soft_wrap=True)
 
 
 def follow_run(run_dir: Path, progress_bar: bool = True, from_end: bool = False, poll_s: float = 0.3) -> int:
@@ -242,7 +242,7 @@ def follow_run(run_dir: Path, progress_bar: bool = True, from_end: bool = False,
                     final = event if isinstance(event, EndEvent) else final
                 if final is None and not events:
                     if gone:
-                        console.print(worker_gone_line(run_dir).to_text())
+                        console.print(worker_gone_line(run_dir).to_text(), soft_wrap=True)
                         return 1
                     time.sleep(poll_s)
             except KeyboardInterrupt:
