@@ -28,11 +28,11 @@ from tui_finetune.engine.memory_techniques import decoder_layers
 
 DYNAMIC_SHAPES: bool | None = None
 """torch.compile's ``dynamic`` for the layers. ``None``: the first shape compiles static (the probe's 16
-tokens), the next one marks the sequence length dynamic, and from then on rows of any length reuse that
-graph; a new batch size marks that dimension too, so a run over length groups compiles a few more graphs.
-``True`` compiles the dynamic graph at once: the probe then compiles the graph training uses, and fewer graphs
-are compiled (tests/test_engine_regional_compile.py counts them). It stays ``None`` until a GPU shows ``True``
-is as fast: the benchmark's ``ours:compiled:dynamic`` stack sets it in its own process to measure that."""
+tokens), the next one marks the sequence length dynamic and compiles again, and from then on rows of any
+length reuse that graph; the first group of several rows compiles one more. ``True`` compiles the dynamic
+graph at once: the probe then compiles the graph single rows train on, one compile fewer
+(tests/test_engine_regional_compile.py counts them). It stays ``None`` until a GPU shows ``True`` is as
+fast: the benchmark's ``ours:compiled:dynamic`` stack sets it in its own process to measure that."""
 
 
 def compile_decoder_layers(model: Any, compiler: str = "inductor") -> int:
