@@ -12,12 +12,13 @@ are built once per model; then every stack trains the case in its own process (s
 on the same random token rows with the same seed:
 
   ours[:backend][:variant]  our engine through engine/backends.py; backend auto (the default), universal,
-                  liger or unsloth; on real lengths it trains the engine's length groups (the recipe's
+                  compiled, liger or unsloth; on real lengths it trains the engine's length groups (the recipe's
                   default data.group_by_length = true; ``:grouped`` says so), ``:rows`` sets it false
                   (``batch`` padded rows a pass, the baseline's batches), ``:packed`` sets data.packing =
                   true (the engine's bins); batches.py says how each batches; ``:fitted`` auto-fits the
                   recipe to the case's cap as the worker does to a card (with room, layers keep their
-                  activations); --set changes its recipe (e.g. --set memory.offload_activations=true)
+                  activations); ``ours:compiled:dynamic`` compiles the layers with dynamic=True; --set
+                  changes its recipe (e.g. --set memory.offload_activations=true)
   baseline        transformers + peft + bitsandbytes (prepare_model_for_kbit_training); on real
                   lengths each batch padded to its longest row, as HF Trainer's defaults do
   unsloth         Unsloth's own FastLanguageModel (batched like the baseline)
@@ -113,8 +114,9 @@ def parse_stack(text: str) -> str:
     if kind == "ours" and len(rest) <= 1 and (rest or ["auto"])[0] in OURS_BACKENDS:
         return ":".join(["ours", (rest or ["auto"])[0]] + ([variant] if variant else []))
     choices = ", ".join([f"ours:{b}" for b in OURS_BACKENDS] + list(OTHER_STACKS))
+    general = [v for v in stacks.VARIANTS if v != stacks.DYNAMIC]
     raise CaseError(f"stack '{text}': expected ours (= ours:auto), {choices}, or ours[:backend]:VARIANT with "
-                    f"VARIANT one of {', '.join(stacks.VARIANTS)}")
+                    f"one VARIANT of {', '.join(general)}, or ours:compiled:{stacks.DYNAMIC}")
 
 
 def parse_stacks(text: str) -> list[str]:

@@ -8,7 +8,9 @@ engine's backends and Unsloth must be imported before transformers.
                   auto), the default recipe plus --set overrides, the backend's own loss; with the
                   recipe's default ``data.group_by_length = true`` it trains the engine's length groups;
                   ``:packed`` also sets ``data.packing = true``, ``:grouped`` ``data.group_by_length =
-                  true`` and ``:rows`` ``data.group_by_length = false`` (as --set does)
+                  true`` and ``:rows`` ``data.group_by_length = false`` (as --set does); ``:fitted``
+                  auto-fits the recipe to the case's cap; ``ours:compiled:dynamic`` compiles the decoder
+                  layers with ``dynamic=True``
   baseline        transformers + peft + bitsandbytes: prepare_model_for_kbit_training (QLoRA),
                   non-reentrant checkpointing, SDPA, the model's own loss
   unsloth         Unsloth's FastLanguageModel with use_gradient_checkpointing="unsloth"
