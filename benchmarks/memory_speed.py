@@ -279,9 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", help="comma-separated model:method:seq:batch[xaccum][:capGB][:real]")
     parser.add_argument("--stacks", help="comma-separated: ours (= ours:auto), ours:universal, ours:compiled, "
-                                         "ours:liger, ours:unsloth, each optionally :packed, :grouped, :rows or :fitted "
-                                         "(ours:packed = ours:auto:packed), ours:compiled:dynamic, baseline, unsloth "
-                                         "(default: ours,baseline)")
+                                         "ours:liger, ours:unsloth, each optionally :packed, :grouped, :rows or "
+                                         ":fitted (ours:packed = ours:auto:packed), ours:compiled:dynamic, baseline, "
+                                         "unsloth (default: ours,baseline)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="run the stacks N times in turn (A, B, A, B, ...); the report gives each stack's "
                              "mean and spread, and ratios as the mean over the runs of the same round")

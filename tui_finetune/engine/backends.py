@@ -204,8 +204,9 @@ class UnslothBackend(Backend):
         reason = kernel_support.why_no_triton(device.has_cuda)
         if reason:
             return reason
-        if unsloth_import.import_error():
-            return f"failed to import: {unsloth_import.import_error()}"
+        import_error = unsloth_import.import_error()
+        if import_error:
+            return f"failed to import: {import_error}"
         if recipe.method == "full":
             return "full fine-tuning runs on the PyTorch paths"
         if recipe.data.packing:

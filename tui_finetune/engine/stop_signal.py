@@ -1,6 +1,6 @@
 """How a worker is asked to stop: SIGINT, SIGTERM, SIGHUP (SIGBREAK on Windows) or a STOP file in the run
-folder (what ``core/run_folder/control.request_stop`` writes for the CLI and the UI). The worker polls it at phase boundaries and every step,
-so a stop ends in a sealed checkpoint rather than a killed process."""
+folder (what ``core/run_folder/control.request_stop`` writes for the CLI and the UI). The worker polls it at
+phase boundaries and every step, so a stop ends in a sealed checkpoint rather than a killed process."""
 
 from __future__ import annotations
 
