@@ -52,6 +52,7 @@ import time
 from pathlib import Path
 
 from benchmarks import batches, report, stacks
+from tui_finetune.core.gpu_allocator import allocator_env
 from tui_finetune.core.recipe import BACKENDS as OURS_BACKENDS
 
 METHODS = ("qlora", "lora")
@@ -126,8 +127,10 @@ def parse_stacks(text: str) -> list[str]:
 
 # ---------------------------------------------------------------- child processes
 
-def child_env(smoke: bool) -> dict[str, str]:
-    env = dict(os.environ)
+def child_env(smoke: bool, stack: str = "") -> dict[str, str]:
+    """The environment of a child; an ``ours`` stack's gets the allocator setting the product's launcher gives
+    its workers (core/gpu_allocator.py), the other stacks keep PyTorch's default, as a notebook runs."""
+    env = allocator_env(os.environ) if stack.startswith("ours") else dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH", ""), str(REPO_ROOT)) if p)
     if smoke:  # the CPU, and no network
         env.update(CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
@@ -135,11 +138,11 @@ def child_env(smoke: bool) -> dict[str, str]:
 
 
 def run_child(args: list[str], smoke: bool, timeout: float | None,
-              module: str = "benchmarks.memory_speed") -> tuple[dict | None, str]:
+              module: str = "benchmarks.memory_speed", stack: str = "") -> tuple[dict | None, str]:
     """Run ``python -m <module> <args>`` (this script, or profile_step.py's child); (the RESULT row or None,
     the output for logs)."""
     cmd = [sys.executable, "-m", module, *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(smoke),
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(smoke, stack),
                             cwd=REPO_ROOT)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
@@ -208,7 +211,8 @@ def measure(case: dict, stack: str, args: argparse.Namespace, common: list[str])
     capped = bool(case.get("cap_gb")) and not (stack == "baseline" and args.baseline_uncapped)
     child_case = case_text(case if capped else {**case, "cap_gb": None})
     started = time.perf_counter()
-    row, output = run_child(["--cases", child_case, "--one", stack] + common, args.smoke, args.stack_timeout or None)
+    row, output = run_child(["--cases", child_case, "--one", stack] + common, args.smoke, args.stack_timeout or None,
+                            stack=stack)
     if row is None:
         row = {"stack": stack, **case, "error": error_of(output)}
         print(f"  log: {save_log(Path(args.out), args.tag, f'{case_text(case)}-{stack}', output)}", flush=True)

@@ -109,7 +109,8 @@ def run_all(cases: list[dict], stack_names: list[str], args: argparse.Namespace)
             child_case = memory_speed.case_text(case if capped else {**case, "cap_gb": None})
             started = time.perf_counter()
             row, output = memory_speed.run_child(["--cases", child_case, "--one", stack] + common,
-                                                 args.smoke, args.stack_timeout or None, module=MODULE)
+                                                 args.smoke, args.stack_timeout or None, module=MODULE,
+                                                 stack=stack)
             if row is None:
                 row = {"stack": stack, **case, "error": memory_speed.error_of(output)}
                 log = memory_speed.save_log(Path(args.out), f"profile-{args.tag}", f"{case['model']}-{stack}", output)

@@ -23,6 +23,7 @@ if str(ROOT) not in sys.path:  # benchmarks/ is a top-level folder, not part of 
 
 from benchmarks import card_holder, card_report, card_run, cards, memory_speed, report  # noqa: E402
 from benchmarks.memory_speed import CaseError, case_text, parse_case, parse_stack, parse_stacks  # noqa: E402
+from tui_finetune.core import gpu_allocator  # noqa: E402
 from tui_finetune.core.events import (  # noqa: E402
     CheckpointEvent, EndEvent, ErrorEvent, EventLog, PhaseEvent, StepEvent, WarningEvent)
 from tui_finetune.core.recipe import RecipeSpec, TrainSpec  # noqa: E402
@@ -71,10 +72,11 @@ def test_stacks_plain_ours_means_auto_and_duplicates_collapse():
 
 
 def test_uncapped_baseline_runs_without_the_cap_but_stays_in_its_case(monkeypatch, tmp_path):
-    asked = []
+    asked, stacks_asked = [], []
 
-    def fake_child(args, smoke, timeout):
+    def fake_child(args, smoke, timeout, stack=""):
         asked.append(args[args.index("--cases") + 1])
+        stacks_asked.append(stack)
         if args[args.index("--one") + 1] == "unsloth":
             return None, "Traceback (most recent call last):\ntorch.OutOfMemoryError: CUDA out of memory."
         return {"stack": args[args.index("--one") + 1], **parse_case(asked[-1])}, ""
@@ -84,10 +86,20 @@ def test_uncapped_baseline_runs_without_the_cap_but_stays_in_its_case(monkeypatc
     case = parse_case("gemma-2b:qlora:2048:1:3.55")
     ours, base, uns = (memory_speed.measure(case, stack, options, []) for stack in ("ours:auto", "baseline", "unsloth"))
     assert asked == ["gemma-2b:qlora:2048:1:3.55", "gemma-2b:qlora:2048:1", "gemma-2b:qlora:2048:1:3.55"]
+    assert stacks_asked == ["ours:auto", "baseline", "unsloth"]  # child_env's allocator setting follows the stack
     assert (ours["cap_gb"], ours["cap_applied"]) == (3.55, True)
     assert (base["cap_gb"], base["cap_applied"]) == (3.55, False)  # same case key: parity compares with it
     assert uns["error"].startswith("OOM: torch.OutOfMemoryError")
     assert "OutOfMemoryError" in (tmp_path / "t.log").read_text()  # the failed child's output is kept
+
+
+def test_our_stacks_start_with_the_products_allocator_setting_and_the_others_with_pytorchs(monkeypatch):
+    monkeypatch.setattr(gpu_allocator, "expandable_segments_safe", lambda *a: True)
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    assert memory_speed.child_env(False, "ours:compiled")["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    for stack in ("baseline", "unsloth", ""):  # a notebook's default; Unsloth sets its own when it imports
+        assert "PYTORCH_CUDA_ALLOC_CONF" not in memory_speed.child_env(False, stack)
 
 
 # ---------------------------------------------------------------- arithmetic

@@ -201,7 +201,7 @@ def test_repeat_runs_the_stacks_in_turn_and_reports_mean_spread_and_per_round_ra
               ("baseline", 2): 3000.0, ("ours:universal", 3): 3300.0}
     asked = []
 
-    def fake_child(args, smoke, timeout):
+    def fake_child(args, smoke, timeout, stack=""):
         stack = args[args.index("--one") + 1]
         asked.append(stack)
         rnd = sum(1 for s in asked if s == stack)
@@ -232,7 +232,7 @@ def test_repeat_runs_the_stacks_in_turn_and_reports_mean_spread_and_per_round_ra
 
 
 def test_a_single_run_has_no_rounds(monkeypatch, tmp_path):
-    monkeypatch.setattr(memory_speed, "run_child", lambda args, smoke, timeout: (
+    monkeypatch.setattr(memory_speed, "run_child", lambda args, smoke, timeout, stack="": (
         {"stack": args[args.index("--one") + 1], **parse_case(args[args.index("--cases") + 1]),
          "tokens_per_s": 1.0, "losses": [1.0]}, ""))
     options = memory_speed.build_parser().parse_args(["--smoke", "--steps", "1", "--out", str(tmp_path)])
@@ -242,7 +242,7 @@ def test_a_single_run_has_no_rounds(monkeypatch, tmp_path):
 
 
 def test_append_adds_rounds_to_the_tag_so_calls_under_a_time_limit_report_together(monkeypatch, tmp_path):
-    monkeypatch.setattr(memory_speed, "run_child", lambda args, smoke, timeout: (
+    monkeypatch.setattr(memory_speed, "run_child", lambda args, smoke, timeout, stack="": (
         {"stack": args[args.index("--one") + 1], **parse_case(args[args.index("--cases") + 1]),
          "tokens_per_s": 100.0, "losses": [1.0]}, ""))
     case = parse_case("gemma-2b:qlora:1024:4:real")

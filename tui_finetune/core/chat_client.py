@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator
 
+from tui_finetune.core.gpu_allocator import allocator_env
+
 
 class ChatClientError(RuntimeError):
     """The chat worker failed to start or died; the message carries its last words."""
@@ -25,7 +27,7 @@ class ChatClient:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "tui_finetune.engine.chat_worker", str(run_dir)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
-            env={**os.environ, **(env or {})})
+            env=allocator_env({**os.environ, **(env or {})}))
         self.info: dict[str, Any] = {}
 
     def _read(self) -> dict[str, Any]:

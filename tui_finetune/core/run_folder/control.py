@@ -25,6 +25,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from tui_finetune.core.devices import pin_gpus, run_gpus, settle_devices, visible_gpu_count, worker_command
+from tui_finetune.core.gpu_allocator import allocator_env
 from tui_finetune.core.hardware import HardwareReport, detect_hardware, machine_facts
 from tui_finetune.core.recipe import RecipeSpec
 from tui_finetune.core.recipe_machine import MachineFacts, check_recipe_fits_machine, resolve_precision
@@ -38,7 +39,8 @@ def start_worker_detached(run_dir: Path, env: dict[str, str] | None = None,
     """Start the worker on ``run_dir`` in its own session; returns its pid (also written to run.json).
 
     With ``train.devices`` above 1 the pid is torchrun's, the parent of every rank: it lives as long as
-    any of them, and it ends the others when one dies (run.json's ``world_size`` says how many)."""
+    any of them, and it ends the others when one dies (run.json's ``world_size`` says how many). The child's
+    environment pins its cards (``pin_gpus``) and sets PyTorch's allocator (``allocator_env``)."""
     kwargs: dict = {}
     if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
         kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.DETACHED_PROCESS
@@ -49,7 +51,7 @@ def start_worker_detached(run_dir: Path, env: dict[str, str] | None = None,
     child_env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, child_env.get("PYTHONPATH", "")) if p)
     report = report or detect_hardware()
     processes = settle_devices(read_run_recipe(run_dir).train.devices, visible_gpu_count(report, child_env))
-    child_env = pin_gpus(child_env, report, processes)
+    child_env = allocator_env(pin_gpus(child_env, report, processes))
     (run_dir / STOP_FILE).unlink(missing_ok=True)  # a stale STOP would end the resumed run at once
     with (run_dir / WORKER_LOG).open("ab") as log:
         proc = subprocess.Popen(worker_command(run_dir, processes), stdin=subprocess.DEVNULL, stdout=log,

@@ -1,0 +1,61 @@
+"""The allocator setting our GPU children start with (core/gpu_allocator.py): expandable segments on native
+Linux, never on Windows or WSL2, and never over a setting the user made."""
+
+from __future__ import annotations
+
+import subprocess
+
+from tui_finetune.core import gpu_allocator
+from tui_finetune.core.gpu_allocator import EXPANDABLE_SEGMENTS, allocator_env, is_wsl
+from tui_finetune.core.hardware import HardwareReport
+from tui_finetune.core.recipe import RecipeSpec
+from tui_finetune.core.run_folder import control
+from tui_finetune.core.run_folder.info import create_run
+
+LINUX = "6.8.0-49-generic"
+WSL2 = "5.15.167.4-microsoft-standard-WSL2"
+
+
+def test_native_linux_gets_expandable_segments_and_keeps_the_rest_of_the_environment():
+    env = allocator_env({"PATH": "/bin"}, system="linux", kernel_release=LINUX)
+    assert env == {"PATH": "/bin", "PYTORCH_CUDA_ALLOC_CONF": EXPANDABLE_SEGMENTS}
+
+
+def test_windows_macos_and_wsl2_keep_pytorchs_default():
+    assert is_wsl(WSL2) and not is_wsl(LINUX)
+    for system, release in (("win32", "10"), ("darwin", "23.1.0"), ("linux", WSL2)):
+        assert allocator_env({"PATH": "/bin"}, system=system, kernel_release=release) == {"PATH": "/bin"}
+
+
+def test_a_setting_the_user_made_wins_under_either_name():
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        user = {name: "expandable_segments:False"}
+        assert allocator_env(user, system="linux", kernel_release=LINUX) == user
+    # an empty value is no setting
+    assert allocator_env({"PYTORCH_CUDA_ALLOC_CONF": " "}, system="linux",
+                         kernel_release=LINUX)["PYTORCH_CUDA_ALLOC_CONF"] == EXPANDABLE_SEGMENTS
+
+
+def test_the_training_worker_is_started_with_the_allocator_setting(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_allocator, "expandable_segments_safe", lambda *a: True)
+    started: list[dict] = []
+
+    class FakeProcess:  # records what the launcher would start, starts nothing
+        pid = 4242
+
+        def __init__(self, command, **kwargs):
+            started.append(kwargs["env"])
+
+    monkeypatch.setattr(subprocess, "Popen", FakeProcess)
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    data = tmp_path / "d.jsonl"
+    data.write_text("{}\n", encoding="utf-8")
+    run_dir = create_run(RecipeSpec(model="m", method="lora"), data, tmp_path / "runs")
+    assert control.start_worker_detached(run_dir, report=HardwareReport(gpus=[])) == 4242
+    assert started[0]["PYTORCH_CUDA_ALLOC_CONF"] == EXPANDABLE_SEGMENTS
+
+    monkeypatch.setattr(gpu_allocator, "expandable_segments_safe", lambda *a: False)  # e.g. WSL2
+    control.start_worker_detached(run_dir, report=HardwareReport(gpus=[]))
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in started[1]
+
