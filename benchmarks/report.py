@@ -304,11 +304,13 @@ def repeat_lines(summary: list[dict]) -> list[str]:
 
 def backend_lines(rows: list[dict]) -> list[str]:
     """Why each of our rows runs the backend it does (auto's choice, or the fallback from the one asked for),
-    and which Unsloth rows ran with its compiler off."""
+    which Unsloth rows ran with its compiler off, and the CUDA allocator setting each row ran with where it had one
+    (our stacks get the product's, core/gpu_allocator.py; Unsloth sets its own when it imports)."""
     lines = [f"- {row_label(r)}: {r['backend']}: {r.get('backend_reason') or '-'}" for r in rows if r.get("backend")]
     lines += [f"- {row_label(r)}: Unsloth's compiler off (UNSLOTH_COMPILE_DISABLE={r['unsloth_compile_disable']})"
               for r in rows if r.get("unsloth_compile_disable")
               and (r.get("backend") == "unsloth" or r["stack"].startswith("unsloth"))]
+    lines += [f"- {row_label(r)}: allocator PYTORCH_CUDA_ALLOC_CONF={r['alloc_conf']}" for r in rows if r.get("alloc_conf")]
     return ["## Backends", "", *lines, ""] if lines else []
 
 
