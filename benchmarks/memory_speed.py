@@ -52,7 +52,7 @@ import time
 from pathlib import Path
 
 from benchmarks import batches, report, stacks
-from tui_finetune.core.gpu_allocator import allocator_env
+from tui_finetune.core.gpu_allocator import ALLOCATOR_VARIABLES, allocator_env
 from tui_finetune.core.recipe import BACKENDS as OURS_BACKENDS
 
 METHODS = ("qlora", "lora")
@@ -61,7 +61,7 @@ SMOKE_CASE = f"{stacks.SMOKE_MODEL}:lora:512:2x2:real"
 SMOKE_STACKS = f"ours:universal,ours:universal:{stacks.ROWS},ours:universal:{stacks.PACKED},baseline"
 SMOKE_STEPS = 6
 REPO_ROOT = Path(__file__).resolve().parents[1]
-RECORDED_ENV = ("UNSLOTH_COMPILE_DISABLE", "PYTORCH_CUDA_ALLOC_CONF", "TUIFT_BENCH_SCRATCH", "CUDA_VISIBLE_DEVICES")
+RECORDED_ENV = ("UNSLOTH_COMPILE_DISABLE", *ALLOCATOR_VARIABLES, "TUIFT_BENCH_SCRATCH", "CUDA_VISIBLE_DEVICES")
 """Environment variables that change what is measured: the recorded command starts with them."""
 
 

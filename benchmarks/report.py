@@ -310,7 +310,7 @@ def backend_lines(rows: list[dict]) -> list[str]:
     lines += [f"- {row_label(r)}: Unsloth's compiler off (UNSLOTH_COMPILE_DISABLE={r['unsloth_compile_disable']})"
               for r in rows if r.get("unsloth_compile_disable")
               and (r.get("backend") == "unsloth" or r["stack"].startswith("unsloth"))]
-    lines += [f"- {row_label(r)}: allocator PYTORCH_CUDA_ALLOC_CONF={r['alloc_conf']}" for r in rows if r.get("alloc_conf")]
+    lines += [f"- {row_label(r)}: allocator {r['alloc_conf']}" for r in rows if r.get("alloc_conf")]
     return ["## Backends", "", *lines, ""] if lines else []
 
 

@@ -34,6 +34,7 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Callable, Protocol
 
 from benchmarks import batches
+from tui_finetune.core.gpu_allocator import allocator_in_use
 
 GIB = 1024**3
 SEED = 42
@@ -315,8 +316,7 @@ def run_one(case: dict, stack: str, steps: int, overrides: list[str], smoke: boo
            "load_s": load_s, "packing": batching == PACKED, "batching": batching, "autofit": fitted,
            # set by this child for Gemma (unsloth_import.UNSLOTH_UNCOMPILED), so the parent's command line can't say it
            "unsloth_compile_disable": os.environ.get("UNSLOTH_COMPILE_DISABLE"),
-           # set by the parent for our stacks (core/gpu_allocator.py); Unsloth may set its own when it imports
-           "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
+           "alloc_conf": allocator_in_use(),
            "rows_per_step": batches.rows_per_step(case, steps, model_spec(case["model"]).vocab_size, batching),
            **info, **measured}
     if recipe is not None:

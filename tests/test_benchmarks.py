@@ -97,7 +97,7 @@ def test_our_stacks_start_with_the_products_allocator_setting_and_the_others_wit
     monkeypatch.setattr(gpu_allocator, "expandable_segments_safe", lambda *a: True)
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
     monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
-    assert memory_speed.child_env(False, "ours:compiled")["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    assert memory_speed.child_env(False, "ours:compiled")["PYTORCH_CUDA_ALLOC_CONF"] == gpu_allocator.EXPANDABLE_SEGMENTS
     for stack in ("baseline", "unsloth", ""):  # a notebook's default; Unsloth sets its own when it imports
         assert "PYTORCH_CUDA_ALLOC_CONF" not in memory_speed.child_env(False, stack)
 
@@ -132,18 +132,22 @@ def test_a_cells_batching_comes_from_run_json_packing():
     assert card_run.batching_of({"rows": 3}).startswith("unknown")  # not read as padded rows
 
 
-def test_the_backends_section_says_which_unsloth_rows_ran_with_its_compiler_off():
+def test_the_backends_section_says_which_unsloth_rows_ran_with_its_compiler_off_and_each_rows_allocator():
     """The child sets UNSLOTH_COMPILE_DISABLE for Gemma itself, so the parent's command line can't say it."""
     case = {"model": "gemma-2b", "method": "qlora", "seq": 1024, "batch": 1}
     rows = [{**case, "stack": "ours", "backend": "unsloth", "backend_reason": "fastest", "unsloth_compile_disable": "1"},
             {**case, "stack": "unsloth", "unsloth_compile_disable": "1"},
             {**case, "stack": "ours:universal", "backend": "universal", "unsloth_compile_disable": "1"},
             {**case, "stack": "baseline", "unsloth_compile_disable": "1"},
-            {**case, "stack": "unsloth", "rep": 2, "unsloth_compile_disable": None}]
+            {**case, "stack": "unsloth", "rep": 2, "unsloth_compile_disable": None},
+            {**case, "stack": "ours:compiled", "backend": "compiled",
+             "alloc_conf": "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"}]
     text = "\n".join(report.backend_lines(rows))
     off = [line for line in text.splitlines() if "compiler off" in line]
     assert off == ["- gemma-2b qlora seq 1024 x1 ours: Unsloth's compiler off (UNSLOTH_COMPILE_DISABLE=1)",
                    "- gemma-2b qlora seq 1024 x1 unsloth: Unsloth's compiler off (UNSLOTH_COMPILE_DISABLE=1)"]
+    assert [line for line in text.splitlines() if "allocator" in line] == [
+        "- gemma-2b qlora seq 1024 x1 ours:compiled: allocator PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"]
 
 
 

@@ -2,7 +2,8 @@
 
 With ``--prompt`` it prints one answer and exits, for scripts and tests; without, it reads one user
 turn a line from the terminal and streams each reply (an empty line or Ctrl-D ends). The model runs
-in this process through engine/chat.py, imported only when the command runs, so ``--help`` stays light.
+in this process through engine/chat.py, imported only when the command runs, so ``--help`` stays light and
+the CUDA allocator setting (core/gpu_allocator.py) can be made before torch starts.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from rich.console import Console
 from rich.text import Text
 
 from tui_finetune.core.export_spec import ExportError
+from tui_finetune.core.gpu_allocator import apply_here
 from tui_finetune.core.run_folder.info import RunError
 from tui_finetune.core.run_folder.listing import find_run
 
@@ -22,6 +24,7 @@ console = Console(highlight=False, stderr=True, soft_wrap=True)
 
 
 def run_chat_command(args: argparse.Namespace) -> int:
+    apply_here()  # the model loads in this process: the allocator setting must be in place before torch starts
     try:
         run_dir = find_run(args.run)
         if args.prompt is not None:
