@@ -104,3 +104,12 @@ def test_a_benchmark_row_records_the_setting_its_process_ran_with():
     assert gpu_allocator.allocator_in_use({"PYTORCH_ALLOC_CONF": "backend:cudaMallocAsync"}) == \
         "PYTORCH_ALLOC_CONF=backend:cudaMallocAsync"
     assert gpu_allocator.allocator_in_use({"PYTORCH_ALLOC_CONF": ""}) is None  # PyTorch's default
+
+
+def test_the_doctor_says_which_setting_training_and_chat_will_get(monkeypatch):
+    words = gpu_allocator.describe_allocator
+    assert words({"PYTORCH_ALLOC_CONF": "backend:cudaMallocAsync"}) == "yours: PYTORCH_ALLOC_CONF=backend:cudaMallocAsync"
+    monkeypatch.setattr(gpu_allocator, "expandable_segments_safe", lambda **kw: True)
+    assert words({}).startswith("expandable segments") and EXPANDABLE_SEGMENTS in words({})
+    monkeypatch.setattr(gpu_allocator, "expandable_segments_safe", lambda **kw: False)
+    assert words({}).startswith("PyTorch's default")

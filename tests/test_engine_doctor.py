@@ -10,6 +10,7 @@ import sys
 import pytest
 from rich.console import Console
 
+from tui_finetune.core.gpu_allocator import describe_allocator
 from tui_finetune.core.hardware import GIB, GpuInfo, HardwareReport, detect_hardware
 from tui_finetune.cli.doctor import render_doctor_report
 from tui_finetune.engine import doctor
@@ -59,6 +60,7 @@ def test_doctor_lists_versions_folders_and_free_disk(cpu_report):
     assert not (home / "runs").exists(), "the doctor must not create folders"
     assert report.disk_free_bytes["runs"] and report.disk_free_bytes["runs"] > 0
     assert sys.version.split()[0] in report.python
+    assert report.allocator == describe_allocator() and report.allocator in _render(report)
 
 
 def _installed_version(name: str) -> str | None:

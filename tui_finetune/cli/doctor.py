@@ -44,7 +44,8 @@ def render_doctor_report(report: DoctorReport) -> Table:
                   else f"not working: {torch.error}")
     packages = [(name, version or "not installed") for name, version in report.packages.items()
                 if name not in ("torch", "bitsandbytes")]
-    section("Software", [("Python", report.python), ("OS", report.os), ("torch", torch_line), *packages])
+    section("Software", [("Python", report.python), ("OS", report.os), ("torch", torch_line), *packages,
+                         ("CUDA allocator", report.allocator)])
     section("bitsandbytes", [("status", report.bitsandbytes.message)])
     section("Faster kernels", [("compiled", report.kernels.compiled), ("Unsloth", report.kernels.unsloth)])
     folders = [(name, str(path)) for name, path in report.folders.items()]

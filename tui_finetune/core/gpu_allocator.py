@@ -64,6 +64,17 @@ def allocator_in_use(env: Mapping[str, str] | None = None) -> str | None:
     return "=".join(found) if found else None
 
 
+def describe_allocator(env: Mapping[str, str] | None = None) -> str:
+    """What our training and chat processes will run with here, in words (``tui-finetune doctor``)."""
+    env = os.environ if env is None else env
+    found = user_setting(env)
+    if found is not None:
+        return f"yours: {'='.join(found)}"
+    if expandable_segments_safe(env=env):
+        return f"expandable segments, set for training and chat ({ALLOCATOR_VARIABLE}={EXPANDABLE_SEGMENTS})"
+    return "PyTorch's default (expandable segments are not used on Windows, macOS or WSL)"
+
+
 def allocator_env(env: Mapping[str, str], system: str | None = None,
                   kernel_release: str | None = None) -> dict[str, str]:
     """``env`` for a GPU child: with expandable segments where they are safe and the user set nothing."""

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tui_finetune.core import paths
+from tui_finetune.core.gpu_allocator import describe_allocator
 from tui_finetune.core.events import first_line
 from tui_finetune.core.hardware import (HardwareReport, best_gpu, detect_hardware, format_gb,
                                         version_tuple)
@@ -78,6 +79,8 @@ class DoctorReport:
     """Free space on the drive of the runs folder and of the model cache."""
     warnings: list[str] = field(default_factory=list)
     verdict: str = ""
+    allocator: str = ""
+    """The CUDA allocator setting our GPU processes start with (core/gpu_allocator.py), in words."""
 
 
 def collect_doctor_report() -> DoctorReport:
@@ -94,7 +97,8 @@ def collect_doctor_report() -> DoctorReport:
         os=f"{platform.system()} {platform.release()} ({platform.machine()})", torch=torch_status,
         packages={name: _dist_version(name) for name in PACKAGES}, bitsandbytes=bnb,
         kernels=check_kernels(torch_status), folders=folders,
-        disk_free_bytes=disk, warnings=warnings, verdict=decide_verdict(hardware, torch_status, bnb))
+        disk_free_bytes=disk, warnings=warnings, verdict=decide_verdict(hardware, torch_status, bnb),
+        allocator=describe_allocator())
 
 
 def check_torch() -> TorchStatus:
