@@ -67,9 +67,8 @@ def allocator_in_use(env: Mapping[str, str] | None = None) -> str | None:
 def describe_allocator(env: Mapping[str, str] | None = None) -> str:
     """What our training and chat processes will run with here, in words (``tui-finetune doctor``)."""
     env = os.environ if env is None else env
-    found = user_setting(env)
-    if found is not None:
-        return f"yours: {'='.join(found)}"
+    if user_setting(env) is not None:
+        return f"yours: {allocator_in_use(env)}"
     if expandable_segments_safe(env=env):
         return f"expandable segments, set for training and chat ({ALLOCATOR_VARIABLE}={EXPANDABLE_SEGMENTS})"
     return "PyTorch's default (expandable segments are not used on Windows, macOS or WSL)"
@@ -90,7 +89,6 @@ def allocator_env(env: Mapping[str, str], system: str | None = None,
 def apply_here() -> None:
     """Give this process the setting a child would get; call before anything imports torch (the CLI's chat)."""
     wanted = allocator_env(os.environ)
-    for name in ALLOCATOR_VARIABLES:
-        if name not in wanted:
-            os.environ.pop(name, None)
+    for name in ALLOCATOR_VARIABLES:  # allocator_env may have dropped an empty one
+        os.environ.pop(name, None)
     os.environ.update(wanted)

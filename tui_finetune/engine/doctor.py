@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tui_finetune.core import paths
-from tui_finetune.core.gpu_allocator import describe_allocator
 from tui_finetune.core.events import first_line
+from tui_finetune.core.gpu_allocator import describe_allocator
 from tui_finetune.core.hardware import (HardwareReport, best_gpu, detect_hardware, format_gb,
                                         version_tuple)
 

@@ -31,8 +31,9 @@ DYNAMIC_SHAPES: bool | None = None
 tokens), the next one marks the sequence length dynamic and compiles again, and from then on rows of any
 length reuse that graph; the first group of several rows compiles one more. ``True`` compiles the dynamic
 graph at once: the probe then compiles the graph single rows train on, one compile fewer
-(tests/test_engine_regional_compile.py counts them). It stays ``None`` until a GPU shows ``True`` is as
-fast: the benchmark's ``ours:compiled:dynamic`` stack sets it in its own process to measure that."""
+(tests/test_engine_regional_compile.py counts them). It stays ``None``: on an H200 the benchmark's
+``ours:compiled:dynamic`` stack (which sets ``True`` in its own process) never finished compiling Gemma-2B's
+layers within 60 s, where ``None`` ran 20 whole steps in 29-35 s (docs/verification/speed.md section 16)."""
 
 
 def compile_decoder_layers(model: Any, compiler: str = "inductor") -> int:
