@@ -76,19 +76,31 @@ def test_qlora_and_lora_runs_complete_with_vram_figures(phi2, tmp_path):
     assert peaks["qlora"] < peaks["lora"], f"4-bit weights should need less memory: {peaks}"
 
 
-def test_engine_matches_a_plain_bf16_loop_on_the_gpu(phi2, tmp_path):
+@pytest.mark.parametrize("backend", ["universal", "compiled"])
+def test_engine_matches_a_plain_bf16_loop_on_the_gpu(phi2, tmp_path, backend, monkeypatch):
+    """The engine's loop, loss and schedule against a hand-written one, on each path that ships by default.
+
+    The compiled path runs with Inductor's ``emulate_precision_casts``: by default a fused kernel keeps its
+    intermediates in fp32 where eager bf16 rounds after every op, and at lr 1e-3 this run's trajectory
+    amplifies that (2.99% on an H200, session 14; 1.36% with the emulation, universal 0.65%). Emulated, the
+    comparison checks what compiling must not change, the math, and would still catch a wrong graph."""
+    if backend == "compiled":
+        pytest.importorskip("triton")
+        monkeypatch.setenv("TORCHINDUCTOR_EMULATE_PRECISION_CASTS", "1")
     data = tmp_path / "ten.jsonl"
     data.write_text("".join(SAMPLES.read_text(encoding="utf-8").splitlines(keepends=True)[:10]), encoding="utf-8")
     steps = 20
     recipe = _gpu_recipe(phi2, "lora", max_steps=steps, optimizer="adamw_torch", gradient_checkpointing=False,
                          learning_rate=1e-3)
     recipe.data.eval_split = 0.2
+    recipe.memory.backend = backend
     run_dir = start(recipe, data, tmp_path / "home")
     expected = plain_loop_losses(phi2, data, recipe, steps, gpu=True)
 
     assert wait_for_end(run_dir, timeout=240) == "completed", (run_dir / "worker.log").read_text()[-3000:]
+    assert read_run_info(run_dir).backend == backend
     got = [e.loss for e in events_of(run_dir, StepEvent)]
     worst = max(abs(a - b) / b for a, b in zip(got, expected))
-    print(f"\nengine:     {[round(x, 4) for x in got]}\nplain loop: {[round(x, 4) for x in expected]}\n"
+    print(f"\n{backend} engine: {[round(x, 4) for x in got]}\nplain loop: {[round(x, 4) for x in expected]}\n"
           f"largest relative difference: {worst:.4%}")
     assert len(got) == steps and worst < 0.02
