@@ -112,7 +112,7 @@ def test_a_backend_that_raises_ends_the_process_with_its_reason(tiny, monkeypatc
     with pytest.raises(backends.BackendFailed) as failed:
         load_for_training(tiny, _recipe(tiny, "liger"), CPU)
     assert (failed.value.name, failed.value.reason) == ("liger", expected)
-    assert "the liger backend failed on this model" in str(failed.value)
+    assert "the liger backend failed (" in str(failed.value)
 
 
 def test_the_fresh_process_skips_the_failed_backend_and_trains_on_the_universal_path(tiny, monkeypatch):

@@ -302,7 +302,7 @@ class BackendFailed(Exception):
     caller starts a fresh one that excludes this backend (the worker re-executes itself)."""
 
     def __init__(self, name: str, reason: str) -> None:
-        super().__init__(f"the {name} backend failed on this model ({reason})")
+        super().__init__(f"the {name} backend failed ({reason})")  # the reason says where: a model it cannot patch, a compiler error, memory
         self.name, self.reason = name, reason
 
 
