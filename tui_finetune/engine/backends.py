@@ -302,7 +302,8 @@ class BackendFailed(Exception):
     caller starts a fresh one that excludes this backend (the worker re-executes itself)."""
 
     def __init__(self, name: str, reason: str) -> None:
-        super().__init__(f"the {name} backend failed ({reason})")  # the reason says where: a model it cannot patch, a compiler error, memory
+        # not "on this model": the reason says what failed (a model it cannot patch, a compiler, memory)
+        super().__init__(f"the {name} backend failed ({reason})")
         self.name, self.reason = name, reason
 
 
