@@ -30,6 +30,7 @@ def fresh_dynamo(monkeypatch):
     torch._dynamo.reset()
     counters.clear()
     monkeypatch.setattr(torch._dynamo.config, "suppress_errors", False)
+    monkeypatch.setattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint", False)
     yield
     torch._dynamo.reset()
 
@@ -125,6 +126,62 @@ def test_a_compiler_that_fails_on_the_probe_drops_the_backend(tiny, monkeypatch)
     assert not torch._dynamo.config.suppress_errors
     assert "compiled" in BACKENDS and backends.candidates("compiled") == ["compiled", "universal"]
 
+
+_ACTIVE: list[int] = []
+"""What transformers 5.25's attention does through the kernels package (``use_kernelized_func``): module-level
+state set before the attention runs and put back after it, inside the checkpointed forward. A stack here: dynamo
+treats its push and pop as a side effect under checkpointing as it does the kernels package's variable."""
+
+
+def _attention_that_sets_and_resets_a_global(original):
+    def forward(self, *args, **kwargs):
+        _ACTIVE.append(1)
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            _ACTIVE.pop()
+    return forward
+
+
+def _load_compiled_with_that_attention(tiny, monkeypatch):
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    monkeypatch.setattr(kernel_support, "why_no_triton", lambda has_cuda: None)
+    monkeypatch.setattr(CompiledBackend, "compiler", "aot_eager")
+    monkeypatch.setattr(LlamaAttention, "forward", _attention_that_sets_and_resets_a_global(LlamaAttention.forward))
+    recipe = _recipe(tiny, "compiled")
+    recipe.memory.layers_keeping_activations = 0  # every layer checkpointed: the side effect is under the HOP
+    return load_for_training(tiny, recipe, CPU)
+
+
+def test_a_side_effect_under_checkpointing_like_transformers_5_25s_still_compiles(tiny, monkeypatch):
+    loaded = _load_compiled_with_that_attention(tiny, monkeypatch)
+    assert loaded.choice.name == "compiled"
+    assert counters["stats"]["unique_graphs"] > 0 and not counters["graph_break"], dict(counters["graph_break"])
+    assert _ACTIVE == []
+
+
+def test_layers_dynamo_cannot_capture_drop_the_backend_with_the_graph_break_as_the_reason(tiny, monkeypatch):
+    """Without the flag that lets dynamo keep that side effect (older torch lacks it), the layer breaks the
+    graph and would run eager under a backend named compiled: slower than universal, a compile's start-up for
+    nothing, and run.json wrong. The probe says so, and the universal path takes over."""
+    monkeypatch.setattr(regional_compile, "allow_side_effects_under_checkpointing", lambda: None)
+    with pytest.raises(backends.BackendFailed) as failed:
+        _load_compiled_with_that_attention(tiny, monkeypatch)
+    assert failed.value.name == "compiled"
+    assert failed.value.reason.startswith("its decoder layers did not compile (")
+    assert "side effect" in failed.value.reason.lower() and failed.value.reason.endswith("; they would run eager")
+    assert not torch._dynamo.config.suppress_errors, "a dropped backend must not leave the eager fallback on"
+
+
+def test_layers_dynamo_skips_altogether_drop_the_backend_too(tiny, monkeypatch):
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    monkeypatch.setattr(kernel_support, "why_no_triton", lambda has_cuda: None)
+    monkeypatch.setattr(CompiledBackend, "compiler", "aot_eager")
+    monkeypatch.setattr(LlamaDecoderLayer, "forward", torch._dynamo.disable(LlamaDecoderLayer.forward))
+    with pytest.raises(backends.BackendFailed, match=r"did not compile \(dynamo captured no graph\)"):
+        load_for_training(tiny, _recipe(tiny, "compiled"), CPU)
 
 
 def test_an_oom_in_the_compiled_probe_drops_the_backend_rather_than_refusing_the_run(tiny, monkeypatch):

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+from torch._dynamo.utils import counters
 
 from tui_finetune.engine.memory_techniques import decoder_layers
 
@@ -39,11 +40,43 @@ layers within 60 s, where ``None`` ran 20 whole steps in 29-35 s (docs/verificat
 def compile_decoder_layers(model: Any, compiler: str = "inductor") -> int:
     """Compile every decoder layer in place (``nn.Module.compile``: the module stays itself, so peft, the
     checkpointing flags and the state dict are untouched); returns how many. ``compiler`` is torch.compile's
-    ``backend``: tests on the CPU use ``aot_eager``, which traces the same graphs without a C++ compiler."""
+    ``backend``: tests on the CPU use ``aot_eager``, which traces the same graphs without a C++ compiler.
+
+    Checkpointing runs inside the compiled layer (transformers checkpoints ``forward``), where dynamo traces
+    it as a higher-order op that refuses Python side effects unless told it need not replay them in the
+    backward's recompute. Since transformers 5.25 (which requires the ``kernels`` package) the attention's
+    ``forward`` sets and resets a module-level variable (``kernels``' ``use_kernelized_func``); without
+    ``skip_fwd_side_effects_in_bwd_under_checkpoint`` that breaks the graph and every checkpointed layer runs
+    eager, silently as slow as the universal path. Not replaying a set-then-reset changes nothing; the flag is
+    process-wide, and this worker compiles nothing else. Older torch releases lack the flag; where their layers
+    still break the graph, the probe finds nothing compiled and the backend is dropped (``why_nothing_compiled``)."""
+    allow_side_effects_under_checkpointing()
     layers = decoder_layers(model)
     for layer in layers:
         layer.compile(backend=compiler, dynamic=DYNAMIC_SHAPES)
     return len(layers)
+
+
+def allow_side_effects_under_checkpointing() -> None:
+    if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+
+
+def graphs_compiled() -> int:
+    """How many graphs dynamo has captured in this process (its own counter)."""
+    return counters["stats"]["unique_graphs"]
+
+
+def why_nothing_compiled(graphs_before: int) -> str | None:
+    """After the probe step: why no graph was captured since ``graphs_before``, or None when one was. A layer
+    dynamo cannot capture (a graph break where the layer starts, as transformers 5.25's kernels wrapper made
+    under checkpointing) runs eager: as slow as the universal path with a compile's start-up on top, and
+    run.json would name a backend that isn't running."""
+    if graphs_compiled() > graphs_before:
+        return None
+    breaks = counters["graph_break"]
+    reason = breaks.most_common(1)[0][0].strip().splitlines()[0] if breaks else "dynamo captured no graph"
+    return f"its decoder layers did not compile ({reason}); they would run eager"
 
 
 def is_compiled(model: Any) -> bool:
