@@ -177,7 +177,7 @@ class CompiledBackend(UniversalBackend):
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(inductor_cache_dir()))
         model = super().load(folder, recipe, device)
         regional_compile.compile_decoder_layers(model, self.compiler)
-        graphs_before = regional_compile.graphs_compiled()
+        before_probe = regional_compile.compile_count()
         try:  # compiles now: a compiler that fails here drops the backend
             probe_step(model, self, recipe.memory)
         except Exception as err:
@@ -190,7 +190,7 @@ class CompiledBackend(UniversalBackend):
             if inner is err:
                 raise
             raise inner from err
-        nothing_compiled = regional_compile.why_nothing_compiled(graphs_before)
+        nothing_compiled = regional_compile.why_nothing_compiled(before_probe)
         if nothing_compiled:
             raise BackendFailed(self.name, nothing_compiled)
         regional_compile.fall_back_to_eager_on_late_failures()

@@ -17,8 +17,10 @@ every token, and a compile there would cost more than it saves.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -48,8 +50,13 @@ def compile_decoder_layers(model: Any, compiler: str = "inductor") -> int:
     ``forward`` sets and resets a module-level variable (``kernels``' ``use_kernelized_func``); without
     ``skip_fwd_side_effects_in_bwd_under_checkpoint`` that breaks the graph and every checkpointed layer runs
     eager, silently as slow as the universal path. Not replaying a set-then-reset changes nothing; the flag is
-    process-wide, and this worker compiles nothing else. Older torch releases lack the flag; where their layers
-    still break the graph, the probe finds nothing compiled and the backend is dropped (``why_nothing_compiled``)."""
+    process-wide, and this worker compiles nothing else. Older torch releases lack the flag; where every layer
+    is checkpointed their layers then compile nothing, and the probe drops the backend (``why_nothing_compiled``).
+
+    Dynamo starts afresh here (``torch._dynamo.reset``, its in-memory caches only): its graphs guard on the code,
+    not on the layer, so a second model loaded in the same process would reuse the first's and the probe could
+    not tell whether this one compiled."""
+    torch._dynamo.reset()
     allow_side_effects_under_checkpointing()
     layers = decoder_layers(model)
     for layer in layers:
@@ -58,25 +65,34 @@ def compile_decoder_layers(model: Any, compiler: str = "inductor") -> int:
 
 
 def allow_side_effects_under_checkpointing() -> None:
+    """The flag ``compile_decoder_layers`` explains; torch releases before it have no such setting."""
     if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
         torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
 
 
-def graphs_compiled() -> int:
-    """How many graphs dynamo has captured in this process (its own counter)."""
-    return counters["stats"]["unique_graphs"]
+@dataclass(frozen=True)
+class CompileCount:
+    """Dynamo's own process-wide counters at one moment: the graphs it captured and its graph breaks by reason."""
+
+    graphs: int
+    breaks: Counter[str]
 
 
-def why_nothing_compiled(graphs_before: int) -> str | None:
-    """After the probe step: why no graph was captured since ``graphs_before``, or None when one was. A layer
-    dynamo cannot capture (a graph break where the layer starts, as transformers 5.25's kernels wrapper made
-    under checkpointing) runs eager: as slow as the universal path with a compile's start-up on top, and
-    run.json would name a backend that isn't running."""
-    if graphs_compiled() > graphs_before:
+def compile_count() -> CompileCount:
+    return CompileCount(counters["stats"]["unique_graphs"], Counter(counters["graph_break"]))
+
+
+def why_nothing_compiled(before: CompileCount) -> str | None:
+    """After the probe step: why no graph was captured since ``before``, or None when one was. A layer dynamo
+    cannot capture (a graph break where the layer starts, as transformers 5.25's kernels wrapper made under
+    checkpointing) runs eager: as slow as the universal path with a compile's start-up on top, and run.json
+    would name a backend that isn't running. A break inside a layer that still compiles in part is not this."""
+    now = compile_count()
+    if now.graphs > before.graphs:
         return None
-    breaks = counters["graph_break"]
-    reason = breaks.most_common(1)[0][0].strip().splitlines()[0] if breaks else "dynamo captured no graph"
-    return f"its decoder layers did not compile ({reason}); they would run eager"
+    new_breaks = now.breaks - before.breaks
+    reason = new_breaks.most_common(1)[0][0].strip().splitlines()[0] if new_breaks else "dynamo captured no graph"
+    return f"its decoder layers did not compile, so they would run eager: {reason}"
 
 
 def is_compiled(model: Any) -> bool:
