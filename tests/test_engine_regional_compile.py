@@ -4,8 +4,7 @@ Dynamo traces the decoder layers here exactly as on a GPU; only the last stage d
 traced graphs instead of Inductor's Triton kernels), so these tests show what compiling does to the training:
 the same losses and gradients with checkpointing and kept layers, no graph break, evaluation and generation
 left eager, and a compiler that fails on the probe, or layers that compile nothing, end in the usual backend
-fallback. Inductor's kernels on
-a card run in tests/test_engine_backends_gpu.py.
+fallback. Inductor's kernels on a card run in tests/test_engine_backends_gpu.py.
 """
 
 from __future__ import annotations
