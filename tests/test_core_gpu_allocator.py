@@ -3,9 +3,8 @@ Linux, never on Windows or WSL2, and never over a setting the user made."""
 
 from __future__ import annotations
 
-import subprocess
-
 import os
+import subprocess
 
 import pytest
 
@@ -67,7 +66,6 @@ def test_the_training_worker_is_started_with_the_allocator_setting(tmp_path, mon
     monkeypatch.setattr(gpu_allocator, "expandable_segments_safe", lambda *a: False)  # e.g. WSL2
     control.start_worker_detached(run_dir, report=HardwareReport(gpus=[]))
     assert "PYTORCH_CUDA_ALLOC_CONF" not in started[1]
-
 
 
 @pytest.fixture

@@ -67,8 +67,8 @@ def allocator_in_use(env: Mapping[str, str] | None = None) -> str | None:
 def describe_allocator(env: Mapping[str, str] | None = None) -> str:
     """What our training and chat processes will run with here, in words (``tui-finetune doctor``)."""
     env = os.environ if env is None else env
-    if user_setting(env) is not None:
-        return f"yours: {allocator_in_use(env)}"
+    if yours := allocator_in_use(env):
+        return f"yours: {yours}"
     if expandable_segments_safe(env=env):
         return f"expandable segments, set for training and chat ({ALLOCATOR_VARIABLE}={EXPANDABLE_SEGMENTS})"
     return "PyTorch's default (expandable segments are not used on Windows, macOS or WSL)"
